@@ -1,0 +1,43 @@
+# vigil: `make demo` runs the main job, `make test` the tests, `make bench` the benchmarks.
+# Each creates .venv when it is missing (torch==2.13.0 first, so nothing pulls a CUDA build) and is
+# quick when it exists: the install step re-runs only when pyproject.toml changes.
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+OPENPI  := .venv-openpi
+
+.PHONY: demo test test-slow bench bench-latency clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[sim,train,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/vigil demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+# The openpi-client peer pins numpy < 2, so it lives in an environment of its own.
+$(OPENPI)/.installed:
+	$(PY) -m venv $(OPENPI)
+	$(OPENPI)/bin/pip install --quiet "openpi-client==0.1.2" typing_extensions websockets onnxruntime "numpy<2"
+	touch $@
+
+bench: bench-latency
+
+bench-latency: $(STAMP) $(OPENPI)/.installed
+	$(BIN)/python bench/latency.py --openpi-python $(OPENPI)/bin/python
+
+clean:
+	rm -rf $(VENV) $(OPENPI) .vigil-demo .pytest_cache

@@ -1,0 +1,61 @@
+"""From verdicts to alerts: deduplicate, store durably, then publish.
+
+A monitor that stays in the same state would otherwise file an alert every tick (100 per second at
+100 Hz, each an fsync).  An alert is filed when a (robot, monitor) pair rises to a higher level than it
+last reported, or when it is still at warn or above `repeat_s` after its last alert; occurrences in
+between are counted and reported in the next alert's `count`.  Returning to ok re-arms the pair.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from vigil.monitors.base import Level, Verdict
+from vigil.runtime.protocol import Message
+from vigil.runtime.store import AlertRecord, AlertStore
+from vigil.runtime.stream import OperatorStream
+
+
+@dataclass
+class _State:
+    level: Level = Level.OK
+    last_t: float = 0.0
+    suppressed: int = 0
+
+
+class Alerter:
+    def __init__(self, store: AlertStore, stream: OperatorStream | None, repeat_s: float = 5.0):
+        self.store, self.stream, self.repeat_s = store, stream, repeat_s
+        self._state: dict[tuple[str, str], _State] = {}
+        self.filed = 0
+        self.suppressed = 0
+
+    def observe(self, robot: str, verdict: Verdict, now: float | None = None) -> AlertRecord | None:
+        """Feed one verdict; returns the alert record if this verdict filed one."""
+        now = time.monotonic() if now is None else now
+        state = self._state.setdefault((robot, verdict.monitor), _State())
+        if verdict.level == Level.OK:
+            state.level, state.suppressed = Level.OK, 0
+            return None
+        if verdict.level <= state.level and now - state.last_t < self.repeat_s:
+            state.suppressed += 1
+            self.suppressed += 1
+            return None
+        record = self.file(robot, verdict, count=state.suppressed + 1)
+        state.level, state.last_t, state.suppressed = verdict.level, now, 0
+        return record
+
+    def file(self, robot: str, verdict: Verdict, count: int = 1) -> AlertRecord:
+        """Store first (durable), then publish on `alert.<severity>`."""
+        record = self.store.append(robot, verdict.level.label, verdict.monitor, verdict.reason,
+                                   {k: _plain(v) for k, v in verdict.values.items()}, count)
+        self.filed += 1
+        if self.stream is not None:
+            self.stream.publish(f"alert.{record.severity}",
+                                Message("alert", robot, record.id, record.t_ns, {}, record.to_meta()))
+        return record
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v

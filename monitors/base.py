@@ -1,0 +1,59 @@
+"""The monitor interface: every tick, each monitor looks at what happened and returns a verdict."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Mapping
+
+import numpy as np
+
+
+class Level(IntEnum):
+    """ok < warn < alert < stop. `stop` makes the runtime send the bundle's safe action instead."""
+
+    OK = 0
+    WARN = 1
+    ALERT = 2
+    STOP = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    monitor: str
+    level: Level
+    reason: str = ""
+    values: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tick:
+    """What one control tick looked like, as the monitors see it."""
+
+    robot: str
+    seq: int
+    obs: Mapping[str, np.ndarray]
+    action: np.ndarray  # clipped, what would be sent
+    raw_action: np.ndarray  # before clipping
+    scores: Mapping[str, float]  # scalar outputs of the policy graph (e.g. VFD)
+    compute_s: float  # receipt of the observation to decision
+
+
+class Monitor(ABC):
+    """One judgement about every tick. Instances are per robot, so they may keep windows."""
+
+    name: str = "monitor"
+
+    @abstractmethod
+    def update(self, tick: Tick) -> Verdict: ...
+
+    def reset(self) -> None:
+        """Forget per-episode state (called on `reset`)."""
+
+    def ok(self) -> Verdict:
+        return Verdict(self.name, Level.OK)

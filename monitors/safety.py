@@ -1,0 +1,110 @@
+"""Safety monitors that need no learning: observation sanity, action saturation, deadlines, link loss."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Sequence
+
+import numpy as np
+
+from vigil.monitors.base import Level, Monitor, Tick, Verdict
+from vigil.runtime.protocol import ArraySpec
+
+
+class ObservationMonitor(Monitor):
+    """Non-finite values stop the robot; values outside the declared [low, high] raise an alert.
+
+    The wire already refuses NaN and infinity, so the non-finite branch is defence in depth for
+    observations that reach the monitors by another path (in-process use, future transports).
+    """
+
+    name = "observation"
+
+    def __init__(self, specs: Sequence[ArraySpec]):
+        self._bounds = [(s.name, np.asarray(s.low, np.float64).reshape(s.shape) if s.low is not None else None,
+                         np.asarray(s.high, np.float64).reshape(s.shape) if s.high is not None else None)
+                        for s in specs]
+
+    def update(self, tick: Tick) -> Verdict:
+        for name, low, high in self._bounds:
+            x = tick.obs[name]
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                return Verdict(self.name, Level.STOP, f"{name} has non-finite values")
+            if low is not None and (x < low).any():
+                i = int(np.argmax(low - x))
+                return Verdict(self.name, Level.ALERT, f"{name}[{i}] below its range",
+                               {"index": i, "value": float(x.flat[i]), "low": float(low.flat[i])})
+            if high is not None and (x > high).any():
+                i = int(np.argmax(x - high))
+                return Verdict(self.name, Level.ALERT, f"{name}[{i}] above its range",
+                               {"index": i, "value": float(x.flat[i]), "high": float(high.flat[i])})
+        return self.ok()
+
+
+class SaturationMonitor(Monitor):
+    """The policy keeps asking for more than the actuators allow: warn at `warn_fraction` of the last
+    `window` ticks saturated, alert when every tick of the window was."""
+
+    name = "saturation"
+
+    def __init__(self, low: np.ndarray, high: np.ndarray, window: int = 20, warn_fraction: float = 0.5):
+        self.low, self.high = np.asarray(low), np.asarray(high)
+        self.window, self.warn_fraction = window, warn_fraction
+        self._hits: deque[bool] = deque(maxlen=window)
+
+    def update(self, tick: Tick) -> Verdict:
+        self._hits.append(bool(((tick.raw_action < self.low) | (tick.raw_action > self.high)).any()))
+        if len(self._hits) < self.window:
+            return self.ok()
+        fraction = sum(self._hits) / self.window
+        if fraction >= 1.0:
+            return Verdict(self.name, Level.ALERT, f"action saturated for {self.window} ticks", {"fraction": fraction})
+        if fraction >= self.warn_fraction:
+            return Verdict(self.name, Level.WARN, f"action saturated in {fraction:.0%} of the last {self.window} ticks",
+                           {"fraction": fraction})
+        return self.ok()
+
+    def reset(self) -> None:
+        self._hits.clear()
+
+
+class DeadlineMonitor(Monitor):
+    """An action decided later than the deadline is stale: send the safe action instead."""
+
+    name = "deadline"
+
+    def __init__(self, deadline_s: float):
+        self.deadline_s = deadline_s
+
+    def update(self, tick: Tick) -> Verdict:
+        if tick.compute_s > self.deadline_s:
+            return Verdict(self.name, Level.STOP,
+                           f"decided in {tick.compute_s * 1e3:.2f} ms, deadline {self.deadline_s * 1e3:.2f} ms",
+                           {"compute_ms": tick.compute_s * 1e3, "deadline_ms": self.deadline_s * 1e3})
+        return self.ok()
+
+
+class LinkMonitor:
+    """Silence on the robot link longer than `timeout_s` is link loss. Driven by the loop's timer, not by
+    ticks (no tick arrives when the link is down); `check` reports the loss once, `seen` re-arms it."""
+
+    name = "link"
+
+    def __init__(self, timeout_s: float, now: float):
+        self.timeout_s = timeout_s
+        self.last_seen = now
+        self.lost = False
+
+    def seen(self, now: float) -> float | None:
+        """Record traffic; returns the length of the outage if this ends one."""
+        outage = now - self.last_seen if self.lost else None
+        self.last_seen, self.lost = now, False
+        return outage
+
+    def check(self, now: float) -> Verdict | None:
+        silence = now - self.last_seen
+        if self.lost or silence <= self.timeout_s:
+            return None
+        self.lost = True
+        return Verdict(self.name, Level.STOP, f"no message for {silence:.2f} s (timeout {self.timeout_s:.2f} s)",
+                       {"silence_s": silence, "timeout_s": self.timeout_s})

@@ -1,0 +1,119 @@
+"""Load a policy bundle into an onnxruntime session and run it: observation arrays in, action chunk out.
+
+One `Policy` per bundle is shared by every robot the runtime serves (the session is stateless); the
+per-robot state of executing it (the chunk queue) lives in `vigil.policies.agent.Agent`.
+Kinds differ only in small ways, so each is a small subclass registered in `POLICY_KINDS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from vigil.policies.manifest import Manifest, ManifestError, read_manifest
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One policy evaluation: an action chunk (H, m), unclipped, and the scalar scores for the monitors."""
+
+    actions: np.ndarray
+    scores: Mapping[str, float]
+
+
+def providers(prefer_gpu: bool = True) -> list[str]:
+    """CUDA when onnxruntime has it (the `vigil[gpu]` extra), CPU otherwise."""
+    available = ort.get_available_providers()
+    chosen = ["CUDAExecutionProvider"] if prefer_gpu and "CUDAExecutionProvider" in available else []
+    return chosen + ["CPUExecutionProvider"]
+
+
+class Policy:
+    """Runs the bundle's graph at batch 1. Subclasses adapt kind-specific inputs and outputs."""
+
+    def __init__(self, folder: Path, manifest: Manifest, threads: int = 1, prefer_gpu: bool = True):
+        self.folder = folder
+        self.manifest = manifest
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # warnings such as "initializer in graph inputs" are by design here
+        self.session = ort.InferenceSession(str(folder / manifest.onnx_file), opts, providers=providers(prefer_gpu))
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        for name in manifest.onnx_inputs:
+            if name not in graph_inputs:
+                raise ManifestError(f"manifest key 'onnx.inputs' names graph input {name!r}, "
+                                    f"but the graph's inputs are {sorted(graph_inputs)}")
+        for name in (manifest.onnx_action, *manifest.onnx_scores):
+            if name not in graph_outputs:
+                raise ManifestError(f"manifest key 'onnx' names graph output {name!r}, "
+                                    f"but the graph's outputs are {sorted(graph_outputs)}")
+        self._fetch = [manifest.onnx_action, *manifest.onnx_scores]
+        self._inputs = list(manifest.onnx_inputs.items())
+        self._norm = {k: (np.asarray(n.mean, np.float32), np.asarray(n.std, np.float32), n.clip)
+                      for k, n in manifest.normalisation.items()}
+        self._chunk_shape = (manifest.chunk_length, manifest.action.shape[0])
+
+    def feed(self, obs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Graph inputs for one observation: normalised where the manifest says, with a batch axis of 1."""
+        feed = {}
+        for graph_name, array in self._inputs:
+            x = obs[array]
+            norm = self._norm.get(array)
+            if norm is not None:
+                mean, std, clip = norm
+                x = np.clip((x - mean) / std, -clip, clip).astype(np.float32, copy=False)
+            feed[graph_name] = x[None]
+        return feed
+
+    def infer(self, obs: Mapping[str, np.ndarray]) -> Plan:
+        outputs = self.session.run(self._fetch, self.feed(obs))
+        actions = np.asarray(outputs[0], dtype=np.float32).reshape(self._chunk_shape)
+        scores = {name: float(np.asarray(v).reshape(-1)[0]) for name, v in zip(self._fetch[1:], outputs[1:])}
+        return Plan(actions, scores)
+
+
+class LinearGainPolicy(Policy):
+    """u = offset - K x. The graph takes `gain` as an input with K as its default, so K can be replaced
+    between ticks (online LQR) by `set_gain` without rebuilding the session."""
+
+    def __init__(self, folder: Path, manifest: Manifest, threads: int = 1, prefer_gpu: bool = True):
+        super().__init__(folder, manifest, threads, prefer_gpu)
+        self.gain: np.ndarray | None = None
+
+    def set_gain(self, gain: np.ndarray) -> None:
+        m, n = self.manifest.action.shape[0], self.manifest.observation[0].shape[0]
+        gain = np.ascontiguousarray(gain, dtype=np.float32)
+        if gain.shape != (m, n):
+            raise ValueError(f"gain must have shape ({m}, {n}), got {gain.shape}")
+        self.gain = gain
+
+    def feed(self, obs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = super().feed(obs)
+        if self.gain is not None:
+            feed["gain"] = self.gain
+        return feed
+
+
+class GaussianPolicy(Policy):
+    """A BPO/PPO actor: the graph's action output is the mean of the Gaussian, used deterministically."""
+
+
+POLICY_KINDS: dict[str, type[Policy]] = {"linear_gain": LinearGainPolicy, "gaussian": GaussianPolicy}
+
+
+def load_policy(folder: str | Path, threads: int = 1, prefer_gpu: bool = True) -> Policy:
+    """Read and verify a bundle folder and start its onnxruntime session."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    cls = POLICY_KINDS.get(manifest.kind)
+    if cls is None:
+        raise ManifestError(f"manifest key 'kind' is {manifest.kind!r}; this runtime hosts {sorted(POLICY_KINDS)}")
+    return cls(folder, manifest, threads, prefer_gpu)

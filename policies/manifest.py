@@ -1,0 +1,175 @@
+"""The manifest of a policy bundle: everything the runtime must know about a policy besides its graph.
+
+A bundle is a folder holding `policy.onnx` and `manifest.json`.  The manifest names the policy kind,
+what the robot must send (observation arrays), what comes back (the action and its bounds), how the
+graph's inputs and outputs are named, normalisation, chunking, the control rate, the safe action, where
+the policy came from, and the sha256 of the ONNX file (checked on load).  docs/bundles.md has an example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from vigil.runtime.protocol import ArraySpec, ProtocolError
+
+FORMAT = 1
+KINDS = ("linear_gain", "gaussian", "flow_ensemble")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """obs' = clip((obs - mean) / std, -clip, clip) for one observation array."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    clip: float = 10.0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    kind: str
+    observation: tuple[ArraySpec, ...]
+    action: ArraySpec
+    safe_action: tuple[float, ...]
+    control_rate_hz: float
+    sha256: str
+    onnx_file: str = "policy.onnx"
+    onnx_inputs: Mapping[str, str] = field(default_factory=dict)  # graph input name -> observation array
+    onnx_action: str = "action"  # graph output holding the (batch, [chunk,] action) result
+    onnx_scores: tuple[str, ...] = ()  # graph outputs reported to the monitors as scalars
+    chunk_length: int = 1
+    chunk_execute: int = 1  # actions executed from each chunk before replanning
+    normalisation: Mapping[str, Normalisation] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    monitor: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    format: int = FORMAT
+
+    @property
+    def policy_id(self) -> str:
+        return f"{self.name}@{self.sha256[:12]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "format": self.format, "name": self.name, "kind": self.kind,
+            "observation": [s.to_dict() for s in self.observation], "action": self.action.to_dict(),
+            "safe_action": list(self.safe_action), "control_rate_hz": self.control_rate_hz,
+            "onnx": {"file": self.onnx_file, "sha256": self.sha256, "inputs": dict(self.onnx_inputs),
+                     "action": self.onnx_action, "scores": list(self.onnx_scores)},
+            "chunk": {"length": self.chunk_length, "execute": self.chunk_execute},
+            "normalisation": {k: asdict(v) for k, v in self.normalisation.items()},
+            "provenance": dict(self.provenance), "monitor": dict(self.monitor), "extra": dict(self.extra),
+        }
+        return json.loads(json.dumps(d))  # tuples -> lists, a plain JSON tree
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
+        def need(key: str, typ: type | tuple, what: str) -> Any:
+            if key not in d:
+                raise ManifestError(f"manifest key {key!r} is missing; expected {what}")
+            if not isinstance(d[key], typ) or isinstance(d[key], bool) and typ is not bool:
+                raise ManifestError(f"manifest key {key!r} must be {what}, got {d[key]!r}")
+            return d[key]
+
+        fmt = d.get("format", FORMAT)
+        if fmt != FORMAT:
+            raise ManifestError(f"manifest key 'format' must be {FORMAT}, got {fmt!r}")
+        kind = need("kind", str, f"one of {KINDS}")
+        if kind not in KINDS:
+            raise ManifestError(f"manifest key 'kind' must be one of {KINDS}, got {kind!r}")
+        try:
+            observation = tuple(ArraySpec.from_dict(s, f"observation[{i}]")
+                                for i, s in enumerate(need("observation", list, "a list of array specs")))
+            action = ArraySpec.from_dict(need("action", dict, "an array spec"), "action")
+        except ProtocolError as exc:
+            raise ManifestError(f"manifest {exc.message}") from None
+        if not observation:
+            raise ManifestError("manifest key 'observation' must list at least one array")
+        if len(action.shape) != 1:
+            raise ManifestError(f"manifest key 'action.shape' must be one-dimensional [m], got {list(action.shape)}")
+        safe = need("safe_action", list, f"a list of {action.shape[0]} numbers")
+        if len(safe) != action.shape[0] or not all(isinstance(x, (int, float)) for x in safe):
+            raise ManifestError(f"manifest key 'safe_action' must be a list of {action.shape[0]} numbers, got {safe!r}")
+        rate = need("control_rate_hz", (int, float), "a positive number (Hz)")
+        if rate <= 0:
+            raise ManifestError(f"manifest key 'control_rate_hz' must be a positive number (Hz), got {rate!r}")
+        onnx = need("onnx", dict, "a map with file, sha256, inputs, action")
+        sha = onnx.get("sha256")
+        if not isinstance(sha, str) or len(sha) != 64:
+            raise ManifestError("manifest key 'onnx.sha256' must be the 64-hex-digit sha256 of the ONNX file")
+        inputs = onnx.get("inputs") or {s.name: s.name for s in observation}
+        names = {s.name for s in observation}
+        for graph_name, array in inputs.items():
+            if array not in names:
+                raise ManifestError(f"manifest key 'onnx.inputs.{graph_name}' must name an observation array "
+                                    f"({sorted(names)}), got {array!r}")
+        chunk = d.get("chunk", {})
+        length, execute = int(chunk.get("length", 1)), int(chunk.get("execute", chunk.get("length", 1)))
+        if length < 1 or not 1 <= execute <= length:
+            raise ManifestError(f"manifest key 'chunk' must satisfy 1 <= execute <= length, got {chunk!r}")
+        norms = {}
+        for key, n in (d.get("normalisation") or {}).items():
+            if key not in names:
+                raise ManifestError(f"manifest key 'normalisation.{key}' must name an observation array ({sorted(names)})")
+            norms[key] = Normalisation(tuple(n["mean"]), tuple(n["std"]), float(n.get("clip", 10.0)))
+        return cls(
+            name=need("name", str, "a string"), kind=kind, observation=observation, action=action,
+            safe_action=tuple(float(x) for x in safe), control_rate_hz=float(rate), sha256=sha,
+            onnx_file=onnx.get("file", "policy.onnx"), onnx_inputs=dict(inputs),
+            onnx_action=onnx.get("action", "action"), onnx_scores=tuple(onnx.get("scores", ())),
+            chunk_length=length, chunk_execute=execute, normalisation=norms,
+            provenance=d.get("provenance", {}), monitor=d.get("monitor", {}), extra=d.get("extra", {}),
+        )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """Load and validate `folder/manifest.json`, and check the ONNX file against its sha256."""
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path} not found: a bundle is a folder with policy.onnx and manifest.json") from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from None
+    manifest = Manifest.from_dict(raw)
+    onnx_path = folder / manifest.onnx_file
+    if not onnx_path.is_file():
+        raise ManifestError(f"manifest key 'onnx.file' names {onnx_path}, which does not exist")
+    actual = sha256_file(onnx_path)
+    if actual != manifest.sha256:
+        raise ManifestError(f"{onnx_path} has sha256 {actual}, but manifest key 'onnx.sha256' says {manifest.sha256}: "
+                            "the bundle was modified or is incomplete")
+    return manifest
+
+
+def write_bundle(folder: str | Path, onnx_bytes: bytes, manifest: Mapping[str, Any]) -> Manifest:
+    """Write `policy.onnx` and `manifest.json` (sha256 filled in); returns the validated manifest."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    d = json.loads(json.dumps(manifest))
+    onnx = d.setdefault("onnx", {})
+    onnx.setdefault("file", "policy.onnx")
+    (folder / onnx["file"]).write_bytes(onnx_bytes)
+    onnx["sha256"] = hashlib.sha256(onnx_bytes).hexdigest()
+    d.setdefault("format", FORMAT)
+    m = Manifest.from_dict(d)
+    (folder / "manifest.json").write_text(json.dumps(m.to_dict(), indent=2) + "\n")
+    return m

@@ -1,0 +1,198 @@
+"""`vigil` command line: serve | sim | alerts | demo | bundle.
+
+`serve` and `alerts` need only the base install; `sim`, `demo` and `bundle` import the simulator and
+training code lazily, so the onboard path never loads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from vigil.runtime.config import ConfigError, describe, load_config
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the onboard runtime: robot link, policy, monitors, operator stream",
+                       description="Serve a policy bundle to robots over ZeroMQ. Options override the [serve] "
+                                   "table of --config; every option is listed below with its default.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="TOML file with a [serve] table (keys as the options below, with underscores)")
+    for key, default, text in describe():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_const", const=True, default=None, help=f"{text} (default: {default})")
+        else:
+            p.add_argument(flag, type=type(default), default=None, help=f"{text} (default: {default!r})")
+    p.add_argument("--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING, ERROR")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vigil.runtime.server import Runtime
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides = {key: getattr(args, key) for key, _, _ in describe()}
+    try:
+        config = load_config(args.config, **overrides)
+        if not config.bundle:
+            raise ConfigError("config key 'bundle' must name a policy bundle folder (--bundle DIR)")
+        runtime = Runtime(config)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"vigil serve: {exc}", file=sys.stderr)
+        return 2
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    counters = runtime.run(should_stop=lambda: bool(stop))
+    print(json.dumps({"stopped_by": signal.Signals(stop[0]).name if stop else None, **counters}), flush=True)
+    return 0
+
+
+def _sim_parser(sub) -> None:
+    p = sub.add_parser("sim", help="play the robot: a simulated system connected to a runtime",
+                       description="Connect to a runtime as a robot (DEALER) and run episodes of a linear system "
+                                   "(aircraft-pitch, uav-2d) or any gymnasium environment id (e.g. Hopper-v5), "
+                                   "optionally injecting faults.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--connect", default="tcp://127.0.0.1:5555", help="runtime robot-link endpoint")
+    p.add_argument("--system", "--env", dest="env", default="aircraft-pitch",
+                   help="aircraft-pitch, uav-2d, or a gymnasium environment id")
+    p.add_argument("--robot", default="sim-0", help="robot id announced in hello")
+    p.add_argument("--episodes", type=int, default=1, help="number of episodes")
+    p.add_argument("--steps", type=int, default=200, help="steps per episode (at most)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first episode (episode i uses seed+i)")
+    p.add_argument("--mode", choices=("lockstep", "realtime"), default="lockstep",
+                   help="lockstep waits for each action; realtime keeps the robot's own clock")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="control rate in Hz for realtime pacing and outages (0: the environment's own)")
+    p.add_argument("--act-timeout", type=float, default=1.0, help="lockstep: seconds to wait for an action")
+    g = p.add_argument_group("fault injection")
+    g.add_argument("--obs-noise", type=float, default=0.0, help="std of Gaussian noise added to observations")
+    g.add_argument("--drop", type=float, default=0.0, help="probability an observation is lost")
+    g.add_argument("--delay-ms", type=float, default=0.0, help="latency added before each observation")
+    g.add_argument("--disconnect-at", type=int, default=-1, help="step at which the link goes down (-1: never)")
+    g.add_argument("--disconnect-s", type=float, default=1.0, help="seconds the link stays down")
+    g.add_argument("--fault-start", type=int, default=0, help="first step of noise/drop/delay")
+    g.add_argument("--fault-stop", type=int, default=2**62, help="step at which noise/drop/delay end")
+    p.add_argument("--summary", help="write the per-episode summary as JSON to this file")
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from vigil.runtime.client import LinkError
+    from vigil.sim.envs import make_env
+    from vigil.sim.faults import Faults
+    from vigil.sim.robot import SimConfig, run_episodes
+
+    env = make_env(args.env, horizon=args.steps)
+    faults = Faults(args.obs_noise, args.drop, args.delay_ms, args.disconnect_at, args.disconnect_s,
+                    args.fault_start, args.fault_stop)
+    cfg = SimConfig(args.connect, args.robot, args.episodes, args.steps, args.seed, args.mode, args.rate,
+                    args.act_timeout)
+    print(f"vigil sim: {env.name} as {args.robot} -> {args.connect} ({args.mode}); faults: {faults.describe()}",
+          flush=True)
+    try:
+        episodes = run_episodes(env, cfg, faults)
+    except LinkError as exc:
+        print(f"vigil sim: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        env.close()
+    summary = [e.summary() for e in episodes]
+    for s in summary:
+        line = (f"episode {s['episode']}: {s['steps']} steps, reward {s['reward']:.3f}, "
+                f"latency p50 {s['latency_us']['p50']:.0f} us p99 {s['latency_us']['p99']:.0f} us, "
+                f"safe actions runtime {s['runtime_safe']} robot {s['robot_safe']}, errors {s['errors']}")
+        if s["oracle_cost"] is not None:
+            line += f", cost {s['cost']:.3f} (same-noise optimum {s['oracle_cost']:.3f}, T*J* {s['optimal_cost']:.3f})"
+        print(line, flush=True)
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def _alerts_parser(sub) -> None:
+    p = sub.add_parser("alerts", help="watch the operator stream live, or replay alerts from the store",
+                       description="Without --since: print alerts as the runtime publishes them (with --store, "
+                                   "gaps in alert ids are filled from the store). With --since N: print every "
+                                   "stored alert with id > N, then exit (or keep following with --follow).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--connect", default="tcp://127.0.0.1:5556", help="runtime operator-stream endpoint")
+    p.add_argument("--store", default="vigil-alerts.db", help="the runtime's alert store (SQLite file)")
+    p.add_argument("--since", type=int, help="replay stored alerts with id greater than this")
+    p.add_argument("--follow", action="store_true", help="with --since: keep following the live stream afterwards")
+    p.add_argument("--telemetry", action="store_true", help="also print telemetry messages")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+    p.add_argument("--timeout", type=float, default=0.0, help="exit after this many seconds of silence (0: never)")
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from vigil.runtime.alerts_view import AlertView
+
+    view = AlertView(args.store, as_json=args.json, telemetry=args.telemetry)
+    if args.since is not None:
+        try:
+            view.replay(args.since)
+        except FileNotFoundError as exc:
+            print(f"vigil alerts: {exc}", file=sys.stderr)
+            return 1
+        if not args.follow:
+            return 0
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    view.follow(args.connect, timeout_s=args.timeout or None, should_stop=lambda: bool(stop))
+    return 0
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="runtime + simulator + alert view on aircraft pitch, with a fault half way",
+                       description="Export the optimal LQR of the aircraft-pitch system as a bundle, serve it, "
+                                   "run the simulator against it with a link outage half way, show the alert "
+                                   "stream, and print a summary.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workdir", default=".vigil-demo", help="folder for the bundle, alert store and logs")
+    p.add_argument("--steps", type=int, default=400, help="simulation steps")
+    p.add_argument("--rate", type=float, default=100.0, help="realtime control rate in Hz (the system's own is 20)")
+    p.add_argument("--outage-s", type=float, default=0.5, help="length of the link outage injected half way")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vigil.sim.demo import run_demo
+
+    return run_demo(Path(args.workdir), args.steps, args.rate, args.outage_s)
+
+
+def _bundle_parser(sub) -> None:
+    p = sub.add_parser("bundle", help="write a policy bundle that needs no training (optimal LQR)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("kind", choices=("lqr",), help="lqr: optimal LQR of a known linear system (python-control)")
+    p.add_argument("--system", default="aircraft-pitch", help="aircraft-pitch or uav-2d")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from vigil.training.lqr import export_lqr
+
+    manifest = export_lqr(args.system, args.out)
+    print(f"wrote {args.out}: {manifest.policy_id}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vigil", description="Host learned robot controllers and watch them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_serve_parser, _sim_parser, _alerts_parser, _demo_parser, _bundle_parser):
+        add(sub)
+    args = parser.parse_args(argv)
+    return {"serve": cmd_serve, "sim": cmd_sim, "alerts": cmd_alerts, "demo": cmd_demo,
+            "bundle": cmd_bundle}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

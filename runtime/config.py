@@ -1,0 +1,116 @@
+"""Runtime configuration: one frozen dataclass, read from TOML (`[serve]` table) and overridden by flags.
+
+Every error names the key and what was expected.  Defaults are what a single robot on the same
+computer wants: loopback endpoints, lockstep, a deadline of one control period.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+import urllib.parse
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+MODES = ("lockstep", "realtime")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    bundle: str = field(default="", metadata={"help": "policy bundle folder (policy.onnx + manifest.json)"})
+    robot_endpoint: str = field(default="tcp://127.0.0.1:5555", metadata={"help": "ZeroMQ endpoint the robot link (ROUTER) binds; robots connect a DEALER here"})
+    operator_endpoint: str = field(default="tcp://127.0.0.1:5556", metadata={"help": "ZeroMQ endpoint the operator stream (PUB) binds"})
+    store: str = field(default="vigil-alerts.db", metadata={"help": "SQLite file every alert is written to before it is published"})
+    mode: str = field(default="lockstep", metadata={"help": "lockstep: answer every observation in order; realtime: act on the freshest, drop stale ones"})
+    deadline_ms: float = field(default=0.0, metadata={"help": "longest receipt-to-decision time before the safe action is sent instead; 0 = one control period"})
+    link_timeout_s: float = field(default=0.5, metadata={"help": "silence from a robot longer than this is link loss: safe action and an alert"})
+    heartbeat_s: float = field(default=0.1, metadata={"help": "interval robots are asked to send heartbeats at when they have nothing else to send"})
+    telemetry_s: float = field(default=1.0, metadata={"help": "interval of telemetry messages on the operator stream"})
+    alert_repeat_s: float = field(default=5.0, metadata={"help": "a condition that persists is re-alerted at most this often (in between it is counted)"})
+    saturation_window: int = field(default=20, metadata={"help": "ticks over which the saturation monitor judges"})
+    threads: int = field(default=1, metadata={"help": "onnxruntime intra-op threads (1 is fastest for small policies at batch 1)"})
+    allow_remote: bool = field(default=False, metadata={"help": "permit binding endpoints that are not loopback (without authentication: see docs/operator.md)"})
+
+    def __post_init__(self) -> None:
+        def bad(key: str, expected: str) -> ConfigError:
+            return ConfigError(f"config key {key!r} must be {expected}, got {getattr(self, key)!r}")
+
+        if self.mode not in MODES:
+            raise bad("mode", f"one of {MODES}")
+        for key in ("deadline_ms",):
+            if getattr(self, key) < 0:
+                raise bad(key, "a number >= 0")
+        for key in ("link_timeout_s", "heartbeat_s", "telemetry_s", "alert_repeat_s"):
+            if not getattr(self, key) > 0:
+                raise bad(key, "a number > 0 (seconds)")
+        if self.saturation_window < 1:
+            raise bad("saturation_window", "an integer >= 1")
+        if self.threads < 1:
+            raise bad("threads", "an integer >= 1")
+        for key in ("robot_endpoint", "operator_endpoint"):
+            ep = getattr(self, key)
+            if not isinstance(ep, str) or "://" not in ep:
+                raise bad(key, "a ZeroMQ endpoint such as tcp://127.0.0.1:5555 or ipc:///tmp/vigil.sock")
+            if not self.allow_remote and not is_local(ep):
+                raise ConfigError(f"config key {key!r} is {ep!r}, which is not loopback; vigil binds loopback only "
+                                  "unless allow_remote = true (--allow-remote)")
+
+    def deadline_s(self, control_rate_hz: float) -> float:
+        return self.deadline_ms / 1e3 if self.deadline_ms > 0 else 1.0 / control_rate_hz
+
+
+def is_local(endpoint: str) -> bool:
+    """ipc and inproc are local; tcp must name a loopback address."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = urllib.parse.urlsplit(f"//{rest}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig:
+    """Read `[serve]` from a TOML file (if given), then apply non-None overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        values.update(_check_types(doc.get("serve", {}), "serve"))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ServeConfig(**values)
+
+
+def _check_types(table: Mapping[str, Any], section: str) -> dict[str, Any]:
+    known = {f.name: f for f in fields(ServeConfig)}
+    out = {}
+    for key, value in table.items():
+        f = known.get(key)
+        if f is None:
+            raise ConfigError(f"config key '{section}.{key}' is unknown; expected one of {sorted(known)}")
+        default = f.default
+        expected = type(default)
+        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ConfigError(f"config key '{section}.{key}' must be a {expected.__name__}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every option, for --help and docs."""
+    return [(f.name, f.default, f.metadata["help"]) for f in fields(ServeConfig)]

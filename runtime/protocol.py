@@ -1,0 +1,237 @@
+"""vigil wire protocol: one msgpack header frame, then one raw buffer frame per array.
+
+A message on the robot link or the operator stream is a list of ZeroMQ frames::
+
+    frame 0      msgpack map  {v, kind, robot, seq, t_ns, arrays: [{name, dtype, shape}], ...}
+    frame 1..n   the raw little-endian, C-ordered bytes of each array, in header order
+
+Everything received is validated before anything else touches it (`decode`), and everything that fails
+raises `ProtocolError` with a stable `code`, never anything else.  Keys of the header that are not part of
+the envelope travel in `Message.meta` (for example `code`/`message` of an `error`, `spec` of a `hello`).
+The full reference, written for robot-driver authors in any language, is docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import msgpack
+import numpy as np
+
+VERSION = 1
+ROBOT_KINDS = frozenset({"hello", "obs", "act", "reset", "heartbeat", "error", "bye"})
+STREAM_KINDS = frozenset({"alert", "request", "telemetry"})  # operator stream (stream.py)
+KINDS = ROBOT_KINDS | STREAM_KINDS
+ENVELOPE = frozenset({"v", "kind", "robot", "seq", "t_ns", "arrays"})
+# Whitelisted element types; the wire is always little-endian.
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in ("float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "bool")
+}
+
+
+class ProtocolError(Exception):
+    """A message that must not be used. `code` is stable and goes back to the sender."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds on what a peer may send; anything above is refused with `too_large`."""
+
+    max_header_bytes: int = 64 * 1024
+    max_arrays: int = 16
+    max_dims: int = 4
+    max_array_bytes: int = 8 * 1024 * 1024
+    max_total_bytes: int = 16 * 1024 * 1024
+    max_name_len: int = 64
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Declared name, dtype and shape of one array, with optional element bounds (for range monitors)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    low: tuple[float, ...] | None = None
+    high: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.low is not None:
+            d["low"] = list(self.low)
+        if self.high is not None:
+            d["high"] = list(self.high)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "spec") -> "ArraySpec":
+        if not isinstance(d, Mapping):
+            raise ProtocolError("bad_spec", f"{where} must be a map with name, dtype, shape")
+        name, dtype, shape = d.get("name"), d.get("dtype"), d.get("shape")
+        if not isinstance(name, str) or not name:
+            raise ProtocolError("bad_spec", f"{where}.name must be a non-empty string")
+        if dtype not in DTYPES:
+            raise ProtocolError("bad_spec", f"{where}.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if not isinstance(shape, (list, tuple)) or not all(_is_int(s) and s >= 0 for s in shape):
+            raise ProtocolError("bad_spec", f"{where}.shape must be a list of non-negative integers")
+        size = int(np.prod(shape)) if shape else 1
+
+        def bound(key: str) -> tuple[float, ...] | None:
+            v = d.get(key)
+            if v is None:
+                return None
+            if not isinstance(v, (list, tuple)) or len(v) != size or not all(_is_num(x) for x in v):
+                raise ProtocolError("bad_spec", f"{where}.{key} must be a list of {size} numbers")
+            return tuple(float(x) for x in v)
+
+        return cls(name, dtype, tuple(int(s) for s in shape), bound("low"), bound("high"))
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded message. `arrays` keeps header order; `meta` holds the kind-specific header keys."""
+
+    kind: str
+    robot: str = ""
+    seq: int = 0
+    t_ns: int = 0
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def encode(msg: Message) -> list:
+    """Frames for `msg`: the header, then each array's buffer (numpy buffers are sent without a copy)."""
+    descs = []
+    bufs = []
+    for name, arr in msg.arrays.items():
+        a = np.asarray(arr)
+        if a.dtype.name not in DTYPES:
+            raise ProtocolError("bad_dtype", f"array {name!r}: dtype {a.dtype.name} is not on the wire whitelist")
+        if a.dtype.byteorder == ">" or not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a, dtype=DTYPES[a.dtype.name])
+        descs.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape)})
+        bufs.append(a.data if a.ndim else a.tobytes())
+    header = {"v": VERSION, "kind": msg.kind, "robot": msg.robot, "seq": msg.seq,
+              "t_ns": msg.t_ns or time.time_ns(), "arrays": descs}
+    if msg.meta:
+        for key in msg.meta:
+            if key in ENVELOPE:
+                raise ProtocolError("bad_header", f"meta key {key!r} collides with the envelope")
+        header.update(msg.meta)
+    return [msgpack.packb(header, use_bin_type=True), *bufs]
+
+
+def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, kinds: frozenset[str] = ROBOT_KINDS) -> Message:
+    """Validate and decode frames (bytes, memoryviews or zmq.Frame). Raises only ProtocolError."""
+    if not frames:
+        raise ProtocolError("bad_frames", "empty message")
+    head = _buffer(frames[0])
+    if len(head) > limits.max_header_bytes:
+        raise ProtocolError("too_large", f"header is {len(head)} bytes, limit {limits.max_header_bytes}")
+    try:
+        header = msgpack.unpackb(head, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError("bad_header", f"header is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_header", "header must be a msgpack map")
+    v = header.get("v")
+    if v != VERSION:
+        raise ProtocolError("bad_version", f"protocol version {v!r} is not supported (this runtime speaks {VERSION})")
+    kind = header.get("kind")
+    if kind not in kinds:
+        raise ProtocolError("bad_kind", f"unknown kind {kind!r}; expected one of {sorted(kinds)}")
+    robot, seq, t_ns = header.get("robot", ""), header.get("seq", 0), header.get("t_ns", 0)
+    if not isinstance(robot, str) or len(robot) > limits.max_name_len:
+        raise ProtocolError("bad_header", f"robot must be a string of at most {limits.max_name_len} characters")
+    if not _is_int(seq) or not 0 <= seq < 2**63:
+        raise ProtocolError("bad_header", "seq must be a non-negative 64-bit integer")
+    if not _is_int(t_ns) or not 0 <= t_ns < 2**63:
+        raise ProtocolError("bad_header", "t_ns must be a non-negative 64-bit integer")
+    descs = header.get("arrays", [])
+    if not isinstance(descs, list):
+        raise ProtocolError("bad_header", "arrays must be a list of {name, dtype, shape}")
+    if len(descs) > limits.max_arrays:
+        raise ProtocolError("too_large", f"{len(descs)} arrays, limit {limits.max_arrays}")
+    if len(frames) != 1 + len(descs):
+        raise ProtocolError("bad_frames", f"header declares {len(descs)} arrays but {len(frames) - 1} buffer frames arrived")
+    arrays: dict[str, np.ndarray] = {}
+    total = len(head)
+    for i, d in enumerate(descs):
+        arr = _decode_array(d, _buffer(frames[i + 1]), i, limits)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ProtocolError("not_finite", f"array {d['name']!r} contains NaN or infinity")
+        total += arr.nbytes
+        if total > limits.max_total_bytes:
+            raise ProtocolError("too_large", f"message exceeds {limits.max_total_bytes} bytes")
+        if d["name"] in arrays:
+            raise ProtocolError("bad_header", f"array name {d['name']!r} appears twice")
+        arrays[d["name"]] = arr
+    meta = {k: val for k, val in header.items() if k not in ENVELOPE}
+    return Message(kind, robot, seq, t_ns, arrays, meta)
+
+
+def _decode_array(d: Any, buf: memoryview, i: int, limits: Limits) -> np.ndarray:
+    if not isinstance(d, dict):
+        raise ProtocolError("bad_header", f"arrays[{i}] must be a map with name, dtype, shape")
+    name, dtype, shape = d.get("name"), d.get("dtype"), d.get("shape")
+    if not isinstance(name, str) or not name or len(name) > limits.max_name_len:
+        raise ProtocolError("bad_header", f"arrays[{i}].name must be a string of 1..{limits.max_name_len} characters")
+    if dtype not in DTYPES:
+        raise ProtocolError("bad_dtype", f"array {name!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > limits.max_dims or not all(_is_int(s) and 0 <= s < 2**31 for s in shape):
+        raise ProtocolError("bad_shape", f"array {name!r}: shape must be a list of at most {limits.max_dims} non-negative integers")
+    dt = DTYPES[dtype]
+    expected = dt.itemsize * int(np.prod(shape, dtype=np.int64)) if shape else dt.itemsize
+    if expected > limits.max_array_bytes:
+        raise ProtocolError("too_large", f"array {name!r} is {expected} bytes, limit {limits.max_array_bytes}")
+    if len(buf) != expected:
+        raise ProtocolError("bad_frames", f"array {name!r}: frame has {len(buf)} bytes, shape {shape} x {dtype} needs {expected}")
+    return np.frombuffer(buf, dtype=dt).reshape(shape)
+
+
+def _buffer(frame: Any) -> memoryview:
+    buf = getattr(frame, "buffer", frame)  # zmq.Frame exposes .buffer
+    try:
+        mv = memoryview(buf)
+    except TypeError:
+        raise ProtocolError("bad_frames", f"frame of type {type(frame).__name__} is not a buffer") from None
+    return mv.cast("B") if mv.ndim != 1 or mv.format != "B" else mv
+
+
+def check_arrays(msg: Message, specs: Sequence[ArraySpec]) -> None:
+    """Require exactly the declared arrays, with the declared dtype and shape."""
+    if len(msg.arrays) != len(specs):
+        names = ", ".join(s.name for s in specs)
+        raise ProtocolError("bad_shape", f"{msg.kind} must carry exactly the arrays [{names}], got {list(msg.arrays)}")
+    for s in specs:
+        a = msg.arrays.get(s.name)
+        if a is None:
+            raise ProtocolError("bad_shape", f"{msg.kind} is missing array {s.name!r}")
+        if a.dtype.name != s.dtype:
+            raise ProtocolError("bad_dtype", f"array {s.name!r} must be {s.dtype}, got {a.dtype.name}")
+        if a.shape != s.shape:
+            raise ProtocolError("bad_shape", f"array {s.name!r} must have shape {list(s.shape)}, got {list(a.shape)}")
+
+
+def error(code: str, message: str, robot: str = "", seq: int = 0, **meta: Any) -> Message:
+    """An `error` reply; the connection stays usable after it."""
+    return Message("error", robot, seq, 0, {}, {"code": code, "message": message, **meta})

@@ -1,0 +1,323 @@
+"""The onboard event loop: robot link in, policy, monitors, action out, operator stream.
+
+Single-threaded on a zmq.Poller with monotonic timers.  Reading order of one tick (`_on_obs`):
+
+    validate the observation  ->  agent.act (onnxruntime)  ->  monitors  ->  reply `act`
+    ->  file alerts (durable store, then PUB)
+
+Alerts are filed after the reply, so a robot never waits for an fsync.  Anything a robot sends that is
+malformed gets an `error` reply and bumps a counter; no exception from a handler ends the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgpack
+import numpy as np
+import zmq
+
+from vigil.monitors.alerts import Alerter
+from vigil.monitors.base import Level, Monitor, Tick, Verdict
+from vigil.monitors.safety import DeadlineMonitor, LinkMonitor, ObservationMonitor, SaturationMonitor
+from vigil.policies.agent import Agent
+from vigil.policies.bundle import Policy, load_policy
+from vigil.runtime.config import ServeConfig
+from vigil.runtime.protocol import ArraySpec, Message, ProtocolError, check_arrays, decode, encode, error
+from vigil.runtime.store import AlertStore
+from vigil.runtime.stream import OperatorStream
+
+log = logging.getLogger("vigil.serve")
+MAX_BATCH = 256  # messages drained per poll wake-up, so timers still run under a flood
+
+
+@dataclass
+class Session:
+    """One connected robot: where to reply, how to act for it, and what watches it."""
+
+    robot: str
+    identity: bytes
+    agent: Agent
+    monitors: list[Monitor]
+    link: LinkMonitor
+    info: dict[str, Any]
+    last_seq: int = 0
+    episode: int = 0
+    counters: Counter = field(default_factory=Counter)
+    latency_us: list[float] = field(default_factory=list)  # since the last telemetry message
+
+
+class Runtime:
+    def __init__(self, config: ServeConfig, policy: Policy | None = None, ctx: zmq.Context | None = None):
+        self.config = config
+        self.policy = policy or load_policy(config.bundle, threads=config.threads)
+        self.manifest = self.policy.manifest
+        self.deadline_s = config.deadline_s(self.manifest.control_rate_hz)
+        self.ctx = ctx or zmq.Context()
+        self.link = self.ctx.socket(zmq.ROUTER)
+        self.link.setsockopt(zmq.LINGER, 0)
+        self.link.bind(config.robot_endpoint)
+        self.robot_endpoint = self.link.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.stream = OperatorStream(self.ctx, config.operator_endpoint)
+        self.store = AlertStore(config.store)
+        self.alerter = Alerter(self.store, self.stream, config.alert_repeat_s)
+        self.sessions: dict[str, Session] = {}
+        self.by_identity: dict[bytes, Session] = {}
+        self.counters: Counter = Counter()
+        self._handlers: dict[str, Callable[[bytes, Message, float], None]] = {
+            "hello": self._on_hello, "obs": self._on_obs, "reset": self._on_reset,
+            "heartbeat": self._on_heartbeat, "bye": self._on_bye, "error": self._on_robot_error,
+        }
+        self._next_telemetry = time.monotonic() + config.telemetry_s
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False) -> Counter:
+        """Serve until `should_stop()` is true (checked at least every 50 ms). Returns the counters."""
+        poller = zmq.Poller()
+        poller.register(self.link, zmq.POLLIN)
+        log.info("serving %s on %s (%s mode), operator stream on %s", self.manifest.policy_id,
+                 self.robot_endpoint, self.config.mode, self.stream.endpoint)
+        try:
+            while not should_stop():
+                if poller.poll(self._poll_timeout_ms()):
+                    self._drain()
+                self._on_timers(time.monotonic())
+        finally:
+            self.close()
+        return self.counters
+
+    def _poll_timeout_ms(self) -> int:
+        return 50 if not self.sessions else max(1, min(50, int(self.config.link_timeout_s * 250)))
+
+    def _drain(self) -> None:
+        batch = []
+        for _ in range(MAX_BATCH):
+            try:
+                frames = self.link.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            item = self._decode(frames, time.perf_counter())
+            if item is not None:
+                batch.append(item)
+        if self.config.mode == "realtime":
+            batch = self._freshest(batch)
+        for identity, msg, t_recv in batch:
+            self._dispatch(identity, msg, t_recv)
+
+    def _freshest(self, batch: list[tuple[bytes, Message, float]]) -> list[tuple[bytes, Message, float]]:
+        """Realtime mode: of several observations queued from one robot, only the newest is acted on."""
+        newest = {identity: i for i, (identity, msg, _) in enumerate(batch) if msg.kind == "obs"}
+        keep = [item for i, item in enumerate(batch) if item[1].kind != "obs" or newest[item[0]] == i]
+        self.counters["stale_dropped"] += len(batch) - len(keep)
+        return keep
+
+    def _decode(self, frames: list[bytes], t_recv: float) -> tuple[bytes, Message, float] | None:
+        identity, body = frames[0], frames[1:]
+        self.counters["received"] += 1
+        try:
+            return identity, decode(body), t_recv
+        except ProtocolError as exc:
+            self._reject(identity, exc.code, exc.message, body)
+            return None
+
+    def _dispatch(self, identity: bytes, msg: Message, t_recv: float) -> None:
+        try:
+            handler = self._handlers.get(msg.kind)
+            if handler is None:
+                raise ProtocolError("bad_kind", f"kind {msg.kind!r} is not accepted from a robot")
+            handler(identity, msg, t_recv)
+        except ProtocolError as exc:
+            self._reject(identity, exc.code, exc.message, seq=msg.seq)
+        except Exception as exc:  # a bug must not take the robot's controller down
+            log.exception("handler for %s failed", msg.kind)
+            self._reject(identity, "internal", f"{type(exc).__name__}: {exc}", seq=msg.seq)
+
+    def _reject(self, identity: bytes, code: str, message: str, body: list[bytes] = (), seq: int | None = None) -> None:
+        self.counters["errors"] += 1
+        self.counters[f"error.{code}"] += 1
+        session = self.by_identity.get(identity)
+        robot = session.robot if session else ""
+        self._send(identity, error(code, message, robot, _peek_seq(body) if seq is None else seq))
+        if session is not None:
+            session.counters["errors"] += 1
+            session.link.seen(time.monotonic())
+            self._alert(robot, Verdict("protocol", Level.WARN, f"rejected message: {code}", {"code": code}))
+
+    def _send(self, identity: bytes, msg: Message) -> None:
+        try:
+            self.link.send_multipart([identity, *encode(msg)], copy=False)
+        except zmq.ZMQError as exc:  # peer vanished; nothing else to do for it
+            self.counters["send_failed"] += 1
+            log.debug("send to %r failed: %s", identity, exc)
+
+    # -- handlers -------------------------------------------------------------------------------------
+
+    def _on_hello(self, identity: bytes, msg: Message, t_recv: float) -> None:
+        """Check the robot's declared spec against the bundle; answer with the manifest or a refusal."""
+        robot = msg.robot
+        if not robot:
+            raise ProtocolError("bad_header", "hello must name the robot (header key 'robot')")
+        self._check_spec(msg.meta.get("spec"))
+        now = time.monotonic()
+        session = self.sessions.get(robot)
+        if session is not None:  # the robot reconnected: same policy state, new socket
+            self.by_identity.pop(session.identity, None)
+            session.identity = identity
+            outage = session.link.seen(now)
+            if outage is not None:
+                self._telemetry_event(robot, "link_restored", {"outage_s": outage})
+            self.counters["reconnects"] += 1
+        else:
+            session = Session(robot, identity, Agent(self.policy), self._make_monitors(),
+                              LinkMonitor(self.config.link_timeout_s, now), dict(msg.meta))
+            self.sessions[robot] = session
+            self._telemetry_event(robot, "connected", {"env": str(msg.meta.get("env", ""))})
+        self.by_identity[identity] = session
+        self._send(identity, Message("hello", robot, msg.seq, 0, {}, {
+            "policy": self.manifest.policy_id, "manifest": self.manifest.to_dict(), "mode": self.config.mode,
+            "deadline_ms": self.deadline_s * 1e3, "heartbeat_s": self.config.heartbeat_s,
+            "link_timeout_s": self.config.link_timeout_s}))
+
+    def _check_spec(self, spec: Any) -> None:
+        if not isinstance(spec, dict):
+            raise ProtocolError("bad_spec", "hello must carry spec: {observation: [array specs], action: array spec}")
+        obs = spec.get("observation")
+        if not isinstance(obs, list):
+            raise ProtocolError("bad_spec", "spec.observation must be a list of array specs")
+        declared = {s.name: s for s in (ArraySpec.from_dict(d, f"spec.observation[{i}]") for i, d in enumerate(obs))}
+        for want in self.manifest.observation:
+            got = declared.get(want.name)
+            if got is None or got.dtype != want.dtype or got.shape != want.shape:
+                raise ProtocolError("refused", f"policy {self.manifest.policy_id} needs observation {want.name!r} "
+                                    f"{want.dtype}{list(want.shape)}, robot declares "
+                                    f"{f'{got.dtype}{list(got.shape)}' if got else 'nothing'}")
+        if set(declared) != {s.name for s in self.manifest.observation}:
+            raise ProtocolError("refused", f"robot declares observations {sorted(declared)}, policy uses "
+                                f"{sorted(s.name for s in self.manifest.observation)}")
+        act = ArraySpec.from_dict(spec.get("action"), "spec.action")
+        if act.shape != self.manifest.action.shape:
+            raise ProtocolError("refused", f"policy acts in {list(self.manifest.action.shape)}, robot declares "
+                                f"{list(act.shape)}")
+
+    def _make_monitors(self) -> list[Monitor]:
+        a = self.manifest.action
+        low = a.low if a.low is not None else [-np.inf] * a.shape[0]
+        high = a.high if a.high is not None else [np.inf] * a.shape[0]
+        return [ObservationMonitor(self.manifest.observation),
+                SaturationMonitor(np.asarray(low), np.asarray(high), self.config.saturation_window),
+                DeadlineMonitor(self.deadline_s)]
+
+    def _session(self, identity: bytes, msg: Message) -> Session:
+        session = self.by_identity.get(identity)
+        if session is None:
+            raise ProtocolError("no_session", f"send hello before {msg.kind}")
+        return session
+
+    def _on_obs(self, identity: bytes, msg: Message, t_recv: float) -> None:
+        session = self._session(identity, msg)
+        check_arrays(msg, self.manifest.observation)
+        session.link.seen(time.monotonic())
+        step = session.agent.act(msg.arrays)
+        tick = Tick(session.robot, msg.seq, msg.arrays, step.action, step.raw, step.scores,
+                    time.perf_counter() - t_recv)
+        verdicts = [v for v in (m.update(tick) for m in session.monitors) if v.level != Level.OK]
+        stop = any(v.level == Level.STOP for v in verdicts)
+        action = session.agent.safe_action if stop else step.action
+        self._send(identity, Message("act", session.robot, msg.seq, 0, {"action": action}, {
+            "policy": self.manifest.policy_id, "safe": stop,
+            "verdicts": [[v.monitor, v.level.label, v.reason] for v in verdicts],
+            "infer_us": round(step.infer_s * 1e6, 1)}))
+        session.last_seq = msg.seq
+        session.counters["ticks"] += 1
+        session.counters["safe"] += stop
+        session.latency_us.append((time.perf_counter() - t_recv) * 1e6)
+        self.counters["ticks"] += 1
+        for v in verdicts:
+            self._alert(session.robot, v)
+
+    def _on_reset(self, identity: bytes, msg: Message, t_recv: float) -> None:
+        session = self._session(identity, msg)
+        session.link.seen(time.monotonic())
+        session.agent.reset()
+        for m in session.monitors:
+            m.reset()
+        session.episode += 1
+        session.info.update({k: v for k, v in msg.meta.items() if k in ("task", "instruction", "episode")})
+        self._send(identity, Message("reset", session.robot, msg.seq, 0, {}, {"episode": session.episode}))
+
+    def _on_heartbeat(self, identity: bytes, msg: Message, t_recv: float) -> None:
+        session = self.by_identity.get(identity)
+        if session is not None:
+            session.link.seen(time.monotonic())
+        self._send(identity, Message("heartbeat", msg.robot, msg.seq))
+
+    def _on_bye(self, identity: bytes, msg: Message, t_recv: float) -> None:
+        session = self.by_identity.pop(identity, None)
+        if session is not None:
+            del self.sessions[session.robot]
+            self._telemetry_event(session.robot, "disconnected", dict(session.counters))
+        self._send(identity, Message("bye", msg.robot, msg.seq))
+
+    def _on_robot_error(self, identity: bytes, msg: Message, t_recv: float) -> None:
+        """A robot reports a problem of its own: it becomes an operator alert."""
+        session = self._session(identity, msg)
+        session.link.seen(time.monotonic())
+        code, text = str(msg.meta.get("code", "")), str(msg.meta.get("message", ""))
+        self._alert(session.robot, Verdict("robot", Level.WARN, f"robot reported {code}: {text}"[:500]))
+
+    # -- timers, alerts, telemetry --------------------------------------------------------------------
+
+    def _on_timers(self, now: float) -> None:
+        for session in list(self.sessions.values()):
+            verdict = session.link.check(now)
+            if verdict is not None:  # best effort: if only the robot->runtime direction broke, this lands
+                session.counters["link_lost"] += 1
+                self._send(session.identity, Message("act", session.robot, session.last_seq, 0,
+                                                     {"action": session.agent.safe_action},
+                                                     {"policy": self.manifest.policy_id, "safe": True,
+                                                      "verdicts": [[verdict.monitor, verdict.level.label, verdict.reason]]}))
+                self._alert(session.robot, verdict)
+        if now >= self._next_telemetry:
+            self._next_telemetry = now + self.config.telemetry_s
+            self._publish_telemetry()
+
+    def _alert(self, robot: str, verdict: Verdict) -> None:
+        try:
+            self.alerter.observe(robot, verdict)
+        except Exception:  # the store failing must not stop the control loop (issue: disk full)
+            self.counters["alert_store_failed"] += 1
+            log.exception("could not file alert %s", verdict)
+
+    def _publish_telemetry(self) -> None:
+        robots = {}
+        for s in self.sessions.values():
+            lat = np.asarray(s.latency_us) if s.latency_us else np.zeros(1)
+            robots[s.robot] = {**s.counters, "episode": s.episode, "link_lost_now": s.link.lost,
+                               "p50_us": float(np.percentile(lat, 50)), "p99_us": float(np.percentile(lat, 99))}
+            s.latency_us.clear()
+        self.stream.publish("telemetry", Message("telemetry", "", 0, 0, {}, {
+            "policy": self.manifest.policy_id, "counters": dict(self.counters), "robots": robots}))
+
+    def _telemetry_event(self, robot: str, event: str, values: dict) -> None:
+        self.stream.publish("telemetry", Message("telemetry", robot, 0, 0, {}, {"event": event, "values": values}))
+
+    def close(self) -> None:
+        self._publish_telemetry()
+        self.link.close()
+        self.stream.close()
+        self.store.close()
+
+
+def _peek_seq(body: list[bytes]) -> int:
+    """Best-effort seq of a rejected message, so the robot can match the error to what it sent."""
+    try:
+        header = msgpack.unpackb(body[0], raw=False)
+        seq = header.get("seq", 0) if isinstance(header, dict) else 0
+        return seq if isinstance(seq, int) and 0 <= seq < 2**63 else 0
+    except Exception:
+        return 0

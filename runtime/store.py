@@ -1,0 +1,77 @@
+"""Embedded durable store for operator records (alerts now, data requests later): SQLite in WAL mode with
+synchronous writes, so a record that `append` returned an id for survives a crash or a kill -9."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    t_ns     INTEGER NOT NULL,
+    robot    TEXT    NOT NULL,
+    severity TEXT    NOT NULL,
+    monitor  TEXT    NOT NULL,
+    reason   TEXT    NOT NULL,
+    vals     TEXT    NOT NULL,
+    count    INTEGER NOT NULL DEFAULT 1
+);
+"""
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    id: int
+    t_ns: int
+    robot: str
+    severity: str
+    monitor: str
+    reason: str
+    values: Mapping[str, Any]
+    count: int = 1
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"id": self.id, "severity": self.severity, "monitor": self.monitor, "reason": self.reason,
+                "values": dict(self.values), "count": self.count}
+
+
+class AlertStore:
+    """Append-only alert log. Readers (`vigil alerts --since`) may open it while the runtime writes."""
+
+    def __init__(self, path: str | Path, readonly: bool = False):
+        self.path = Path(path)
+        if readonly:
+            if not self.path.exists():
+                raise FileNotFoundError(f"alert store {self.path} does not exist")
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(self.path), isolation_level=None)  # autocommit: every append commits
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+
+    def append(self, robot: str, severity: str, monitor: str, reason: str,
+               values: Mapping[str, Any] | None = None, count: int = 1, t_ns: int | None = None) -> AlertRecord:
+        """Write one alert and commit (fsync) before returning it with its id."""
+        t_ns = t_ns or time.time_ns()
+        vals = dict(values or {})
+        cur = self.db.execute(
+            "INSERT INTO alerts (t_ns, robot, severity, monitor, reason, vals, count) VALUES (?,?,?,?,?,?,?)",
+            (t_ns, robot, severity, monitor, reason, json.dumps(vals), count))
+        return AlertRecord(int(cur.lastrowid), t_ns, robot, severity, monitor, reason, vals, count)
+
+    def since(self, after_id: int = 0, limit: int = 10_000) -> list[AlertRecord]:
+        """Alerts with id > after_id, oldest first."""
+        rows = self.db.execute(
+            "SELECT id, t_ns, robot, severity, monitor, reason, vals, count FROM alerts WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit)).fetchall()
+        return [AlertRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7]) for r in rows]
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,56 @@
+"""Operator stream: a PUB socket carrying alerts, data requests and telemetry.
+
+Each message is `[topic, header, *buffers]`: frame 0 is the topic (`alert.<severity>`, `request`,
+`telemetry`) so that subscribers can filter with ZeroMQ prefix subscriptions; the rest is an ordinary
+protocol message (see protocol.py).  PUB drops messages for slow subscribers: alerts and requests carry
+their store id, so a gap in ids tells a subscriber to replay from the store (`vigil alerts --since N`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import zmq
+
+from vigil.runtime.protocol import STREAM_KINDS, Message, ProtocolError, decode, encode
+
+
+class OperatorStream:
+    def __init__(self, ctx: zmq.Context, endpoint: str):
+        self.sock = ctx.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.LINGER, 200)
+        self.sock.setsockopt(zmq.SNDHWM, 10_000)
+        self.sock.bind(endpoint)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def publish(self, topic: str, msg: Message) -> None:
+        try:
+            self.sock.send_multipart([topic.encode(), *encode(msg)], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # PUB never blocks; a full queue means a subscriber is lost behind
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def subscribe(ctx: zmq.Context, endpoint: str, topics: Sequence[str] = ("",)) -> zmq.Socket:
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    for t in topics:
+        sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+    sock.connect(endpoint)
+    return sock
+
+
+def receive(sock: zmq.Socket, timeout_ms: int | None = None) -> Iterator[tuple[str, Message]]:
+    """Yield (topic, message) as they arrive; stops after `timeout_ms` of silence (None: never)."""
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    while True:
+        if not poller.poll(timeout_ms):
+            return
+        frames = sock.recv_multipart()
+        try:
+            yield frames[0].decode(), decode(frames[1:], kinds=STREAM_KINDS)
+        except (ProtocolError, UnicodeDecodeError):
+            continue

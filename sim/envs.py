@@ -1,0 +1,106 @@
+"""Environments the simulator can play: the role a robot plays on the link, gymnasium-style.
+
+An `Environment` declares its observation arrays and action, resets and steps.  `LinearEnv` runs a
+linear system from sim/linear.py (reward = -stage cost); `GymEnv` wraps any gymnasium environment id
+with a Box observation and action space (the MuJoCo ones in particular).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from vigil.runtime.protocol import ArraySpec
+from vigil.sim.linear import SYSTEMS, LinearSystem, stage_cost
+
+
+@dataclass(frozen=True)
+class StepResult:
+    obs: Mapping[str, np.ndarray]
+    reward: float
+    terminated: bool
+    truncated: bool
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Environment(ABC):
+    name: str
+    observation_spec: tuple[ArraySpec, ...]
+    action_spec: ArraySpec
+    control_rate_hz: float
+
+    @abstractmethod
+    def reset(self, seed: int | None = None) -> Mapping[str, np.ndarray]: ...
+
+    @abstractmethod
+    def step(self, action: np.ndarray) -> StepResult: ...
+
+    def close(self) -> None:
+        pass
+
+
+class LinearEnv(Environment):
+    """x' = A x + B u + w, w ~ N(0, noise_std^2 I). The noise sequence is fixed by the seed, so the same
+    seed replays the same disturbances (used for same-noise comparisons against the oracle)."""
+
+    def __init__(self, system: LinearSystem, horizon: int = 200):
+        self.system, self.horizon = system, horizon
+        self.name = system.name
+        self.observation_spec = (ArraySpec("state", "float32", (system.n,)),)
+        self.action_spec = ArraySpec("action", "float32", (system.m,))
+        self.control_rate_hz = 1.0 / system.dt
+        self.noise = np.zeros((horizon, system.n))
+        self.x = system.x0.copy()
+        self.t = 0
+
+    def reset(self, seed: int | None = None) -> Mapping[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        self.noise = rng.normal(0.0, self.system.noise_std, (self.horizon, self.system.n))
+        self.x, self.t = self.system.x0.astype(np.float64).copy(), 0
+        return {"state": self.x.astype(np.float32)}
+
+    def step(self, action: np.ndarray) -> StepResult:
+        u = np.asarray(action, np.float64).reshape(self.system.m)
+        cost = stage_cost(self.system, self.x, u)
+        self.x = self.system.A @ self.x + self.system.B @ u + self.noise[self.t]
+        self.t += 1
+        return StepResult({"state": self.x.astype(np.float32)}, -cost, False, self.t >= self.horizon, {"cost": cost})
+
+
+class GymEnv(Environment):
+    """Any gymnasium environment with Box observation and action spaces, e.g. Hopper-v5."""
+
+    def __init__(self, env_id: str, **kwargs: Any):
+        import gymnasium as gym
+
+        self.env = gym.make(env_id, **kwargs)
+        self.name = env_id
+        obs_space, act_space = self.env.observation_space, self.env.action_space
+        if not isinstance(obs_space, gym.spaces.Box) or not isinstance(act_space, gym.spaces.Box):
+            raise ValueError(f"{env_id}: only Box observation and action spaces are supported")
+        self.observation_spec = (ArraySpec("state", "float32", tuple(obs_space.shape)),)
+        self.action_spec = ArraySpec("action", "float32", tuple(act_space.shape),
+                                     tuple(act_space.low.astype(float).ravel()), tuple(act_space.high.astype(float).ravel()))
+        self.control_rate_hz = float(self.env.metadata.get("render_fps") or 50)
+
+    def reset(self, seed: int | None = None) -> Mapping[str, np.ndarray]:
+        obs, _ = self.env.reset(seed=seed)
+        return {"state": np.asarray(obs, np.float32)}
+
+    def step(self, action: np.ndarray) -> StepResult:
+        obs, reward, terminated, truncated, info = self.env.step(np.asarray(action, np.float64))
+        return StepResult({"state": np.asarray(obs, np.float32)}, float(reward), bool(terminated), bool(truncated),
+                          {k: v for k, v in info.items() if np.isscalar(v)})
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def make_env(name: str, horizon: int = 200) -> Environment:
+    """A linear system by name (aircraft-pitch, uav-2d) or a gymnasium id (Hopper-v5, ...)."""
+    if name in SYSTEMS:
+        return LinearEnv(SYSTEMS[name](), horizon)
+    return GymEnv(name)

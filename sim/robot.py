@@ -1,0 +1,155 @@
+"""The simulator playing the robot: connect to a runtime, run episodes, inject faults, measure.
+
+Lockstep: each step sends the observation and waits for its action (deterministic, for tests and
+evaluation).  Realtime: the robot keeps its own clock at `rate_hz`; an action that has not arrived by the
+end of the period is replaced by the safe action, as a real robot's watchdog would.  In both modes a
+robot that gets no usable action (dropped message, error reply, link down) applies the bundle's safe action.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from vigil.runtime.client import LinkError, RobotLink
+from vigil.runtime.protocol import Message
+from vigil.sim.envs import Environment, LinearEnv
+from vigil.sim.faults import Faults
+from vigil.sim.linear import oracle, rollout_cost
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    endpoint: str = "tcp://127.0.0.1:5555"
+    robot: str = "sim-0"
+    episodes: int = 1
+    steps: int = 200
+    seed: int = 0
+    mode: str = "lockstep"
+    rate_hz: float = 0.0  # 0: the environment's own control rate (realtime pacing, and outage pacing)
+    act_timeout_s: float = 1.0  # lockstep: how long to wait for an action before applying the safe one
+
+
+@dataclass
+class EpisodeStats:
+    episode: int
+    seed: int
+    steps: int = 0
+    reward: float = 0.0
+    cost: float = 0.0
+    runtime_safe: int = 0  # actions the runtime marked safe (a monitor said stop)
+    robot_safe: int = 0  # safe actions the robot applied itself (no action in time, error, link down)
+    errors: int = 0
+    verdicts: dict[str, int] = field(default_factory=dict)
+    latency_us: list[float] = field(default_factory=list)
+    oracle_cost: float | None = None  # linear systems: optimal controller on the same noise
+    optimal_cost: float | None = None  # linear systems: T * J*
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        lat = np.asarray(self.latency_us) if self.latency_us else np.zeros(1)
+        d["latency_us"] = {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+                           "max": float(lat.max()), "n": len(self.latency_us)}
+        return d
+
+
+def run_episodes(env: Environment, cfg: SimConfig, faults: Faults = Faults(),
+                 on_step: Callable[[EpisodeStats], None] | None = None) -> list[EpisodeStats]:
+    """Connect as `cfg.robot`, run `cfg.episodes` episodes of `cfg.steps` steps, say bye."""
+    link = RobotLink(cfg.endpoint, cfg.robot)
+    hello = link.hello(env.observation_spec, env.action_spec, env=env.name)
+    rate = cfg.rate_hz or env.control_rate_hz
+    rng = np.random.default_rng(cfg.seed + 10_000)
+    results = []
+    try:
+        for ep in range(cfg.episodes):
+            seed = cfg.seed + ep
+            stats = EpisodeStats(ep, seed)
+            obs = env.reset(seed=seed)
+            link.reset(episode=ep, task=env.name)
+            done = False
+            while stats.steps < cfg.steps and not done:
+                t = stats.steps
+                if t == faults.disconnect_at:
+                    obs, done = _outage(env, link, hello.safe_action, faults.disconnect_s, rate, cfg.steps, stats, obs)
+                    continue
+                action = _exchange(link, faults.corrupt(obs, t, rng), faults, t, rng, cfg, rate,
+                                   hello.safe_action, stats)
+                obs, done = _apply(env, action, stats)
+                if on_step is not None:
+                    on_step(stats)
+            if isinstance(env, LinearEnv):
+                K, J = oracle(env.system)
+                stats.oracle_cost = rollout_cost(env.system, K, env.noise[: stats.steps])
+                stats.optimal_cost = J * stats.steps
+            results.append(stats)
+    finally:
+        link.bye()
+    return results
+
+
+def _apply(env: Environment, action: np.ndarray, stats: EpisodeStats):
+    result = env.step(action)
+    stats.steps += 1
+    stats.reward += result.reward
+    stats.cost += float(result.info.get("cost", 0.0))
+    return result.obs, result.terminated or result.truncated
+
+
+def _exchange(link: RobotLink, obs, faults: Faults, t: int, rng: np.random.Generator, cfg: SimConfig,
+              rate: float, safe: np.ndarray, stats: EpisodeStats) -> np.ndarray:
+    """Send one observation and return the action to apply (the safe one if none usable arrives)."""
+    t0 = time.perf_counter()
+    if delay := faults.delay_s(t):
+        time.sleep(delay)
+    seq = link.next_seq()
+    t_send = time.perf_counter()
+    if not faults.dropped(t, rng):
+        link.send(Message("obs", link.robot, seq, 0, obs))
+    wait_until = t0 + (1.0 / rate if cfg.mode == "realtime" else cfg.act_timeout_s)
+    reply = None
+    while (left := wait_until - time.perf_counter()) > 0:
+        msg = link.recv(left)
+        if msg is None:
+            break
+        if msg.seq == seq and msg.kind in ("act", "error"):
+            reply, t_reply = msg, time.perf_counter()
+            break
+    if cfg.mode == "realtime":  # keep the robot's clock: sleep out the rest of the period
+        if (left := wait_until - time.perf_counter()) > 0:
+            time.sleep(left)
+    if reply is None or reply.kind == "error":
+        stats.robot_safe += 1
+        stats.errors += reply is not None
+        return safe
+    stats.latency_us.append((t_reply - t_send) * 1e6)
+    for monitor, level, _ in reply.meta.get("verdicts", []):
+        key = f"{monitor}.{level}"
+        stats.verdicts[key] = stats.verdicts.get(key, 0) + 1
+    stats.runtime_safe += bool(reply.meta.get("safe"))
+    return np.asarray(reply.arrays["action"])
+
+
+def _outage(env: Environment, link: RobotLink, safe: np.ndarray, seconds: float, rate: float, max_steps: int,
+            stats: EpisodeStats, obs):
+    """The link is down for `seconds`: the robot keeps its control rate on the safe action, then reconnects."""
+    link.close()
+    t_end = time.perf_counter() + seconds
+    done = False
+    while time.perf_counter() < t_end:
+        if stats.steps < max_steps and not done:
+            obs, done = _apply(env, safe, stats)
+            stats.robot_safe += 1
+        time.sleep(1.0 / rate)
+    for attempt in range(50):
+        try:
+            link.reconnect(timeout_s=0.2)
+            break
+        except LinkError:
+            time.sleep(0.05)
+    else:
+        raise LinkError(f"could not reconnect to {link.endpoint}")
+    return obs, done
