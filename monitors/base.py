@@ -56,4 +56,7 @@ class Monitor(ABC):
         """Forget per-episode state (called on `reset`)."""
 
     def ok(self) -> Verdict:
-        return Verdict(self.name, Level.OK)
+        ok = self.__dict__.get("_ok")
+        if ok is None:  # verdicts are immutable: build the all-clear once per monitor
+            ok = self.__dict__["_ok"] = Verdict(self.name, Level.OK)
+        return ok

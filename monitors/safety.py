@@ -21,24 +21,33 @@ class ObservationMonitor(Monitor):
     name = "observation"
 
     def __init__(self, specs: Sequence[ArraySpec]):
-        self._bounds = [(s.name, np.asarray(s.low, np.float64).reshape(s.shape) if s.low is not None else None,
-                         np.asarray(s.high, np.float64).reshape(s.shape) if s.high is not None else None)
-                        for s in specs]
+        self._checks = []
+        for s in specs:
+            low = np.asarray(s.low if s.low is not None else np.full(s.shape, -np.inf), np.float64).reshape(s.shape)
+            high = np.asarray(s.high if s.high is not None else np.full(s.shape, np.inf), np.float64).reshape(s.shape)
+            self._checks.append((s.name, low, high, s.low is not None or s.high is not None))
 
     def update(self, tick: Tick) -> Verdict:
-        for name, low, high in self._bounds:
+        for name, low, high, bounded in self._checks:
             x = tick.obs[name]
-            if x.dtype.kind == "f" and not np.isfinite(x).all():
-                return Verdict(self.name, Level.STOP, f"{name} has non-finite values")
-            if low is not None and (x < low).any():
-                i = int(np.argmax(low - x))
-                return Verdict(self.name, Level.ALERT, f"{name}[{i}] below its range",
-                               {"index": i, "value": float(x.flat[i]), "low": float(low.flat[i])})
-            if high is not None and (x > high).any():
-                i = int(np.argmax(x - high))
-                return Verdict(self.name, Level.ALERT, f"{name}[{i}] above its range",
-                               {"index": i, "value": float(x.flat[i]), "high": float(high.flat[i])})
+            if x.dtype.kind != "f":
+                continue
+            # One pass on the common path: NaN fails both comparisons, so it lands in the slow path too.
+            inside = ((x >= low) & (x <= high)).all() if bounded else np.isfinite(x).all()
+            if not inside:
+                return self._diagnose(name, x, low, high)
         return self.ok()
+
+    def _diagnose(self, name: str, x: np.ndarray, low: np.ndarray, high: np.ndarray) -> Verdict:
+        if not np.isfinite(x).all():
+            return Verdict(self.name, Level.STOP, f"{name} has non-finite values")
+        if (x < low).any():
+            i = int(np.argmax(low - x))
+            return Verdict(self.name, Level.ALERT, f"{name}[{i}] below its range",
+                           {"index": i, "value": float(x.flat[i]), "low": float(low.flat[i])})
+        i = int(np.argmax(x - high))
+        return Verdict(self.name, Level.ALERT, f"{name}[{i}] above its range",
+                       {"index": i, "value": float(x.flat[i]), "high": float(high.flat[i])})
 
 
 class SaturationMonitor(Monitor):
@@ -47,16 +56,20 @@ class SaturationMonitor(Monitor):
 
     name = "saturation"
 
-    def __init__(self, low: np.ndarray, high: np.ndarray, window: int = 20, warn_fraction: float = 0.5):
-        self.low, self.high = np.asarray(low), np.asarray(high)
+    def __init__(self, window: int = 20, warn_fraction: float = 0.5):
         self.window, self.warn_fraction = window, warn_fraction
         self._hits: deque[bool] = deque(maxlen=window)
+        self._count = 0
 
     def update(self, tick: Tick) -> Verdict:
-        self._hits.append(bool(((tick.raw_action < self.low) | (tick.raw_action > self.high)).any()))
-        if len(self._hits) < self.window:
+        hit = bool((tick.raw_action != tick.action).any())  # clipping changed it: the policy asked for too much
+        if len(self._hits) == self.window:
+            self._count -= self._hits[0]
+        self._hits.append(hit)
+        self._count += hit
+        if not self._count or len(self._hits) < self.window:
             return self.ok()
-        fraction = sum(self._hits) / self.window
+        fraction = self._count / self.window
         if fraction >= 1.0:
             return Verdict(self.name, Level.ALERT, f"action saturated for {self.window} ticks", {"fraction": fraction})
         if fraction >= self.warn_fraction:
@@ -66,6 +79,7 @@ class SaturationMonitor(Monitor):
 
     def reset(self) -> None:
         self._hits.clear()
+        self._count = 0
 
 
 class DeadlineMonitor(Monitor):

@@ -45,5 +45,5 @@ class Agent:
             self.queue.push(plan.actions)
             self._scores = plan.scores
         raw = self.queue.pop()
-        action = np.clip(raw, self.low, self.high)
+        action = np.minimum(np.maximum(raw, self.low), self.high)  # np.clip costs 3x as much
         return Step(action, raw, self._scores, replanned, time.perf_counter() - t0)

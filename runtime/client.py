@@ -61,7 +61,7 @@ class RobotLink:
 
     def send(self, msg: Message) -> None:
         assert self.sock is not None, "connect() first"
-        self.sock.send_multipart(encode(msg), copy=False)
+        self.sock.send_multipart(encode(msg))  # small frames: copying is cheaper than zero-copy refs
 
     def send_raw(self, frames: list[bytes]) -> None:
         """Send arbitrary frames (tests and fuzzing use this to send malformed messages)."""
@@ -77,8 +77,8 @@ class RobotLink:
 
     def request(self, msg: Message, timeout_s: float = 2.0) -> Message:
         """Send and wait for the reply with the same seq (older replies are skipped)."""
-        self.send(msg)
         deadline = time.monotonic() + timeout_s
+        self.send(msg)
         while (left := deadline - time.monotonic()) > 0:
             reply = self.recv(left)
             if reply is None:

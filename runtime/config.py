@@ -33,6 +33,7 @@ class ServeConfig:
     telemetry_s: float = field(default=1.0, metadata={"help": "interval of telemetry messages on the operator stream"})
     alert_repeat_s: float = field(default=5.0, metadata={"help": "a condition that persists is re-alerted at most this often (in between it is counted)"})
     saturation_window: int = field(default=20, metadata={"help": "ticks over which the saturation monitor judges"})
+    busy_poll_us: float = field(default=0.0, metadata={"help": "spin on a non-blocking poll for this long after each message before blocking (0: always block); costs a core, saves wake-up latency"})
     threads: int = field(default=1, metadata={"help": "onnxruntime intra-op threads (1 is fastest for small policies at batch 1)"})
     allow_remote: bool = field(default=False, metadata={"help": "permit binding endpoints that are not loopback (without authentication: see docs/operator.md)"})
 
@@ -42,7 +43,7 @@ class ServeConfig:
 
         if self.mode not in MODES:
             raise bad("mode", f"one of {MODES}")
-        for key in ("deadline_ms",):
+        for key in ("deadline_ms", "busy_poll_us"):
             if getattr(self, key) < 0:
                 raise bad(key, "a number >= 0")
         for key in ("link_timeout_s", "heartbeat_s", "telemetry_s", "alert_repeat_s"):

@@ -13,6 +13,7 @@ The full reference, written for robot-driver authors in any language, is docs/pr
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -30,6 +31,9 @@ DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<")
     for name in ("float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "bool")
 }
+_WIRE_NAME = {dt: name for name, dt in DTYPES.items()}  # dtype -> wire name (dtype.name is slow)
+_FLOATS = frozenset(dt for dt in DTYPES.values() if dt.kind == "f")
+_packb = msgpack.Packer(use_bin_type=True).pack
 
 
 class ProtocolError(Exception):
@@ -124,20 +128,21 @@ def encode(msg: Message) -> list:
     bufs = []
     for name, arr in msg.arrays.items():
         a = np.asarray(arr)
-        if a.dtype.name not in DTYPES:
-            raise ProtocolError("bad_dtype", f"array {name!r}: dtype {a.dtype.name} is not on the wire whitelist")
-        if a.dtype.byteorder == ">" or not a.flags.c_contiguous:
-            a = np.ascontiguousarray(a, dtype=DTYPES[a.dtype.name])
-        descs.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape)})
+        wire = _WIRE_NAME.get(a.dtype)
+        if wire is None or not a.flags.c_contiguous:
+            wire = a.dtype.name
+            if wire not in DTYPES:
+                raise ProtocolError("bad_dtype", f"array {name!r}: dtype {wire} is not on the wire whitelist")
+            a = np.ascontiguousarray(a, dtype=DTYPES[wire])
+        descs.append({"name": name, "dtype": wire, "shape": list(a.shape)})
         bufs.append(a.data if a.ndim else a.tobytes())
     header = {"v": VERSION, "kind": msg.kind, "robot": msg.robot, "seq": msg.seq,
               "t_ns": msg.t_ns or time.time_ns(), "arrays": descs}
     if msg.meta:
-        for key in msg.meta:
-            if key in ENVELOPE:
-                raise ProtocolError("bad_header", f"meta key {key!r} collides with the envelope")
+        if not ENVELOPE.isdisjoint(msg.meta):
+            raise ProtocolError("bad_header", f"meta keys {sorted(ENVELOPE & set(msg.meta))} collide with the envelope")
         header.update(msg.meta)
-    return [msgpack.packb(header, use_bin_type=True), *bufs]
+    return [_packb(header), *bufs]
 
 
 def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, kinds: frozenset[str] = ROBOT_KINDS) -> Message:
@@ -153,21 +158,21 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, kinds: frozen
         raise ProtocolError("bad_header", f"header is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "header must be a msgpack map")
-    v = header.get("v")
-    if v != VERSION:
-        raise ProtocolError("bad_version", f"protocol version {v!r} is not supported (this runtime speaks {VERSION})")
-    kind = header.get("kind")
-    if kind not in kinds:
+    get = header.get
+    if type(get("v")) is not int or get("v") != VERSION:
+        raise ProtocolError("bad_version", f"protocol version {get('v')!r} is not supported (this runtime speaks {VERSION})")
+    kind = get("kind")
+    if type(kind) is not str or kind not in kinds:
         raise ProtocolError("bad_kind", f"unknown kind {kind!r}; expected one of {sorted(kinds)}")
-    robot, seq, t_ns = header.get("robot", ""), header.get("seq", 0), header.get("t_ns", 0)
-    if not isinstance(robot, str) or len(robot) > limits.max_name_len:
+    robot, seq, t_ns = get("robot", ""), get("seq", 0), get("t_ns", 0)
+    if type(robot) is not str or len(robot) > limits.max_name_len:
         raise ProtocolError("bad_header", f"robot must be a string of at most {limits.max_name_len} characters")
-    if not _is_int(seq) or not 0 <= seq < 2**63:
+    if type(seq) is not int or not 0 <= seq < 2**63:
         raise ProtocolError("bad_header", "seq must be a non-negative 64-bit integer")
-    if not _is_int(t_ns) or not 0 <= t_ns < 2**63:
+    if type(t_ns) is not int or not 0 <= t_ns < 2**63:
         raise ProtocolError("bad_header", "t_ns must be a non-negative 64-bit integer")
-    descs = header.get("arrays", [])
-    if not isinstance(descs, list):
+    descs = get("arrays", ())
+    if type(descs) is not list and descs != ():
         raise ProtocolError("bad_header", "arrays must be a list of {name, dtype, shape}")
     if len(descs) > limits.max_arrays:
         raise ProtocolError("too_large", f"{len(descs)} arrays, limit {limits.max_arrays}")
@@ -176,39 +181,46 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, kinds: frozen
     arrays: dict[str, np.ndarray] = {}
     total = len(head)
     for i, d in enumerate(descs):
-        arr = _decode_array(d, _buffer(frames[i + 1]), i, limits)
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise ProtocolError("not_finite", f"array {d['name']!r} contains NaN or infinity")
+        name, arr = _decode_array(d, _buffer(frames[i + 1]), i, limits)
+        if arr.dtype in _FLOATS and not np.isfinite(arr).all():
+            raise ProtocolError("not_finite", f"array {name!r} contains NaN or infinity")
         total += arr.nbytes
         if total > limits.max_total_bytes:
             raise ProtocolError("too_large", f"message exceeds {limits.max_total_bytes} bytes")
-        if d["name"] in arrays:
-            raise ProtocolError("bad_header", f"array name {d['name']!r} appears twice")
-        arrays[d["name"]] = arr
-    meta = {k: val for k, val in header.items() if k not in ENVELOPE}
+        if name in arrays:
+            raise ProtocolError("bad_header", f"array name {name!r} appears twice")
+        arrays[name] = arr
+    extra = header.keys() - ENVELOPE
+    meta = {k: header[k] for k in extra} if extra else {}
     return Message(kind, robot, seq, t_ns, arrays, meta)
 
 
-def _decode_array(d: Any, buf: memoryview, i: int, limits: Limits) -> np.ndarray:
-    if not isinstance(d, dict):
+def _decode_array(d: Any, buf: Any, i: int, limits: Limits) -> tuple[str, np.ndarray]:
+    if type(d) is not dict:
         raise ProtocolError("bad_header", f"arrays[{i}] must be a map with name, dtype, shape")
     name, dtype, shape = d.get("name"), d.get("dtype"), d.get("shape")
-    if not isinstance(name, str) or not name or len(name) > limits.max_name_len:
+    if type(name) is not str or not name or len(name) > limits.max_name_len:
         raise ProtocolError("bad_header", f"arrays[{i}].name must be a string of 1..{limits.max_name_len} characters")
-    if dtype not in DTYPES:
+    dt = DTYPES.get(dtype) if type(dtype) is str else None
+    if dt is None:
         raise ProtocolError("bad_dtype", f"array {name!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    if not isinstance(shape, list) or len(shape) > limits.max_dims or not all(_is_int(s) and 0 <= s < 2**31 for s in shape):
+    if type(shape) is not list or len(shape) > limits.max_dims:
         raise ProtocolError("bad_shape", f"array {name!r}: shape must be a list of at most {limits.max_dims} non-negative integers")
-    dt = DTYPES[dtype]
-    expected = dt.itemsize * int(np.prod(shape, dtype=np.int64)) if shape else dt.itemsize
+    for s in shape:
+        if type(s) is not int or not 0 <= s < 2**31:
+            raise ProtocolError("bad_shape", f"array {name!r}: shape must be a list of at most {limits.max_dims} non-negative integers")
+    expected = dt.itemsize * math.prod(shape)
     if expected > limits.max_array_bytes:
         raise ProtocolError("too_large", f"array {name!r} is {expected} bytes, limit {limits.max_array_bytes}")
     if len(buf) != expected:
         raise ProtocolError("bad_frames", f"array {name!r}: frame has {len(buf)} bytes, shape {shape} x {dtype} needs {expected}")
-    return np.frombuffer(buf, dtype=dt).reshape(shape)
+    return name, np.frombuffer(buf, dtype=dt).reshape(shape)
 
 
-def _buffer(frame: Any) -> memoryview:
+def _buffer(frame: Any) -> Any:
+    """bytes as they are; zmq.Frame and other buffers as a flat byte memoryview."""
+    if type(frame) is bytes:
+        return frame
     buf = getattr(frame, "buffer", frame)  # zmq.Frame exposes .buffer
     try:
         mv = memoryview(buf)
@@ -226,7 +238,7 @@ def check_arrays(msg: Message, specs: Sequence[ArraySpec]) -> None:
         a = msg.arrays.get(s.name)
         if a is None:
             raise ProtocolError("bad_shape", f"{msg.kind} is missing array {s.name!r}")
-        if a.dtype.name != s.dtype:
+        if a.dtype != DTYPES[s.dtype]:
             raise ProtocolError("bad_dtype", f"array {s.name!r} must be {s.dtype}, got {a.dtype.name}")
         if a.shape != s.shape:
             raise ProtocolError("bad_shape", f"array {s.name!r} must have shape {list(s.shape)}, got {list(a.shape)}")
