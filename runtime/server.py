@@ -27,7 +27,7 @@ from vigil.monitors.safety import DeadlineMonitor, LinkMonitor, ObservationMonit
 from vigil.policies.agent import Agent
 from vigil.policies.bundle import Policy, load_policy
 from vigil.runtime.config import ServeConfig
-from vigil.runtime.protocol import ArraySpec, Message, ProtocolError, check_arrays, decode, encode, error
+from vigil.runtime.protocol import DEFAULT_LIMITS, ArraySpec, Message, ProtocolError, check_arrays, decode, encode, error
 from vigil.runtime.store import AlertStore
 from vigil.runtime.stream import OperatorStream
 
@@ -60,6 +60,9 @@ class Runtime:
         self.ctx = ctx or zmq.Context()
         self.link = self.ctx.socket(zmq.ROUTER)
         self.link.setsockopt(zmq.LINGER, 0)
+        # Frames far beyond the protocol limits never reach Python: libzmq drops such a peer. Messages
+        # between the protocol limit and this cap still get a proper `too_large` error reply.
+        self.link.setsockopt(zmq.MAXMSGSIZE, 4 * DEFAULT_LIMITS.max_total_bytes)
         self.link.bind(config.robot_endpoint)
         self.robot_endpoint = self.link.getsockopt_string(zmq.LAST_ENDPOINT)
         self.stream = OperatorStream(self.ctx, config.operator_endpoint)
@@ -306,6 +309,9 @@ class Runtime:
         self.stream.publish("telemetry", Message("telemetry", robot, 0, 0, {}, {"event": event, "values": values}))
 
     def close(self) -> None:
+        for session in self.sessions.values():  # robots learn at once that they are on their own
+            self._send(session.identity, Message("bye", session.robot, session.last_seq, 0, {},
+                                                 {"reason": "runtime stopping"}))
         self._publish_telemetry()
         self.link.close()
         self.stream.close()
