@@ -15,22 +15,22 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from vigil.runtime.config import ConfigError, describe, load_config
+from vigil.runtime.config import MODES, ConfigError, describe, load_config
 
 
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the onboard runtime: robot link, policy, monitors, operator stream",
                        description="Serve a policy bundle to robots over ZeroMQ. Options override the [serve] "
-                                   "table of --config; every option is listed below with its default.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "table of --config; every option is listed below with its default.")
     p.add_argument("--config", help="TOML file with a [serve] table (keys as the options below, with underscores)")
     for key, default, text in describe():
         flag = "--" + key.replace("_", "-")
         if isinstance(default, bool):
             p.add_argument(flag, action="store_const", const=True, default=None, help=f"{text} (default: {default})")
         else:
-            p.add_argument(flag, type=type(default), default=None, help=f"{text} (default: {default!r})")
-    p.add_argument("--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING, ERROR")
+            p.add_argument(flag, type=type(default), default=None, choices=MODES if key == "mode" else None,
+                           help=f"{text} (default: {default!r})")
+    p.add_argument("--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING, ERROR (default: INFO)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
