@@ -28,16 +28,21 @@ class Alerter:
     def __init__(self, store: AlertStore, stream: OperatorStream | None, repeat_s: float = 5.0):
         self.store, self.stream, self.repeat_s = store, stream, repeat_s
         self._state: dict[tuple[str, str], _State] = {}
+        self._raised: set[tuple[str, str]] = set()  # pairs above ok: only these need an ok to re-arm
         self.filed = 0
         self.suppressed = 0
 
     def observe(self, robot: str, verdict: Verdict, now: float | None = None) -> AlertRecord | None:
         """Feed one verdict; returns the alert record if this verdict filed one."""
-        now = time.monotonic() if now is None else now
-        state = self._state.setdefault((robot, verdict.monitor), _State())
+        key = (robot, verdict.monitor)
         if verdict.level == Level.OK:
-            state.level, state.suppressed = Level.OK, 0
+            if key in self._raised:
+                self._raised.discard(key)
+                self._state[key] = _State()
             return None
+        now = time.monotonic() if now is None else now
+        state = self._state.setdefault(key, _State())
+        self._raised.add(key)
         if verdict.level <= state.level and now - state.last_t < self.repeat_s:
             state.suppressed += 1
             self.suppressed += 1

@@ -30,8 +30,8 @@ class ObservationMonitor(Monitor):
     def update(self, tick: Tick) -> Verdict:
         for name, low, high, bounded in self._checks:
             x = tick.obs[name]
-            if x.dtype.kind != "f":
-                continue
+            if not bounded and x.dtype.kind != "f":
+                continue  # integers are always finite; nothing else to check
             # One pass on the common path: NaN fails both comparisons, so it lands in the slow path too.
             inside = ((x >= low) & (x <= high)).all() if bounded else np.isfinite(x).all()
             if not inside:
@@ -39,7 +39,7 @@ class ObservationMonitor(Monitor):
         return self.ok()
 
     def _diagnose(self, name: str, x: np.ndarray, low: np.ndarray, high: np.ndarray) -> Verdict:
-        if not np.isfinite(x).all():
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
             return Verdict(self.name, Level.STOP, f"{name} has non-finite values")
         if (x < low).any():
             i = int(np.argmax(low - x))

@@ -117,9 +117,17 @@ class Manifest:
         if length < 1 or not 1 <= execute <= length:
             raise ManifestError(f"manifest key 'chunk' must satisfy 1 <= execute <= length, got {chunk!r}")
         norms = {}
+        shapes = {s.name: s.shape for s in observation}
         for key, n in (d.get("normalisation") or {}).items():
             if key not in names:
                 raise ManifestError(f"manifest key 'normalisation.{key}' must name an observation array ({sorted(names)})")
+            size = shapes[key][-1] if shapes[key] else 1
+            for part in ("mean", "std"):
+                v = n.get(part) if isinstance(n, dict) else None
+                if not isinstance(v, list) or len(v) != size or not all(isinstance(x, (int, float)) for x in v):
+                    raise ManifestError(f"manifest key 'normalisation.{key}.{part}' must be a list of {size} numbers")
+            if not all(x > 0 for x in n["std"]):
+                raise ManifestError(f"manifest key 'normalisation.{key}.std' must be positive")
             norms[key] = Normalisation(tuple(n["mean"]), tuple(n["std"]), float(n.get("clip", 10.0)))
         return cls(
             name=need("name", str, "a string"), kind=kind, observation=observation, action=action,

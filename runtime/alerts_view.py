@@ -45,6 +45,8 @@ class AlertView:
                         record = AlertRecord(int(msg.meta["id"]), msg.t_ns, msg.robot, str(msg.meta["severity"]),
                                              str(msg.meta["monitor"]), str(msg.meta["reason"]),
                                              msg.meta.get("values", {}), int(msg.meta.get("count", 1)))
+                        if record.id <= self.last_id:
+                            continue  # already shown (replayed from the store before following)
                         if self.last_id and record.id > self.last_id + 1:
                             self._fill_gap(record.id)
                         self.show(record)

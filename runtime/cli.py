@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import zmq
+
 from vigil.runtime.config import MODES, ConfigError, describe, load_config
 
 
@@ -43,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not config.bundle:
             raise ConfigError("config key 'bundle' must name a policy bundle folder (--bundle DIR)")
         runtime = Runtime(config)
-    except (ConfigError, ValueError, OSError) as exc:
+    except (ConfigError, ValueError, OSError, zmq.ZMQError) as exc:
         print(f"vigil serve: {exc}", file=sys.stderr)
         return 2
     stop = []
@@ -156,7 +158,7 @@ def _demo_parser(sub) -> None:
                                    "run the simulator against it with a link outage half way, show the alert "
                                    "stream, and print a summary.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workdir", default=".vigil-demo", help="folder for the bundle, alert store and logs")
+    p.add_argument("--workdir", default=".vigil-demo", help="folder for the bundle, alert store and simulator summary")
     p.add_argument("--steps", type=int, default=400, help="simulation steps")
     p.add_argument("--rate", type=float, default=100.0, help="realtime control rate in Hz (the system's own is 20)")
     p.add_argument("--outage-s", type=float, default=0.5, help="length of the link outage injected half way")
@@ -172,7 +174,7 @@ def _bundle_parser(sub) -> None:
     p = sub.add_parser("bundle", help="write a policy bundle that needs no training (optimal LQR)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("kind", choices=("lqr",), help="lqr: optimal LQR of a known linear system (python-control)")
-    p.add_argument("--system", default="aircraft-pitch", help="aircraft-pitch or uav-2d")
+    p.add_argument("--system", default="aircraft-pitch", choices=("aircraft-pitch", "uav-2d"), help="linear system")
     p.add_argument("--out", required=True, help="bundle folder to write")
 
 

@@ -85,7 +85,7 @@ class ArraySpec:
         name, dtype, shape = d.get("name"), d.get("dtype"), d.get("shape")
         if not isinstance(name, str) or not name:
             raise ProtocolError("bad_spec", f"{where}.name must be a non-empty string")
-        if dtype not in DTYPES:
+        if type(dtype) is not str or dtype not in DTYPES:
             raise ProtocolError("bad_spec", f"{where}.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if not isinstance(shape, (list, tuple)) or not all(_is_int(s) and s >= 0 for s in shape):
             raise ProtocolError("bad_spec", f"{where}.shape must be a list of non-negative integers")

@@ -60,6 +60,7 @@ class Runtime:
         self.ctx = ctx or zmq.Context()
         self.link = self.ctx.socket(zmq.ROUTER)
         self.link.setsockopt(zmq.LINGER, 0)
+        self.link.setsockopt(zmq.IPV6, 1)  # accept tcp://[::1]:port as well as IPv4
         # Frames far beyond the protocol limits never reach Python: libzmq drops such a peer. Messages
         # between the protocol limit and this cap still get a proper `too_large` error reply.
         self.link.setsockopt(zmq.MAXMSGSIZE, 4 * DEFAULT_LIMITS.max_total_bytes)
@@ -106,7 +107,9 @@ class Runtime:
     def _drain(self) -> None:
         batch = []
         link = self.link
-        while len(batch) < MAX_BATCH and link.get(zmq.EVENTS) & zmq.POLLIN:
+        for _ in range(MAX_BATCH):  # bounded even when every message is malformed, so timers still run
+            if not link.get(zmq.EVENTS) & zmq.POLLIN:
+                break
             item = self._decode(link.recv_multipart(), time.perf_counter())
             if item is not None:
                 batch.append(item)
@@ -151,7 +154,7 @@ class Runtime:
         self._send(identity, error(code, message, robot, _peek_seq(body) if seq is None else seq))
         if session is not None:
             session.counters["errors"] += 1
-            session.link.seen(time.monotonic())
+            self._touch(session)
             self._alert(robot, Verdict("protocol", Level.WARN, f"rejected message: {code}", {"code": code}))
 
     def _send(self, identity: bytes, msg: Message) -> None:
@@ -162,6 +165,13 @@ class Runtime:
             log.debug("send to %r failed: %s", identity, exc)
 
     # -- handlers -------------------------------------------------------------------------------------
+
+    def _touch(self, session: Session) -> None:
+        """Traffic from a robot: it is alive. Ending an outage is announced and re-arms the link alert."""
+        outage = session.link.seen(time.monotonic())
+        if outage is not None:
+            self._telemetry_event(session.robot, "link_restored", {"outage_s": outage})
+            self._alert(session.robot, Verdict("link", Level.OK))
 
     def _on_hello(self, identity: bytes, msg: Message, t_recv: float) -> None:
         """Check the robot's declared spec against the bundle; answer with the manifest or a refusal."""
@@ -174,9 +184,7 @@ class Runtime:
         if session is not None:  # the robot reconnected: same policy state, new socket
             self.by_identity.pop(session.identity, None)
             session.identity = identity
-            outage = session.link.seen(now)
-            if outage is not None:
-                self._telemetry_event(robot, "link_restored", {"outage_s": outage})
+            self._touch(session)
             self.counters["reconnects"] += 1
         else:
             session = Session(robot, identity, Agent(self.policy), self._make_monitors(),
@@ -223,11 +231,12 @@ class Runtime:
     def _on_obs(self, identity: bytes, msg: Message, t_recv: float) -> None:
         session = self._session(identity, msg)
         check_arrays(msg, self.manifest.observation)
-        session.link.seen(time.monotonic())
+        self._touch(session)
         step = session.agent.act(msg.arrays)
         tick = Tick(session.robot, msg.seq, msg.arrays, step.action, step.raw, step.scores,
                     time.perf_counter() - t_recv)
-        verdicts = [v for v in (m.update(tick) for m in session.monitors) if v.level != Level.OK]
+        judged = [m.update(tick) for m in session.monitors]
+        verdicts = [v for v in judged if v.level != Level.OK]
         stop = any(v.level == Level.STOP for v in verdicts)
         action = session.agent.safe_action if stop else step.action
         self._send(identity, Message("act", session.robot, msg.seq, 0, {"action": action}, {
@@ -239,12 +248,12 @@ class Runtime:
         session.counters["safe"] += stop
         session.latency_us.append((time.perf_counter() - t_recv) * 1e6)
         self.counters["ticks"] += 1
-        for v in verdicts:
+        for v in judged:  # ok verdicts re-arm their monitor's alert
             self._alert(session.robot, v)
 
     def _on_reset(self, identity: bytes, msg: Message, t_recv: float) -> None:
         session = self._session(identity, msg)
-        session.link.seen(time.monotonic())
+        self._touch(session)
         session.agent.reset()
         for m in session.monitors:
             m.reset()
@@ -255,7 +264,7 @@ class Runtime:
     def _on_heartbeat(self, identity: bytes, msg: Message, t_recv: float) -> None:
         session = self.by_identity.get(identity)
         if session is not None:
-            session.link.seen(time.monotonic())
+            self._touch(session)
         self._send(identity, Message("heartbeat", msg.robot, msg.seq))
 
     def _on_bye(self, identity: bytes, msg: Message, t_recv: float) -> None:
@@ -268,7 +277,7 @@ class Runtime:
     def _on_robot_error(self, identity: bytes, msg: Message, t_recv: float) -> None:
         """A robot reports a problem of its own: it becomes an operator alert."""
         session = self._session(identity, msg)
-        session.link.seen(time.monotonic())
+        self._touch(session)
         code, text = str(msg.meta.get("code", "")), str(msg.meta.get("message", ""))
         self._alert(session.robot, Verdict("robot", Level.WARN, f"robot reported {code}: {text}"[:500]))
 

@@ -48,10 +48,12 @@ class AlertStore:
         if readonly:
             if not self.path.exists():
                 raise FileNotFoundError(f"alert store {self.path} does not exist")
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                      check_same_thread=False)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(self.path), isolation_level=None)  # autocommit: every append commits
+            # autocommit: every append commits. One owner at a time, but it may be built in another thread.
+            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
