@@ -115,13 +115,9 @@ def role_ort_client(a: argparse.Namespace) -> None:
     """(a): the bare onnxruntime call, with the session options vigil's runtime uses."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(a.model, opts, providers=["CPUExecutionProvider"])
+    from vigil.policies.bundle import session_options
+
+    session = ort.InferenceSession(a.model, session_options(1), providers=["CPUExecutionProvider"])
     fetch, name = [a.output_name], a.input_name
     observations = np.load(a.obs)
     lat = _timed(lambda obs: session.run(fetch, {name: obs[None]}), observations, a.ticks, a.warmup)

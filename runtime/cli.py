@@ -20,6 +20,14 @@ import zmq
 from vigil.runtime.config import MODES, ConfigError, describe, load_config
 
 
+def _stop_on_signals() -> list[int]:
+    """SIGINT and SIGTERM append to the returned list; loops poll it and shut down cleanly."""
+    stop: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    return stop
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the onboard runtime: robot link, policy, monitors, operator stream",
                        description="Serve a policy bundle to robots over ZeroMQ. Options override the [serve] "
@@ -48,9 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, OSError, zmq.ZMQError) as exc:
         print(f"vigil serve: {exc}", file=sys.stderr)
         return 2
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    stop = _stop_on_signals()
     counters = runtime.run(should_stop=lambda: bool(stop))
     print(json.dumps({"stopped_by": signal.Signals(stop[0]).name if stop else None, **counters}), flush=True)
     return 0
@@ -145,9 +151,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             return 1
         if not args.follow:
             return 0
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    stop = _stop_on_signals()
     view.follow(args.connect, timeout_s=args.timeout or None, should_stop=lambda: bool(stop))
     return 0
 
