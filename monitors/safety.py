@@ -22,9 +22,10 @@ class ObservationMonitor(Monitor):
 
     def __init__(self, specs: Sequence[ArraySpec]):
         self._checks = []
+        big = np.finfo(np.float64).max  # an open side is +-max, not +-inf, so that infinities still fail the check
         for s in specs:
-            low = np.asarray(s.low if s.low is not None else np.full(s.shape, -np.inf), np.float64).reshape(s.shape)
-            high = np.asarray(s.high if s.high is not None else np.full(s.shape, np.inf), np.float64).reshape(s.shape)
+            low = np.asarray(s.low if s.low is not None else np.full(s.shape, -big), np.float64).reshape(s.shape)
+            high = np.asarray(s.high if s.high is not None else np.full(s.shape, big), np.float64).reshape(s.shape)
             self._checks.append((s.name, low, high, s.low is not None or s.high is not None))
 
     def update(self, tick: Tick) -> Verdict:
@@ -48,6 +49,18 @@ class ObservationMonitor(Monitor):
         i = int(np.argmax(x - high))
         return Verdict(self.name, Level.ALERT, f"{name}[{i}] above its range",
                        {"index": i, "value": float(x.flat[i]), "high": float(high.flat[i])})
+
+
+class ActionMonitor(Monitor):
+    """A policy that outputs NaN or infinity must never move the robot: stop, send the safe action."""
+
+    name = "action"
+
+    def update(self, tick: Tick) -> Verdict:
+        if np.isfinite(tick.raw_action).all():
+            return self.ok()
+        return Verdict(self.name, Level.STOP, "policy output is not finite",
+                       {"nonfinite": int((~np.isfinite(tick.raw_action)).sum())})
 
 
 class SaturationMonitor(Monitor):

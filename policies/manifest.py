@@ -107,14 +107,19 @@ class Manifest:
         if not isinstance(sha, str) or len(sha) != 64:
             raise ManifestError("manifest key 'onnx.sha256' must be the 64-hex-digit sha256 of the ONNX file")
         inputs = onnx.get("inputs") or {s.name: s.name for s in observation}
+        if not isinstance(inputs, dict):
+            raise ManifestError(f"manifest key 'onnx.inputs' must be a map of graph input name -> observation array, "
+                                f"got {inputs!r}")
         names = {s.name for s in observation}
         for graph_name, array in inputs.items():
             if array not in names:
                 raise ManifestError(f"manifest key 'onnx.inputs.{graph_name}' must name an observation array "
                                     f"({sorted(names)}), got {array!r}")
         chunk = d.get("chunk", {})
-        length, execute = int(chunk.get("length", 1)), int(chunk.get("execute", chunk.get("length", 1)))
-        if length < 1 or not 1 <= execute <= length:
+        if not isinstance(chunk, dict):
+            raise ManifestError(f"manifest key 'chunk' must be a map {{length, execute}}, got {chunk!r}")
+        length, execute = chunk.get("length", 1), chunk.get("execute", chunk.get("length", 1))
+        if type(length) is not int or type(execute) is not int or length < 1 or not 1 <= execute <= length:
             raise ManifestError(f"manifest key 'chunk' must satisfy 1 <= execute <= length, got {chunk!r}")
         norms = {}
         shapes = {s.name: s.shape for s in observation}

@@ -7,6 +7,7 @@ computer wants: loopback endpoints, lockstep, a deadline of one control period.
 from __future__ import annotations
 
 import ipaddress
+import math
 import tomllib
 import urllib.parse
 from dataclasses import dataclass, field, fields
@@ -44,11 +45,11 @@ class ServeConfig:
         if self.mode not in MODES:
             raise bad("mode", f"one of {MODES}")
         for key in ("deadline_ms", "busy_poll_us"):
-            if getattr(self, key) < 0:
-                raise bad(key, "a number >= 0")
+            if not 0 <= getattr(self, key) < math.inf:  # also refuses NaN
+                raise bad(key, "a finite number >= 0")
         for key in ("link_timeout_s", "heartbeat_s", "telemetry_s", "alert_repeat_s"):
-            if not getattr(self, key) > 0:
-                raise bad(key, "a number > 0 (seconds)")
+            if not 0 < getattr(self, key) < math.inf:
+                raise bad(key, "a finite number > 0 (seconds)")
         if self.saturation_window < 1:
             raise bad("saturation_window", "an integer >= 1")
         if self.threads < 1:

@@ -23,7 +23,7 @@ import zmq
 
 from vigil.monitors.alerts import Alerter
 from vigil.monitors.base import Level, Monitor, Tick, Verdict
-from vigil.monitors.safety import DeadlineMonitor, LinkMonitor, ObservationMonitor, SaturationMonitor
+from vigil.monitors.safety import ActionMonitor, DeadlineMonitor, LinkMonitor, ObservationMonitor, SaturationMonitor
 from vigil.policies.agent import Agent
 from vigil.policies.bundle import Policy, load_policy
 from vigil.runtime.config import ServeConfig
@@ -219,8 +219,8 @@ class Runtime:
                                 f"{list(act.shape)}")
 
     def _make_monitors(self) -> list[Monitor]:
-        return [ObservationMonitor(self.manifest.observation), SaturationMonitor(self.config.saturation_window),
-                DeadlineMonitor(self.deadline_s)]
+        return [ObservationMonitor(self.manifest.observation), ActionMonitor(),
+                SaturationMonitor(self.config.saturation_window), DeadlineMonitor(self.deadline_s)]
 
     def _session(self, identity: bytes, msg: Message) -> Session:
         session = self.by_identity.get(identity)
@@ -332,6 +332,6 @@ def _peek_seq(body: list[bytes]) -> int:
     try:
         header = msgpack.unpackb(body[0], raw=False)
         seq = header.get("seq", 0) if isinstance(header, dict) else 0
-        return seq if isinstance(seq, int) and 0 <= seq < 2**63 else 0
+        return seq if type(seq) is int and 0 <= seq < 2**63 else 0
     except Exception:
         return 0
