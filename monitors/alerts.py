@@ -3,12 +3,20 @@
 A monitor that stays in the same state would otherwise file an alert every tick (100 per second at
 100 Hz, each an fsync).  An alert is filed when a (robot, monitor) pair rises to a higher level than it
 last reported, or when it is still at warn or above `repeat_s` after its last alert; occurrences in
-between are counted and reported in the next alert's `count`.  Returning to ok re-arms the pair.
+between are counted and reported in the next alert's `count`.  Returning to ok re-arms the pair; occurrences
+suppressed since the last alert of a condition that has ended are not filed again (that alert already told
+the operator, and the `suppressed` counter keeps the total).
+
+If the store cannot take an alert (locked, disk full, read-only), the alert waits in a bounded queue and
+`retry` files it later, still store-first: nothing is published that is not stored, and the control loop
+never waits on the disk for longer than the store's short busy timeout.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from vigil.monitors.base import Level, Verdict
@@ -31,6 +39,8 @@ class Alerter:
         self._raised: set[tuple[str, str]] = set()  # pairs above ok: only these need an ok to re-arm
         self.filed = 0
         self.suppressed = 0
+        self.pending: deque[tuple[str, Verdict, int, int]] = deque(maxlen=10_000)  # (robot, verdict, count, t_ns)
+        self.dropped = 0  # pending alerts pushed out of a full queue
 
     def observe(self, robot: str, verdict: Verdict, now: float | None = None) -> AlertRecord | None:
         """Feed one verdict; returns the alert record if this verdict filed one."""
@@ -47,19 +57,40 @@ class Alerter:
             state.suppressed += 1
             self.suppressed += 1
             return None
-        record = self.file(robot, verdict, count=state.suppressed + 1)
+        count = state.suppressed + 1
         state.level, state.last_t, state.suppressed = verdict.level, now, 0
-        return record
+        return self.file(robot, verdict, count)
 
-    def file(self, robot: str, verdict: Verdict, count: int = 1) -> AlertRecord:
-        """Store first (durable), then publish on `alert.<severity>`."""
-        record = self.store.append(robot, verdict.level.label, verdict.monitor, verdict.reason,
-                                   {k: _plain(v) for k, v in verdict.values.items()}, count)
-        self.filed += 1
-        if self.stream is not None:
-            self.stream.publish(f"alert.{record.severity}",
-                                Message("alert", robot, record.id, record.t_ns, {}, record.to_meta()))
-        return record
+    def file(self, robot: str, verdict: Verdict, count: int = 1) -> AlertRecord | None:
+        """Store first (durable), then publish on `alert.<severity>`. Returns the record, or None if the
+        store failed and the alert is queued for `retry`."""
+        if len(self.pending) == self.pending.maxlen:
+            self.dropped += 1
+        self.pending.append((robot, verdict, count, time.time_ns()))
+        filed = self.retry()
+        return filed[-1] if filed and not self.pending else None
+
+    def retry(self) -> list[AlertRecord]:
+        """File queued alerts in order until the store fails; returns the records filed."""
+        filed = []
+        while self.pending:
+            robot, verdict, count, t_ns = self.pending[0]
+            try:
+                record = self.store.append(robot, verdict.level.label, verdict.monitor, verdict.reason,
+                                           {k: _plain(v) for k, v in verdict.values.items()}, count, t_ns)
+            except Exception as exc:  # sqlite3.OperationalError: locked, disk full, read-only
+                log.warning("alert store failed (%s); %d alert(s) waiting", exc, len(self.pending))
+                break
+            self.pending.popleft()
+            self.filed += 1
+            if self.stream is not None:
+                self.stream.publish(f"alert.{record.severity}",
+                                    Message("alert", robot, record.id, record.t_ns, {}, record.to_meta()))
+            filed.append(record)
+        return filed
+
+
+log = logging.getLogger("vigil.alerts")
 
 
 def _plain(v):

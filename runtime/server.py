@@ -284,6 +284,8 @@ class Runtime:
     # -- timers, alerts, telemetry --------------------------------------------------------------------
 
     def _on_timers(self, now: float) -> None:
+        if self.alerter.pending:
+            self.alerter.retry()
         for session in list(self.sessions.values()):
             verdict = session.link.check(now)
             if verdict is not None:  # best effort: if only the robot->runtime direction broke, this lands
@@ -312,7 +314,9 @@ class Runtime:
                                "p50_us": float(np.percentile(lat, 50)), "p99_us": float(np.percentile(lat, 99))}
             s.latency_us.clear()
         self.stream.publish("telemetry", Message("telemetry", "", 0, 0, {}, {
-            "policy": self.manifest.policy_id, "counters": dict(self.counters), "robots": robots}))
+            "policy": self.manifest.policy_id, "counters": dict(self.counters), "robots": robots,
+            "alerts": {"filed": self.alerter.filed, "suppressed": self.alerter.suppressed,
+                       "pending": len(self.alerter.pending), "dropped": self.alerter.dropped}}))
 
     def _telemetry_event(self, robot: str, event: str, values: dict) -> None:
         self.stream.publish("telemetry", Message("telemetry", robot, 0, 0, {}, {"event": event, "values": values}))

@@ -53,7 +53,9 @@ class AlertStore:
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # autocommit: every append commits. One owner at a time, but it may be built in another thread.
-            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            # A short busy timeout: the writer is the control loop, which must not wait on a locked file
+            # (the Alerter queues and retries instead).
+            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=0.05)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)

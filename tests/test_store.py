@@ -153,3 +153,33 @@ def test_alert_ids_continue_across_runtime_restarts(serve, lqr_bundle, tmp_path)
         served.stop()
     records = AlertStore(store, readonly=True).since(0)
     assert [(r.id, r.robot, r.monitor) for r in records] == [(1, "first-life", "robot"), (2, "second-life", "robot")]
+
+
+def test_locked_store_keeps_serving_and_files_the_alert_once_free(serve, lqr_bundle, subscriber, links):
+    """Another process holds the store locked: the control loop keeps answering, the alert waits in the
+    Alerter's queue (store first: nothing is published unstored), and it is stored and published once the
+    lock is released."""
+    served = serve(lqr_bundle, deadline_ms=5000, link_timeout_s=300, telemetry_s=0.05)
+    sub = subscriber(served.operator_endpoint)
+    sub.ready()
+    link = links(served.robot_endpoint, "locked-out")
+    x = np.array([0.1, 0.0, 0.0], np.float32)
+    assert link.act({"state": x}).kind == "act"
+    db = sqlite3.connect(served.store, isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
+    try:
+        link.send(Message("error", "locked-out", link.next_seq(), 0, {}, {"code": "driver", "message": "overheat"}))
+        for _ in range(5):  # the loop still serves while the alert cannot be written
+            reply = link.act({"state": x})
+            assert reply.kind == "act" and reply.meta["safe"] is False
+        sub.wait_for(lambda t, m: m.kind == "telemetry" and m.meta.get("alerts", {}).get("pending") == 1)
+        assert not any(m.kind == "alert" for _, m in sub.seen)
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    topic, alert = sub.wait_for(lambda t, m: m.kind == "alert")
+    records = AlertStore(served.store, readonly=True).since(0)
+    assert [r.id for r in records] == [alert.meta["id"]]
+    assert records[0].monitor == "robot" and "overheat" in records[0].reason and topic == "alert.warn"
+    counters = served.stop()
+    assert "alert_store_failed" not in counters
