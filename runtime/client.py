@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 import zmq
 
+from vigil.runtime.transport import send_frames
 from vigil.runtime.protocol import ROBOT_KINDS, ArraySpec, Message, ProtocolError, decode, encode
 
 
@@ -61,7 +62,7 @@ class RobotLink:
 
     def send(self, msg: Message) -> None:
         assert self.sock is not None, "connect() first"
-        self.sock.send_multipart(encode(msg))  # small frames: copying is cheaper than zero-copy refs
+        send_frames(self.sock, encode(msg))
 
     def send_raw(self, frames: list[bytes]) -> None:
         """Send arbitrary frames (tests and fuzzing use this to send malformed messages)."""

@@ -30,6 +30,7 @@ from vigil.runtime.config import ServeConfig
 from vigil.runtime.protocol import DEFAULT_LIMITS, ArraySpec, Message, ProtocolError, check_arrays, decode, encode, error
 from vigil.runtime.store import AlertStore
 from vigil.runtime.stream import OperatorStream
+from vigil.runtime.transport import readable, send_frames
 
 log = logging.getLogger("vigil.serve")
 MAX_BATCH = 256  # messages drained per poll wake-up, so timers still run under a flood
@@ -105,12 +106,17 @@ class Runtime:
         return 50 if not self.sessions else max(1, min(50, int(self.config.link_timeout_s * 250)))
 
     def _drain(self) -> None:
+        """Read what is waiting (the caller's poll saw at least one message), then handle it."""
         batch = []
         link = self.link
-        for _ in range(MAX_BATCH):  # bounded even when every message is malformed, so timers still run
-            if not link.get(zmq.EVENTS) & zmq.POLLIN:
+        for i in range(MAX_BATCH):  # bounded even when every message is malformed, so timers still run
+            if i and not readable(link):  # the poller already said the first one is there
                 break
-            item = self._decode(link.recv_multipart(), time.perf_counter())
+            try:
+                frames = link.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:  # it was not (a spurious wake-up)
+                break
+            item = self._decode(frames, time.perf_counter())
             if item is not None:
                 batch.append(item)
         if self.config.mode == "realtime":
@@ -159,7 +165,7 @@ class Runtime:
 
     def _send(self, identity: bytes, msg: Message) -> None:
         try:
-            self.link.send_multipart([identity, *encode(msg)])  # small frames: copying is cheaper than refs
+            send_frames(self.link, [identity, *encode(msg)])
         except zmq.ZMQError as exc:  # peer vanished; nothing else to do for it
             self.counters["send_failed"] += 1
             log.debug("send to %r failed: %s", identity, exc)
