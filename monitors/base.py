@@ -42,6 +42,7 @@ class Tick:
     raw_action: np.ndarray  # before clipping
     scores: Mapping[str, float]  # scalar outputs of the policy graph (e.g. VFD)
     compute_s: float  # receipt of the observation to decision
+    plan: int = 0  # number of the plan the scores came from (chunked policies replan every k ticks)
 
 
 class Monitor(ABC):

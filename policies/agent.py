@@ -21,6 +21,7 @@ class Step:
     scores: Mapping[str, float]
     replanned: bool
     infer_s: float
+    plan: int = 0  # plans made so far this episode; the scores belong to plan number `plan`
 
 
 class Agent:
@@ -32,18 +33,28 @@ class Agent:
         self.high = np.asarray(m.action.high if m.action.high is not None else [np.inf] * m.action.shape[0], np.float32)
         self.safe_action = np.asarray(m.safe_action, np.float32)
         self._scores: Mapping[str, float] = {}
+        self.rng = np.random.default_rng()
+        self.episode: dict[str, np.ndarray] = {}  # graph inputs fixed for the episode (instruction)
+        self.plans = 0
 
-    def reset(self) -> None:
+    def reset(self, instruction: str | None = None, seed: int | None = None) -> None:
+        """New episode: empty the chunk queue, embed the instruction once, reseed the plan noise."""
         self.queue.clear()
         self._scores = {}
+        self.plans = 0
+        self.episode = self.policy.episode_inputs(instruction)
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
 
     def act(self, obs: Mapping[str, np.ndarray]) -> Step:
         t0 = time.perf_counter()
         replanned = self.queue.needs_plan()
         if replanned:
-            plan = self.policy.infer(obs)
+            extra = self.policy.plan_inputs(self.rng)
+            plan = self.policy.infer(obs, {**self.episode, **extra} if extra or self.episode else None)
             self.queue.push(plan.actions)
             self._scores = plan.scores
+            self.plans += 1
         raw = self.queue.pop()
         action = np.minimum(np.maximum(raw, self.low), self.high)  # np.clip costs 3x as much
-        return Step(action, raw, self._scores, replanned, time.perf_counter() - t0)
+        return Step(action, raw, self._scores, replanned, time.perf_counter() - t0, self.plans)

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vigil.policies.manifest import Manifest, ManifestError, read_manifest
+from vigil.runtime.protocol import ProtocolError
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,19 @@ class Policy:
             feed[graph_name] = x[None]
         return feed
 
-    def infer(self, obs: Mapping[str, np.ndarray]) -> Plan:
-        outputs = self.session.run(self._fetch, self.feed(obs))
+    def episode_inputs(self, instruction: str | None) -> dict[str, np.ndarray]:
+        """Graph inputs fixed for a whole episode (the flow ensemble's instruction embedding)."""
+        return {}
+
+    def plan_inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Graph inputs drawn afresh for every plan (the flow ensemble's noise)."""
+        return {}
+
+    def infer(self, obs: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None = None) -> Plan:
+        feed = self.feed(obs)
+        if extra:
+            feed.update(extra)
+        outputs = self.session.run(self._fetch, feed)
         actions = np.asarray(outputs[0], dtype=np.float32).reshape(self._chunk_shape)
         scores = {name: float(np.asarray(v).reshape(-1)[0]) for name, v in zip(self._fetch[1:], outputs[1:])}
         return Plan(actions, scores)
@@ -112,7 +124,49 @@ class GaussianPolicy(Policy):
     """A BPO/PPO actor: the graph's action output is the mean of the Gaussian, used deterministically."""
 
 
-POLICY_KINDS: dict[str, type[Policy]] = {"linear_gain": LinearGainPolicy, "gaussian": GaussianPolicy}
+class FlowEnsemblePolicy(Policy):
+    """A flow-matching ensemble exported as one graph (training/flow_export.py): observation arrays, the
+    instruction embedding and the noise in; the action chunk and the VFD score out, in one `run`.
+
+    The instruction is embedded once per episode (`episode_inputs`, onboard encoder bundle named by the
+    manifest's `extra.encoder`); the noise is drawn for every plan from the robot's own generator, so a
+    seeded episode is reproducible.  Manifest `extra`: instruction_input, noise_input, noise_shape
+    [N, H, m], encoder (folder inside the bundle).
+    """
+
+    def __init__(self, folder: Path, manifest: Manifest, threads: int = 1, prefer_gpu: bool = True):
+        super().__init__(folder, manifest, threads, prefer_gpu)
+        extra = manifest.extra
+        for key in ("instruction_input", "noise_input", "noise_shape"):
+            if key not in extra:
+                raise ManifestError(f"manifest key 'extra.{key}' is required for kind flow_ensemble")
+        self.instruction_input, self.noise_input = str(extra["instruction_input"]), str(extra["noise_input"])
+        self.noise_shape = (1, *(int(s) for s in extra["noise_shape"]))
+        self.encoder = None
+        if extra.get("encoder"):
+            from vigil.policies.instructions import InstructionEncoder
+
+            self.encoder = InstructionEncoder.load(folder / str(extra["encoder"]))
+
+    def episode_inputs(self, instruction: str | None) -> dict[str, np.ndarray]:
+        if instruction is None:
+            return {}
+        if self.encoder is None:
+            raise ManifestError("this flow_ensemble bundle has no instruction encoder (manifest key 'extra.encoder')")
+        return {self.instruction_input: self.encoder.embed([instruction]).astype(np.float32)}
+
+    def plan_inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {self.noise_input: rng.standard_normal(self.noise_shape, dtype=np.float32)}
+
+    def infer(self, obs: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None = None) -> Plan:
+        if not extra or self.instruction_input not in extra:
+            raise ProtocolError("no_instruction", "this policy is language-conditioned: send reset with an "
+                                "'instruction' before observations")
+        return super().infer(obs, extra)
+
+
+POLICY_KINDS: dict[str, type[Policy]] = {"linear_gain": LinearGainPolicy, "gaussian": GaussianPolicy,
+                                         "flow_ensemble": FlowEnsemblePolicy}
 
 
 def load_policy(folder: str | Path, threads: int = 1, prefer_gpu: bool = True) -> Policy:

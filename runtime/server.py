@@ -23,6 +23,7 @@ import zmq
 
 from vigil.monitors.alerts import Alerter
 from vigil.monitors.base import Level, Monitor, Tick, Verdict
+from vigil.monitors.vfd import VFDMonitor
 from vigil.monitors.safety import ActionMonitor, DeadlineMonitor, LinkMonitor, ObservationMonitor, SaturationMonitor
 from vigil.policies.agent import Agent
 from vigil.policies.bundle import Policy, load_policy
@@ -225,8 +226,11 @@ class Runtime:
                                 f"{list(act.shape)}")
 
     def _make_monitors(self) -> list[Monitor]:
-        return [ObservationMonitor(self.manifest.observation), ActionMonitor(),
-                SaturationMonitor(self.config.saturation_window), DeadlineMonitor(self.deadline_s)]
+        monitors: list[Monitor] = [ObservationMonitor(self.manifest.observation), ActionMonitor(),
+                                   SaturationMonitor(self.config.saturation_window), DeadlineMonitor(self.deadline_s)]
+        if "vfd" in self.manifest.monitor:
+            monitors.append(VFDMonitor.from_manifest(self.manifest.monitor["vfd"]))
+        return monitors
 
     def _session(self, identity: bytes, msg: Message) -> Session:
         session = self.by_identity.get(identity)
@@ -240,7 +244,7 @@ class Runtime:
         self._touch(session)
         step = session.agent.act(msg.arrays)
         tick = Tick(session.robot, msg.seq, msg.arrays, step.action, step.raw, step.scores,
-                    time.perf_counter() - t_recv)
+                    time.perf_counter() - t_recv, step.plan)
         judged = [m.update(tick) for m in session.monitors]
         verdicts = [v for v in judged if v.level != Level.OK]
         stop = any(v.level == Level.STOP for v in verdicts)
@@ -260,7 +264,12 @@ class Runtime:
     def _on_reset(self, identity: bytes, msg: Message, t_recv: float) -> None:
         session = self._session(identity, msg)
         self._touch(session)
-        session.agent.reset()
+        instruction, seed = msg.meta.get("instruction"), msg.meta.get("seed")
+        if instruction is not None and type(instruction) is not str:
+            raise ProtocolError("bad_header", "reset key 'instruction' must be a string")
+        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
+            raise ProtocolError("bad_header", "reset key 'seed' must be a non-negative integer")
+        session.agent.reset(instruction, seed)
         for m in session.monitors:
             m.reset()
         session.episode += 1
