@@ -42,6 +42,11 @@ class Alerter:
         self.pending: deque[tuple[str, Verdict, int, int]] = deque(maxlen=10_000)  # (robot, verdict, count, t_ns)
         self.dropped = 0  # pending alerts pushed out of a full queue
 
+    @property
+    def raised(self) -> bool:
+        """Some (robot, monitor) pair is above ok: only then can an ok verdict change anything."""
+        return bool(self._raised)
+
     def observe(self, robot: str, verdict: Verdict, now: float | None = None) -> AlertRecord | None:
         """Feed one verdict; returns the alert record if this verdict filed one."""
         key = (robot, verdict.monitor)

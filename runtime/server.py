@@ -258,8 +258,9 @@ class Runtime:
         session.counters["safe"] += stop
         session.latency_us.append((time.perf_counter() - t_recv) * 1e6)
         self.counters["ticks"] += 1
-        for v in judged:  # ok verdicts re-arm their monitor's alert
-            self._alert(session.robot, v)
+        if verdicts or self.alerter.raised:  # ok verdicts matter only to re-arm a raised alert
+            for v in judged:
+                self._alert(session.robot, v)
 
     def _on_reset(self, identity: bytes, msg: Message, t_recv: float) -> None:
         session = self._session(identity, msg)
