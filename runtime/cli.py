@@ -190,14 +190,95 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demos_parser(sub) -> None:
+    p = sub.add_parser("demos", help="record and list demonstration datasets (Meta-World scripted experts)",
+                       description="Record demonstrations of Meta-World tasks by their scripted experts into a "
+                                   "dataset folder (format: docs/datasets.md), or list a dataset.")
+    dsub = p.add_subparsers(dest="demos_command", required=True)
+    r = dsub.add_parser("record", help="roll out the scripted experts and store every episode",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--tasks", default="mt10",
+                   help="mt10, heldout, or a comma-separated list of Meta-World task names (e.g. reach-v3,push-v3)")
+    r.add_argument("--episodes", type=int, default=10, help="episodes per task")
+    r.add_argument("--seed", type=int, default=0, help="seed of the first episode (episode i uses seed+i; "
+                                                       "the task variant is seed %% 50)")
+    r.add_argument("--out", required=True, help="dataset folder (created, or appended to)")
+    r.add_argument("--camera", action="store_true", help="also record the corner camera image")
+    r.add_argument("--image-size", type=int, default=64, help="camera image height and width in pixels")
+    r.add_argument("--max-steps", type=int, default=500, help="step limit of an episode")
+    ls = dsub.add_parser("list", help="per-task episode counts and success rates of a dataset")
+    ls.add_argument("folder", help="dataset folder")
+    ls.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _print_demo_table(summary: dict) -> None:
+    print(f"{'task':28s} {'episodes':>8s} {'success':>8s} {'rate':>6s} {'steps':>7s}")
+    for task, s in summary.items():
+        print(f"{task:28s} {s['episodes']:8d} {s['successes']:8d} {s['success_rate']:6.0%} {s['mean_steps']:7.1f}")
+    if len(summary) > 1:
+        n, ok = sum(s["episodes"] for s in summary.values()), sum(s["successes"] for s in summary.values())
+        print(f"{'all':28s} {n:8d} {ok:8d} {ok / n:6.0%}")
+
+
+def cmd_demos(args: argparse.Namespace) -> int:
+    from vigil.training.demos import DemoSet, DemoWriter, parse_tasks, record_expert
+
+    if args.demos_command == "list":
+        try:
+            summary = DemoSet(args.folder).summary()
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"vigil demos: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(summary, indent=1))
+        else:
+            _print_demo_table(summary)
+        return 0
+    try:
+        tasks = parse_tasks(args.tasks)
+        if args.episodes < 1 or args.max_steps < 1 or args.image_size < 1:
+            raise ValueError("--episodes, --max-steps and --image-size must be at least 1")
+    except ValueError as exc:
+        print(f"vigil demos: {exc}", file=sys.stderr)
+        return 2
+    writer = DemoWriter(args.out)
+    results: dict[str, list] = {}
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks) * args.episodes, unit="ep", dynamic_ncols=True)
+    except ImportError:  # tqdm comes with vigil[dev]; without it, a line per task
+        bar = None
+    for task in tasks:
+        done: list = results.setdefault(task, [])
+
+        def progress(episode, task=task, done=done) -> None:
+            done.append((episode.succeeded, episode.steps))  # not the episode: images add up
+            if bar is not None:
+                bar.set_postfix_str(f"{task} {sum(ok for ok, _ in done)}/{len(done)} ok", refresh=False)
+                bar.update(1)
+
+        record_expert(task, args.episodes, args.seed, args.camera, writer, progress, max_steps=args.max_steps,
+                      image_size=args.image_size)
+        if bar is None:
+            print(f"{task}: {sum(ok for ok, _ in done)}/{len(done)} successful", flush=True)
+    if bar is not None:
+        bar.close()
+    print(f"wrote {sum(map(len, results.values()))} episodes to {args.out}")
+    _print_demo_table({task: {"episodes": len(eps), "successes": sum(ok for ok, _ in eps),
+                              "success_rate": sum(ok for ok, _ in eps) / len(eps),
+                              "mean_steps": sum(n for _, n in eps) / len(eps)} for task, eps in results.items()})
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vigil", description="Host learned robot controllers and watch them.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_serve_parser, _sim_parser, _alerts_parser, _demo_parser, _bundle_parser):
+    for add in (_serve_parser, _sim_parser, _alerts_parser, _demo_parser, _bundle_parser, _demos_parser):
         add(sub)
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "sim": cmd_sim, "alerts": cmd_alerts, "demo": cmd_demo,
-            "bundle": cmd_bundle}[args.command](args)
+            "bundle": cmd_bundle, "demos": cmd_demos}[args.command](args)
 
 
 if __name__ == "__main__":

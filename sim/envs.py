@@ -2,7 +2,8 @@
 
 An `Environment` declares its observation arrays and action, resets and steps.  `LinearEnv` runs a
 linear system from sim/linear.py (reward = -stage cost); `GymEnv` wraps any gymnasium environment id
-with a Box observation and action space (the MuJoCo ones in particular).
+with a Box observation and action space (the MuJoCo ones in particular); `MetaWorldEnv`
+(sim/metaworld_env.py) plays a Meta-World task.
 """
 
 from __future__ import annotations
@@ -99,8 +100,15 @@ class GymEnv(Environment):
         self.env.close()
 
 
-def make_env(name: str, horizon: int = 200) -> Environment:
-    """A linear system by name (aircraft-pitch, uav-2d) or a gymnasium id (Hopper-v5, ...)."""
+def make_env(name: str, horizon: int = 200, camera: bool = False) -> Environment:
+    """A linear system by name (aircraft-pitch, uav-2d), a Meta-World task (reach-v3, push-v3, ...: MT10 and
+    the held-out tasks of sim/metaworld_env.py; `camera` adds the 64x64 image) or a gymnasium id (Hopper-v5)."""
     if name in SYSTEMS:
         return LinearEnv(SYSTEMS[name](), horizon)
+    from vigil.sim.metaworld_env import ALL_INSTRUCTIONS  # plain data; metaworld itself loads on construction
+
+    if name in ALL_INSTRUCTIONS:
+        from vigil.sim.metaworld_env import MetaWorldEnv
+
+        return MetaWorldEnv(name, camera=camera, max_steps=horizon)
     return GymEnv(name)
