@@ -69,7 +69,9 @@ def run_episodes(env: Environment, cfg: SimConfig, faults: Faults = Faults(),
             seed = cfg.seed + ep
             stats = EpisodeStats(ep, seed)
             obs = env.reset(seed=seed)
-            link.reset(episode=ep, task=env.name)
+            instruction = getattr(env, "instruction", None)  # language-conditioned tasks (Meta-World)
+            link.reset(episode=ep, task=env.name, seed=seed,
+                       **({"instruction": instruction} if instruction is not None else {}))
             done = False
             while stats.steps < cfg.steps and not done:
                 t = stats.steps
