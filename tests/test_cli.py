@@ -25,7 +25,7 @@ SUBCOMMANDS = {
             "--fault-stop", "--summary"],
     "alerts": ["--connect", "--store", "--since", "--follow", "--telemetry", "--json", "--timeout"],
     "demo": ["--workdir", "--steps", "--rate", "--outage-s"],
-    "bundle": ["{lqr}", "--system", "--out"],  # {lqr}: the positional `kind` with its choices
+    "bundle": ["{lqr,encoder}", "--system", "--out"],  # {lqr,encoder}: the positional `kind` with its choices
 }
 
 
