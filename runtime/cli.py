@@ -70,7 +70,8 @@ def _sim_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--connect", default="tcp://127.0.0.1:5555", help="runtime robot-link endpoint")
     p.add_argument("--system", "--env", dest="env", default="aircraft-pitch",
-                   help="aircraft-pitch, uav-2d, or a gymnasium environment id")
+                   help="aircraft-pitch, uav-2d, a Meta-World task (e.g. reach-v3; its instruction is sent "
+                        "with every reset), or a gymnasium environment id")
     p.add_argument("--robot", default="sim-0", help="robot id announced in hello")
     p.add_argument("--episodes", type=int, default=1, help="number of episodes")
     p.add_argument("--steps", type=int, default=200, help="steps per episode (at most)")
