@@ -1,0 +1,484 @@
+"""Flow-matching action-chunk policy ensemble and the VFD uncertainty score (PAPERS.md §1), in torch.
+
+One file, CleanRL style: the hyperparameters are `FlowConfig`, the model is `Ensemble`, training is
+`train_ensemble`, and every score is a plain function of (ensemble, obs, instr, noise) -> (B,) tensor.
+Noise is always an explicit argument, so tests and the ONNX export (which takes noise as an input) are
+deterministic.
+
+Flow matching (conditional-OT path, sigma_min = 0). Time runs from t = 0 (noise) to t = 1 (action chunk):
+    x_t = (1 - t) x0 + t a,   x0 ~ N(0, I),   target velocity  a - x0,   loss = MSE(v(x_t, t | o), a - x0),
+t ~ Uniform[0, 1) during training. Sampling: Euler from t = 0 to 1 with step 1 / euler_steps.
+
+Model. Each member is a full model (no shared trunk) with its own seed; parameters of all members are
+stacked along a leading member axis (`StackedLinear`: weight (M, in, out)), so one batched matmul runs
+every member at once — the ONNX export integrates all members in one graph the same way. A member is
+split in two so the work that depends only on the observation and instruction runs once per plan:
+    context = encode(obs, instr)        (M, B, hidden)   once per plan, outside the integration loop
+    v       = velocity(context, x_t, t) (M, ..., H*m)    every integration step
+`encode` = MLP over [normalised obs, instruction embedding] followed by a per-member linear projection
+that is the velocity head's context input; the head's first layer adds it to linear maps of x_t and of
+Fourier features of t. `shared_encoder=True` is the cheaper variant of PAPERS.md: one encoder MLP
+(leading axis 1, broadcast) and M velocity heads (each with its own context projection).
+
+Shapes: obs (B, obs_dim), instr (B, instr_dim), chunks (B, H, action_dim); internally a chunk is
+flattened to D = H * action_dim. Member-major tensors are (M, S, B, ...) with S a noise-sample axis.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PAIR_CONVENTIONS = ("lower", "anchor", "ordered")
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Hyperparameters of the flow ensemble and its training.
+
+    horizon = 8: Meta-World steps at 80 Hz (MuJoCo dt 2.5 ms x frame_skip 5), so a chunk covers 0.1 s.
+    The scripted experts are reactive state-feedback controllers, so a short chunk loses nothing in
+    expressiveness, keeps the output small (8 x 4 = 32 numbers) and the velocity head cheap, and lets the
+    runtime replan often (every k <= 8 steps). 16 (Diffusion Policy's default) is the alternative to
+    measure if closed-loop success suffers from jitter between chunks.
+    members = 5 is a placeholder: the default will be chosen by measurement (VFD quality vs plan cost,
+    issue 4 item 7); PAPERS.md reports M = 2 in the reference and more in ablations.
+    """
+
+    obs_dim: int = 39
+    instr_dim: int = 384
+    action_dim: int = 4
+    horizon: int = 8
+    hidden: int = 256
+    depth: int = 3                 # hidden layers of the encoder MLP and of the velocity head
+    time_features: int = 16        # Fourier features of t (sin and cos of time_features // 2 frequencies)
+    members: int = 5
+    shared_encoder: bool = False   # True: one encoder, M velocity heads (PAPERS.md's cheaper variant)
+    euler_steps: int = 10
+    vfd_samples: int = 5           # N noise samples per VFD score
+    vfd_pairs: str = "lower"       # which members integrate for one-way VFD, see member_pairs()
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 256          # per member
+    steps: int = 20_000            # optimiser steps; each member reshuffles the data every epoch
+    min_obs_std: float = 1e-2      # floor of the per-dimension observation std used to normalise
+    seed: int = 0
+
+    @property
+    def chunk_dim(self) -> int:
+        return self.horizon * self.action_dim
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def member_seeds(seed: int, members: int) -> list[tuple[int, int]]:
+    """(init seed, data seed) per member, independent streams derived from one seed. Member i's seeds do
+    not depend on the ensemble size, so the first two members of an M = 5 ensemble are an M = 2 one."""
+    out = []
+    for child in np.random.SeedSequence(seed).spawn(members):
+        init, data = child.spawn(2)
+        out.append((int(init.generate_state(1)[0]), int(data.generate_state(1)[0])))
+    return out
+
+
+class StackedLinear(nn.Module):
+    """K independent linear layers: y[k] = x[k] @ W[k] + b[k], weight (K, in, out), bias (K, 1, out).
+
+    x is (L, *rest, in) with L == K or either of them 1 (broadcast): a shared layer (K = 1) runs on every
+    member's inputs, and member layers run on inputs shared by all members (L = 1). `members` picks a
+    subset of a K > 1 layer (shared layers ignore it)."""
+
+    def __init__(self, k: int, d_in: int, d_out: int, bias: bool = True, shared: bool = False):
+        super().__init__()
+        self.shared = shared
+        self.weight = nn.Parameter(torch.empty(k, d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(k, 1, d_out)) if bias else None
+
+    def forward(self, x: Tensor, members: Sequence[int] | None = None) -> Tensor:
+        w, b = self.weight, self.bias
+        if members is not None and w.shape[0] > 1:
+            w = w[list(members)]
+            b = b[list(members)] if b is not None else None
+        rest = x.shape[1:-1]
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        k = max(x3.shape[0], w.shape[0])
+        if k == 1:  # one member: a plain 2-D matmul is cheaper than a batch of one
+            y = torch.mm(x3[0], w[0]) if b is None else torch.addmm(b[0], x3[0], w[0])
+            return y.reshape(1, *rest, w.shape[-1])
+        x3, w = x3.expand(k, *x3.shape[1:]), w.expand(k, *w.shape[1:])
+        y = torch.bmm(x3, w) if b is None else torch.baddbmm(b.expand(k, *b.shape[1:]), x3, w)
+        return y.reshape(k, *rest, w.shape[-1])
+
+
+def time_features(t: Tensor, freqs: Tensor) -> Tensor:
+    """Fourier features of t in [0, 1]: [sin(f t), cos(f t)] for each angular frequency f; (..., 2F)."""
+    ft = t[..., None] * freqs
+    return torch.cat([torch.sin(ft), torch.cos(ft)], dim=-1)
+
+
+class Ensemble(nn.Module):
+    """M flow-matching members with stacked parameters; see the module docstring for the split."""
+
+    def __init__(self, cfg: FlowConfig):
+        super().__init__()
+        if cfg.vfd_pairs not in PAIR_CONVENTIONS:
+            raise ValueError(f"vfd_pairs must be one of {PAIR_CONVENTIONS}, not {cfg.vfd_pairs!r}")
+        self.cfg = cfg
+        M, h, D = cfg.members, cfg.hidden, cfg.chunk_dim
+        k_enc = 1 if cfg.shared_encoder else M
+        enc_in = [cfg.obs_dim + cfg.instr_dim] + [h] * (cfg.depth - 1)
+        self.encoder = nn.ModuleList([StackedLinear(k_enc, d, h, shared=cfg.shared_encoder) for d in enc_in])
+        self.context_proj = StackedLinear(M, h, h)
+        self.x_in = StackedLinear(M, D, h)
+        self.t_in = StackedLinear(M, cfg.time_features, h, bias=False)
+        self.head = nn.ModuleList([StackedLinear(M, h, h) for _ in range(cfg.depth - 1)])
+        self.out = StackedLinear(M, h, D)
+        n_freq = cfg.time_features // 2
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.linspace(0.0, 5.0, n_freq))
+        self.register_buffer("obs_mean", torch.zeros(cfg.obs_dim))
+        self.register_buffer("obs_std", torch.ones(cfg.obs_dim))
+        self.reset_parameters()
+
+    @property
+    def members(self) -> int:
+        return self.cfg.members
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init (U(+-1/sqrt(fan_in))), drawn member by member from each member's own
+        seed; the shared encoder, if any, from a seed of its own."""
+        gens = [torch.Generator().manual_seed(s) for s, _ in member_seeds(self.cfg.seed, self.members)]
+        shared_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.cfg.seed, 1]).generate_state(1)[0]))
+        with torch.no_grad():
+            for mod in self.modules():
+                if not isinstance(mod, StackedLinear):
+                    continue
+                bound = 1.0 / math.sqrt(mod.weight.shape[1])
+                for j in range(mod.weight.shape[0]):
+                    g = shared_gen if mod.shared else gens[j]
+                    mod.weight[j].copy_((torch.rand(mod.weight.shape[1:], generator=g) * 2 - 1) * bound)
+                    if mod.bias is not None:
+                        mod.bias[j].copy_((torch.rand(mod.bias.shape[1:], generator=g) * 2 - 1) * bound)
+
+    def set_normalisation(self, obs: Tensor) -> None:
+        """Per-dimension mean and std of the training observations (std floored at cfg.min_obs_std, so
+        dimensions that never vary do not divide by zero)."""
+        obs = torch.as_tensor(obs, dtype=torch.float32).reshape(-1, self.cfg.obs_dim)
+        self.obs_mean.copy_(obs.mean(0))
+        self.obs_std.copy_(obs.std(0, correction=0).clamp_min(self.cfg.min_obs_std))
+
+    def encode(self, obs: Tensor, instr: Tensor, members: Sequence[int] | None = None) -> Tensor:
+        """Context of each member: obs (B, obs_dim) or member-major (M, B, obs_dim), instr likewise ->
+        (M, B, hidden) (or (len(members), B, hidden)). Depends on obs and instr only: once per plan."""
+        z = torch.cat([(obs - self.obs_mean) / self.obs_std, instr], dim=-1)
+        if z.dim() == 2:
+            z = z[None]
+        for layer in self.encoder:
+            z = F.silu(layer(z, members))
+        return self.context_proj(z, members)  # a shared encoder's (1, B, h) broadcasts to M heads here
+
+    def condition(self, context: Tensor, t: float | Tensor, members: Sequence[int] | None = None) -> Tensor:
+        """The part of the velocity head's first layer that does not depend on x_t: context plus the time
+        embedding. context (K, B, hidden); t a float or a tensor broadcastable to (K, S, B) -> (K, S, B,
+        hidden) (S = 1 for a float). The sampling grid is fixed, so a plan computes it for every grid
+        time at once, before the integration loop (t of shape (1, G, 1) -> (K, G, B, hidden))."""
+        t = torch.as_tensor(t, dtype=context.dtype)
+        if t.dim() == 0:
+            t = t.reshape(1, 1, 1)
+        return self.t_in(time_features(t, self.freqs), members) + context[:, None]
+
+    def velocity_from(self, cond: Tensor, x: Tensor, members: Sequence[int] | None = None) -> Tensor:
+        """v from a precomputed `condition` (K, S or 1, B, hidden) and states x (K or 1, S, B, D)
+        (leading 1 = the same states for every member) -> (K, S, B, D). The only per-step work."""
+        h = F.silu(self.x_in(x, members) + cond)
+        for layer in self.head:
+            h = F.silu(layer(h, members))
+        return self.out(h, members)
+
+    def velocity(self, context: Tensor, x: Tensor, t: float | Tensor,
+                 members: Sequence[int] | None = None) -> Tensor:
+        """v(x, t | context): context (K, B, hidden) from `encode`, x (K or 1, S, B, D) flattened chunks,
+        t a float or a tensor broadcastable to (K, S, B). Returns (K, S, B, D)."""
+        return self.velocity_from(self.condition(context, t, members), x, members)
+
+    def copy_member(self, src: int, dst: int) -> None:
+        """Make member dst's parameters a copy of member src's (tests: identical members)."""
+        with torch.no_grad():
+            for mod in self.modules():
+                if isinstance(mod, StackedLinear) and not mod.shared:
+                    mod.weight[dst] = mod.weight[src]
+                    if mod.bias is not None:
+                        mod.bias[dst] = mod.bias[src]
+
+
+# ------------------------------------------------------------------------------------- flow matching
+
+
+def ot_path(x0: Tensor, a: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Conditional-OT path with sigma_min = 0: (x_t, target velocity) = ((1 - t) x0 + t a, a - x0).
+    t broadcasts against x0 (give it trailing singleton axes)."""
+    return (1 - t) * x0 + t * a, a - x0
+
+
+def euler(field: Callable[[Tensor, float], Tensor], x0: Tensor, steps: int) -> Tensor:
+    """Integrate dx/dt = field(x, t) from t = 0 to 1 with `steps` Euler steps of 1 / steps."""
+    x = x0
+    for k in range(steps):
+        x = x + field(x, k / steps) / steps
+    return x
+
+
+def make_chunks(actions: Tensor | np.ndarray, horizon: int) -> Tensor | np.ndarray:
+    """Training targets from one episode: actions (T, m) -> chunks (T, H, m), chunk[t, h] = actions[t + h].
+    Past the end of the episode the last action is repeated (the expert would keep doing what it did)."""
+    T = actions.shape[0]
+    idx = np.minimum(np.arange(T)[:, None] + np.arange(horizon)[None, :], T - 1)
+    if isinstance(actions, Tensor):
+        return actions[torch.from_numpy(idx)]
+    return np.asarray(actions)[idx]
+
+
+# -------------------------------------------------------------------------------------------- scores
+
+
+def _flat(noise: Tensor, cfg: FlowConfig) -> Tensor:
+    return noise.reshape(*noise.shape[:-2], cfg.chunk_dim)
+
+
+def _chunk(x: Tensor, cfg: FlowConfig) -> Tensor:
+    return x.reshape(*x.shape[:-1], cfg.horizon, cfg.action_dim)
+
+
+def _grid_times(times: Sequence[float]) -> Tensor:
+    return torch.tensor(times, dtype=torch.float32).reshape(1, -1, 1)
+
+
+def _sample_flat(ens: Ensemble, ctx: Tensor, x0: Tensor, members: Sequence[int] | None = None) -> Tensor:
+    """Euler samples from x0 (K or 1, S, B, D), the time conditioning computed once for all steps."""
+    n = ens.cfg.euler_steps
+    conds = ens.condition(ctx, _grid_times([k / n for k in range(n)]), members)  # (K, n, B, h)
+    return euler(lambda x, t: ens.velocity_from(conds[:, round(t * n)][:, None], x, members), x0, n)
+
+
+@torch.no_grad()
+def sample_members(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor) -> Tensor:
+    """Every member's Euler sample (cfg.euler_steps steps), batched over members. noise (N, B, H, m) is
+    shared by all members, (M, N, B, H, m) gives each member its own. Returns (M, N, B, H, m)."""
+    cfg = ens.cfg
+    ctx = ens.encode(obs, instr)
+    x0 = _flat(noise, cfg)
+    if x0.dim() == 3:
+        x0 = x0[None]
+    return _chunk(_sample_flat(ens, ctx, x0), cfg)
+
+
+@torch.no_grad()
+def sample(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor, member: int = 0) -> Tensor:
+    """One member's action chunks: noise (B, H, m) -> (B, H, m), or (N, B, H, m) -> (N, B, H, m)."""
+    cfg = ens.cfg
+    ctx = ens.encode(obs, instr, members=[member])
+    x0 = _flat(noise, cfg)
+    x0 = x0[None] if noise.dim() == 3 else x0
+    x = _sample_flat(ens, ctx, x0[None], members=[member])[0]
+    return _chunk(x[0] if noise.dim() == 3 else x, cfg)
+
+
+def vfd_grid(euler_steps: int = 10) -> tuple[list[float], list[float], list[float]]:
+    """(t_k, dt_k, w(t_k)) of the VFD grid: t_k = k / n for k < n plus 1 - 1/(2n) (n = 10: 0, 0.1, ...,
+    0.9, 0.95); dt_k the gap to the next grid time, 1 - t_k for the last; w(t) = t / (1 - t).
+    The first n points are exactly the states of the n-step Euler sampler; the extra point splits the
+    last step in two, so VFD needs one velocity evaluation more than sampling (n + 1 in all)."""
+    n = euler_steps
+    ts = [k / n for k in range(n)] + [1 - 1 / (2 * n)]
+    dts = [1 / n] * (n - 1) + [1 / (2 * n)] * 2
+    return ts, dts, [t / (1 - t) for t in ts]
+
+
+def member_pairs(members: int, convention: str = "lower") -> list[tuple[int, int]]:
+    """(A, B) pairs for one-way VFD with M members: A integrates, B is evaluated on A's states.
+      lower   -- every unordered pair once, the lower index integrates: (a, b), a < b (default; M - 1
+                 members integrate). For M = 2 every convention but `ordered` is the reference's (0, 1).
+      anchor  -- member 0 integrates, compared with every other member: (0, b). Cheapest: one trajectory.
+      ordered -- every ordered pair (a, b), a != b: every member integrates. Symmetric in members.
+    The score averages the pairs equally."""
+    if convention == "lower":
+        return [(a, b) for a in range(members) for b in range(a + 1, members)]
+    if convention == "anchor":
+        return [(0, b) for b in range(1, members)]
+    if convention == "ordered":
+        return [(a, b) for a in range(members) for b in range(members) if a != b]
+    raise ValueError(f"unknown pair convention {convention!r}; one of {PAIR_CONVENTIONS}")
+
+
+def disagreement(ens: Ensemble, context: Tensor, x0: Tensor, integrators: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Weighted velocity disagreement along the integrators' trajectories on the VFD grid.
+
+    x0 (I, S, B, D): start states of members `integrators` (I of them). Integrator i moves along its own
+    velocity; at each grid point every member is evaluated on every integrator's states (one batched
+    call). Returns
+      acc     (M, I, S, B): sum_k w(t_k) ||v_b(x^i_{t_k}) - v_{a_i}(x^i_{t_k})||^2 dt_k,
+      samples (I, S, B, D): each integrator's ordinary Euler sample, x_{0.9} + 0.1 v(x_{0.9}) for n = 10
+                            (a free by-product: the grid's first n points are the sampler's states)."""
+    n = ens.cfg.euler_steps
+    ts, dts, ws = vfd_grid(n)
+    I, S, B, D = x0.shape
+    own = (torch.as_tensor(list(integrators)), torch.arange(I))
+    conds = ens.condition(context, _grid_times(ts))  # (M, n + 1, B, h): once, before the loop
+    x, acc, samples = x0, x0.new_zeros(ens.members, I, S, B), None
+    for k, (dt, w) in enumerate(zip(dts, ws)):
+        v = ens.velocity_from(conds[:, k][:, None], x.reshape(1, I * S, B, D)).reshape(ens.members, I, S, B, D)
+        v_own = v[own]
+        if w > 0:  # w(0) = 0: the first point only moves the integrators
+            acc = acc + (w * dt) * (v - v_own[None]).square().sum(-1)
+        if k == n - 1:
+            samples = x + v_own / n
+        if k < n:
+            x = x + dt * v_own
+    return acc, samples
+
+
+@torch.no_grad()
+def plan(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor,
+         pairs: str | None = None) -> tuple[Tensor, Tensor]:
+    """What a flow_ensemble bundle computes per plan: encode once, integrate, one-way VFD.
+    noise (N, B, H, m). Returns (member 0's chunk from noise[0] (B, H, m), one-way VFD (B,)).
+    With M = 1 the score is zero (no pairs)."""
+    cfg = ens.cfg
+    pair_list = member_pairs(ens.members, pairs or cfg.vfd_pairs)
+    integrators = sorted({a for a, _ in pair_list} | {0})
+    x0 = _flat(noise, cfg)
+    ctx = ens.encode(obs, instr)
+    acc, samples = disagreement(ens, ctx, x0[None].expand(len(integrators), *x0.shape), integrators)
+    if pair_list:
+        pos = {a: i for i, a in enumerate(integrators)}
+        score = torch.stack([acc[b, pos[a]] for a, b in pair_list]).mean(0).mean(0)
+    else:
+        score = acc.new_zeros(acc.shape[-1])
+    return _chunk(samples[integrators.index(0), 0], cfg), score
+
+
+@torch.no_grad()
+def vfd_one_way(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor, pairs: str | None = None) -> Tensor:
+    """One-way VFD (PAPERS.md §1), the acquisition score. noise (N, B, H, m) -> (B,).
+
+    For each pair (A, B) of `member_pairs(M, pairs or cfg.vfd_pairs)`: A integrates from each of the N
+    noise samples on the grid of `vfd_grid`; score = mean over samples of
+        sum_k w(t_k) ||v_A(x_{t_k}) - v_B(x_{t_k})||_F^2 dt_k      (Frobenius over horizon x action dims),
+    then the mean over pairs. All integrators start from the same N noise samples."""
+    if ens.members < 2:
+        raise ValueError("VFD needs at least two members")
+    return plan(ens, obs, instr, noise, pairs)[1]
+
+
+@torch.no_grad()
+def vfd_two_way(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor) -> Tensor:
+    """Two-way VFD (the calibration score): every member integrates its own trajectory from its own
+    noise, noise (M, N, B, H, m); for each unordered pair the disagreement along A's and along B's
+    trajectories are averaged, then the mean over pairs (= the mean over ordered pairs). -> (B,).
+    Symmetric in members (permuting members and their noise leaves it unchanged)."""
+    M = ens.members
+    if M < 2:
+        raise ValueError("VFD needs at least two members")
+    acc, _ = disagreement(ens, ens.encode(obs, instr), _flat(noise, ens.cfg), list(range(M)))
+    off = ~torch.eye(M, dtype=torch.bool)
+    return acc[off].mean(0).mean(0)  # acc[b, a] over a != b, then over samples
+
+
+@torch.no_grad()
+def action_l2(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor) -> Tensor:
+    """Action-L2 baseline: mean over unordered member pairs (and the N samples) of the L2 (Frobenius)
+    distance between two members' final chunks, each member from its own noise (M, N, B, H, m). -> (B,)"""
+    a = sample_members(ens, obs, instr, noise).flatten(-2)  # (M, N, B, D)
+    d = [(a[i] - a[j]).norm(dim=-1) for i, j in member_pairs(ens.members, "lower")]
+    return torch.stack(d).mean(0).mean(0)
+
+
+@torch.no_grad()
+def gu(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor, eps: float = 1e-8) -> Tensor:
+    """GU baseline: all members sample from the same noise (N, B, H, m); per action element the variance
+    across members (population, correction 0); score = sum over elements of log(var + eps), mean over
+    the N samples. -> (B,)"""
+    a = sample_members(ens, obs, instr, noise).flatten(-2)  # (M, N, B, D)
+    return torch.log(a.var(0, correction=0) + eps).sum(-1).mean(0)
+
+
+@torch.no_grad()
+def sample_variance(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor, member: int = 0) -> Tensor:
+    """Single-member baseline: variance (unbiased) of one member's chunks over the N noise draws
+    noise (N, B, H, m), summed over elements (trace of the sample covariance). -> (B,)"""
+    return sample(ens, obs, instr, noise, member).flatten(-2).var(0).sum(-1)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _as_float(x: Tensor | np.ndarray) -> Tensor:
+    return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float32)
+
+
+def train_ensemble(cfg: FlowConfig, obs: Tensor | np.ndarray, instr: Tensor | np.ndarray,
+                   chunks: Tensor | np.ndarray, progress: bool = True,
+                   ensemble: Ensemble | None = None) -> tuple[Ensemble, dict[str, np.ndarray]]:
+    """Train every member by flow matching on in-memory data: obs (n, obs_dim), instr (n, instr_dim),
+    chunks (n, H, action_dim). Each member draws its own minibatches (its own shuffling each epoch), its
+    own x0 and t ~ U[0, 1), from its own data seed; the loss is the sum of the members' MSEs, so with
+    full members each member's update is the one it would get alone (AdamW is per-parameter).
+
+    ensemble: warm start (SAVE fine-tunes each round from the previous one). It is copied, not changed,
+    and keeps its observation normalisation; cfg supplies the optimisation settings. Otherwise a fresh
+    Ensemble(cfg) normalised on `obs`. Returns (ensemble, history) with history["loss"] (steps,), the
+    mean over members, and history["member_loss"] (steps, M)."""
+    obs, instr, chunks = _as_float(obs), _as_float(instr), _as_float(chunks)
+    n = obs.shape[0]
+    if ensemble is None:
+        ens = Ensemble(cfg)
+        ens.set_normalisation(obs)
+    else:
+        ens = copy.deepcopy(ensemble)
+        for f in ("obs_dim", "instr_dim", "action_dim", "horizon", "members", "shared_encoder"):
+            if getattr(ens.cfg, f) != getattr(cfg, f):
+                raise ValueError(f"warm start: ensemble has {f}={getattr(ens.cfg, f)}, config {getattr(cfg, f)}")
+    if chunks.shape[1:] != (cfg.horizon, cfg.action_dim):
+        raise ValueError(f"chunks must be (n, {cfg.horizon}, {cfg.action_dim}), got {tuple(chunks.shape)}")
+    M, D, bs = cfg.members, cfg.chunk_dim, min(cfg.batch_size, n)
+    targets = chunks.reshape(n, D)
+    gens = [torch.Generator().manual_seed(d) for _, d in member_seeds(cfg.seed, M)]
+    perms = [torch.randperm(n, generator=g) for g in gens]
+    pos = [0] * M
+    opt = torch.optim.AdamW(ens.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ens.train()
+    losses = torch.empty(cfg.steps, M)
+    try:
+        from tqdm import tqdm
+        bar = tqdm(range(cfg.steps), desc=f"flow M={M}", disable=not progress)
+    except ImportError:  # tqdm comes with vigil[dev]
+        bar = range(cfg.steps)
+    for step in bar:
+        idx = []
+        for m in range(M):
+            if pos[m] + bs > n:
+                perms[m], pos[m] = torch.randperm(n, generator=gens[m]), 0
+            idx.append(perms[m][pos[m]:pos[m] + bs])
+            pos[m] += bs
+        idx = torch.stack(idx)  # (M, bs)
+        x0 = torch.stack([torch.randn(bs, D, generator=g) for g in gens])
+        t = torch.stack([torch.rand(bs, generator=g) for g in gens])  # U[0, 1)
+        xt, target = ot_path(x0, targets[idx], t[..., None])
+        v = ens.velocity(ens.encode(obs[idx], instr[idx]), xt[:, None], t[:, None])[:, 0]
+        member_loss = (v - target).square().mean(dim=(1, 2))
+        opt.zero_grad(set_to_none=True)
+        member_loss.sum().backward()
+        opt.step()
+        losses[step] = member_loss.detach()
+        if progress and hasattr(bar, "set_postfix") and step % 100 == 0:
+            bar.set_postfix(loss=f"{losses[step].mean():.4f}")
+    ens.eval()
+    member = losses.numpy()
+    return ens, {"loss": member.mean(1), "member_loss": member}
