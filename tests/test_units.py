@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -520,3 +522,19 @@ def test_faults_corrupt_drop_delay_and_validation():
     for bad in [dict(obs_noise=-1), dict(drop=1.5), dict(drop=-0.1), dict(delay_ms=-1), dict(disconnect_s=-1)]:
         with pytest.raises(ValueError):
             Faults(**bad)
+
+
+def test_onboard_path_imports_no_heavy_dependency():
+    """Standing rule: runtime/, policies/ and monitors/ run on numpy, onnxruntime, pyzmq and msgpack only."""
+    code = (
+        "import sys, importlib, pkgutil\n"
+        "import vigil.runtime, vigil.policies, vigil.monitors\n"
+        "for pkg in (vigil.runtime, vigil.policies, vigil.monitors):\n"
+        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+        "        importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
+        "heavy = ('torch', 'scipy', 'metaworld', 'mujoco', 'gymnasium', 'transformers', 'tokenizers',\n"
+        "         'sentence_transformers', 'control', 'cvxpy', 'onnx', 'matplotlib')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
