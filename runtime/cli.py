@@ -1,7 +1,7 @@
-"""`vigil` command line: serve | sim | alerts | demo | bundle.
+"""`vigil` command line: serve | sim | alerts | demo | bundle | demos | train.
 
-`serve` and `alerts` need only the base install; `sim`, `demo` and `bundle` import the simulator and
-training code lazily, so the onboard path never loads them.
+`serve` and `alerts` need only the base install; `sim`, `demo`, `bundle`, `demos` and `train` import the
+simulator and training code (torch) lazily, so the onboard path never loads them.
 """
 
 from __future__ import annotations
@@ -281,14 +281,47 @@ def cmd_demos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a policy from demonstrations (needs vigil[train])",
+                       description="Train a policy on a demonstration dataset (docs/datasets.md). flow: a "
+                                   "flow-matching action-chunk ensemble (training/flow.py), conditioned on the "
+                                   "state and on the instruction embedded by the onboard encoder bundle; writes "
+                                   "ensemble.pt, loss.csv, learning_curve.png, provenance.json and, when the "
+                                   "exporter is available, the flow_ensemble bundle in OUT/bundle.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("kind", choices=("flow",), help="what to train")
+    p.add_argument("--config", required=True, help="TOML file with a [flow] table (e.g. configs/flow-mt10.toml)")
+    p.add_argument("--demos", required=True, help="demonstration dataset folder (vigil demos record)")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--encoder", help="instruction-encoder bundle folder: reused if it holds one, else exported "
+                                     "there (default: OUT/encoder)")
+    p.add_argument("--seed", type=int, help="overrides the config's seed")
+    p.add_argument("--tasks", help="comma-separated task names to train on (default: every task of the dataset)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vigil.training.train_flow import run
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    try:
+        summary = run(args.config, args.demos, args.out, encoder_dir=args.encoder, seed=args.seed, tasks=tasks,
+                      progress=not args.no_progress, log=lambda line: print(line, flush=True))
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"vigil train {args.kind}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vigil", description="Host learned robot controllers and watch them.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_serve_parser, _sim_parser, _alerts_parser, _demo_parser, _bundle_parser, _demos_parser):
+    for add in (_serve_parser, _sim_parser, _alerts_parser, _demo_parser, _bundle_parser, _demos_parser, _train_parser):
         add(sub)
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "sim": cmd_sim, "alerts": cmd_alerts, "demo": cmd_demo,
-            "bundle": cmd_bundle, "demos": cmd_demos}[args.command](args)
+            "bundle": cmd_bundle, "demos": cmd_demos, "train": cmd_train}[args.command](args)
 
 
 if __name__ == "__main__":
