@@ -1,0 +1,70 @@
+"""onnxruntime cost of one `flow_ensemble` plan (training/flow_export.py) at batch 1: encode once, the 10
+Euler steps plus the 0.95 VFD point for every integrating member, one-way VFD over N = 5 noise samples,
+in one `session.run`. M = 1, 2, 5, 8; full members versus a shared encoder; pair conventions "lower"
+versus "anchor"; default width (FlowConfig: hidden 256, depth 3, H 8). Untrained weights (the cost does
+not depend on their values). Session options as the runtime uses them (policies/bundle.py).
+Not yet wired into `make bench`; prints a table.
+
+    .venv/bin/python bench/flow_latency.py [--threads 1] [--reps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+from vigil.policies.bundle import session_options
+from vigil.training.flow import Ensemble, FlowConfig
+from vigil.training.flow_export import export_onnx
+
+TARGETS = "targets (issue 4 item 7): full M=5 <= 4x M=1; shared M=5 <= 1.5x M=1; a plan at M=5 < 1 ms"
+
+
+def plan_us(cfg: FlowConfig, threads: int, reps: int) -> float:
+    """Median wall time of one session.run at batch 1, microseconds."""
+    sess = ort.InferenceSession(export_onnx(Ensemble(cfg).eval(), cfg), session_options(threads),
+                                providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {"state": rng.standard_normal((1, cfg.obs_dim), dtype=np.float32),
+            "instruction": rng.standard_normal((1, cfg.instr_dim), dtype=np.float32),
+            "noise": rng.standard_normal((1, cfg.vfd_samples, cfg.horizon, cfg.action_dim), dtype=np.float32)}
+    fetch = ["action", "vfd"]
+    for _ in range(30):
+        sess.run(fetch, feed)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sess.run(fetch, feed)
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--members", type=int, nargs="+", default=[1, 2, 5, 8])
+    args = ap.parse_args()
+    base = FlowConfig()
+    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op thread(s), batch 1; hidden {base.hidden}, "
+          f"depth {base.depth}, H {base.horizon}, N {base.vfd_samples}, {base.euler_steps} Euler steps + 0.95 point")
+    print("median µs per plan (x = ratio to M=1 of the same variant)\n")
+    print(f"| variant | pairs | " + " | ".join(f"M={m}" for m in args.members) + " |")
+    print("|---|---|" + "---|" * len(args.members))
+    for shared in (False, True):
+        for pairs in ("lower", "anchor"):
+            row = {m: plan_us(dataclasses.replace(base, members=m, shared_encoder=shared, vfd_pairs=pairs),
+                              args.threads, args.reps) for m in args.members}
+            ref = row.get(1)
+            cells = [f"{row[m]:.0f}" + (f" ({row[m] / ref:.2f}x)" if ref and m != 1 else "") for m in args.members]
+            print(f"| {'shared encoder' if shared else 'full members'} | {pairs} | " + " | ".join(cells) + " |")
+    print("\n" + TARGETS)
+
+
+if __name__ == "__main__":
+    main()

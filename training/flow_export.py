@@ -1,0 +1,195 @@
+"""Export a flow-matching ensemble (training/flow.py) as a `flow_ensemble` policy bundle.
+
+One ONNX graph computes exactly what `vigil.training.flow.plan` computes, in one `session.run`:
+
+    inputs   state        (batch, obs_dim)    float32  raw observation (the graph standardises it with the
+                                                       ensemble's stored mean/std; the manifest has no
+                                                       `normalisation`, so the runtime feeds it as is)
+             instruction  (batch, instr_dim)  float32  instruction embedding (the bundle's encoder)
+             noise        (batch, N, H, m)    float32  N = cfg.vfd_samples standard-normal start states
+    outputs  action       (batch, H, m)       float32  member 0's Euler sample from noise[:, 0] (the chunk
+                                                       `plan` returns)
+             vfd          (batch,)            float32  one-way VFD with cfg.vfd_pairs
+
+Inside: encode once (M contexts), add the time embedding of every grid time once, then the 11 points of
+the VFD grid (`flow.vfd_grid`: the 10 Euler times plus 0.95) unrolled; at each point every member's
+velocity is evaluated on every integrating member's states in one batched call. With one member (no
+pairs) the 0.95 point is skipped: it only feeds the score. The noise axis order differs from `plan`'s
+(N, B, H, m): the runtime feeds a leading batch axis on every input (docs/bundles.md §3), so the graph
+transposes it.
+
+The bundle folder holds policy.onnx, manifest.json and `encoder/` (a copy of the instruction-encoder
+bundle, named by manifest `extra.encoder`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vigil.policies.manifest import Manifest, write_bundle
+from vigil.runtime.protocol import ArraySpec
+from vigil.training.export import OPSET, _tup, provenance
+from vigil.training.flow import Ensemble, FlowConfig, StackedLinear, member_pairs, time_features, vfd_grid
+
+ENCODER_DIR = "encoder"
+_STRUCTURE = ("obs_dim", "instr_dim", "action_dim", "horizon", "hidden", "depth", "time_features", "members",
+              "shared_encoder", "euler_steps")
+
+
+def _lin(layer: StackedLinear, x: Tensor) -> Tensor:
+    """StackedLinear as plain broadcasting MatMul (+ Add): x (L, *rest, in) -> (max(L, K), *rest, out).
+    StackedLinear's bmm path expands the (K, in, out) weights to the batch, which onnxruntime executes as a
+    copy of every weight on every call; MatMul broadcasts them instead. Same products, same sums."""
+    rest = x.shape[1:-1]
+    y = torch.matmul(x.reshape(x.shape[0], -1, x.shape[-1]), layer.weight)
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y.reshape(y.shape[0], *rest, y.shape[-1])
+
+
+class PlanGraph(nn.Module):
+    """`flow.plan` as a traceable forward(state, instruction, noise (B, N, H, m)) -> (chunk, vfd), with the
+    grid loop unrolled and the pair bookkeeping turned into constant indices. Mirrors Ensemble.encode,
+    .condition and .velocity_from layer for layer (tests/test_flow_export.py checks it against `plan`);
+    the time embedding of the fixed grid is a constant computed here, once, by the ensemble itself."""
+
+    def __init__(self, ensemble: Ensemble, pairs: str):
+        super().__init__()
+        self.ens = ensemble.eval()
+        cfg = ensemble.cfg
+        M = ensemble.members
+        self.pairs = member_pairs(M, pairs)
+        self.integrators = sorted({a for a, _ in self.pairs} | {0})
+        I = len(self.integrators)
+        pos = {a: i for i, a in enumerate(self.integrators)}
+        # v is (M, I, S, B, D) flattened to (M * I, ...): integrator i's own velocity is row integrators[i] * I + i
+        self.register_buffer("own_idx", torch.tensor([a * I + i for i, a in enumerate(self.integrators)]),
+                             persistent=False)
+        self.pair_idx = [b * I + pos[a] for a, b in self.pairs]  # rows of acc (M * I, S, B) per pair
+        ts, dts, ws = vfd_grid(cfg.euler_steps)
+        if not self.pairs:  # no score: the extra 0.95 point would only move x past the sample
+            ts, dts, ws = ts[:-1], dts[:-1], ws[:-1]
+        self.ts, self.dts, self.ws = ts, dts, ws
+        with torch.no_grad():  # condition() minus the context: (M, G, 1, hidden), one row per grid time
+            grid = torch.tensor(ts, dtype=torch.float32).reshape(1, -1, 1)
+            temb = ensemble.t_in(time_features(grid, ensemble.freqs))
+        self.register_buffer("temb", temb.expand(M, *temb.shape[1:]).contiguous(), persistent=False)
+
+    def forward(self, state: Tensor, instruction: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        ens, cfg = self.ens, self.ens.cfg
+        n, M, I, D = cfg.euler_steps, ens.members, len(self.integrators), cfg.chunk_dim
+        x0 = noise.transpose(0, 1).flatten(-2)              # (S, B, D), plan's layout
+        S = x0.shape[0]
+        z = torch.cat([(state - ens.obs_mean) / ens.obs_std, instruction], dim=-1)[None]
+        for layer in ens.encoder:                            # encode: once per plan
+            z = F.silu(_lin(layer, z))
+        ctx = _lin(ens.context_proj, z)[:, None]             # (M, 1, B, h)
+        x = x0[None].expand(I, *x0.shape)                    # (I, S, B, D): every integrator from the same noise
+        acc, sample = None, None
+        for k, (dt, w) in enumerate(zip(self.dts, self.ws)):
+            cond = self.temb[:, k:k + 1] + ctx               # condition(ctx, t_k): (M, 1, B, h)
+            h = F.silu(_lin(ens.x_in, x.reshape(1, I * S, -1, D)) + cond)
+            for layer in ens.head:
+                h = F.silu(_lin(layer, h))
+            v = _lin(ens.out, h).reshape(M * I, S, -1, D)   # every member on every integrator's states
+            v_own = v.index_select(0, self.own_idx)          # (I, S, B, D)
+            if w > 0 and self.pairs:
+                d = (w * dt) * (v.reshape(M, I, S, -1, D) - v_own[None]).square().sum(-1)
+                d = d.reshape(M * I, S, -1)
+                acc = d if acc is None else acc + d
+            if k == n - 1:
+                sample = x[0, 0] + v_own[0, 0] / n            # integrator 0 is member 0; first noise sample
+            if k < n:
+                x = x + dt * v_own
+        chunk = sample.reshape(-1, cfg.horizon, cfg.action_dim)
+        if self.pairs:
+            score = torch.stack([acc[j] for j in self.pair_idx]).mean(0).mean(0)
+        else:
+            score = torch.zeros_like(state[:, 0])
+        return chunk, score
+
+
+def export_onnx(ensemble: Ensemble, cfg: FlowConfig) -> bytes:
+    """The plan graph as ONNX bytes (legacy exporter, opset OPSET, dynamic batch axis)."""
+    module = PlanGraph(ensemble, cfg.vfd_pairs).eval()
+    N, H, m = cfg.vfd_samples, cfg.horizon, cfg.action_dim
+    example = (torch.zeros(2, cfg.obs_dim), torch.zeros(2, cfg.instr_dim), torch.zeros(2, N, H, m))
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python ints from shapes: fixed by design
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, chosen (dynamo=False)
+        torch.onnx.export(module, example, buf, input_names=["state", "instruction", "noise"],
+                          output_names=["action", "vfd"], opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True,
+                          dynamic_axes={"state": {0: "batch"}, "instruction": {0: "batch"}, "noise": {0: "batch"},
+                                        "action": {0: "batch"}, "vfd": {0: "batch"}})
+    return buf.getvalue()
+
+
+def export_flow_ensemble(folder: str | Path, ensemble: Ensemble, cfg: FlowConfig, encoder_folder: str | Path,
+                         name: str, *, execute: int | None = None, monitor: Mapping[str, Any] | None = None,
+                         prov: Mapping[str, Any] | None = None, action_low: Sequence[float] = (-1,) * 4,
+                         action_high: Sequence[float] = (1,) * 4, control_rate_hz: float = 80.0) -> Manifest:
+    """Write a `flow_ensemble` bundle to `folder`: policy.onnx (see the module docstring), manifest.json and
+    the instruction encoder copied from `encoder_folder` into `folder/encoder`.
+
+    cfg: the ensemble's config; its `vfd_pairs` picks the pair convention of the exported score (it may
+    differ from ensemble.cfg's, nothing else that shapes the graph may).
+    execute: actions executed per chunk before replanning; default H // 2 (4 of 8 at 80 Hz: a fresh plan,
+    and a fresh VFD score for the monitor, every 50 ms, for a plan that costs well under a millisecond).
+    monitor: the manifest's `monitor` map, e.g. {"vfd": {"thresholds": {...}, "window": 3}}; a bare VFD
+    block (a map with `thresholds`) is taken as monitor.vfd.
+    prov: added to the provenance (cfg, member count, pair convention, parameter count are always there).
+    """
+    for f in _STRUCTURE:
+        if getattr(cfg, f) != getattr(ensemble.cfg, f):
+            raise ValueError(f"cfg.{f} = {getattr(cfg, f)!r} but the ensemble was built with {getattr(ensemble.cfg, f)!r}")
+    H, m = cfg.horizon, cfg.action_dim
+    if len(action_low) != m or len(action_high) != m:
+        raise ValueError(f"action_low/high must have {m} numbers each, got {len(action_low)} and {len(action_high)}")
+    execute = max(1, H // 2) if execute is None else int(execute)
+    if not 1 <= execute <= H:
+        raise ValueError(f"execute must be in 1..{H}, got {execute}")
+    if monitor and "thresholds" in monitor:
+        monitor = {"vfd": dict(monitor)}
+
+    from vigil.policies.instructions import InstructionEncoder
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    enc_dst = folder / ENCODER_DIR
+    if enc_dst.exists():
+        shutil.rmtree(enc_dst)
+    shutil.copytree(encoder_folder, enc_dst)
+    enc = InstructionEncoder.load(enc_dst)  # verifies the copy (sha256s) and its width
+    if enc.dim != cfg.instr_dim:
+        raise ValueError(f"the encoder embeds into {enc.dim} dimensions, the ensemble expects {cfg.instr_dim}")
+
+    onnx_bytes = export_onnx(ensemble, cfg)
+    n_params = sum(p.numel() for p in ensemble.parameters())
+    base = {"method": "flow_matching_ensemble", "config": dataclasses.asdict(cfg), "members": cfg.members,
+            "shared_encoder": cfg.shared_encoder, "vfd_pairs": cfg.vfd_pairs, "parameters": n_params,
+            "torch": torch.__version__, "chunk_from": "member 0, noise sample 0 (training.flow.plan)"}
+    manifest: dict[str, Any] = {
+        "name": name, "kind": "flow_ensemble",
+        "observation": [ArraySpec("state", "float32", (cfg.obs_dim,)).to_dict()],
+        "action": ArraySpec("action", "float32", (m,), _tup(action_low), _tup(action_high)).to_dict(),
+        "safe_action": [0.0] * m, "control_rate_hz": float(control_rate_hz),
+        "onnx": {"inputs": {"state": "state"}, "action": "action", "scores": ["vfd"]},
+        "chunk": {"length": H, "execute": execute},
+        "provenance": provenance(**{**base, **dict(prov or {})}),
+        "monitor": dict(monitor or {}),
+        "extra": {"instruction_input": "instruction", "noise_input": "noise",
+                  "noise_shape": [cfg.vfd_samples, H, m], "encoder": ENCODER_DIR,
+                  "members": cfg.members, "vfd_pairs": cfg.vfd_pairs, "euler_steps": cfg.euler_steps},
+    }
+    return write_bundle(folder, onnx_bytes, manifest)
