@@ -424,3 +424,14 @@ def graph_bundle(folder: Path, nodes: list, *, obs_dim: int, act_dim: int, outpu
     }
     d.update(manifest)
     return write_bundle(folder, model.SerializeToString(), d)
+
+
+@pytest.fixture(scope="session")
+def encoder_bundle(tmp_path_factory) -> Path:
+    """The onboard instruction-encoder bundle (an 87 MB export of the packaged MiniLM), written once per
+    session through the CLI, in-process (`vigil bundle encoder --out DIR`). Tests must not modify it."""
+    from vigil.runtime.cli import main
+
+    folder = tmp_path_factory.mktemp("encoder")
+    assert main(["bundle", "encoder", "--out", str(folder)]) == 0
+    return folder

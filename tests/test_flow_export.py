@@ -31,12 +31,8 @@ CHUNK_ATOL, VFD_RTOL = 1e-5, 1e-4
 
 
 @pytest.fixture(scope="session")
-def flow_encoder_bundle(tmp_path_factory) -> Path:
-    from vigil.runtime.cli import main
-
-    folder = tmp_path_factory.mktemp("flow_encoder")
-    assert main(["bundle", "encoder", "--out", str(folder)]) == 0
-    return folder
+def flow_encoder_bundle(encoder_bundle) -> Path:
+    return encoder_bundle  # one export per session (tests/conftest.py)
 
 
 def expert_demos(episodes: int = 2, steps: int = 120) -> tuple[np.ndarray, np.ndarray]:

@@ -93,17 +93,6 @@ def reference_model():
 
 
 @pytest.fixture(scope="session")
-def encoder_bundle(tmp_path_factory, reference_model) -> Path:
-    """The encoder bundle, written once per session through the CLI (`vigil bundle encoder --out DIR`,
-    in-process: the exporter then reuses the loaded packages)."""
-    from vigil.runtime.cli import main
-
-    folder = tmp_path_factory.mktemp("encoder")
-    assert main(["bundle", "encoder", "--out", str(folder)]) == 0
-    return folder
-
-
-@pytest.fixture(scope="session")
 def encoder(encoder_bundle) -> InstructionEncoder:
     return InstructionEncoder.load(encoder_bundle)
 

@@ -27,13 +27,8 @@ TINY = ROOT / "configs" / "flow-tiny.toml"
 
 
 @pytest.fixture(scope="session")
-def flow_encoder_bundle(tmp_path_factory) -> Path:
-    """The onboard encoder bundle, written once per session through the CLI (in-process)."""
-    from vigil.runtime.cli import main
-
-    folder = tmp_path_factory.mktemp("flow-encoder")
-    assert main(["bundle", "encoder", "--out", str(folder)]) == 0
-    return folder
+def flow_encoder_bundle(encoder_bundle) -> Path:
+    return encoder_bundle  # one export per session (tests/conftest.py)
 
 
 @pytest.fixture(scope="session")
