@@ -117,6 +117,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
         line = (f"episode {s['episode']}: {s['steps']} steps, reward {s['reward']:.3f}, "
                 f"latency p50 {s['latency_us']['p50']:.0f} us p99 {s['latency_us']['p99']:.0f} us, "
                 f"safe actions runtime {s['runtime_safe']} robot {s['robot_safe']}, errors {s['errors']}")
+        if s["success"] is not None:
+            line += f", success {'yes' if s['success'] else 'no'}"
         if s["oracle_cost"] is not None:
             line += f", cost {s['cost']:.3f} (same-noise optimum {s['oracle_cost']:.3f}, T*J* {s['optimal_cost']:.3f})"
         print(line, flush=True)

@@ -45,6 +45,7 @@ class EpisodeStats:
     errors: int = 0
     verdicts: dict[str, int] = field(default_factory=dict)
     latency_us: list[float] = field(default_factory=list)
+    success: bool | None = None  # tasks that report info["success"] (Meta-World): reached at any step
     oracle_cost: float | None = None  # linear systems: optimal controller on the same noise
     optimal_cost: float | None = None  # linear systems: T * J*
 
@@ -98,6 +99,8 @@ def _apply(env: Environment, action: np.ndarray, stats: EpisodeStats):
     stats.steps += 1
     stats.reward += result.reward
     stats.cost += float(result.info.get("cost", 0.0))
+    if "success" in result.info:
+        stats.success = bool(stats.success) or bool(result.info["success"])
     return result.obs, result.terminated or result.truncated
 
 

@@ -151,6 +151,8 @@ def test_vigil_sim_plays_reach_against_a_runtime(serve, tmp_path):
     episodes = json.loads(summary.read_text())
     assert [ep["steps"] for ep in episodes] == [25, 25]
     assert all(ep["errors"] == 0 and ep["robot_safe"] == 0 and ep["runtime_safe"] == 0 for ep in episodes)
+    assert all(isinstance(ep["success"], bool) for ep in episodes)  # Meta-World reports task success
+    assert "success" in sim.stdout
     assert served.stop()["ticks"] == 50
 
 
