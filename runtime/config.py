@@ -90,20 +90,21 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig
             raise ConfigError(f"config file {path} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        values.update(_check_types(doc.get("serve", {}), "serve"))
+        values.update(check_table(ServeConfig, doc.get("serve", {}), "serve"))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ServeConfig(**values)
 
 
-def _check_types(table: Mapping[str, Any], section: str) -> dict[str, Any]:
-    known = {f.name: f for f in fields(ServeConfig)}
+def check_table(cls: type, table: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """Values of a TOML table for the frozen dataclass `cls`: every key must be a field, and its value of
+    the field default's type (ints are accepted for floats, bools never for numbers)."""
+    known = {f.name: f for f in fields(cls)}
     out = {}
     for key, value in table.items():
         f = known.get(key)
         if f is None:
             raise ConfigError(f"config key '{section}.{key}' is unknown; expected one of {sorted(known)}")
-        default = f.default
-        expected = type(default)
+        expected = type(f.default)
         ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True

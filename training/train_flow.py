@@ -30,14 +30,14 @@ import platform
 import sys
 import time
 import tomllib
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from vigil.runtime.config import ConfigError
+from vigil.runtime.config import ConfigError, check_table
 from vigil.training.demos import DemoSet
 from vigil.training.flow import PAIR_CONVENTIONS, Ensemble, FlowConfig, make_chunks, train_ensemble
 
@@ -73,25 +73,6 @@ def check_flow_config(cfg: FlowConfig, section: str = "flow") -> FlowConfig:
     return cfg
 
 
-def _check_types(table: Mapping[str, Any], section: str) -> dict[str, Any]:
-    """runtime/config.py's rules: the type of each key is its default's; ints are accepted for floats,
-    bools never for numbers."""
-    known = {f.name: f for f in fields(FlowConfig)}
-    out = {}
-    for key, value in table.items():
-        f = known.get(key)
-        if f is None:
-            raise ConfigError(f"config key '{section}.{key}' is unknown; expected one of {sorted(known)}")
-        expected = type(f.default)
-        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            raise ConfigError(f"config key '{section}.{key}' must be a {expected.__name__}, got {value!r}")
-        out[key] = value
-    return out
-
-
 def flow_config_from_dict(doc: Mapping[str, Any], **overrides: Any) -> FlowConfig:
     """FlowConfig from a parsed TOML document with a `[flow]` table, then non-None overrides."""
     extra = sorted(k for k in doc if k != "flow")
@@ -100,8 +81,8 @@ def flow_config_from_dict(doc: Mapping[str, Any], **overrides: Any) -> FlowConfi
     table = doc.get("flow")
     if not isinstance(table, Mapping):
         raise ConfigError("config key 'flow' must be a table ([flow]) of FlowConfig fields")
-    values = _check_types(table, "flow")
-    values.update(_check_types({k: v for k, v in overrides.items() if v is not None}, "flow"))
+    values = check_table(FlowConfig, table, "flow")
+    values.update(check_table(FlowConfig, {k: v for k, v in overrides.items() if v is not None}, "flow"))
     return check_flow_config(FlowConfig(**values))
 
 
