@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: demo test test-slow bench bench-latency bench-wakeup clean
+.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,13 +34,16 @@ $(OPENPI)/.installed:
 	$(OPENPI)/bin/pip install --quiet "openpi-client==0.1.2" typing_extensions websockets onnxruntime "numpy<2"
 	touch $@
 
-bench: bench-latency bench-wakeup
+bench: bench-latency bench-wakeup bench-flow-latency
 
 bench-latency: $(STAMP) $(OPENPI)/.installed
 	$(BIN)/python bench/latency.py --openpi-python $(OPENPI)/bin/python
 
 bench-wakeup: $(STAMP)
 	$(BIN)/python bench/wakeup.py
+
+bench-flow-latency: $(STAMP)
+	$(BIN)/python bench/flow_latency.py
 
 clean:
 	rm -rf $(VENV) $(OPENPI) .vigil-demo .pytest_cache

@@ -3,17 +3,20 @@ Euler steps plus the 0.95 VFD point for every integrating member, one-way VFD ov
 in one `session.run`. M = 1, 2, 5, 8; full members versus a shared encoder; pair conventions "lower"
 versus "anchor"; default width (FlowConfig: hidden 256, depth 3, H 8). Untrained weights (the cost does
 not depend on their values). Session options as the runtime uses them (policies/bundle.py).
-Not yet wired into `make bench`; prints a table.
+Prints a table and rewrites the section between the `flow-latency` markers of BENCHMARKS.md.
 
-    .venv/bin/python bench/flow_latency.py [--threads 1] [--reps 300]
+    .venv/bin/python bench/flow_latency.py [--threads 1] [--reps 300] [--no-write]     # make bench-flow-latency
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +24,11 @@ import onnxruntime as ort
 from vigil.policies.bundle import session_options
 from vigil.training.flow import Ensemble, FlowConfig
 from vigil.training.flow_export import export_onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import BENCHMARKS, git_state, machine  # noqa: E402  (bench/ is not a package)
+
+BEGIN, END = "<!-- flow-latency:begin -->", "<!-- flow-latency:end -->"
 
 TARGETS = "targets (issue 4 item 7): full M=5 <= 4x M=1; shared M=5 <= 1.5x M=1; a plan at M=5 < 1 ms"
 
@@ -49,21 +57,49 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--members", type=int, nargs="+", default=[1, 2, 5, 8])
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args()
     base = FlowConfig()
-    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op thread(s), batch 1; hidden {base.hidden}, "
-          f"depth {base.depth}, H {base.horizon}, N {base.vfd_samples}, {base.euler_steps} Euler steps + 0.95 point")
-    print("median µs per plan (x = ratio to M=1 of the same variant)\n")
-    print(f"| variant | pairs | " + " | ".join(f"M={m}" for m in args.members) + " |")
-    print("|---|---|" + "---|" * len(args.members))
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"| variant | pairs | " + " | ".join(f"M={m}" for m in args.members) + " |",
+             "|---|---|" + "---:|" * len(args.members)]
     for shared in (False, True):
         for pairs in ("lower", "anchor"):
             row = {m: plan_us(dataclasses.replace(base, members=m, shared_encoder=shared, vfd_pairs=pairs),
                               args.threads, args.reps) for m in args.members}
             ref = row.get(1)
             cells = [f"{row[m]:.0f}" + (f" ({row[m] / ref:.2f}x)" if ref and m != 1 else "") for m in args.members]
-            print(f"| {'shared encoder' if shared else 'full members'} | {pairs} | " + " | ".join(cells) + " |")
-    print("\n" + TARGETS)
+            lines.append(f"| {'shared encoder' if shared else 'full members'} | {pairs} | " + " | ".join(cells) + " |")
+    info = machine(None)
+    text = "\n".join([
+        BEGIN,
+        "## Cost of knowing: one flow-ensemble plan in onnxruntime",
+        "",
+        f"Written by `bench/flow_latency.py` (`make bench-flow-latency`) on {started}; commit {git_state()}; "
+        f"{info.get('CPU', '?')}, {info.get('cores', '?')} cores. onnxruntime {ort.__version__}, {args.threads} "
+        f"intra-op thread(s), batch 1, median of {args.reps} plans. One plan = encode once, "
+        f"{base.euler_steps} Euler steps + the 0.95 VFD point for every integrating member, one-way VFD over "
+        f"N = {base.vfd_samples} noise samples, in one `session.run`; hidden {base.hidden}, depth {base.depth}, "
+        f"H {base.horizon}; untrained weights (the cost does not depend on them).",
+        "",
+        "Median µs per plan (in brackets: ratio to M=1 of the same variant):",
+        "",
+        *lines,
+        "",
+        f"{TARGETS[0].upper()}{TARGETS[1:]}. Not met yet: see the issue 4 notes. `lower` (each unordered pair "
+        "once, lower index integrating) grows with M(M-1) integrated paths; `anchor` (member 0 integrates) with M. "
+        "No same-run naive baseline yet (FACTS.md's reference: a naive 10-step 256-wide member, 155 µs; five, "
+        "717 µs, at one noise sample).",
+        END,
+    ])
+    print(text)
+    if not args.no_write:
+        doc = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+        if BEGIN in doc:
+            doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
+        else:
+            doc = doc.rstrip() + "\n\n" + text + "\n"
+        BENCHMARKS.write_text(doc)
 
 
 if __name__ == "__main__":
