@@ -249,10 +249,12 @@ class Runtime:
         verdicts = [v for v in judged if v.level != Level.OK]
         stop = any(v.level == Level.STOP for v in verdicts)
         action = session.agent.safe_action if stop else step.action
-        self._send(identity, Message("act", session.robot, msg.seq, 0, {"action": action}, {
-            "policy": self.manifest.policy_id, "safe": stop,
-            "verdicts": [[v.monitor, v.level.label, v.reason] for v in verdicts],
-            "infer_us": round(step.infer_s * 1e6, 1)}))
+        meta = {"policy": self.manifest.policy_id, "safe": stop,
+                "verdicts": [[v.monitor, v.level.label, v.reason] for v in verdicts],
+                "infer_us": round(step.infer_s * 1e6, 1)}
+        if step.scores:  # e.g. the VFD of the plan this action came from, and which plan that was
+            meta["scores"], meta["plan"] = step.scores, step.plan
+        self._send(identity, Message("act", session.robot, msg.seq, 0, {"action": action}, meta))
         session.last_seq = msg.seq
         session.counters["ticks"] += 1
         session.counters["safe"] += stop

@@ -46,6 +46,8 @@ class EpisodeStats:
     verdicts: dict[str, int] = field(default_factory=dict)
     latency_us: list[float] = field(default_factory=list)
     success: bool | None = None  # tasks that report info["success"] (Meta-World): reached at any step
+    scores: dict[str, list[float]] = field(default_factory=dict)  # per plan, e.g. {"vfd": [...]}, in order
+    last_plan: int | None = None
     oracle_cost: float | None = None  # linear systems: optimal controller on the same noise
     optimal_cost: float | None = None  # linear systems: T * J*
 
@@ -135,6 +137,11 @@ def _exchange(link: RobotLink, obs, faults: Faults, t: int, rng: np.random.Gener
         key = f"{monitor}.{level}"
         stats.verdicts[key] = stats.verdicts.get(key, 0) + 1
     stats.runtime_safe += bool(reply.meta.get("safe"))
+    plan = reply.meta.get("plan")
+    if plan is not None and plan != stats.last_plan:  # a chunk's actions share one plan: count it once
+        stats.last_plan = plan
+        for name, value in reply.meta.get("scores", {}).items():
+            stats.scores.setdefault(name, []).append(float(value))
     return np.asarray(reply.arrays["action"])
 
 
