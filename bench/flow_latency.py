@@ -26,7 +26,7 @@ from vigil.training.flow import Ensemble, FlowConfig
 from vigil.training.flow_export import export_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import BENCHMARKS, git_state, machine  # noqa: E402  (bench/ is not a package)
+from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
 
 BEGIN, END = "<!-- flow-latency:begin -->", "<!-- flow-latency:end -->"
 
@@ -94,12 +94,7 @@ def main() -> None:
     ])
     print(text)
     if not args.no_write:
-        doc = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-        if BEGIN in doc:
-            doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-        else:
-            doc = doc.rstrip() + "\n\n" + text + "\n"
-        BENCHMARKS.write_text(doc)
+        write_benchmarks(text, BEGIN, END)
 
 
 if __name__ == "__main__":

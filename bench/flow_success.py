@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import BENCHMARKS, git_state, machine  # noqa: E402  (bench/ is not a package)
+from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE = ROOT / "docs" / "figures" / "flow_success.png"
@@ -170,10 +170,7 @@ def main() -> None:
     fig.tight_layout()
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(FIGURE, dpi=110)
-    doc = BENCHMARKS.read_text()
-    doc = (doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]) if BEGIN in doc else \
-        doc.rstrip() + "\n\n" + text + "\n"
-    BENCHMARKS.write_text(doc)
+    write_benchmarks(text, BEGIN, END)
 
 
 if __name__ == "__main__":

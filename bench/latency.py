@@ -712,13 +712,15 @@ def section(args: argparse.Namespace, argv: Sequence[str], ticks: int, rounds: i
     return "\n".join(lines)
 
 
-def write_benchmarks(text: str) -> None:
+def write_benchmarks(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the section between `begin` and `end` in BENCHMARKS.md (append it if absent). Every bench
+    script writes its own section through this."""
     if BENCHMARKS.exists():
         doc = BENCHMARKS.read_text()
     else:
         doc = ("# Benchmarks\n\nMeasured, not estimated: each section below is written by the script it names "
                "and rewritten whenever that script runs.\n\n")
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pattern.search(doc):
         doc = pattern.sub(lambda _: text, doc, count=1)
     else:

@@ -80,17 +80,21 @@ def is_local(endpoint: str) -> bool:
         return False
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is a ConfigError that names it."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig:
     """Read `[serve]` from a TOML file (if given), then apply non-None overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        try:
-            doc = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        values.update(check_table(ServeConfig, doc.get("serve", {}), "serve"))
+        values.update(check_table(ServeConfig, read_toml(path).get("serve", {}), "serve"))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ServeConfig(**values)
 

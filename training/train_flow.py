@@ -29,7 +29,6 @@ import math
 import platform
 import sys
 import time
-import tomllib
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from vigil.runtime.config import ConfigError, check_table
+from vigil.runtime.config import ConfigError, check_table, read_toml
 from vigil.training.demos import DemoSet
 from vigil.training.flow import PAIR_CONVENTIONS, Ensemble, FlowConfig, make_chunks, train_ensemble
 
@@ -88,13 +87,7 @@ def flow_config_from_dict(doc: Mapping[str, Any], **overrides: Any) -> FlowConfi
 
 def load_flow_config(path: str | Path, **overrides: Any) -> FlowConfig:
     """Read the `[flow]` table of a TOML file (configs/flow-mt10.toml), then apply non-None overrides."""
-    try:
-        doc = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return flow_config_from_dict(doc, **overrides)
+    return flow_config_from_dict(read_toml(path), **overrides)
 
 
 # -------------------------------------------------------------------------------------------------- data
