@@ -30,6 +30,7 @@ class ServeConfig:
     mode: str = field(default="lockstep", metadata={"help": "lockstep: answer every observation in order; realtime: act on the freshest, drop stale ones"})
     deadline_ms: float = field(default=0.0, metadata={"help": "longest receipt-to-decision time before the safe action is sent instead; 0 = one control period"})
     link_timeout_s: float = field(default=0.5, metadata={"help": "silence from a robot longer than this is link loss: safe action and an alert"})
+    session_expiry_s: float = field(default=300.0, metadata={"help": "a robot silent this long is forgotten (its policy state and monitor windows too); its next message must be a new hello"})
     heartbeat_s: float = field(default=0.1, metadata={"help": "interval robots are asked to send heartbeats at when they have nothing else to send"})
     telemetry_s: float = field(default=1.0, metadata={"help": "interval of telemetry messages on the operator stream"})
     alert_repeat_s: float = field(default=5.0, metadata={"help": "a condition that persists is re-alerted at most this often (in between it is counted)"})
@@ -47,7 +48,7 @@ class ServeConfig:
         for key in ("deadline_ms", "busy_poll_us"):
             if not 0 <= getattr(self, key) < math.inf:  # also refuses NaN
                 raise bad(key, "a finite number >= 0")
-        for key in ("link_timeout_s", "heartbeat_s", "telemetry_s", "alert_repeat_s"):
+        for key in ("link_timeout_s", "session_expiry_s", "heartbeat_s", "telemetry_s", "alert_repeat_s"):
             if not 0 < getattr(self, key) < math.inf:
                 raise bad(key, "a finite number > 0 (seconds)")
         if self.saturation_window < 1:

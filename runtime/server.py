@@ -305,6 +305,12 @@ class Runtime:
         if self.alerter.pending:
             self.alerter.retry()
         for session in list(self.sessions.values()):
+            if now - session.link.last_seen > self.config.session_expiry_s:  # gone for good: forget it
+                del self.sessions[session.robot]
+                self.by_identity.pop(session.identity, None)
+                self.counters["sessions_expired"] += 1
+                self._telemetry_event(session.robot, "expired", dict(session.counters))
+                continue
             verdict = session.link.check(now)
             if verdict is not None:  # best effort: if only the robot->runtime direction broke, this lands
                 session.counters["link_lost"] += 1

@@ -188,3 +188,17 @@ def test_action_dtype_is_not_compared_and_actions_are_float32(serve, lqr_bundle)
         assert_lqr_action(reply.arrays["action"], gain_of(lqr_bundle), x)
     finally:
         link.close()
+
+
+def test_silent_robot_session_expires(serve, lqr_bundle, links, subscriber):
+    """A robot silent past session_expiry_s is forgotten: telemetry says so, and its socket must say hello
+    again (no_session) before acting."""
+    served = serve(lqr_bundle, link_timeout_s=0.1, session_expiry_s=0.4, telemetry_s=0.05)
+    sub = subscriber(served.operator_endpoint)
+    sub.ready()
+    link = links(served.robot_endpoint, "wanderer")
+    assert link.act({"state": np.zeros(3, np.float32)}).kind == "act"
+    _, event = sub.wait_for(lambda t, m: t == "telemetry" and m.meta.get("event") == "expired")
+    assert event.robot == "wanderer" and event.meta["values"]["ticks"] == 1
+    assert link.act({"state": np.zeros(3, np.float32)}).meta["code"] == "no_session"
+    assert served.stop()["sessions_expired"] == 1
