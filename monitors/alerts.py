@@ -47,6 +47,12 @@ class Alerter:
         """Some (robot, monitor) pair is above ok: only then can an ok verdict change anything."""
         return bool(self._raised)
 
+    def forget(self, robot: str) -> None:
+        """A robot left: its conditions are no longer raised, and a robot of that name starts afresh."""
+        for key in [k for k in self._state if k[0] == robot]:
+            del self._state[key]
+            self._raised.discard(key)
+
     def observe(self, robot: str, verdict: Verdict, now: float | None = None) -> AlertRecord | None:
         """Feed one verdict; returns the alert record if this verdict filed one."""
         key = (robot, verdict.monitor)

@@ -286,11 +286,17 @@ class Runtime:
         self._send(identity, Message("heartbeat", msg.robot, msg.seq))
 
     def _on_bye(self, identity: bytes, msg: Message, t_recv: float) -> None:
-        session = self.by_identity.pop(identity, None)
+        session = self.by_identity.get(identity)
         if session is not None:
-            del self.sessions[session.robot]
-            self._telemetry_event(session.robot, "disconnected", dict(session.counters))
+            self._forget(session, "disconnected")
         self._send(identity, Message("bye", msg.robot, msg.seq))
+
+    def _forget(self, session: Session, event: str) -> None:
+        """Drop a robot's session and its alert state, and say so on the stream."""
+        del self.sessions[session.robot]
+        self.by_identity.pop(session.identity, None)
+        self.alerter.forget(session.robot)
+        self._telemetry_event(session.robot, event, dict(session.counters))
 
     def _on_robot_error(self, identity: bytes, msg: Message, t_recv: float) -> None:
         """A robot reports a problem of its own: it becomes an operator alert."""
@@ -305,11 +311,9 @@ class Runtime:
         if self.alerter.pending:
             self.alerter.retry()
         for session in list(self.sessions.values()):
-            if now - session.link.last_seen > self.config.session_expiry_s:  # gone for good: forget it
-                del self.sessions[session.robot]
-                self.by_identity.pop(session.identity, None)
+            if now - session.link.last_seen > self.config.session_expiry_s:  # gone for good
                 self.counters["sessions_expired"] += 1
-                self._telemetry_event(session.robot, "expired", dict(session.counters))
+                self._forget(session, "expired")
                 continue
             verdict = session.link.check(now)
             if verdict is not None:  # best effort: if only the robot->runtime direction broke, this lands

@@ -538,3 +538,20 @@ def test_onboard_path_imports_no_heavy_dependency():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_alerter_forget_clears_a_robots_raised_pairs(tmp_path):
+    store = AlertStore(tmp_path / "alerts.db")
+    try:
+        alerter = Alerter(store, None, repeat_s=10.0)
+        warn = Verdict("saturation", Level.WARN, "saturated")
+        assert alerter.observe("gone", warn, now=0.0) is not None
+        assert alerter.observe("stays", warn, now=0.0) is not None
+        alerter.forget("gone")
+        assert alerter.raised  # "stays" is still raised
+        assert alerter.observe("gone", warn, now=1.0) is not None  # a robot of that name starts afresh
+        alerter.forget("gone")
+        alerter.forget("stays")
+        assert not alerter.raised  # nothing raised any more: the tick path skips the alerter again
+    finally:
+        store.close()
