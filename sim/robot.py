@@ -53,6 +53,7 @@ class EpisodeStats:
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["last_plan"]  # bookkeeping of _exchange, not a result
         lat = np.asarray(self.latency_us) if self.latency_us else np.zeros(1)
         d["latency_us"] = {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
                            "max": float(lat.max()), "n": len(self.latency_us)}
