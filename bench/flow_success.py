@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,18 +26,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from vigil.sim.demo import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE = ROOT / "docs" / "figures" / "flow_success.png"
 BEGIN, END = "<!-- flow-success:begin -->", "<!-- flow-success:end -->"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def evaluate(bundle: Path, tasks: list[str], episodes: int, seed: int, max_steps: int,

@@ -31,7 +31,6 @@ import re
 import selectors
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from vigil.sim.demo import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -435,12 +436,6 @@ def cpu_times() -> list[int]:
         return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     except (OSError, ValueError, IndexError):
         return []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def vigil_command() -> list[str]:

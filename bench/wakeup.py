@@ -27,6 +27,8 @@ import numpy as np
 import zmq
 from tqdm import tqdm
 
+from vigil.sim.demo import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
 
@@ -57,12 +59,6 @@ def markdown_table(rows: list[list[str]]) -> str:
     head, *body = rows
     return "\n".join(["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1),
                       *("| " + " | ".join(r) + " |" for r in body)])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def echo_tcp(n: int) -> np.ndarray:

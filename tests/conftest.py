@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import zmq
 
 from vigil.runtime.client import RobotLink
 from vigil.runtime.protocol import STREAM_KINDS, ArraySpec, Message, decode, encode
+from vigil.sim.demo import free_port
 
 VIGIL = [sys.executable, "-m", "vigil.runtime.cli"]
 EPS32 = float(np.finfo(np.float32).eps)
@@ -31,12 +31,6 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tcp_endpoint() -> str:
