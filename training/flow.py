@@ -20,8 +20,19 @@ that is the velocity head's context input; the head's first layer adds it to lin
 Fourier features of t. `shared_encoder=True` is the cheaper variant of PAPERS.md: one encoder MLP
 (leading axis 1, broadcast) and M velocity heads (each with its own context projection).
 
+Vision configuration (cfg.image_size > 0). The observation is then a mapping {"state": (B, obs_dim) float,
+"image": (B, S, S, 3) uint8} (S = image_size; the Meta-World corner camera, 64 x 64). A small CNN per
+member (`ImageEncoder`: conv 8x8 stride 4 -> conv 4x4 stride 2 -> linear to image_features, SiLU) turns
+the image into features that join the normalised state and the instruction at the input of the encoder
+MLP. It is part of `encode`, so it runs once per plan, never inside the integration loop. Members' CNNs
+are stacked like the linear layers (`StackedConv`: conv groups, one op for every member) and each is
+initialised from its member's seed; with shared_encoder one CNN serves all heads. Pixels are converted
+to float / 255 inside the model (and inside the exported graph), so images stay uint8 in memory.
+
 Shapes: obs (B, obs_dim), instr (B, instr_dim), chunks (B, H, action_dim); internally a chunk is
 flattened to D = H * action_dim. Member-major tensors are (M, S, B, ...) with S a noise-sample axis.
+Everywhere `obs` is taken it may also be a mapping {"state": ..., "image": ...} (`Observation`); a
+state-only ensemble uses its "state" and ignores the rest.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -37,6 +48,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 PAIR_CONVENTIONS = ("lower", "anchor", "ordered")
+STATE, IMAGE = "state", "image"  # observation names (sim/metaworld_env.py, training/demos.py, the bundle)
+# (kernel, stride) of the image encoder's two convolutions (Atari-DQN-like, scaled to 64 x 64 frames)
+IMAGE_CONVS = ((8, 4), (4, 2))
+MIN_IMAGE_SIZE = 20  # the smallest square image both convolutions fit on (gives a 1 x 1 map)
+
+Observation = Union[Tensor, np.ndarray, Mapping[str, Union[Tensor, np.ndarray]]]
 
 
 @dataclass(frozen=True)
@@ -70,10 +87,17 @@ class FlowConfig:
     steps: int = 20_000            # optimiser steps; each member reshuffles the data every epoch
     min_obs_std: float = 1e-2      # floor of the per-dimension observation std used to normalise
     seed: int = 0
+    image_size: int = 0            # 0: state only; S > 0: also an (S, S, 3) uint8 camera image (vision)
+    image_channels: int = 16       # channels of the first conv; the second has twice as many
+    image_features: int = 64       # width of the image features joining state and instruction
 
     @property
     def chunk_dim(self) -> int:
         return self.horizon * self.action_dim
+
+    @property
+    def vision(self) -> bool:
+        return self.image_size > 0
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -124,6 +148,82 @@ def time_features(t: Tensor, freqs: Tensor) -> Tensor:
     return torch.cat([torch.sin(ft), torch.cos(ft)], dim=-1)
 
 
+def conv_out(size: int) -> int:
+    """Side of the image encoder's last feature map for a square image of side `size`."""
+    for kernel, stride in IMAGE_CONVS:
+        size = (size - kernel) // stride + 1
+    return size
+
+
+class StackedConv(nn.Module):
+    """K independent 2-D convolutions (no padding), weight (K, out, in, k, k), bias (K, out), run as ONE
+    conv op. Activations are channel-stacked, x (B, L * in, H, W): stack l's channels are the l-th block
+    of `in`, so member stacks ride along the channel axis and a grouped conv (groups = K) runs each
+    member's filters on its own stack only.
+      L == K  -- groups = K (member-major inputs: training, where each member has its own minibatch);
+      L == 1  -- shared input (a plan's one camera frame): the K filter banks concatenated, groups = 1, so
+                 the frame is not copied K times;
+      K == 1  -- shared weights (shared_encoder): the L stacks fold into the batch axis, no copy.
+    Returns (y (B, max(K, L) * out, H', W'), max(K, L)). `members` picks a subset of a K > 1 conv."""
+
+    def __init__(self, k: int, d_in: int, d_out: int, kernel: int, stride: int, shared: bool = False):
+        super().__init__()
+        self.shared, self.stride = shared, stride
+        self.weight = nn.Parameter(torch.empty(k, d_out, d_in, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(k, d_out))
+
+    def forward(self, x: Tensor, stacks: int, members: Sequence[int] | None = None) -> tuple[Tensor, int]:
+        w, b = self.weight, self.bias
+        if members is not None and w.shape[0] > 1:
+            w, b = w[list(members)], b[list(members)]
+        K, d_out, d_in = w.shape[:3]
+        if K == 1 and stacks > 1:
+            B, _, H, W = x.shape
+            y = F.conv2d(x.reshape(B * stacks, d_in, H, W), w[0], b[0], self.stride)
+            return y.reshape(B, stacks * d_out, *y.shape[-2:]), stacks
+        if stacks not in (1, K):
+            raise ValueError(f"{stacks} input stacks for a conv of {K} members")
+        groups = K if stacks == K else 1
+        return F.conv2d(x, w.reshape(K * d_out, d_in, *w.shape[-2:]), b.reshape(-1), self.stride, 0, 1, groups), K
+
+
+def image_to_stacks(image: Tensor) -> tuple[Tensor, int]:
+    """uint8 images (B, S, S, 3) or member-major (L, B, S, S, 3) -> float (B, L * 3, S, S) in [0, 1]
+    channel-stacked for StackedConv, and L (1 for shared images). The /255 is here, in the model (and in
+    the exported graph), so images stay uint8 in memory and on the wire."""
+    x = image.to(torch.float32) / 255.0
+    if x.dim() == 4:
+        return x.permute(0, 3, 1, 2), 1
+    L, B, S1, S2, C = x.shape
+    return x.permute(1, 0, 4, 2, 3).reshape(B, L * C, S1, S2), L
+
+
+class ImageEncoder(nn.Module):
+    """Per-member CNN over the camera frame: conv 8x8/4 (c) -> SiLU -> conv 4x4/2 (2c) -> SiLU -> flatten
+    -> linear (image_features) -> SiLU. For 64 x 64 frames the maps are 15 x 15 and 6 x 6: ~1 ms for all
+    members per plan on one core, cheap enough to train on CPU."""
+
+    def __init__(self, k: int, cfg: FlowConfig, shared: bool = False):
+        super().__init__()
+        c = cfg.image_channels
+        (k1, s1), (k2, s2) = IMAGE_CONVS
+        self.conv1 = StackedConv(k, 3, c, k1, s1, shared=shared)
+        self.conv2 = StackedConv(k, c, 2 * c, k2, s2, shared=shared)
+        self.flat = 2 * c * conv_out(cfg.image_size) ** 2
+        self.proj = StackedLinear(k, self.flat, cfg.image_features, shared=shared)
+
+    def conv_features(self, image: Tensor, members: Sequence[int] | None = None) -> Tensor:
+        """uint8 image(s) -> flattened conv features, member-major (K', B, 2c * s * s)."""
+        x, stacks = image_to_stacks(image)
+        x, stacks = self.conv1(x, stacks, members)
+        x, stacks = self.conv2(F.silu(x), stacks, members)
+        return F.silu(x).reshape(-1, stacks, self.flat).transpose(0, 1)
+
+    def forward(self, image: Tensor, members: Sequence[int] | None = None) -> Tensor:
+        """(B, S, S, 3) or (L, B, S, S, 3) uint8 -> (K', B, image_features)."""
+        return F.silu(self.proj(self.conv_features(image, members), members))
+
+
 class Ensemble(nn.Module):
     """M flow-matching members with stacked parameters; see the module docstring for the split."""
 
@@ -134,7 +234,10 @@ class Ensemble(nn.Module):
         self.cfg = cfg
         M, h, D = cfg.members, cfg.hidden, cfg.chunk_dim
         k_enc = 1 if cfg.shared_encoder else M
-        enc_in = [cfg.obs_dim + cfg.instr_dim] + [h] * (cfg.depth - 1)
+        if cfg.vision and cfg.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size must be 0 or >= {MIN_IMAGE_SIZE}, not {cfg.image_size}")
+        self.image_encoder = ImageEncoder(k_enc, cfg, shared=cfg.shared_encoder) if cfg.vision else None
+        enc_in = [cfg.obs_dim + cfg.instr_dim + (cfg.image_features if cfg.vision else 0)] + [h] * (cfg.depth - 1)
         self.encoder = nn.ModuleList([StackedLinear(k_enc, d, h, shared=cfg.shared_encoder) for d in enc_in])
         self.context_proj = StackedLinear(M, h, h)
         self.x_in = StackedLinear(M, D, h)
@@ -158,28 +261,68 @@ class Ensemble(nn.Module):
         shared_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.cfg.seed, 1]).generate_state(1)[0]))
         with torch.no_grad():
             for mod in self.modules():
-                if not isinstance(mod, StackedLinear):
+                if not isinstance(mod, (StackedLinear, StackedConv)):
                     continue
-                bound = 1.0 / math.sqrt(mod.weight.shape[1])
+                # fan_in: StackedLinear (K, in, out); StackedConv (K, out, in, k, k) as nn.Conv2d's default
+                fan_in = mod.weight.shape[1] if isinstance(mod, StackedLinear) else mod.weight[0, 0].numel()
+                bound = 1.0 / math.sqrt(fan_in)
                 for j in range(mod.weight.shape[0]):
                     g = shared_gen if mod.shared else gens[j]
                     mod.weight[j].copy_((torch.rand(mod.weight.shape[1:], generator=g) * 2 - 1) * bound)
                     if mod.bias is not None:
                         mod.bias[j].copy_((torch.rand(mod.bias.shape[1:], generator=g) * 2 - 1) * bound)
 
-    def set_normalisation(self, obs: Tensor) -> None:
-        """Per-dimension mean and std of the training observations (std floored at cfg.min_obs_std, so
-        dimensions that never vary do not divide by zero)."""
+    def split_obs(self, obs: Observation) -> tuple[Tensor, Tensor | None]:
+        """(state, image or None) from an observation: a state tensor/array, or a mapping with "state"
+        (and "image", required when cfg.image_size > 0). A state-only ensemble ignores an image; an image
+        ensemble refuses a bare state, loudly, rather than plan blind. Tensors pass unchanged."""
+        image = None
+        if isinstance(obs, Mapping):
+            if STATE not in obs:
+                raise ValueError(f"the observation mapping has no {STATE!r} (it has {sorted(obs)})")
+            state = obs[STATE]
+            if self.cfg.vision:
+                if IMAGE not in obs:
+                    raise ValueError(f"this ensemble is image-conditioned (image_size={self.cfg.image_size}): "
+                                     f"the observation mapping needs an {IMAGE!r} (it has {sorted(obs)})")
+                image = torch.as_tensor(obs[IMAGE])
+                S = self.cfg.image_size
+                if image.dtype != torch.uint8 or image.shape[-3:] != (S, S, 3) or image.dim() not in (4, 5):
+                    raise ValueError(f"{IMAGE!r} must be uint8 (B, {S}, {S}, 3) or (M, B, {S}, {S}, 3), got "
+                                     f"{image.dtype} {tuple(image.shape)}")
+        elif self.cfg.vision:
+            raise ValueError(f"this ensemble is image-conditioned (image_size={self.cfg.image_size}): pass obs "
+                             f"as a mapping {{{STATE!r}: (B, {self.cfg.obs_dim}) float, {IMAGE!r}: (B, "
+                             f"{self.cfg.image_size}, {self.cfg.image_size}, 3) uint8}}, not a bare state")
+        else:
+            state = obs
+        if not isinstance(state, Tensor):
+            state = torch.as_tensor(np.asarray(state), dtype=torch.float32)
+        return state, image
+
+    def set_normalisation(self, obs: Observation) -> None:
+        """Per-dimension mean and std of the training states (std floored at cfg.min_obs_std, so
+        dimensions that never vary do not divide by zero). Images are not normalised (pixels / 255)."""
+        obs = obs[STATE] if isinstance(obs, Mapping) else obs
         obs = torch.as_tensor(obs, dtype=torch.float32).reshape(-1, self.cfg.obs_dim)
         self.obs_mean.copy_(obs.mean(0))
         self.obs_std.copy_(obs.std(0, correction=0).clamp_min(self.cfg.min_obs_std))
 
-    def encode(self, obs: Tensor, instr: Tensor, members: Sequence[int] | None = None) -> Tensor:
+    def encode(self, obs: Observation, instr: Tensor, members: Sequence[int] | None = None) -> Tensor:
         """Context of each member: obs (B, obs_dim) or member-major (M, B, obs_dim), instr likewise ->
-        (M, B, hidden) (or (len(members), B, hidden)). Depends on obs and instr only: once per plan."""
-        z = torch.cat([(obs - self.obs_mean) / self.obs_std, instr], dim=-1)
+        (M, B, hidden) (or (len(members), B, hidden)). Depends on obs and instr only: once per plan.
+        Vision: obs a mapping whose image is (B, S, S, 3) or member-major (M, B, S, S, 3) uint8; the image
+        features join the state and the instruction at the encoder MLP's input."""
+        state, image = self.split_obs(obs)
+        if not isinstance(instr, Tensor):
+            instr = torch.as_tensor(np.asarray(instr), dtype=torch.float32)
+        z = torch.cat([(state - self.obs_mean) / self.obs_std, instr], dim=-1)
         if z.dim() == 2:
             z = z[None]
+        if image is not None:
+            f = self.image_encoder(image, members)  # (K', B, image_features)
+            k = max(z.shape[0], f.shape[0])
+            z = torch.cat([z.expand(k, *z.shape[1:]), f.expand(k, *f.shape[1:])], dim=-1)
         for layer in self.encoder:
             z = F.silu(layer(z, members))
         return self.context_proj(z, members)  # a shared encoder's (1, B, h) broadcasts to M heads here
@@ -212,7 +355,7 @@ class Ensemble(nn.Module):
         """Make member dst's parameters a copy of member src's (tests: identical members)."""
         with torch.no_grad():
             for mod in self.modules():
-                if isinstance(mod, StackedLinear) and not mod.shared:
+                if isinstance(mod, (StackedLinear, StackedConv)) and not mod.shared:
                     mod.weight[dst] = mod.weight[src]
                     if mod.bias is not None:
                         mod.bias[dst] = mod.bias[src]
@@ -268,7 +411,7 @@ def _sample_flat(ens: Ensemble, ctx: Tensor, x0: Tensor, members: Sequence[int] 
 
 
 @torch.no_grad()
-def sample_members(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor) -> Tensor:
+def sample_members(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor) -> Tensor:
     """Every member's Euler sample (cfg.euler_steps steps), batched over members. noise (N, B, H, m) is
     shared by all members, (M, N, B, H, m) gives each member its own. Returns (M, N, B, H, m)."""
     cfg = ens.cfg
@@ -280,7 +423,7 @@ def sample_members(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor) -> 
 
 
 @torch.no_grad()
-def sample(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor, member: int = 0) -> Tensor:
+def sample(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor, member: int = 0) -> Tensor:
     """One member's action chunks: noise (B, H, m) -> (B, H, m), or (N, B, H, m) -> (N, B, H, m)."""
     cfg = ens.cfg
     ctx = ens.encode(obs, instr, members=[member])
@@ -345,7 +488,7 @@ def disagreement(ens: Ensemble, context: Tensor, x0: Tensor, integrators: Sequen
 
 
 @torch.no_grad()
-def plan(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor,
+def plan(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor,
          pairs: str | None = None) -> tuple[Tensor, Tensor]:
     """What a flow_ensemble bundle computes per plan: encode once, integrate, one-way VFD.
     noise (N, B, H, m). Returns (member 0's chunk from noise[0] (B, H, m), one-way VFD (B,)).
@@ -365,7 +508,7 @@ def plan(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor,
 
 
 @torch.no_grad()
-def vfd_one_way(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor, pairs: str | None = None) -> Tensor:
+def vfd_one_way(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor, pairs: str | None = None) -> Tensor:
     """One-way VFD (PAPERS.md §1), the acquisition score. noise (N, B, H, m) -> (B,).
 
     For each pair (A, B) of `member_pairs(M, pairs or cfg.vfd_pairs)`: A integrates from each of the N
@@ -378,7 +521,7 @@ def vfd_one_way(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor, pairs:
 
 
 @torch.no_grad()
-def vfd_two_way(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor) -> Tensor:
+def vfd_two_way(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor) -> Tensor:
     """Two-way VFD (the calibration score): every member integrates its own trajectory from its own
     noise, noise (M, N, B, H, m); for each unordered pair the disagreement along A's and along B's
     trajectories are averaged, then the mean over pairs (= the mean over ordered pairs). -> (B,).
@@ -392,7 +535,7 @@ def vfd_two_way(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor) -> Ten
 
 
 @torch.no_grad()
-def action_l2(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor) -> Tensor:
+def action_l2(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor) -> Tensor:
     """Action-L2 baseline: mean over unordered member pairs (and the N samples) of the L2 (Frobenius)
     distance between two members' final chunks, each member from its own noise (M, N, B, H, m). -> (B,)"""
     a = sample_members(ens, obs, instr, noise).flatten(-2)  # (M, N, B, D)
@@ -401,7 +544,7 @@ def action_l2(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor) -> Tenso
 
 
 @torch.no_grad()
-def gu(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor, eps: float = 1e-8) -> Tensor:
+def gu(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor, eps: float = 1e-8) -> Tensor:
     """GU baseline: all members sample from the same noise (N, B, H, m); per action element the variance
     across members (population, correction 0); score = sum over elements of log(var + eps), mean over
     the N samples. -> (B,)"""
@@ -410,7 +553,7 @@ def gu(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor, eps: float = 1e
 
 
 @torch.no_grad()
-def sample_variance(ens: Ensemble, obs: Tensor, instr: Tensor, noise: Tensor, member: int = 0) -> Tensor:
+def sample_variance(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor, member: int = 0) -> Tensor:
     """Single-member baseline: variance (unbiased) of one member's chunks over the N noise draws
     noise (N, B, H, m), summed over elements (trace of the sample covariance). -> (B,)"""
     return sample(ens, obs, instr, noise, member).flatten(-2).var(0).sum(-1)
@@ -423,10 +566,32 @@ def _as_float(x: Tensor | np.ndarray) -> Tensor:
     return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float32)
 
 
-def train_ensemble(cfg: FlowConfig, obs: Tensor | np.ndarray, instr: Tensor | np.ndarray,
+def _training_obs(cfg: FlowConfig, obs: Observation) -> tuple[Tensor, Tensor | None]:
+    """(states float32 (n, obs_dim), images uint8 (n, S, S, 3) or None) of a training set. Images stay
+    uint8 (a 64 x 64 x 3 frame is 12 KiB, 48 KiB as float): each minibatch is converted in the model."""
+    if not isinstance(obs, Mapping):
+        if cfg.vision:
+            raise ValueError(f"image_size={cfg.image_size}: training needs obs as a mapping "
+                             f"{{{STATE!r}: states, {IMAGE!r}: uint8 images}}, not a bare state array")
+        return _as_float(obs), None
+    state = _as_float(obs[STATE])
+    if not cfg.vision:
+        return state, None
+    if IMAGE not in obs:
+        raise ValueError(f"image_size={cfg.image_size}: the training obs mapping has no {IMAGE!r}")
+    image = torch.as_tensor(np.asarray(obs[IMAGE]) if not isinstance(obs[IMAGE], Tensor) else obs[IMAGE])
+    S = cfg.image_size
+    if image.dtype != torch.uint8 or tuple(image.shape) != (state.shape[0], S, S, 3):
+        raise ValueError(f"training images must be uint8 ({state.shape[0]}, {S}, {S}, 3), got {image.dtype} "
+                         f"{tuple(image.shape)}")
+    return state, image
+
+
+def train_ensemble(cfg: FlowConfig, obs: Observation, instr: Tensor | np.ndarray,
                    chunks: Tensor | np.ndarray, progress: bool = True,
                    ensemble: Ensemble | None = None) -> tuple[Ensemble, dict[str, np.ndarray]]:
-    """Train every member by flow matching on in-memory data: obs (n, obs_dim), instr (n, instr_dim),
+    """Train every member by flow matching on in-memory data: obs (n, obs_dim) (or, for image configs, a
+    mapping {"state": (n, obs_dim), "image": (n, S, S, 3) uint8}), instr (n, instr_dim),
     chunks (n, H, action_dim). Each member draws its own minibatches (its own shuffling each epoch), its
     own x0 and t ~ U[0, 1), from its own data seed; the loss is the sum of the members' MSEs, so with
     full members each member's update is the one it would get alone (AdamW is per-parameter).
@@ -435,14 +600,16 @@ def train_ensemble(cfg: FlowConfig, obs: Tensor | np.ndarray, instr: Tensor | np
     and keeps its observation normalisation; cfg supplies the optimisation settings. Otherwise a fresh
     Ensemble(cfg) normalised on `obs`. Returns (ensemble, history) with history["loss"] (steps,), the
     mean over members, and history["member_loss"] (steps, M)."""
-    obs, instr, chunks = _as_float(obs), _as_float(instr), _as_float(chunks)
+    obs, images = _training_obs(cfg, obs)
+    instr, chunks = _as_float(instr), _as_float(chunks)
     n = obs.shape[0]
     if ensemble is None:
         ens = Ensemble(cfg)
         ens.set_normalisation(obs)
     else:
         ens = copy.deepcopy(ensemble)
-        for f in ("obs_dim", "instr_dim", "action_dim", "horizon", "members", "shared_encoder"):
+        for f in ("obs_dim", "instr_dim", "action_dim", "horizon", "members", "shared_encoder", "image_size",
+                  "image_channels", "image_features"):
             if getattr(ens.cfg, f) != getattr(cfg, f):
                 raise ValueError(f"warm start: ensemble has {f}={getattr(ens.cfg, f)}, config {getattr(cfg, f)}")
     if chunks.shape[1:] != (cfg.horizon, cfg.action_dim):
@@ -471,7 +638,8 @@ def train_ensemble(cfg: FlowConfig, obs: Tensor | np.ndarray, instr: Tensor | np
         x0 = torch.stack([torch.randn(bs, D, generator=g) for g in gens])
         t = torch.stack([torch.rand(bs, generator=g) for g in gens])  # U[0, 1)
         xt, target = ot_path(x0, targets[idx], t[..., None])
-        v = ens.velocity(ens.encode(obs[idx], instr[idx]), xt[:, None], t[:, None])[:, 0]
+        o = obs[idx] if images is None else {STATE: obs[idx], IMAGE: images[idx]}  # (M, bs, ...) uint8
+        v = ens.velocity(ens.encode(o, instr[idx]), xt[:, None], t[:, None])[:, 0]
         member_loss = (v - target).square().mean(dim=(1, 2))
         opt.zero_grad(set_to_none=True)
         member_loss.sum().backward()

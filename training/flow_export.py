@@ -5,18 +5,21 @@ One ONNX graph computes exactly what `vigil.training.flow.plan` computes, in one
     inputs   state        (batch, obs_dim)    float32  raw observation (the graph standardises it with the
                                                        ensemble's stored mean/std; the manifest has no
                                                        `normalisation`, so the runtime feeds it as is)
+             image        (batch, S, S, 3)    uint8    vision configs only (cfg.image_size = S > 0): the
+                                                       camera frame as the robot sends it; the graph
+                                                       divides by 255 and runs the members' CNNs
              instruction  (batch, instr_dim)  float32  instruction embedding (the bundle's encoder)
              noise        (batch, N, H, m)    float32  N = cfg.vfd_samples standard-normal start states
     outputs  action       (batch, H, m)       float32  member 0's Euler sample from noise[:, 0] (the chunk
                                                        `plan` returns)
              vfd          (batch,)            float32  one-way VFD with cfg.vfd_pairs
 
-Inside: encode once (M contexts), add the time embedding of every grid time once, then the 11 points of
-the VFD grid (`flow.vfd_grid`: the 10 Euler times plus 0.95) unrolled; at each point every member's
-velocity is evaluated on every integrating member's states in one batched call. With one member (no
-pairs) the 0.95 point is skipped: it only feeds the score. The noise axis order differs from `plan`'s
-(N, B, H, m): the runtime feeds a leading batch axis on every input (docs/bundles.md §3), so the graph
-transposes it.
+Inside: encode once (M contexts; for vision the members' CNNs over the frame are part of it), add the
+time embedding of every grid time once, then the 11 points of the VFD grid (`flow.vfd_grid`: the 10
+Euler times plus 0.95) unrolled; at each point every member's velocity is evaluated on every integrating
+member's states in one batched call. With one member (no pairs) the 0.95 point is skipped: it only feeds
+the score. The noise axis order differs from `plan`'s (N, B, H, m): the runtime feeds a leading batch
+axis on every input (docs/bundles.md §3), so the graph transposes it.
 
 The bundle folder holds policy.onnx, manifest.json and `encoder/` (a copy of the instruction-encoder
 bundle, named by manifest `extra.encoder`).
@@ -38,11 +41,12 @@ from torch import Tensor, nn
 from vigil.policies.manifest import Manifest, write_bundle
 from vigil.runtime.protocol import ArraySpec
 from vigil.training.export import OPSET, _tup, provenance
-from vigil.training.flow import Ensemble, FlowConfig, StackedLinear, member_pairs, time_features, vfd_grid
+from vigil.training.flow import (IMAGE, STATE, Ensemble, FlowConfig, StackedLinear, member_pairs, time_features,
+                                 vfd_grid)
 
 ENCODER_DIR = "encoder"
 _STRUCTURE = ("obs_dim", "instr_dim", "action_dim", "horizon", "hidden", "depth", "time_features", "members",
-              "shared_encoder", "euler_steps")
+              "shared_encoder", "euler_steps", "image_size", "image_channels", "image_features")
 
 
 def _lin(layer: StackedLinear, x: Tensor) -> Tensor:
@@ -85,11 +89,19 @@ class PlanGraph(nn.Module):
         self.register_buffer("temb", temb.expand(M, *temb.shape[1:]).contiguous(), persistent=False)
 
     def forward(self, state: Tensor, instruction: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        return self.plan(state, None, instruction, noise)
+
+    def plan(self, state: Tensor, image: Tensor | None, instruction: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """The whole plan; image (B, S, S, 3) uint8 for vision ensembles, None otherwise."""
         ens, cfg = self.ens, self.ens.cfg
         n, M, I, D = cfg.euler_steps, ens.members, len(self.integrators), cfg.chunk_dim
         x0 = noise.transpose(0, 1).flatten(-2)              # (S, B, D), plan's layout
         S = x0.shape[0]
         z = torch.cat([(state - ens.obs_mean) / ens.obs_std, instruction], dim=-1)[None]
+        if image is not None:                                # Ensemble.encode's image branch
+            img = ens.image_encoder
+            f = F.silu(_lin(img.proj, img.conv_features(image)))  # (K, B, image_features)
+            z = torch.cat([z.expand(f.shape[0], -1, -1), f], dim=-1)
         for layer in ens.encoder:                            # encode: once per plan
             z = F.silu(_lin(layer, z))
         ctx = _lin(ens.context_proj, z)[:, None]             # (M, 1, B, h)
@@ -118,20 +130,35 @@ class PlanGraph(nn.Module):
         return chunk, score
 
 
+class VisionPlanGraph(PlanGraph):
+    """PlanGraph with the camera frame as a second observation input: forward(state, image (B, S, S, 3)
+    uint8, instruction, noise). A subclass rather than an optional argument, so each graph's inputs are
+    exactly the tracer's positional arguments."""
+
+    def forward(self, state: Tensor, image: Tensor, instruction: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        return self.plan(state, image, instruction, noise)
+
+
+def graph_inputs(cfg: FlowConfig) -> list[str]:
+    """The plan graph's input names, in order: state, [image,] instruction, noise."""
+    return [STATE] + ([IMAGE] if cfg.vision else []) + ["instruction", "noise"]
+
+
 def export_onnx(ensemble: Ensemble, cfg: FlowConfig) -> bytes:
     """The plan graph as ONNX bytes (legacy exporter, opset OPSET, dynamic batch axis)."""
-    module = PlanGraph(ensemble, cfg.vfd_pairs).eval()
-    N, H, m = cfg.vfd_samples, cfg.horizon, cfg.action_dim
-    example = (torch.zeros(2, cfg.obs_dim), torch.zeros(2, cfg.instr_dim), torch.zeros(2, N, H, m))
+    module = (VisionPlanGraph if cfg.vision else PlanGraph)(ensemble, cfg.vfd_pairs).eval()
+    N, H, m, S = cfg.vfd_samples, cfg.horizon, cfg.action_dim, cfg.image_size
+    image = (torch.zeros(2, S, S, 3, dtype=torch.uint8),) if cfg.vision else ()
+    example = (torch.zeros(2, cfg.obs_dim), *image, torch.zeros(2, cfg.instr_dim), torch.zeros(2, N, H, m))
+    names = graph_inputs(cfg)
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python ints from shapes: fixed by design
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, chosen (dynamo=False)
-        torch.onnx.export(module, example, buf, input_names=["state", "instruction", "noise"],
+        torch.onnx.export(module, example, buf, input_names=names,
                           output_names=["action", "vfd"], opset_version=OPSET, dynamo=False,
                           do_constant_folding=True,
-                          dynamic_axes={"state": {0: "batch"}, "instruction": {0: "batch"}, "noise": {0: "batch"},
-                                        "action": {0: "batch"}, "vfd": {0: "batch"}})
+                          dynamic_axes={**{k: {0: "batch"} for k in names}, "action": {0: "batch"}, "vfd": {0: "batch"}})
     return buf.getvalue()
 
 
@@ -176,15 +203,18 @@ def export_flow_ensemble(folder: str | Path, ensemble: Ensemble, cfg: FlowConfig
 
     onnx_bytes = export_onnx(ensemble, cfg)
     n_params = sum(p.numel() for p in ensemble.parameters())
+    observation = [ArraySpec(STATE, "float32", (cfg.obs_dim,))]
+    if cfg.vision:  # the camera frame goes to the graph as the robot sends it: uint8, no normalisation
+        observation.append(ArraySpec(IMAGE, "uint8", (cfg.image_size, cfg.image_size, 3)))
     base = {"method": "flow_matching_ensemble", "config": dataclasses.asdict(cfg), "members": cfg.members,
             "shared_encoder": cfg.shared_encoder, "vfd_pairs": cfg.vfd_pairs, "parameters": n_params,
             "torch": torch.__version__, "chunk_from": "member 0, noise sample 0 (training.flow.plan)"}
     manifest: dict[str, Any] = {
         "name": name, "kind": "flow_ensemble",
-        "observation": [ArraySpec("state", "float32", (cfg.obs_dim,)).to_dict()],
+        "observation": [spec.to_dict() for spec in observation],
         "action": ArraySpec("action", "float32", (m,), _tup(action_low), _tup(action_high)).to_dict(),
         "safe_action": [0.0] * m, "control_rate_hz": float(control_rate_hz),
-        "onnx": {"inputs": {"state": "state"}, "action": "action", "scores": ["vfd"]},
+        "onnx": {"inputs": {spec.name: spec.name for spec in observation}, "action": "action", "scores": ["vfd"]},
         "chunk": {"length": H, "execute": execute},
         "provenance": provenance(**{**base, **dict(prov or {})}),
         "monitor": dict(monitor or {}),

@@ -7,7 +7,8 @@
    instructions with the very same ONNX graph the runtime runs, so training and deployment embeddings are
    identical by construction (not merely "the same model");
 2. the data (`dataset_tensors`): every step t of every chosen episode is one example: the state
-   observation o_t, the episode's instruction embedding, and the chunk of actions t .. t+H-1 (past the
+   observation o_t (and, for vision configs, the camera image of the same step, kept uint8), the
+   episode's instruction embedding, and the chunk of actions t .. t+H-1 (past the
    episode's end the last action repeats, `flow.make_chunks`). Only successful episodes by default;
 3. training (`flow.train_ensemble`, with a progress bar); the observation normalisation is the training
    set's (decision 41);
@@ -38,15 +39,16 @@ import numpy as np
 
 from vigil.runtime.config import ConfigError, check_table, read_toml
 from vigil.training.demos import DemoSet
-from vigil.training.flow import PAIR_CONVENTIONS, Ensemble, FlowConfig, make_chunks, train_ensemble
+from vigil.training.flow import (IMAGE, MIN_IMAGE_SIZE, PAIR_CONVENTIONS, STATE, Ensemble, FlowConfig,
+                                 make_chunks, train_ensemble)
 
 CHECKPOINT_FORMAT = "vigil-flow-checkpoint/1"
-OBS_NAME = "state"
+OBS_NAME = STATE
 
 # ------------------------------------------------------------------------------------------------ config
 
 _POSITIVE_INTS = ("obs_dim", "instr_dim", "action_dim", "horizon", "hidden", "depth", "members", "euler_steps",
-                  "vfd_samples", "batch_size", "steps")
+                  "vfd_samples", "batch_size", "steps", "image_channels", "image_features")
 
 
 def check_flow_config(cfg: FlowConfig, section: str = "flow") -> FlowConfig:
@@ -69,6 +71,9 @@ def check_flow_config(cfg: FlowConfig, section: str = "flow") -> FlowConfig:
         raise bad("min_obs_std", "a finite number > 0")
     if cfg.seed < 0:
         raise bad("seed", "an integer >= 0")
+    if cfg.image_size != 0 and cfg.image_size < MIN_IMAGE_SIZE:
+        raise bad("image_size", f"0 (state only) or an integer >= {MIN_IMAGE_SIZE} (the camera image's side, 64 "
+                                "for Meta-World demos recorded with --camera)")
     return cfg
 
 
@@ -110,13 +115,15 @@ def choose_episodes(demoset: DemoSet, tasks: Sequence[str] | None = None, succes
 
 def dataset_tensors(demoset: DemoSet, cfg: FlowConfig, encoder, tasks: Sequence[str] | None = None,
                     successful_only: bool = True, stats: dict | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    ) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Training examples of the chosen episodes, in index order, one per step t of each episode:
     obs (n, obs_dim) float32 = state observation t (the observation the action was taken on; the final
     observation has no action and is not used), instr (n, instr_dim) float32 = the encoder's embedding of
     the episode's instruction, chunks (n, H, action_dim) float32 = actions t .. t+H-1 (last action repeated
     past the end). `encoder` is an InstructionEncoder (anything with `embed(texts) -> (k, dim)`): every
-    distinct instruction is embedded once. `stats`, if given, receives per task {"episodes", "steps"}."""
+    distinct instruction is embedded once. `stats`, if given, receives per task {"episodes", "steps"}.
+    Vision configs (cfg.image_size > 0): obs is {"state": (n, obs_dim) float32, "image": (n, S, S, 3)
+    uint8}, image t being the camera frame of step t (uint8: 12 KiB a frame instead of 48 as float)."""
     infos = choose_episodes(demoset, tasks, successful_only)
     texts = sorted({e.instruction for e in infos})
     table = np.asarray(encoder.embed(texts), np.float32)
@@ -124,7 +131,7 @@ def dataset_tensors(demoset: DemoSet, cfg: FlowConfig, encoder, tasks: Sequence[
         raise ValueError(f"the instruction encoder gives embeddings of shape {table.shape[1:]}, but config key "
                          f"'flow.instr_dim' is {cfg.instr_dim}")
     row = {t: i for i, t in enumerate(texts)}
-    obs, instr, chunks = [], [], []
+    obs, images, instr, chunks = [], [], [], []
     for info in infos:
         ep = demoset.load(info.id)
         if OBS_NAME not in ep.observations:
@@ -138,6 +145,8 @@ def dataset_tensors(demoset: DemoSet, cfg: FlowConfig, encoder, tasks: Sequence[
         if actions.shape[1:] != (cfg.action_dim,):
             raise ValueError(f"episode {info.id}: actions are {actions.shape[1:]}, config key 'flow.action_dim' "
                              f"is {cfg.action_dim}")
+        if cfg.vision:
+            images.append(_episode_images(info.id, ep.observations, cfg.image_size)[:T])
         if T == 0:
             continue
         obs.append(state[:T])
@@ -149,7 +158,22 @@ def dataset_tensors(demoset: DemoSet, cfg: FlowConfig, encoder, tasks: Sequence[
             s["steps"] += T
     if not obs:
         raise ValueError(f"the chosen episodes of {demoset.folder} have no steps")
-    return np.concatenate(obs), np.concatenate(instr), np.concatenate(chunks).astype(np.float32)
+    states = np.concatenate(obs)
+    out_obs = {STATE: states, IMAGE: np.concatenate(images)} if cfg.vision else states
+    return out_obs, np.concatenate(instr), np.concatenate(chunks).astype(np.float32)
+
+
+def _episode_images(episode_id: str, observations: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+    """An episode's camera frames (T + 1, size, size, 3) uint8, or an error that says how to get them."""
+    if IMAGE not in observations:
+        raise ValueError(f"episode {episode_id} has no {IMAGE!r} observation (it has {sorted(observations)}), but "
+                         f"config key 'flow.image_size' is {size}: record the demos with `vigil demos record "
+                         f"--camera --image-size {size}`")
+    image = np.asarray(observations[IMAGE])
+    if image.dtype != np.uint8 or image.shape[1:] != (size, size, 3):
+        raise ValueError(f"episode {episode_id}: images are {image.dtype} {image.shape[1:]}, config key "
+                         f"'flow.image_size' is {size} (uint8 ({size}, {size}, 3) expected)")
+    return image
 
 
 # ------------------------------------------------------------------------------------------- checkpoint
@@ -287,14 +311,15 @@ def run(config: str | Path | FlowConfig, demos_dir: str | Path, out_dir: str | P
     encoder = InstructionEncoder.load(encoder_path, prefer_gpu=False)
     per_task: dict[str, dict] = {}
     obs, instr, chunks = dataset_tensors(demos, cfg, encoder, tasks, stats=per_task)
-    log(f"data: {len(obs)} steps from {sum(s['episodes'] for s in per_task.values())} successful episodes of "
+    n_steps = len(chunks)
+    log(f"data: {n_steps} steps{' (with camera images)' if cfg.vision else ''} from {sum(s['episodes'] for s in per_task.values())} successful episodes of "
         f"{len(per_task)} task(s) in {demos.folder}")
     provenance = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "demos": str(demos.folder.resolve()),
         "tasks": per_task,
         "episodes": sum(s["episodes"] for s in per_task.values()),
-        "steps": int(len(obs)),
+        "steps": int(n_steps),
         "successful_only": True,
         "config": asdict(cfg),
         "config_file": None if isinstance(config, FlowConfig) else str(Path(config).resolve()),
@@ -315,7 +340,8 @@ def run(config: str | Path | FlowConfig, demos_dir: str | Path, out_dir: str | P
     save_checkpoint(out / "ensemble.pt", ens, cfg, provenance, history)
     write_loss_csv(out / "loss.csv", history)
     title = (f"flow M={cfg.members} hidden={cfg.hidden} H={cfg.horizon} seed={cfg.seed}: "
-             f"{len(per_task)} task(s), {provenance['episodes']} episodes, {len(obs)} steps")
+             f"{len(per_task)} task(s), {provenance['episodes']} episodes, {n_steps} steps"
+             + (f", images {cfg.image_size}px" if cfg.vision else ""))
     wrote_png = plot_learning_curve(out / "learning_curve.png", history, title)
     if not wrote_png:
         log("learning curve: matplotlib is not installed (pip install 'vigil[dev]'); no PNG written")
