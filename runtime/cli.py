@@ -89,6 +89,14 @@ def _sim_parser(sub) -> None:
     g.add_argument("--disconnect-s", type=float, default=1.0, help="seconds the link stays down")
     g.add_argument("--fault-start", type=int, default=0, help="first step of noise/drop/delay")
     g.add_argument("--fault-stop", type=int, default=2**62, help="step at which noise/drop/delay end")
+    g.add_argument("--noise-dims", help="comma-separated state indices that get --obs-noise (default: all)")
+    s = p.add_argument_group("distribution shift (Meta-World tasks; sim/shifts.py)")
+    s.add_argument("--shift-positions", type=float, default=0.0,
+                   help="move objects and goal this fraction of their range beyond the training range")
+    s.add_argument("--friction", type=float, default=1.0, help="scale of every geom's sliding friction")
+    s.add_argument("--mass", type=float, default=1.0, help="scale of the task bodies' mass and inertia")
+    s.add_argument("--instruction", help="send this instruction instead of the task's own (e.g. a held-out "
+                                         "task's, on this task's scene)")
     p.add_argument("--summary", help="write the per-episode summary as JSON to this file")
 
 
@@ -97,14 +105,26 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from vigil.sim.envs import make_env
     from vigil.sim.faults import Faults
     from vigil.sim.robot import SimConfig, run_episodes
+    from vigil.sim.shifts import Shift
 
-    env = make_env(args.env, horizon=args.steps)
-    faults = Faults(args.obs_noise, args.drop, args.delay_ms, args.disconnect_at, args.disconnect_s,
-                    args.fault_start, args.fault_stop)
+    try:
+        shift = Shift(args.shift_positions, args.friction, args.mass)
+        dims = tuple(int(d) for d in args.noise_dims.split(",")) if args.noise_dims else None
+        faults = Faults(args.obs_noise, args.drop, args.delay_ms, args.disconnect_at, args.disconnect_s,
+                        args.fault_start, args.fault_stop, noise_dims=dims)
+        env = make_env(args.env, horizon=args.steps, shift=shift)
+    except ValueError as exc:
+        print(f"vigil sim: {exc}", file=sys.stderr)
+        return 2
+    if args.instruction:
+        if not hasattr(env, "instruction"):
+            print(f"vigil sim: --instruction needs a language-conditioned task, not {args.env}", file=sys.stderr)
+            return 2
+        env.instruction = args.instruction
     cfg = SimConfig(args.connect, args.robot, args.episodes, args.steps, args.seed, args.mode, args.rate,
                     args.act_timeout)
-    print(f"vigil sim: {env.name} as {args.robot} -> {args.connect} ({args.mode}); faults: {faults.describe()}",
-          flush=True)
+    print(f"vigil sim: {env.name} as {args.robot} -> {args.connect} ({args.mode}); faults: {faults.describe()}"
+          + (f"; shift: {shift.describe()}" if not shift.none else ""), flush=True)
     try:
         episodes = run_episodes(env, cfg, faults)
     except LinkError as exc:
@@ -302,6 +322,46 @@ def _train_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="calibrate a flow_ensemble bundle's VFD monitor on nominal rollouts",
+                       description="Play nominal task variants with the bundle in process (as the runtime plays "
+                                   "it), take the per-plan VFD of the successful episodes, and write conformal "
+                                   "thresholds (warn/alert[/stop]) into the manifest's monitor.vfd "
+                                   "(training/calibrate.py). Use seeds the policy was not trained on.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bundle", required=True, help="flow_ensemble bundle folder (its manifest is rewritten)")
+    p.add_argument("--tasks", help="comma-separated tasks (default: the tasks in the bundle's provenance)")
+    p.add_argument("--episodes", type=int, default=10, help="nominal episodes per task")
+    p.add_argument("--seed", type=int, default=40, help="seed of each task's first episode")
+    p.add_argument("--window", type=int, default=3, help="plans in the monitor's running mean")
+    p.add_argument("--warn", type=float, default=0.25, help="false-alarm rate per plan of the warn level")
+    p.add_argument("--alert", type=float, default=0.10, help="false-alarm rate per plan of the alert level")
+    p.add_argument("--stop", type=float, default=0.0, help="false-alarm rate of a stop level (0: no stop level)")
+    p.add_argument("--max-steps", type=int, default=500, help="steps per episode (at most)")
+    p.add_argument("--all-episodes", action="store_true",
+                   help="calibrate on every rollout, not only the successful ones (tasks without a success signal)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from vigil.training.calibrate import calibrate_bundle
+
+    alphas = {k: a for k, a in (("warn", args.warn), ("alert", args.alert), ("stop", args.stop)) if a > 0}
+    if any(not 0 < a < 1 for a in alphas.values()):
+        print("vigil calibrate: --warn, --alert and --stop must be false-alarm rates in (0, 1)", file=sys.stderr)
+        return 2
+    tasks = args.tasks.split(",") if args.tasks else None
+    try:
+        block, rollouts = calibrate_bundle(args.bundle, tasks, args.episodes, args.seed, args.window, alphas,
+                                           args.max_steps, progress=not args.no_progress,
+                                           successful_only=not args.all_episodes)
+    except (ValueError, OSError) as exc:
+        print(f"vigil calibrate: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(block, indent=1))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from vigil.training.train_flow import run
 
@@ -319,11 +379,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vigil", description="Host learned robot controllers and watch them.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_serve_parser, _sim_parser, _alerts_parser, _demo_parser, _bundle_parser, _demos_parser, _train_parser):
+    for add in (_serve_parser, _sim_parser, _alerts_parser, _demo_parser, _bundle_parser, _demos_parser, _train_parser,
+                _calibrate_parser):
         add(sub)
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "sim": cmd_sim, "alerts": cmd_alerts, "demo": cmd_demo,
-            "bundle": cmd_bundle, "demos": cmd_demos, "train": cmd_train}[args.command](args)
+            "bundle": cmd_bundle, "demos": cmd_demos, "train": cmd_train,
+            "calibrate": cmd_calibrate}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from vigil.runtime.protocol import ArraySpec
 from vigil.sim.linear import SYSTEMS, LinearSystem, stage_cost
+
+if TYPE_CHECKING:
+    from vigil.sim.shifts import Shift
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,12 @@ class GymEnv(Environment):
         self.env.close()
 
 
-def make_env(name: str, horizon: int = 200, camera: bool = False) -> Environment:
+def make_env(name: str, horizon: int = 200, camera: bool = False, shift: "Shift | None" = None) -> Environment:
     """A linear system by name (aircraft-pitch, uav-2d), a Meta-World task (reach-v3, push-v3, ...: MT10 and
-    the held-out tasks of sim/metaworld_env.py; `camera` adds the 64x64 image) or a gymnasium id (Hopper-v5)."""
+    the held-out tasks of sim/metaworld_env.py; `camera` adds the 64x64 image, `shift` a sim.shifts.Shift)
+    or a gymnasium id (Hopper-v5)."""
+    if shift is not None and not shift.none and name not in _metaworld_names():
+        raise ValueError(f"distribution shifts (positions, friction, mass) apply to Meta-World tasks, not {name!r}")
     if name in SYSTEMS:
         return LinearEnv(SYSTEMS[name](), horizon)
     from vigil.sim.metaworld_env import ALL_INSTRUCTIONS  # plain data; metaworld itself loads on construction
@@ -110,5 +116,13 @@ def make_env(name: str, horizon: int = 200, camera: bool = False) -> Environment
     if name in ALL_INSTRUCTIONS:
         from vigil.sim.metaworld_env import MetaWorldEnv
 
-        return MetaWorldEnv(name, camera=camera, max_steps=horizon)
+        from vigil.sim.shifts import Shift
+
+        return MetaWorldEnv(name, camera=camera, max_steps=horizon, shift=shift or Shift())
     return GymEnv(name)
+
+
+def _metaworld_names() -> dict[str, str]:
+    from vigil.sim.metaworld_env import ALL_INSTRUCTIONS
+
+    return ALL_INSTRUCTIONS

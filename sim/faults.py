@@ -19,6 +19,7 @@ class Faults:
     disconnect_s: float = 0.0  # how long it stays down; the robot applies its safe action meanwhile
     start: int = 0
     stop: int = 2**62
+    noise_dims: tuple[int, ...] | None = None  # only these indices of the last axis (None: all of them)
 
     def __post_init__(self) -> None:
         if self.obs_noise < 0 or not 0 <= self.drop <= 1 or self.delay_ms < 0 or self.disconnect_s < 0:
@@ -30,8 +31,18 @@ class Faults:
     def corrupt(self, obs: Mapping[str, np.ndarray], step: int, rng: np.random.Generator) -> Mapping[str, np.ndarray]:
         if self.obs_noise <= 0 or not self.active(step):
             return obs
-        return {k: (v + rng.normal(0, self.obs_noise, v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
-                for k, v in obs.items()}
+        out = {}
+        for k, v in obs.items():
+            if v.dtype.kind != "f":
+                out[k] = v
+                continue
+            noise = rng.normal(0, self.obs_noise, v.shape)
+            if self.noise_dims is not None:
+                mask = np.zeros(v.shape[-1], bool)
+                mask[[d for d in self.noise_dims if d < v.shape[-1]]] = True
+                noise *= mask
+            out[k] = (v + noise).astype(v.dtype)
+        return out
 
     def dropped(self, step: int, rng: np.random.Generator) -> bool:
         return self.drop > 0 and self.active(step) and rng.random() < self.drop
@@ -42,7 +53,8 @@ class Faults:
     def describe(self) -> str:
         parts = []
         if self.obs_noise:
-            parts.append(f"observation noise std {self.obs_noise}")
+            dims = "" if self.noise_dims is None else f" on dims {','.join(map(str, self.noise_dims))}"
+            parts.append(f"observation noise std {self.obs_noise}{dims}")
         if self.drop:
             parts.append(f"{self.drop:.0%} dropped observations")
         if self.delay_ms:

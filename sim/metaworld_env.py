@@ -28,8 +28,9 @@ Rendering: off-screen with `MUJOCO_GL=egl` (set here if unset, before mujoco is 
 shadows, reflections or multisampling (CPU rendering with Mesa llvmpipe is ~10x faster that way, see
 FACTS.md), and flipped upright (the `corner` camera renders upside down).
 
-Distribution shifts (object/goal positions outside the training range, friction and mass, observation
-noise) are for later work: they belong in `reset` (variant / model parameters) and in `_observe`.
+Distribution shifts (`sim.shifts.Shift`: object and goal positions outside the training range, friction,
+mass) are applied by `reset`; set `env.shift` (or pass `shift=`) and the next reset plays the shifted
+variant.  Observation noise is a link fault (`sim.faults.Faults`), not a property of the world.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import numpy as np
 
 from vigil.runtime.protocol import ArraySpec
 from vigil.sim.envs import Environment, StepResult
+from vigil.sim.shifts import Shift, shift_positions
 
 MT10_TASKS: tuple[str, ...] = (
     "reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
@@ -186,11 +188,24 @@ def _prefer_egl_when_headless() -> None:
     gl_context.GLContext = GLContext
 
 
+def _task_bodies(model) -> np.ndarray:
+    """Ids of the bodies a task adds (objects, doors, drawers): those whose root is not the world, the
+    table, the wall, the robot or the mocap target."""
+    import mujoco
+
+    fixed = {0}
+    for name in ("tablelink", "RetainingWall", "base", "mocap"):
+        i = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, name)
+        if i >= 0:
+            fixed.add(int(model.body_rootid[i]))
+    return np.array([i for i in range(model.nbody) if int(model.body_rootid[i]) not in fixed], dtype=np.int64)
+
+
 class MetaWorldEnv(Environment):
     """One Meta-World task, seen as a robot sees it (see the module docstring)."""
 
     def __init__(self, task: str, camera: bool = False, image_size: int = 64, max_steps: int = 500,
-                 hold_steps: int = 10):
+                 hold_steps: int = 10, shift: Shift = Shift()):
         if task not in ALL_INSTRUCTIONS:
             raise ValueError(f"unknown Meta-World task {task!r}; known: {', '.join(sorted(ALL_INSTRUCTIONS))}")
         if max_steps < 1 or hold_steps < 0 or image_size < 1:
@@ -217,6 +232,11 @@ class MetaWorldEnv(Environment):
         self.t = 0
         self._held = 0
         self._renderer = None
+        self.shift = shift
+        model = self.env.model
+        self._friction = model.geom_friction.copy()
+        self._mass, self._inertia = model.body_mass.copy(), model.body_inertia.copy()
+        self._task_bodies = _task_bodies(model)
 
     # -- episodes ---------------------------------------------------------------------------------------
 
@@ -226,6 +246,7 @@ class MetaWorldEnv(Environment):
         else:
             self.variant = int(seed) % len(self._variants)
         self.env.set_task(self._variants[self.variant])
+        self._apply_shift()
         obs, _ = self.env.reset()
         self.t, self._held = 0, 0
         return self._observe(obs)
@@ -242,6 +263,18 @@ class MetaWorldEnv(Environment):
         out = {k: float(v) for k, v in info.items() if np.isscalar(v)}
         out.update(success=success, variant=float(self.variant))
         return StepResult(self._observe(obs), float(reward), bool(terminated), self.t >= self.max_steps, out)
+
+    def _apply_shift(self) -> None:
+        """Set the model's physics to nominal times the shift, and move the variant's positions."""
+        model, shift = self.env.model, self.shift
+        model.geom_friction[:] = self._friction
+        model.geom_friction[:, 0] *= shift.friction
+        model.body_mass[:], model.body_inertia[:] = self._mass, self._inertia
+        model.body_mass[self._task_bodies] *= shift.mass
+        model.body_inertia[self._task_bodies] *= shift.mass
+        if shift.positions:
+            space = self.env._random_reset_space
+            self.env._last_rand_vec = shift_positions(self.env._last_rand_vec, space.low, space.high, shift.positions)
 
     def expert_action(self, state: np.ndarray) -> np.ndarray:
         """Meta-World's scripted expert for this task, clipped to the action bounds (the environment clips

@@ -22,10 +22,12 @@ SUBCOMMANDS = {
     "serve": ["--config", *("--" + k.replace("_", "-") for k, _, _ in describe()), "--log-level"],
     "sim": ["--connect", "--system", "--robot", "--episodes", "--steps", "--seed", "--mode", "--rate", "--act-timeout",
             "--obs-noise", "--drop", "--delay-ms", "--disconnect-at", "--disconnect-s", "--fault-start",
-            "--fault-stop", "--summary"],
+            "--fault-stop", "--noise-dims", "--shift-positions", "--friction", "--mass", "--instruction", "--summary"],
     "alerts": ["--connect", "--store", "--since", "--follow", "--telemetry", "--json", "--timeout"],
     "demo": ["--workdir", "--steps", "--rate", "--outage-s"],
     "bundle": ["{lqr,encoder}", "--system", "--out"],  # {lqr,encoder}: the positional `kind` with its choices
+    "calibrate": ["--bundle", "--tasks", "--episodes", "--seed", "--window", "--warn", "--alert", "--stop",
+                  "--max-steps", "--all-episodes", "--no-progress"],
 }
 
 

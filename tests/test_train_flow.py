@@ -204,6 +204,20 @@ def test_vigil_train_flow_end_to_end(tmp_path, flow_encoder_bundle):
     policy = load_policy(out / "bundle")
     assert policy.manifest.kind == "flow_ensemble"
 
+    # calibrate the VFD monitor on nominal rollouts of unseen variants, as a deployment would
+    r = run_vigil("calibrate", "--bundle", str(out / "bundle"), "--episodes", "3", "--seed", "40",
+                  "--max-steps", "60", "--stop", "0.05", "--all-episodes", "--no-progress", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    block = json.loads(r.stdout)
+    policy = load_policy(out / "bundle")  # the graph's sha256 still matches: only the manifest changed
+    vfd = policy.manifest.monitor["vfd"]
+    assert vfd == block and vfd["tasks"] == ["reach-v3"] and vfd["window"] == 3 and vfd["episodes"] == 3
+    t = vfd["thresholds"]  # a tiny ensemble may fail every rollout, hence --all-episodes
+    assert 0 < t["warn"] <= t["alert"] <= t["stop"] < float("inf")
+    from vigil.monitors.vfd import VFDMonitor
+
+    assert VFDMonitor.from_manifest(vfd).thresholds
+
 
 def test_vigil_train_flow_reports_config_errors(tmp_path):
     bad = write(tmp_path, "[flow]\nmembrs = 2\n")

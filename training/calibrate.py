@@ -1,0 +1,129 @@
+"""Calibrate a bundle's VFD monitor on nominal rollouts, and write the thresholds into its manifest.
+
+The monitor (monitors/vfd.py) compares a short running mean of the per-plan VFD with thresholds; they are
+chosen conformally (monitors/conformal.py) from the scores of rollouts that went well: nominal task
+variants the policy did not see in training, played by the bundle exactly as the runtime plays it
+(`policies.agent.Agent`: same session, same chunk execution, same per-episode instruction embedding and
+seeded plan noise), successful episodes only. Every windowed score of every such episode is one
+calibration score, so the false-alarm rate is per plan, the rate a running robot sees per decision.
+
+    vigil calibrate --bundle runs/mt10/bundle --episodes 10 --seed 40
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from vigil.monitors.conformal import calibrate
+from vigil.policies.agent import Agent
+from vigil.policies.bundle import Policy, load_policy
+from vigil.policies.manifest import Manifest, read_manifest
+
+DEFAULT_ALPHAS: dict[str, float] = {"warn": 0.25, "alert": 0.10}  # alert: the paper's false-alarm rate
+DEFAULT_WINDOW = 3  # plans in the running mean: 150 ms at 80 Hz with 4 of 8 actions per chunk
+
+
+@dataclass
+class Rollout:
+    task: str
+    seed: int
+    success: bool = False
+    steps: int = 0
+    scores: dict[str, list[float]] = field(default_factory=dict)  # per plan, in order
+
+
+def rollout(agent: Agent, env, seed: int, max_steps: int = 500) -> Rollout:
+    """One episode of `env` (a vigil Environment with an `instruction`) driven by `agent` in process."""
+    out = Rollout(env.name, seed)
+    obs = env.reset(seed=seed)
+    agent.reset(getattr(env, "instruction", None), seed)
+    for _ in range(max_steps):
+        step = agent.act(obs)
+        if step.replanned:
+            for name, value in step.scores.items():
+                out.scores.setdefault(name, []).append(float(value))
+        result = env.step(step.action)
+        out.steps += 1
+        out.success = out.success or float(result.info.get("success", 0.0)) >= 1.0
+        obs = result.obs
+        if result.terminated or result.truncated:
+            break
+    return out
+
+
+def nominal_rollouts(policy: Policy, tasks: Sequence[str], episodes: int, seed: int, max_steps: int = 500,
+                     progress: bool = True) -> list[Rollout]:
+    """`episodes` nominal episodes per task, seeds seed..seed+episodes-1 (Meta-World: variant seed % 50)."""
+    from tqdm import tqdm
+
+    from vigil.sim.envs import make_env
+
+    camera = any(spec.name == "image" for spec in policy.manifest.observation)
+    agent = Agent(policy)
+    out = []
+    with tqdm(total=len(tasks) * episodes, desc="calibration rollouts", disable=not progress) as bar:
+        for task in tasks:
+            env = make_env(task, horizon=max_steps, camera=camera)
+            try:
+                for k in range(episodes):
+                    out.append(rollout(agent, env, seed + k, max_steps))
+                    bar.update()
+            finally:
+                env.close()
+    return out
+
+
+def monitor_block(rollouts: Sequence[Rollout], window: int = DEFAULT_WINDOW,
+                  alphas: Mapping[str, float] = DEFAULT_ALPHAS, score: str = "vfd",
+                  successful_only: bool = True) -> dict:
+    """The manifest's `monitor.vfd` map from rollouts: thresholds from the successful ones (from all of
+    them with successful_only=False, for tasks that report no success)."""
+    good = [r.scores.get(score, []) for r in rollouts if (r.success or not successful_only) and r.scores.get(score)]
+    if not good:
+        raise ValueError(f"no {'successful ' if successful_only else ''}rollout with '{score}' scores to calibrate "
+                         "on (more episodes, or --all-episodes where the task reports no success)")
+    thresholds = calibrate(good, window, dict(alphas))
+    return {"score": score, "window": window, "thresholds": thresholds, "alphas": dict(alphas),
+            "n_calibration": int(sum(len(s) for s in good)), "episodes": len(good),
+            "calibration_success": float(np.mean([r.success for r in rollouts])),
+            "successful_only": successful_only,
+            "tasks": sorted({r.task for r in rollouts})}
+
+
+def write_monitor(folder: str | Path, block: Mapping, name: str = "vfd") -> Manifest:
+    """Replace `monitor.<name>` in the bundle's manifest (atomically; the graph and its sha256 unchanged)."""
+    folder = Path(folder)
+    read_manifest(folder)  # a valid bundle before we touch it
+    path = folder / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw.setdefault("monitor", {})[name] = json.loads(json.dumps(block))
+    tmp = path.with_name(f".manifest.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(raw, indent=2) + "\n")
+    os.replace(tmp, path)
+    return read_manifest(folder)
+
+
+def calibrate_bundle(folder: str | Path, tasks: Sequence[str] | None = None, episodes: int = 10, seed: int = 40,
+                     window: int = DEFAULT_WINDOW, alphas: Mapping[str, float] = DEFAULT_ALPHAS,
+                     max_steps: int = 500, progress: bool = True, successful_only: bool = True
+                     ) -> tuple[dict, list[Rollout]]:
+    """Roll the bundle out on nominal variants of its tasks (default: the tasks in its provenance), write
+    the calibrated `monitor.vfd` into its manifest, return (the block, the rollouts)."""
+    folder = Path(folder)
+    policy = load_policy(folder, prefer_gpu=False)
+    if "vfd" not in policy.manifest.onnx_scores:
+        raise ValueError(f"{folder}: the bundle's graph has no 'vfd' output to calibrate")
+    if tasks is None:
+        tasks = sorted(policy.manifest.provenance.get("tasks", {}))
+        if not tasks:
+            raise ValueError(f"{folder}: no tasks in the bundle's provenance; name them")
+    rollouts = nominal_rollouts(policy, list(tasks), episodes, seed, max_steps, progress)
+    block = monitor_block(rollouts, window, alphas, successful_only=successful_only)
+    write_monitor(folder, block)
+    return block, rollouts
