@@ -72,7 +72,7 @@ def test_rollout_scores_every_detector_in_the_windows(tiny_run, condition, task)
     for e in eps:
         s = e["scores"]
         assert all(len(s[d]) == 3 for d in fd.DETECTORS)
-        assert len(s["vfd_anchor"]) == len(s["vfd_M2"]) == 2 and "vfd_M3" not in s
+        assert len(s["vfd_anchor"]) == len(s["vfd_M2"]) == len(s["vfd_anchor_N1"]) == 2 and "vfd_M3" not in s
         assert all(v > 0 for v in s["vfd"]) and all(np.isfinite(v) for d in s for v in s[d])
     assert eps[0]["scores"]["vfd"] != eps[1]["scores"]["vfd"]
     again = fd.run_job(job)  # seeded: the same episodes again
