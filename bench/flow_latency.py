@@ -1,7 +1,8 @@
 """onnxruntime cost of one `flow_ensemble` plan (training/flow_export.py) at batch 1: encode once, the 10
-Euler steps plus the 0.95 VFD point for every integrating member, one-way VFD over N = 5 noise samples,
-in one `session.run`. M = 1, 2, 5, 8; full members versus a shared encoder; pair conventions "lower"
-versus "anchor"; default width (FlowConfig: hidden 256, depth 3, H 8). Untrained weights (the cost does
+Euler steps plus the 0.95 VFD point for every integrating member, one-way VFD over N noise samples, in one
+`session.run`. M = 1, 2, 3, 5, 8; full members versus a shared encoder; pair conventions "lower" versus
+"anchor"; N = 5 (the default), 2 and 1; default width (FlowConfig: hidden 256, depth 3, H 8). M = 1 at
+N = 1 is the plain policy (one member, 10 Euler steps, no score): the baseline every ratio is taken to. Untrained weights (the cost does
 not depend on their values). Session options as the runtime uses them (policies/bundle.py).
 Prints a table and rewrites the section between the `flow-latency` markers of BENCHMARKS.md.
 
@@ -56,20 +57,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=300)
-    ap.add_argument("--members", type=int, nargs="+", default=[1, 2, 5, 8])
+    ap.add_argument("--members", type=int, nargs="+", default=[1, 2, 3, 5, 8])
+    ap.add_argument("--samples", type=int, nargs="+", default=[5, 2, 1], help="VFD noise samples N per plan")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args()
     base = FlowConfig()
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"| variant | pairs | " + " | ".join(f"M={m}" for m in args.members) + " |",
-             "|---|---|" + "---:|" * len(args.members)]
+    lines = ["| variant | pairs | N | " + " | ".join(f"M={m}" for m in args.members) + " |",
+             "|---|---|---:|" + "---:|" * len(args.members)]
+    plain = plan_us(dataclasses.replace(base, members=1, vfd_samples=1), args.threads, args.reps)
     for shared in (False, True):
-        for pairs in ("lower", "anchor"):
-            row = {m: plan_us(dataclasses.replace(base, members=m, shared_encoder=shared, vfd_pairs=pairs),
-                              args.threads, args.reps) for m in args.members}
-            ref = row.get(1)
-            cells = [f"{row[m]:.0f}" + (f" ({row[m] / ref:.2f}x)" if ref and m != 1 else "") for m in args.members]
-            lines.append(f"| {'shared encoder' if shared else 'full members'} | {pairs} | " + " | ".join(cells) + " |")
+        for pairs, n in [("lower", args.samples[0])] + [("anchor", n) for n in args.samples]:
+            row = {m: plan_us(dataclasses.replace(base, members=m, shared_encoder=shared, vfd_pairs=pairs,
+                                                  vfd_samples=n), args.threads, args.reps) for m in args.members}
+            cells = [f"{row[m]:.0f} ({row[m] / plain:.2f}x)" for m in args.members]
+            lines.append(f"| {'shared encoder' if shared else 'full members'} | {pairs} | {n} | " + " | ".join(cells) + " |")
     info = machine(None)
     text = "\n".join([
         BEGIN,
@@ -82,14 +84,14 @@ def main() -> None:
         f"N = {base.vfd_samples} noise samples, in one `session.run`; hidden {base.hidden}, depth {base.depth}, "
         f"H {base.horizon}; untrained weights (the cost does not depend on them).",
         "",
-        "Median µs per plan (in brackets: ratio to M=1 of the same variant):",
+        f"Median µs per plan (in brackets: ratio to the plain policy, one member at N = 1, {plain:.0f} µs, "
+        "measured in the same run):",
         "",
         *lines,
         "",
-        f"{TARGETS[0].upper()}{TARGETS[1:]}. Not met yet: see the issue 4 notes. `lower` (each unordered pair "
-        "once, lower index integrating) grows with M(M-1) integrated paths; `anchor` (member 0 integrates) with M. "
-        "No same-run naive baseline yet (FACTS.md's reference: a naive 10-step 256-wide member, 155 µs; five, "
-        "717 µs, at one noise sample).",
+        f"{TARGETS[0].upper()}{TARGETS[1:]}. `lower` (each unordered pair once, lower index integrating) "
+        "evaluates about M(M-1)/2 x N member-paths per step, `anchor` (member 0 integrates, every member is "
+        "evaluated on its path) M x N. FACTS.md's reference: a naive 10-step 256-wide member 155 µs, five 717 µs.",
         END,
     ])
     print(text)

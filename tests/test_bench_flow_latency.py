@@ -9,8 +9,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_flow_latency_benchmark_smoke():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "flow_latency.py"), "--members", "1", "2",
-                          "--reps", "3", "--no-write"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          "--samples", "2", "1", "--reps", "3", "--no-write"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| full members") or
             line.startswith("| shared encoder")]
-    assert len(rows) == 4 and all(line.count("|") == 5 for line in rows)
+    # per variant: lower at the first N, anchor at every N; columns: variant, pairs, N, M=1, M=2
+    assert len(rows) == 6 and all(line.count("|") == 6 for line in rows)
+    assert "plain policy, one member at N = 1" in out.stdout
