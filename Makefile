@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency clean
+.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,12 @@ bench-wakeup: $(STAMP)
 
 bench-flow-latency: $(STAMP)
 	$(BIN)/python bench/flow_latency.py
+
+# The flow ensemble's evaluation (issue 4): demos, 3 training seeds + shared-encoder + vision runs, VFD
+# calibration, success with the runtime in the loop, failure and shift detection against the baselines.
+# About 2 hours on 2 cores; resumable (outputs in bench-runs/flow). Not part of `make bench`.
+bench-flow: $(STAMP)
+	bash bench/flow.sh
 
 clean:
 	rm -rf $(VENV) $(OPENPI) .vigil-demo .pytest_cache

@@ -444,7 +444,7 @@ def plots(eps_by_run: dict[str, list[dict]], results: dict[str, dict], group: st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", required=True, help="comma-separated `vigil train flow` output folders")
-    ap.add_argument("--groups", help="label=run,run;label=run ... (default: one group of all runs)")
+    ap.add_argument("--groups", help="label:run,run;label:run ... (default: one group of all runs)")
     ap.add_argument("--out", default="bench-runs/flow-detect", help="folder for the episode caches")
     ap.add_argument("--episodes", type=int, default=10, help="episodes per task per condition (nominal: twice)")
     ap.add_argument("--calibration-episodes", type=int, default=10, help="calibration episodes per task")
@@ -471,7 +471,8 @@ def main() -> None:
     results = {r: analyse_run(e, tuple(d for d in dets if e[0]["scores"].get(d) is not None),
                               args.early_plans, args.window, args.alpha) for r, e in eps_by_run.items()}
     if args.groups:
-        groups = {g.split("=")[0]: [str(Path(x)) for x in g.split("=", 1)[1].split(",")] for g in args.groups.split(";")}
+        groups = {g.split(":", 1)[0]: [str(Path(x)) for x in g.split(":", 1)[1].split(",")]
+                  for g in args.groups.split(";")}
     else:
         groups = {"all runs": [str(r) for r in runs]}
     cfg = json.loads((runs[0] / "provenance.json").read_text())
