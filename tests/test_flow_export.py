@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import recv_raw_reply
+from conftest import recv_raw_reply
 from vigil.runtime.protocol import ArraySpec
 from vigil.training.flow import Ensemble, FlowConfig, make_chunks, plan, train_ensemble
 
