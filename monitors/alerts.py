@@ -7,19 +7,19 @@ between are counted and reported in the next alert's `count`.  Returning to ok r
 suppressed since the last alert of a condition that has ended are not filed again (that alert already told
 the operator, and the `suppressed` counter keeps the total).
 
-If the store cannot take an alert (locked, disk full, read-only), the alert waits in a bounded queue and
-`retry` files it later, still store-first: nothing is published that is not stored, and the control loop
-never waits on the disk for longer than the store's short busy timeout.
+Filing goes through the runtime's `Outbox` (runtime/outbox.py): store first, then publish; if the store
+cannot take an alert (locked, disk full, read-only), it waits in the outbox's bounded queue and is filed
+by a later `retry`, so nothing is published that is not stored and the control loop never waits on the disk.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections import deque
 from dataclasses import dataclass
+from functools import partial
 
 from vigil.monitors.base import Level, Verdict
+from vigil.runtime.outbox import Entry, Outbox
 from vigil.runtime.protocol import Message
 from vigil.runtime.store import AlertRecord, AlertStore
 from vigil.runtime.stream import OperatorStream
@@ -33,14 +33,23 @@ class _State:
 
 
 class Alerter:
-    def __init__(self, store: AlertStore, stream: OperatorStream | None, repeat_s: float = 5.0):
+    def __init__(self, store: AlertStore, stream: OperatorStream | None, repeat_s: float = 5.0,
+                 outbox: Outbox | None = None):
         self.store, self.stream, self.repeat_s = store, stream, repeat_s
+        self.outbox = outbox or Outbox()
         self._state: dict[tuple[str, str], _State] = {}
         self._raised: set[tuple[str, str]] = set()  # pairs above ok: only these need an ok to re-arm
         self.filed = 0
         self.suppressed = 0
-        self.pending: deque[tuple[str, Verdict, int, int]] = deque(maxlen=10_000)  # (robot, verdict, count, t_ns)
-        self.dropped = 0  # pending alerts pushed out of a full queue
+
+    @property
+    def pending(self):
+        """Records waiting for the store (shared with data requests when they share the outbox)."""
+        return self.outbox.pending
+
+    @property
+    def dropped(self) -> int:
+        return self.outbox.dropped
 
     @property
     def raised(self) -> bool:
@@ -75,33 +84,22 @@ class Alerter:
     def file(self, robot: str, verdict: Verdict, count: int = 1) -> AlertRecord | None:
         """Store first (durable), then publish on `alert.<severity>`. Returns the record, or None if the
         store failed and the alert is queued for `retry`."""
-        if len(self.pending) == self.pending.maxlen:
-            self.dropped += 1
-        self.pending.append((robot, verdict, count, time.time_ns()))
-        filed = self.retry()
-        return filed[-1] if filed and not self.pending else None
+        t_ns = time.time_ns()
+        values = {k: _plain(v) for k, v in verdict.values.items()}
+        write = partial(self.store.append, robot, verdict.level.label, verdict.monitor, verdict.reason, values,
+                        count, t_ns)
+        filed = self.outbox.put(Entry(write, self._publish, "alert"))
+        return filed[-1] if filed and not self.outbox.pending else None
 
     def retry(self) -> list[AlertRecord]:
-        """File queued alerts in order until the store fails; returns the records filed."""
-        filed = []
-        while self.pending:
-            robot, verdict, count, t_ns = self.pending[0]
-            try:
-                record = self.store.append(robot, verdict.level.label, verdict.monitor, verdict.reason,
-                                           {k: _plain(v) for k, v in verdict.values.items()}, count, t_ns)
-            except Exception as exc:  # sqlite3.OperationalError: locked, disk full, read-only
-                log.warning("alert store failed (%s); %d alert(s) waiting", exc, len(self.pending))
-                break
-            self.pending.popleft()
-            self.filed += 1
-            if self.stream is not None:
-                self.stream.publish(f"alert.{record.severity}",
-                                    Message("alert", robot, record.id, record.t_ns, {}, record.to_meta()))
-            filed.append(record)
-        return filed
+        """File queued records in order until the store fails; returns the alerts filed."""
+        return [r for r in self.outbox.retry() if isinstance(r, AlertRecord)]
 
-
-log = logging.getLogger("vigil.alerts")
+    def _publish(self, record: AlertRecord) -> None:
+        self.filed += 1
+        if self.stream is not None:
+            self.stream.publish(f"alert.{record.severity}",
+                                Message("alert", record.robot, record.id, record.t_ns, {}, record.to_meta()))
 
 
 def _plain(v):

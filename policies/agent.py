@@ -26,16 +26,32 @@ class Step:
 
 class Agent:
     def __init__(self, policy: Policy):
+        self._use(policy)
+        self._scores: Mapping[str, float] = {}
+        self.rng = np.random.default_rng()
+        self.episode: dict[str, np.ndarray] = {}  # graph inputs fixed for the episode (instruction)
+        self.instruction: str | None = None
+        self.plans = 0
+
+    def _use(self, policy: Policy) -> None:
         self.policy = policy
         m = policy.manifest
         self.queue = ActionChunkQueue(m.chunk_execute)
         self.low = np.asarray(m.action.low if m.action.low is not None else [-np.inf] * m.action.shape[0], np.float32)
         self.high = np.asarray(m.action.high if m.action.high is not None else [np.inf] * m.action.shape[0], np.float32)
         self.safe_action = np.asarray(m.safe_action, np.float32)
-        self._scores: Mapping[str, float] = {}
-        self.rng = np.random.default_rng()
-        self.episode: dict[str, np.ndarray] = {}  # graph inputs fixed for the episode (instruction)
-        self.plans = 0
+
+    @property
+    def at_plan_boundary(self) -> bool:
+        """The next `act` plans afresh (the current chunk is used up): the moment a policy may be swapped."""
+        return self.queue.needs_plan()
+
+    def switch(self, policy: Policy) -> None:
+        """Carry on the episode with another (compatible) policy from the next plan: the instruction is
+        embedded by the new policy's encoder (warmed up by the loader, so a cache hit), the noise stream and
+        the plan count go on. Call it at a plan boundary, so no chunk is cut short."""
+        self._use(policy)
+        self.episode = policy.episode_inputs(self.instruction)
 
     def reset(self, instruction: str | None = None, seed: int | None = None) -> None:
         """New episode: empty the chunk queue, embed the instruction once, reseed the plan noise."""
@@ -43,6 +59,7 @@ class Agent:
         self._scores = {}
         self.plans = 0
         self.episode = self.policy.episode_inputs(instruction)
+        self.instruction = instruction
         if seed is not None:
             self.rng = np.random.default_rng(seed)
 

@@ -1,7 +1,8 @@
-"""`vigil` command line: serve | sim | alerts | demo | bundle | demos | train.
+"""`vigil` command line: serve | sim | alerts | requests | expert | swap | demo | bundle | demos | train | calibrate.
 
-`serve` and `alerts` need only the base install; `sim`, `demo`, `bundle`, `demos` and `train` import the
-simulator and training code (torch) lazily, so the onboard path never loads them.
+`serve`, `alerts`, `requests` and `swap` need only the base install; `sim`, `expert`, `demo`, `bundle`,
+`demos`, `train` and `calibrate` import the simulator and training code lazily, so the onboard path never
+loads them.
 """
 
 from __future__ import annotations
@@ -177,6 +178,136 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     view.follow(args.connect, timeout_s=args.timeout or None, should_stop=lambda: bool(stop))
     return 0
+
+
+def _requests_parser(sub) -> None:
+    p = sub.add_parser("requests", help="list the data requests in a runtime's store",
+                       description="List SAVE data requests (filed by the runtime when the VFD monitor alerts) "
+                                   "from the store, oldest first, with their lifecycle: open, claimed (expired: "
+                                   "the claim's lease is over), fulfilled (with the demonstration), rejected "
+                                   "(with the reason).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--store", default="vigil-alerts.db", help="the runtime's store (SQLite file)")
+    p.add_argument("--status", choices=("open", "claimed", "expired", "fulfilled", "rejected"),
+                   help="only requests in this state")
+    p.add_argument("--task", help="only requests for this task")
+    p.add_argument("--since", type=int, default=0, help="only requests with id greater than this")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+
+
+def cmd_requests(args: argparse.Namespace) -> int:
+    from vigil.runtime.requests import RequestStore
+
+    try:
+        store = RequestStore(args.store, readonly=True)
+    except FileNotFoundError as exc:
+        print(f"vigil requests: {exc}", file=sys.stderr)
+        return 1
+    try:
+        records = store.list(status=args.status, task=args.task, since=args.since)
+    finally:
+        store.close()
+    for r in records:
+        if args.json:
+            print(json.dumps(r.to_json()), flush=True)
+            continue
+        stamp = time.strftime("%m-%d %H:%M:%S", time.localtime(r.t_ns / 1e9))
+        state = r.state()
+        detail = {"claimed": f"by {r.claimed_by}", "expired": f"was {r.claimed_by}",
+                  "fulfilled": f"demo {r.demo}", "rejected": str(r.reason)}.get(state, "")
+        print(f"#{r.id:<5} {stamp} {state:<9} {r.task or '-':<24} {r.robot:<10} step {r.step:<4} "
+              f"score {r.score:.4g} > {r.threshold:.4g} {detail}".rstrip(), flush=True)
+    return 0
+
+
+def _expert_parser(sub) -> None:
+    p = sub.add_parser("expert", help="answer data requests with scripted-expert demonstrations (simulation)",
+                       description="Claim open data requests that carry a simulator recipe from the runtime's "
+                                   "store, answer each with a Meta-World scripted-expert demonstration from the "
+                                   "request's reset (same task, variant and shift), record it in the dataset "
+                                   "format of `vigil demos record` (source \"request\", meta.request = the id) "
+                                   "and mark the request fulfilled, or rejected with the reason. Requests from "
+                                   "real robots are left to teleoperation (docs/operator.md).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--store", default="vigil-alerts.db", help="the runtime's store (SQLite file)")
+    p.add_argument("--demos", required=True, help="dataset folder the demonstrations are added to (created)")
+    p.add_argument("--connect", help="runtime operator-stream endpoint: wake up on `request` messages instead of "
+                                     "only polling the store")
+    p.add_argument("--name", default="", help="who claims (default: expert-<host>-<pid>)")
+    p.add_argument("--lease-s", type=float, default=600.0,
+                   help="a claim lapses after this many seconds (a crashed expert holds nothing longer)")
+    p.add_argument("--tasks", help="comma-separated tasks to answer (default: all)")
+    p.add_argument("--once", action="store_true", help="answer what is open now, then exit")
+    p.add_argument("--max", type=int, default=0, help="exit after answering this many requests (0: no limit)")
+    p.add_argument("--timeout", type=float, default=0.0,
+                   help="exit after this many seconds without a claimable request (0: never)")
+    p.add_argument("--poll-s", type=float, default=1.0, help="how often the store is checked when idle")
+
+
+def cmd_expert(args: argparse.Namespace) -> int:
+    import os
+    import socket
+
+    from vigil.runtime.requests import RequestStore
+    from vigil.sim.expert import serve_requests
+    from vigil.training.demos import DemoWriter
+
+    if not 0 < args.lease_s < float("inf") or args.poll_s <= 0 or args.max < 0 or args.timeout < 0:
+        print("vigil expert: --lease-s and --poll-s must be > 0, --max and --timeout >= 0", file=sys.stderr)
+        return 2
+    if not Path(args.store).exists():
+        print(f"vigil expert: store {args.store} does not exist", file=sys.stderr)
+        return 1
+    name = args.name or f"expert-{socket.gethostname()}-{os.getpid()}"
+    store = RequestStore(args.store, timeout=10.0)  # not a control loop: waiting for a lock is fine
+    writer = DemoWriter(args.demos)
+    stop = _stop_on_signals()
+
+    def report(a) -> None:
+        print(json.dumps({"request": a.request, "task": a.task, "fulfilled": a.fulfilled, "demo": a.demo,
+                          "reason": a.reason, "steps": a.steps}), flush=True)
+
+    try:
+        answers = serve_requests(store, writer, name, args.lease_s, args.connect, args.once, args.max, args.timeout,
+                                 args.poll_s, tuple(t for t in (args.tasks or "").split(",") if t),
+                                 on_answer=report, should_stop=lambda: bool(stop))
+    finally:
+        store.close()
+    print(f"vigil expert: {name} answered {len(answers)} request(s), "
+          f"{sum(a.fulfilled for a in answers)} fulfilled", file=sys.stderr, flush=True)
+    return 0
+
+
+def _swap_parser(sub) -> None:
+    p = sub.add_parser("swap", help="hot-swap the bundle a running runtime serves",
+                       description="Ask a runtime (started with --control-endpoint) to load another bundle in "
+                                   "the background and serve it from every robot's next plan, without a restart "
+                                   "and without a missed tick. A bundle whose observations, action shape, control "
+                                   "rate or safe action differ is refused and the old one keeps serving. Prints "
+                                   "the runtime's answer as JSON; exit status 0 swapped, 1 refused, 2 no answer.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bundle", required=True, help="bundle folder, as seen from the runtime's computer")
+    p.add_argument("--connect", default="tcp://127.0.0.1:5557", help="the runtime's control endpoint")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+
+
+def cmd_swap(args: argparse.Namespace) -> int:
+    from vigil.runtime.protocol import CONTROL_KINDS, Message, decode, encode
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(args.connect)
+        sock.send_multipart(encode(Message("swap", "", 1, 0, {}, {"bundle": str(Path(args.bundle).resolve())})))
+        if not sock.poll(int(args.timeout * 1000)):
+            print(f"vigil swap: no answer from {args.connect} within {args.timeout} s (is the runtime started with "
+                  "--control-endpoint?)", file=sys.stderr)
+            return 2
+        reply = decode(sock.recv_multipart(), kinds=CONTROL_KINDS)
+    finally:
+        sock.close()
+    print(json.dumps({"kind": reply.kind, **reply.meta}), flush=True)
+    return 0 if reply.kind == "swap" and reply.meta.get("ok") else 1
 
 
 def _demo_parser(sub) -> None:
@@ -379,13 +510,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vigil", description="Host learned robot controllers and watch them.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_serve_parser, _sim_parser, _alerts_parser, _demo_parser, _bundle_parser, _demos_parser, _train_parser,
-                _calibrate_parser):
+    for add in (_serve_parser, _sim_parser, _alerts_parser, _requests_parser, _expert_parser, _swap_parser,
+                _demo_parser, _bundle_parser, _demos_parser, _train_parser, _calibrate_parser):
         add(sub)
     args = parser.parse_args(argv)
-    return {"serve": cmd_serve, "sim": cmd_sim, "alerts": cmd_alerts, "demo": cmd_demo,
-            "bundle": cmd_bundle, "demos": cmd_demos, "train": cmd_train,
-            "calibrate": cmd_calibrate}[args.command](args)
+    return {"serve": cmd_serve, "sim": cmd_sim, "alerts": cmd_alerts, "requests": cmd_requests,
+            "expert": cmd_expert, "swap": cmd_swap, "demo": cmd_demo, "bundle": cmd_bundle, "demos": cmd_demos,
+            "train": cmd_train, "calibrate": cmd_calibrate}[args.command](args)
 
 
 if __name__ == "__main__":

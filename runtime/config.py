@@ -37,6 +37,8 @@ class ServeConfig:
     saturation_window: int = field(default=20, metadata={"help": "ticks over which the saturation monitor judges"})
     busy_poll_us: float = field(default=0.0, metadata={"help": "spin on a non-blocking poll for this long after each message before blocking (0: always block); costs a core, saves wake-up latency"})
     threads: int = field(default=1, metadata={"help": "onnxruntime intra-op threads (1 is fastest for small policies at batch 1)"})
+    request_interval_s: float = field(default=60.0, metadata={"help": "a task gets at most one data request per this many seconds (filed when the VFD monitor reaches alert; the alerts in between are not requests)"})
+    control_endpoint: str = field(default="", metadata={"help": "ZeroMQ endpoint the control channel (ROUTER) binds, for `vigil swap` (hot-swapping the bundle); empty: no control channel"})
     allow_remote: bool = field(default=False, metadata={"help": "permit binding endpoints that are not loopback (without authentication: see docs/operator.md)"})
 
     def __post_init__(self) -> None:
@@ -48,17 +50,21 @@ class ServeConfig:
         for key in ("deadline_ms", "busy_poll_us"):
             if not 0 <= getattr(self, key) < math.inf:  # also refuses NaN
                 raise bad(key, "a finite number >= 0")
-        for key in ("link_timeout_s", "session_expiry_s", "heartbeat_s", "telemetry_s", "alert_repeat_s"):
+        for key in ("link_timeout_s", "session_expiry_s", "heartbeat_s", "telemetry_s", "alert_repeat_s",
+                    "request_interval_s"):
             if not 0 < getattr(self, key) < math.inf:
                 raise bad(key, "a finite number > 0 (seconds)")
         if self.saturation_window < 1:
             raise bad("saturation_window", "an integer >= 1")
         if self.threads < 1:
             raise bad("threads", "an integer >= 1")
-        for key in ("robot_endpoint", "operator_endpoint"):
+        for key in ("robot_endpoint", "operator_endpoint", "control_endpoint"):
             ep = getattr(self, key)
+            if key == "control_endpoint" and ep == "":
+                continue  # no control channel
             if not isinstance(ep, str) or "://" not in ep:
-                raise bad(key, "a ZeroMQ endpoint such as tcp://127.0.0.1:5555 or ipc:///tmp/vigil.sock")
+                raise bad(key, "a ZeroMQ endpoint such as tcp://127.0.0.1:5555 or ipc:///tmp/vigil.sock"
+                          + (" (or empty: none)" if key == "control_endpoint" else ""))
             if not self.allow_remote and not is_local(ep):
                 raise ConfigError(f"config key {key!r} is {ep!r}, which is not loopback; vigil binds loopback only "
                                   "unless allow_remote = true (--allow-remote)")

@@ -2,11 +2,14 @@
 
 Single-threaded on a zmq.Poller with monotonic timers.  Reading order of one tick (`_on_obs`):
 
-    validate the observation  ->  agent.act (onnxruntime)  ->  monitors  ->  reply `act`
-    ->  file alerts (durable store, then PUB)
+    (at a plan boundary: switch to a newly swapped-in policy)  ->  validate the observation
+    ->  agent.act (onnxruntime)  ->  monitors  ->  reply `act`
+    ->  file alerts, and a data request on a VFD alert (durable store, then PUB)
 
-Alerts are filed after the reply, so a robot never waits for an fsync.  Anything a robot sends that is
-malformed gets an `error` reply and bumps a counter; no exception from a handler ends the loop.
+Alerts and requests are filed after the reply, so a robot never waits for an fsync.  Anything a robot sends
+that is malformed gets an `error` reply and bumps a counter; no exception from a handler ends the loop.
+A control channel (optional) takes `swap` requests: the new bundle loads on a background thread
+(runtime/swap.py) and the loop swaps the policy between ticks.
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ import zmq
 
 from vigil.monitors.alerts import Alerter
 from vigil.monitors.base import Level, Monitor, Tick, Verdict
+from vigil.monitors.requests import Requester
 from vigil.monitors.vfd import VFDMonitor
 from vigil.monitors.safety import ActionMonitor, DeadlineMonitor, LinkMonitor, ObservationMonitor, SaturationMonitor
 from vigil.policies.agent import Agent
 from vigil.policies.bundle import Policy, load_policy
 from vigil.runtime.config import ServeConfig
-from vigil.runtime.protocol import DEFAULT_LIMITS, ArraySpec, Message, ProtocolError, check_arrays, decode, encode, error
+from vigil.runtime.outbox import Outbox
+from vigil.runtime.protocol import (CONTROL_KINDS, DEFAULT_LIMITS, ArraySpec, Message, ProtocolError, check_arrays,
+                                    decode, encode, error)
+from vigil.runtime.requests import RequestStore
 from vigil.runtime.store import AlertStore
 from vigil.runtime.stream import OperatorStream
+from vigil.runtime.swap import BundleLoader, Loaded
 from vigil.runtime.transport import readable, send_frames
 
 log = logging.getLogger("vigil.serve")
@@ -49,6 +57,7 @@ class Session:
     info: dict[str, Any]
     last_seq: int = 0
     episode: int = 0
+    step: int = 0  # observations acted on since the last reset (the step index in lockstep)
     counters: Counter = field(default_factory=Counter)
     latency_us: list[float] = field(default_factory=list)  # since the last telemetry message
 
@@ -70,7 +79,18 @@ class Runtime:
         self.robot_endpoint = self.link.getsockopt_string(zmq.LAST_ENDPOINT)
         self.stream = OperatorStream(self.ctx, config.operator_endpoint)
         self.store = AlertStore(config.store)
-        self.alerter = Alerter(self.store, self.stream, config.alert_repeat_s)
+        self.outbox = Outbox()  # alerts and data requests reach the store in the order they happened
+        self.alerter = Alerter(self.store, self.stream, config.alert_repeat_s, self.outbox)
+        self.requests = RequestStore(config.store)
+        self.requester = Requester(self.requests, self.stream, self.outbox, config.request_interval_s)
+        self.control: zmq.Socket | None = None
+        if config.control_endpoint:
+            self.control = self.ctx.socket(zmq.ROUTER)
+            self.control.setsockopt(zmq.LINGER, 0)
+            self.control.setsockopt(zmq.IPV6, 1)
+            self.control.bind(config.control_endpoint)
+        self.loader = BundleLoader()
+        self._swap_waiting: tuple[bytes, int] | None = None  # who asked for the swap in progress (identity, seq)
         self.sessions: dict[str, Session] = {}
         self.by_identity: dict[bytes, Session] = {}
         self.counters: Counter = Counter()
@@ -86,6 +106,8 @@ class Runtime:
         """Serve until `should_stop()` is true (checked at least every 50 ms). Returns the counters."""
         poller = zmq.Poller()
         poller.register(self.link, zmq.POLLIN)
+        if self.control is not None:
+            poller.register(self.control, zmq.POLLIN)
         spin_s = self.config.busy_poll_us / 1e6
         last_msg = time.monotonic()
         log.info("serving %s on %s (%s mode), operator stream on %s", self.manifest.policy_id,
@@ -95,7 +117,9 @@ class Runtime:
                 # Busy polling (opt-in) keeps the core and its caches hot between ticks: a robot computer
                 # with a core to spare trades it for latency. Otherwise block until a message or a timer.
                 spinning = spin_s > 0 and time.monotonic() - last_msg < spin_s
-                if poller.poll(0 if spinning else self._poll_timeout_ms()):
+                if events := poller.poll(0 if spinning else self._poll_timeout_ms()):
+                    if self.control is not None and any(sock is self.control for sock, _ in events):
+                        self._on_control()
                     self._drain()
                     last_msg = time.monotonic()
                 self._on_timers(time.monotonic())
@@ -242,6 +266,8 @@ class Runtime:
         session = self._session(identity, msg)
         check_arrays(msg, self.manifest.observation)
         self._touch(session)
+        if session.agent.policy is not self.policy and session.agent.at_plan_boundary:
+            self._switch(session)
         step = session.agent.act(msg.arrays)
         tick = Tick(session.robot, msg.seq, msg.arrays, step.action, step.raw, step.scores,
                     time.perf_counter() - t_recv, step.plan)
@@ -249,13 +275,14 @@ class Runtime:
         verdicts = [v for v in judged if v.level != Level.OK]
         stop = any(v.level == Level.STOP for v in verdicts)
         action = session.agent.safe_action if stop else step.action
-        meta = {"policy": self.manifest.policy_id, "safe": stop,
+        meta = {"policy": session.agent.policy.manifest.policy_id, "safe": stop,
                 "verdicts": [[v.monitor, v.level.label, v.reason] for v in verdicts],
                 "infer_us": round(step.infer_s * 1e6, 1)}
         if step.scores:  # e.g. the VFD of the plan this action came from, and which plan that was
             meta["scores"], meta["plan"] = step.scores, step.plan
         self._send(identity, Message("act", session.robot, msg.seq, 0, {"action": action}, meta))
         session.last_seq = msg.seq
+        session.step += 1
         session.counters["ticks"] += 1
         session.counters["safe"] += stop
         session.latency_us.append((time.perf_counter() - t_recv) * 1e6)
@@ -263,20 +290,46 @@ class Runtime:
         if verdicts or self.alerter.raised:  # ok verdicts matter only to re-arm a raised alert
             for v in judged:
                 self._alert(session.robot, v)
+            for v in verdicts:
+                if v.monitor == "vfd" and v.level >= Level.ALERT:
+                    self._request(session, msg, v)
+
+    def _request(self, session: Session, msg: Message, verdict: Verdict) -> None:
+        """The policy is out of its depth here: ask for a demonstration (rate-limited per task)."""
+        try:
+            self.requester.request(session.robot, session.info, session.agent.policy.manifest.policy_id,
+                                   session.episode, session.step - 1, msg.arrays, verdict)
+        except Exception:  # as for alerts: the store must not stop the control loop
+            self.counters["request_store_failed"] += 1
+            log.exception("could not file a data request for %s", session.robot)
+
+    def _switch(self, session: Session) -> None:
+        """This robot's chunk is used up: it plans with the swapped-in policy from now on. Its monitors start
+        afresh with the new manifest (e.g. recalibrated VFD thresholds)."""
+        session.agent.switch(self.policy)
+        session.monitors = self._make_monitors()
+        session.counters["swaps"] += 1
 
     def _on_reset(self, identity: bytes, msg: Message, t_recv: float) -> None:
         session = self._session(identity, msg)
         self._touch(session)
-        instruction, seed = msg.meta.get("instruction"), msg.meta.get("seed")
+        instruction, seed, sim = msg.meta.get("instruction"), msg.meta.get("seed"), msg.meta.get("sim")
         if instruction is not None and type(instruction) is not str:
             raise ProtocolError("bad_header", "reset key 'instruction' must be a string")
         if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
             raise ProtocolError("bad_header", "reset key 'seed' must be a non-negative integer")
+        if sim is not None and not (type(sim) is dict and type(sim.get("env")) is str):
+            raise ProtocolError("bad_header", "reset key 'sim' must be a map with at least 'env' (a string)")
+        if session.agent.policy is not self.policy:  # a new episode is a plan boundary too
+            self._switch(session)
         session.agent.reset(instruction, seed)
         for m in session.monitors:
             m.reset()
         session.episode += 1
-        session.info.update({k: v for k, v in msg.meta.items() if k in ("task", "instruction", "episode")})
+        session.step = 0
+        for key in ("task", "instruction", "sim"):  # what this episode is: requests are filed with it
+            session.info.pop(key, None)
+        session.info.update({k: v for k, v in msg.meta.items() if k in ("task", "instruction", "episode", "sim")})
         self._send(identity, Message("reset", session.robot, msg.seq, 0, {}, {"episode": session.episode}))
 
     def _on_heartbeat(self, identity: bytes, msg: Message, t_recv: float) -> None:
@@ -308,8 +361,10 @@ class Runtime:
     # -- timers, alerts, telemetry --------------------------------------------------------------------
 
     def _on_timers(self, now: float) -> None:
-        if self.alerter.pending:
-            self.alerter.retry()
+        if self.outbox.pending:
+            self.outbox.retry()
+        if self.loader.busy and (loaded := self.loader.result()) is not None:
+            self._finish_swap(loaded)
         for session in list(self.sessions.values()):
             if now - session.link.last_seen > self.config.session_expiry_s:  # gone for good
                 self.counters["sessions_expired"] += 1
@@ -320,7 +375,7 @@ class Runtime:
                 session.counters["link_lost"] += 1
                 self._send(session.identity, Message("act", session.robot, session.last_seq, 0,
                                                      {"action": session.agent.safe_action},
-                                                     {"policy": self.manifest.policy_id, "safe": True,
+                                                     {"policy": session.agent.policy.manifest.policy_id, "safe": True,
                                                       "verdicts": [[verdict.monitor, verdict.level.label, verdict.reason]]}))
                 self._alert(session.robot, verdict)
         if now >= self._next_telemetry:
@@ -344,10 +399,73 @@ class Runtime:
         self.stream.publish("telemetry", Message("telemetry", "", 0, 0, {}, {
             "policy": self.manifest.policy_id, "counters": dict(self.counters), "robots": robots,
             "alerts": {"filed": self.alerter.filed, "suppressed": self.alerter.suppressed,
-                       "pending": len(self.alerter.pending), "dropped": self.alerter.dropped}}))
+                       "pending": len(self.outbox.pending), "dropped": self.outbox.dropped},
+            "requests": {"filed": self.requester.filed, "limited": self.requester.limited}}))
 
     def _telemetry_event(self, robot: str, event: str, values: dict) -> None:
         self.stream.publish("telemetry", Message("telemetry", robot, 0, 0, {}, {"event": event, "values": values}))
+
+    # -- control channel: hot swap ---------------------------------------------------------------------
+
+    def _on_control(self) -> None:
+        """Requests on the control channel (`vigil swap`); answered when the swap is done or refused."""
+        assert self.control is not None
+        for _ in range(MAX_BATCH):
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity = frames[0]
+            try:
+                msg = decode(frames[1:], kinds=CONTROL_KINDS)
+                if msg.kind != "swap":
+                    raise ProtocolError("bad_kind", f"the control channel takes 'swap', not {msg.kind!r}")
+                bundle = msg.meta.get("bundle")
+                if type(bundle) is not str or not bundle:
+                    raise ProtocolError("bad_header", "swap needs 'bundle': the bundle folder on this computer")
+            except ProtocolError as exc:
+                self._control_reply(identity, error(exc.code, exc.message, "", _peek_seq(frames[1:])))
+                continue
+            if self.loader.busy:
+                self._control_reply(identity, Message("swap", "", msg.seq, 0, {}, {
+                    "ok": False, "bundle": bundle, "reason": "another swap is in progress; try again when it is done"}))
+                continue
+            instructions = sorted({i for s in self.sessions.values() if isinstance(i := s.info.get("instruction"), str)})
+            self.loader.start(bundle, self.manifest, self.config.threads, instructions)
+            self._swap_waiting = (identity, msg.seq)
+            log.info("swap requested: loading %s in the background", bundle)
+
+    def _finish_swap(self, loaded: Loaded) -> None:
+        """The background load finished: serve the new policy from every robot's next plan, or refuse it.
+        Either way the operator is told (an alert, stored first, and a telemetry event)."""
+        previous = self.manifest.policy_id
+        if loaded.policy is None:
+            self.counters["swaps_refused"] += 1
+            self.alerter.file("", Verdict("swap", Level.ALERT, f"bundle {loaded.bundle} refused, still serving "
+                                          f"{previous}: {loaded.reason}"[:1000], {"bundle": loaded.bundle}))
+            self._telemetry_event("", "swap_refused", {"bundle": loaded.bundle, "policy": previous,
+                                                       "reason": loaded.reason})
+            reply = {"ok": False, "bundle": loaded.bundle, "policy": previous, "reason": loaded.reason}
+        else:
+            self.policy, self.manifest = loaded.policy, loaded.policy.manifest
+            self.counters["swaps"] += 1
+            now = self.manifest.policy_id
+            log.info("swapped %s -> %s (%s)", previous, now, loaded.bundle)
+            self.alerter.file("", Verdict("swap", Level.WARN, f"policy swapped: {previous} -> {now}",
+                                          {"bundle": loaded.bundle, "previous": previous, "policy": now}))
+            self._telemetry_event("", "swapped", {"bundle": loaded.bundle, "previous": previous, "policy": now})
+            reply = {"ok": True, "bundle": loaded.bundle, "previous": previous, "policy": now}
+        if self._swap_waiting is not None:
+            identity, seq = self._swap_waiting
+            self._swap_waiting = None
+            self._control_reply(identity, Message("swap", "", seq, 0, {}, reply))
+
+    def _control_reply(self, identity: bytes, msg: Message) -> None:
+        assert self.control is not None
+        try:
+            send_frames(self.control, [identity, *encode(msg)])
+        except zmq.ZMQError as exc:  # the asker is gone; the swap happened (or not) all the same
+            log.debug("control reply to %r failed: %s", identity, exc)
 
     def close(self) -> None:
         for session in self.sessions.values():  # robots learn at once that they are on their own
@@ -355,8 +473,11 @@ class Runtime:
                                                  {"reason": "runtime stopping"}))
         self._publish_telemetry()
         self.link.close()
+        if self.control is not None:
+            self.control.close()
         self.stream.close()
         self.store.close()
+        self.requests.close()
 
 
 def _peek_seq(body: list[bytes]) -> int:

@@ -1,5 +1,6 @@
-"""Embedded durable store for operator records (alerts now, data requests later): SQLite in WAL mode with
-synchronous writes, so a record that `append` returned an id for survives a crash or a kill -9."""
+"""Embedded durable store for operator records: SQLite in WAL mode with synchronous writes, so a record
+that `append` returned an id for survives a crash or a kill -9.  Alerts live here; data requests share the
+file and the discipline (`open_db`) in runtime/requests.py."""
 
 from __future__ import annotations
 
@@ -40,25 +41,34 @@ class AlertRecord:
                 "values": dict(self.values), "count": self.count}
 
 
+def open_db(path: Path, schema: str, readonly: bool = False, timeout: float = 0.05) -> sqlite3.Connection:
+    """A connection to the store file: read-only (the file must exist), or writable in WAL mode with
+    synchronous=FULL, autocommit (every statement commits), and `schema` created if missing.
+
+    The default busy timeout is short because the usual writer is the control loop, which must not wait on
+    a locked file (runtime/outbox.py queues and retries instead); offline writers (the expert) pass more."""
+    if readonly:
+        if not path.exists():
+            raise FileNotFoundError(f"store {path} does not exist")
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One owner at a time, but it may be built in another thread.
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=timeout)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(schema)
+    return db
+
+
 class AlertStore:
     """Append-only alert log. Readers (`vigil alerts --since`) may open it while the runtime writes."""
 
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
-        if readonly:
-            if not self.path.exists():
-                raise FileNotFoundError(f"alert store {self.path} does not exist")
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
-                                      check_same_thread=False)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # autocommit: every append commits. One owner at a time, but it may be built in another thread.
-            # A short busy timeout: the writer is the control loop, which must not wait on a locked file
-            # (the Alerter queues and retries instead).
-            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=0.05)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(SCHEMA)
+        try:
+            self.db = open_db(self.path, SCHEMA, readonly)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"alert store {self.path} does not exist") from None
 
     def append(self, robot: str, severity: str, monitor: str, reason: str,
                values: Mapping[str, Any] | None = None, count: int = 1, t_ns: int | None = None) -> AlertRecord:

@@ -251,6 +251,16 @@ class MetaWorldEnv(Environment):
         self.t, self._held = 0, 0
         return self._observe(obs)
 
+    def reset_recipe(self, seed: int) -> dict[str, Any]:
+        """How to replay the reset `reset(seed)` exactly: what a robot sends as `sim` with its `reset`, so a
+        data request can be answered from the same scene (sim/expert.py)."""
+        recipe: dict[str, Any] = {"env": "metaworld", "task": self.task, "seed": int(seed),
+                                  "variant": int(seed) % len(self._variants), "max_steps": self.max_steps}
+        if not self.shift.none:
+            recipe["shift"] = {"positions": self.shift.positions, "friction": self.shift.friction,
+                               "mass": self.shift.mass}
+        return recipe
+
     def step(self, action: np.ndarray) -> StepResult:
         a = np.asarray(action, np.float32).reshape(ACTION_DIM)
         if self.t >= self.max_steps:

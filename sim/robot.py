@@ -74,8 +74,10 @@ def run_episodes(env: Environment, cfg: SimConfig, faults: Faults = Faults(),
             stats = EpisodeStats(ep, seed)
             obs = env.reset(seed=seed)
             instruction = getattr(env, "instruction", None)  # language-conditioned tasks (Meta-World)
+            recipe = getattr(env, "reset_recipe", None)  # reproducible resets: data requests can replay them
             link.reset(episode=ep, task=env.name, seed=seed,
-                       **({"instruction": instruction} if instruction is not None else {}))
+                       **({"instruction": instruction} if instruction is not None else {}),
+                       **({"sim": recipe(seed)} if recipe is not None else {}))
             done = False
             while stats.steps < cfg.steps and not done:
                 t = stats.steps
