@@ -24,6 +24,10 @@ SUBCOMMANDS = {
             "--obs-noise", "--drop", "--delay-ms", "--disconnect-at", "--disconnect-s", "--fault-start",
             "--fault-stop", "--noise-dims", "--shift-positions", "--friction", "--mass", "--instruction", "--summary"],
     "alerts": ["--connect", "--store", "--since", "--follow", "--telemetry", "--json", "--timeout"],
+    "requests": ["--store", "--status", "--task", "--since", "--json"],
+    "expert": ["--store", "--demos", "--connect", "--name", "--lease-s", "--tasks", "--once", "--max", "--timeout",
+               "--poll-s"],
+    "swap": ["--bundle", "--connect", "--timeout"],
     "demo": ["--workdir", "--steps", "--rate", "--outage-s"],
     "bundle": ["{lqr,encoder}", "--system", "--out"],  # {lqr,encoder}: the positional `kind` with its choices
     "calibrate": ["--bundle", "--tasks", "--episodes", "--seed", "--window", "--warn", "--alert", "--stop",

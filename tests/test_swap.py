@@ -1,0 +1,156 @@
+"""Hot swap under load: a robot in lockstep keeps stepping while `vigil swap` makes the runtime load another
+bundle; every observation gets an action, none is the runtime's safe action, no deadline is missed, the swap
+is announced (stream and store), and the actions after it come from the new bundle. An incompatible bundle is
+refused and the old one keeps serving. Real processes, sockets and store; no timing assertions."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_lqr_action, gain_of, pitch_specs, run_vigil, tcp_endpoint, wait_until
+from vigil.runtime.client import RobotLink
+from vigil.runtime.store import AlertStore
+
+
+@pytest.fixture(scope="module")
+def half_gain_bundle(lqr_bundle, tmp_path_factory) -> Path:
+    """The aircraft-pitch LQR bundle with half the gain: same spec, rate, bounds and safe action."""
+    from vigil.policies.manifest import read_manifest
+    from vigil.training.export import export_linear_gain
+
+    m = read_manifest(lqr_bundle)
+    folder = tmp_path_factory.mktemp("swap") / "pitch-half-gain"
+    export_linear_gain(folder, "pitch-half-gain", gain_of(lqr_bundle) / 2, m.control_rate_hz,
+                       state_low=m.observation[0].low, state_high=m.observation[0].high)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uav_bundle(tmp_path_factory) -> Path:
+    from vigil.training.lqr import export_lqr
+
+    folder = tmp_path_factory.mktemp("swap") / "uav"
+    export_lqr("uav-2d", folder)
+    return folder
+
+
+class Stepper(threading.Thread):
+    """A lockstep robot on its own thread (its socket lives and dies there): obs, act, repeat, until told to
+    stop; every reply is kept with the observation it answered."""
+
+    def __init__(self, endpoint: str):
+        super().__init__(daemon=True)
+        self.endpoint = endpoint
+        self.replies: list[tuple[np.ndarray, object]] = []
+        self.stop = threading.Event()
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        link = RobotLink(self.endpoint, "stepper")
+        rng = np.random.default_rng(0)
+        try:
+            link.hello(*pitch_specs())
+            while not self.stop.is_set():
+                x = (rng.standard_normal(3) * 0.2).astype(np.float32)
+                self.replies.append((x, link.act({"state": x}, timeout_s=30)))
+        except BaseException as exc:  # surfaced by the test
+            self.failure = exc
+        finally:
+            link.close()
+
+    def policies(self) -> list[str]:
+        return [r.meta.get("policy") for _, r in list(self.replies)]
+
+
+def test_hot_swap_under_load_misses_no_tick(lqr_bundle, half_gain_bundle, uav_bundle, serve, subscriber, links):
+    control = tcp_endpoint()
+    served = serve(lqr_bundle, control_endpoint=control, link_timeout_s=300, telemetry_s=0.1)
+    sub = subscriber(served.operator_endpoint)
+    sub.ready()
+    old_id, new_id = (json.loads((b / "manifest.json").read_text()) for b in (lqr_bundle, half_gain_bundle))
+    old_id, new_id = (f"{m['name']}@{m['onnx']['sha256'][:12]}" for m in (old_id, new_id))
+
+    robot = Stepper(served.robot_endpoint)
+    robot.start()
+    try:
+        wait_until(lambda: len(robot.replies) >= 20 or robot.failure, timeout_s=60)
+        out = run_vigil("swap", "--connect", control, "--bundle", str(half_gain_bundle))
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        answer = json.loads(out.stdout)
+        assert answer["ok"] and answer["previous"] == old_id and answer["policy"] == new_id
+        before = len(robot.replies)
+        wait_until(lambda: robot.policies().count(new_id) >= 50 or robot.failure, timeout_s=60)
+    finally:
+        robot.stop.set()
+        robot.join(timeout=60)
+    assert robot.failure is None, robot.failure
+    assert before > 20  # the robot kept stepping while the bundle loaded
+
+    policies = robot.policies()
+    switch = policies.index(new_id)
+    assert policies[:switch] == [old_id] * switch and policies[switch:] == [new_id] * (len(policies) - switch)
+    K_old, K_new = gain_of(lqr_bundle), gain_of(half_gain_bundle)
+    for i, (x, reply) in enumerate(robot.replies):
+        assert reply.kind == "act", reply.meta  # every observation got an action ...
+        assert reply.meta["safe"] is False and reply.meta["verdicts"] == [], reply.meta  # ... the policy's, in time
+        assert_lqr_action(reply.arrays["action"], K_new if i >= switch else K_old, x)
+
+    _, event = sub.wait_for(lambda t, m: t == "telemetry" and m.meta.get("event") == "swapped")
+    assert event.meta["values"]["policy"] == new_id and event.meta["values"]["previous"] == old_id
+    topic, alert = sub.wait_for(lambda t, m: m.kind == "alert" and m.meta["monitor"] == "swap")
+    assert topic == "alert.warn" and new_id in alert.meta["reason"]
+    assert links(served.robot_endpoint, "late-comer").hello_reply.policy == new_id  # new robots get the new one
+
+    # an incompatible bundle is refused; the current one keeps serving
+    out = run_vigil("swap", "--connect", control, "--bundle", str(uav_bundle))
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    refused = json.loads(out.stdout)
+    assert not refused["ok"] and "observations differ" in refused["reason"] and refused["policy"] == new_id
+    out = run_vigil("swap", "--connect", control, "--bundle", str(uav_bundle.parent / "no-such-bundle"))
+    assert out.returncode == 1 and "manifest.json" in json.loads(out.stdout)["reason"]
+    link = links(served.robot_endpoint, "after-refusal")
+    x = np.array([0.1, -0.2, 0.05], np.float32)
+    reply = link.act({"state": x})
+    assert reply.meta["policy"] == new_id
+    assert_lqr_action(reply.arrays["action"], K_new, x)
+
+    counters = served.stop()
+    assert counters["swaps"] == 1 and counters["swaps_refused"] == 2
+    stored = AlertStore(served.store, readonly=True).since(0)
+    assert not [a for a in stored if a.monitor == "deadline"]
+    assert [(a.monitor, a.severity) for a in stored] == [("swap", "warn"), ("swap", "alert"), ("swap", "alert")]
+
+
+def test_chunked_robot_finishes_its_chunk_before_switching(chunk_bundle, serve, tmp_path):
+    """A chunked policy: the swap takes effect at the robot's next plan boundary, never inside a chunk."""
+    from vigil.policies.manifest import read_manifest, write_bundle
+
+    # the same graph, renamed (another policy id), and one more action executed per chunk
+    d = json.loads((chunk_bundle / "manifest.json").read_text())
+    d.update(name="chunked-v2", chunk={"length": 4, "execute": 4})
+    other = tmp_path / "chunked-v2"
+    write_bundle(other, (chunk_bundle / "policy.onnx").read_bytes(), d)
+    new_id = read_manifest(other).policy_id
+    control = tcp_endpoint()
+    served = serve(chunk_bundle, control_endpoint=control, link_timeout_s=300)
+    link = RobotLink(served.robot_endpoint, "chunky")
+    try:
+        from vigil.runtime.protocol import ArraySpec
+
+        link.hello((ArraySpec("state", "float32", (2,)),), ArraySpec("action", "float32", (2,)))
+        x = np.array([0.1, 0.2], np.float32)
+        first = link.act({"state": x})  # plan 1, action 1 of 2: the chunk has one action left
+        assert first.meta["plan"] == 1
+        out = run_vigil("swap", "--connect", control, "--bundle", str(other))
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        replies = [link.act({"state": x}) for _ in range(6)]
+    finally:
+        link.close()
+    assert replies[0].meta["plan"] == 1 and replies[0].meta["policy"] != new_id  # the old chunk is finished
+    assert [r.meta["policy"] for r in replies[1:]] == [new_id] * 5
+    assert [r.meta["plan"] for r in replies[1:]] == [2, 2, 2, 2, 3]  # the new bundle executes 4 per chunk
