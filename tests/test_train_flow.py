@@ -204,6 +204,18 @@ def test_vigil_train_flow_end_to_end(tmp_path, flow_encoder_bundle):
     policy = load_policy(out / "bundle")
     assert policy.manifest.kind == "flow_ensemble"
 
+    # a run whose export failed can be exported later from its checkpoint alone
+    import shutil
+
+    from vigil.training.train_flow import export_run
+
+    shutil.rmtree(out / "bundle")
+    (out / "provenance.json").unlink()
+    export_run(out, log=lambda _: None)
+    again = load_policy(out / "bundle")
+    assert again.manifest.provenance["seed"] == 3 and again.manifest.name == policy.manifest.name
+    assert json.loads((out / "provenance.json").read_text())["bundle"] == str((out / "bundle").resolve())
+
     # calibrate the VFD monitor on nominal rollouts of unseen variants, as a deployment would
     r = run_vigil("calibrate", "--bundle", str(out / "bundle"), "--episodes", "3", "--seed", "40",
                   "--max-steps", "60", "--stop", "0.05", "--all-episodes", "--no-progress", timeout=300)

@@ -350,21 +350,39 @@ def run(config: str | Path | FlowConfig, demos_dir: str | Path, out_dir: str | P
                                "loss_first": provenance["loss_first"], "loss_last": provenance["loss_last"],
                                "bundle": None}
     try:
-        from vigil.training.flow_export import export_flow_ensemble
+        summary["bundle"] = export_run(out, ens, cfg, encoder_path, provenance, _control_rate(demos, infos), log)
     except ModuleNotFoundError as exc:
         if exc.name != "vigil.training.flow_export":
             raise  # flow_export exists but needs something missing: say so loudly
         log("bundle: export is not available yet (vigil.training.flow_export is missing); "
             f"the checkpoint {out / 'ensemble.pt'} can be exported later")
         provenance["bundle"] = None
-    else:
-        what = "-".join(sorted(per_task)) if len(per_task) <= 2 else f"{len(per_task)}tasks"
-        name = f"flow-{what}-M{cfg.members}-s{cfg.seed}"
-        export_flow_ensemble(out / "bundle", ens, cfg, encoder_path, name, prov=provenance,
-                             control_rate_hz=_control_rate(demos, infos))
-        provenance["bundle"] = str((out / "bundle").resolve())
-        summary["bundle"] = str(out / "bundle")
-        log(f"bundle: wrote {out / 'bundle'} ({name})")
     (out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
     summary["provenance"] = str(out / "provenance.json")
     return summary
+
+
+def export_run(out: str | Path, ens: Ensemble | None = None, cfg: FlowConfig | None = None,
+               encoder_path: str | Path | None = None, provenance: dict[str, Any] | None = None,
+               control_rate_hz: float = 80.0, log: Callable[[str], None] = print) -> str:
+    """Export a training run's ensemble as OUT/bundle and record it in `provenance` (which `run` then
+    writes). Called without the ensemble, it re-exports a finished run from OUT/ensemble.pt (and writes
+    OUT/provenance.json from the checkpoint's): a run whose export failed, or a bundle to rebuild."""
+    from vigil.training.flow_export import export_flow_ensemble
+
+    out = Path(out)
+    standalone = ens is None
+    if standalone:
+        ens, cfg, ck = load_checkpoint(out / "ensemble.pt")
+        provenance = dict(ck["provenance"])
+        encoder_path = Path(provenance["encoder"]["folder"])
+    assert cfg is not None and provenance is not None and encoder_path is not None
+    tasks = provenance["tasks"]
+    what = "-".join(sorted(tasks)) if len(tasks) <= 2 else f"{len(tasks)}tasks"
+    name = f"flow-{what}-M{cfg.members}-s{cfg.seed}"
+    export_flow_ensemble(out / "bundle", ens, cfg, encoder_path, name, prov=provenance, control_rate_hz=control_rate_hz)
+    provenance["bundle"] = str((out / "bundle").resolve())
+    log(f"bundle: wrote {out / 'bundle'} ({name})")
+    if standalone:
+        (out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
+    return str(out / "bundle")
