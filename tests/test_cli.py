@@ -86,6 +86,9 @@ def test_subcommand_help_documents_every_option(sub):
     (["--operator-endpoint", "tcp://*:{port}"], "allow_remote"),
     (["--link-timeout-s", "0"], "link_timeout_s"),
     (["--deadline-ms", "-1"], "deadline_ms"),
+    (["--request-interval-s", "0"], "request_interval_s"),
+    (["--control-endpoint", "tcp://0.0.0.0:{port}"], "allow_remote"),
+    (["--control-endpoint", "nowhere"], "control_endpoint"),
 ])
 def test_serve_refuses_bad_configuration(lqr_bundle, tmp_path, args, expected):
     args = [a.format(port=free_port()) for a in args]

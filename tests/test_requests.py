@@ -220,3 +220,41 @@ def test_expert_wakes_on_the_request_topic(vfd_bundle, serve, tmp_path):
     store = RequestStore(served.store, readonly=True)
     assert store.get(1).status == "fulfilled"
     store.close()
+
+
+def test_a_locked_store_queues_the_request_and_the_rate_limit_holds(tmp_path):
+    """The control loop's side in process: with the store locked by another process's transaction the request
+    waits in the shared outbox (nothing published, nothing lost, the loop not blocked), and is filed by the
+    retry once the lock is gone; meanwhile the task's slot is taken, other tasks are not."""
+    import sqlite3
+
+    from vigil.monitors.base import Level, Verdict
+    from vigil.monitors.requests import Requester
+    from vigil.runtime.outbox import Outbox
+
+    store = RequestStore(tmp_path / "store.db")
+    outbox = Outbox()
+    requester = Requester(store, None, outbox, interval_s=10.0)
+    verdict = Verdict("vfd", Level.ALERT, "unsure", {"vfd": 2.0, "threshold": 1.0})
+    obs = {"state": np.arange(39, dtype=np.float32)}
+    info = {"task": "push-v3", "instruction": "push the puck to the goal", "sim": {"env": "metaworld", "seed": 4}}
+    lock = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        assert requester.request("r1", info, "p@1", 1, 5, obs, verdict, now=100.0)
+        assert len(outbox.pending) == 1 and requester.filed == 0
+        assert not requester.request("r1", info, "p@1", 1, 6, obs, verdict, now=105.0)  # same task: limited
+        assert requester.request("r2", {"task": "reach-v3"}, "p@1", 3, 0, obs, verdict, now=105.0)
+        assert len(outbox.pending) == 2 and outbox.retry() == []
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    filed = outbox.retry()
+    assert [(r.id, r.task, r.step) for r in filed] == [(1, "push-v3", 5), (2, "reach-v3", 0)]
+    assert requester.filed == 2 and requester.limited == 1 and not outbox.pending
+    stored = store.get(1)
+    assert stored.sim == info["sim"] and stored.instruction == info["instruction"] and stored.score == 2.0
+    np.testing.assert_array_equal(stored.observation["state"], obs["state"])
+    assert store.get(2).instruction is None and store.get(2).sim is None
+    assert requester.request("r1", info, "p@1", 2, 0, obs, verdict, now=110.0)  # the interval has passed
+    store.close()
