@@ -91,25 +91,9 @@ def _model(run: str):
 
         torch.set_num_threads(1)
         ens, cfg, _ = load_checkpoint(Path(run) / "ensemble.pt")
-        subs = {} if getattr(cfg, "image_size", 0) else {f"vfd_M{m}": sub_ensemble(ens, m) for m in range(2, cfg.members)}
+        subs = {f"vfd_M{m}": ens.subset(m) for m in range(2, cfg.members)}
         _MODELS[run] = (ens, subs, InstructionEncoder.load(Path(run) / "encoder"))
     return _MODELS[run]
-
-
-def sub_ensemble(ens, m: int):
-    """The ensemble of the first m members (member seeds do not depend on M, so it is an M = m ensemble)."""
-    from vigil.training.flow import Ensemble, StackedLinear
-
-    cfg = ens.cfg
-    sub = Ensemble(type(cfg)(**{**cfg.__dict__, "members": m}))
-    state = ens.state_dict()
-    for name, mod in ens.named_modules():
-        if isinstance(mod, StackedLinear) and not mod.shared:
-            for p in ("weight", "bias"):
-                if getattr(mod, p) is not None:
-                    state[f"{name}.{p}"] = state[f"{name}.{p}"][:m]
-    sub.load_state_dict(state)
-    return sub.eval()
 
 
 def _obs_tensor(obs: dict, image: bool):

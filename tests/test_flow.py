@@ -282,3 +282,22 @@ def test_training_on_synthetic_multitask_data(one_thread):
     with pytest.raises(ValueError):
         train_ensemble(FlowConfig(**{**warm_cfg.__dict__, "members": 2}), obs, instr, chunks, progress=False,
                        ensemble=ens)
+
+
+@pytest.mark.parametrize("image_size", [0, 24])
+def test_subset_is_the_smaller_ensemble_of_the_same_seed(image_size):
+    from vigil.training.flow import Ensemble, FlowConfig
+
+    cfg = FlowConfig(hidden=16, depth=2, members=3, seed=7, image_size=image_size, image_channels=2, image_features=4)
+    big = Ensemble(cfg)
+    big.set_normalisation(torch.randn(50, cfg.obs_dim) * 3 + 1)
+    sub = big.subset(2)
+    small = Ensemble(FlowConfig(**{**cfg.__dict__, "members": 2}))
+    ref = small.state_dict()
+    for k, v in sub.state_dict().items():
+        if k in ("obs_mean", "obs_std"):
+            torch.testing.assert_close(v, big.state_dict()[k])  # the trained normalisation comes along
+        else:
+            torch.testing.assert_close(v, ref[k], rtol=0, atol=0, msg=k)
+    with pytest.raises(ValueError, match="members must be in 1..3"):
+        big.subset(4)

@@ -38,6 +38,7 @@ state-only ensemble uses its "state" and ignores the rest.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
@@ -350,6 +351,23 @@ class Ensemble(nn.Module):
         """v(x, t | context): context (K, B, hidden) from `encode`, x (K or 1, S, B, D) flattened chunks,
         t a float or a tensor broadcastable to (K, S, B). Returns (K, S, B, D)."""
         return self.velocity_from(self.condition(context, t, members), x, members)
+
+    def subset(self, members: int) -> "Ensemble":
+        """The ensemble of the first `members` members, as a new Ensemble (eval mode). Member i's seeds do
+        not depend on M (`member_seeds`), so this is the M = members ensemble the same seed would have
+        trained: VFD quality against M is measured on one trained ensemble, and a bundle can ship fewer
+        members than were trained."""
+        if not 1 <= members <= self.members:
+            raise ValueError(f"members must be in 1..{self.members}, got {members}")
+        sub = Ensemble(dataclasses.replace(self.cfg, members=members))
+        state = self.state_dict()
+        for name, mod in self.named_modules():
+            if isinstance(mod, (StackedLinear, StackedConv)) and not mod.shared:
+                for part in ("weight", "bias"):
+                    if getattr(mod, part) is not None:
+                        state[f"{name}.{part}"] = state[f"{name}.{part}"][:members]
+        sub.load_state_dict(state)
+        return sub.eval()
 
     def copy_member(self, src: int, dst: int) -> None:
         """Make member dst's parameters a copy of member src's (tests: identical members)."""
