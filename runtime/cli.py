@@ -435,14 +435,16 @@ def cmd_demos(args: argparse.Namespace) -> int:
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a policy from demonstrations (needs vigil[train])",
-                       description="Train a policy on a demonstration dataset (docs/datasets.md). flow: a "
-                                   "flow-matching action-chunk ensemble (training/flow.py), conditioned on the "
-                                   "state and on the instruction embedded by the onboard encoder bundle; writes "
-                                   "ensemble.pt, loss.csv, learning_curve.png, provenance.json and, when the "
-                                   "exporter is available, the flow_ensemble bundle in OUT/bundle.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("kind", choices=("flow",), help="what to train")
+    t = sub.add_parser("train", help="train a policy from demonstrations (needs vigil[train])",
+                       description="Train a policy on a demonstration dataset (docs/datasets.md), or fine-tune "
+                                   "one on acquired demonstrations (a SAVE round, docs/save.md).")
+    tsub = t.add_subparsers(dest="kind", required=True)
+    p = tsub.add_parser("flow", help="train a flow-matching ensemble with VFD",
+                        description="Train a flow-matching action-chunk ensemble (training/flow.py), conditioned on "
+                                    "the state and on the instruction embedded by the onboard encoder bundle; writes "
+                                    "ensemble.pt, loss.csv, learning_curve.png, provenance.json and, when the "
+                                    "exporter is available, the flow_ensemble bundle in OUT/bundle.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", required=True, help="TOML file with a [flow] table (e.g. configs/flow-mt10.toml)")
     p.add_argument("--demos", required=True, help="demonstration dataset folder (vigil demos record)")
     p.add_argument("--out", required=True, help="output folder (created)")
@@ -451,6 +453,29 @@ def _train_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--tasks", help="comma-separated task names to train on (default: every task of the dataset)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r = tsub.add_parser("save-round", help="fine-tune a flow ensemble on acquired demonstrations (SAVE round)",
+                        description="One SAVE round (training/save.py): fine-tune every member of RUN's ensemble, "
+                                    "warm-started from its checkpoint, on old and acquired demonstrations half and "
+                                    "half in every minibatch; re-calibrate the VFD thresholds on nominal rollouts; "
+                                    "write OUT/bundle with provenance (parent, requests, demonstrations, steps, "
+                                    "seed). Options override the [save] table of --config.")
+    r.add_argument("--run", required=True, help="the current run folder (vigil train flow or an earlier round)")
+    r.add_argument("--old-demos", required=True, nargs="+", metavar="DIR",
+                   help="dataset folder(s) of the data trained on so far (the run's, plus earlier rounds' acquired)")
+    r.add_argument("--acquired", required=True, help="dataset folder of the acquired demonstrations (vigil expert --demos)")
+    r.add_argument("--requests", metavar="STORE",
+                   help="only the demonstrations that fulfilled requests in this store (the runtime's --store)")
+    r.add_argument("--out", required=True, help="output folder of the new run (created)")
+    r.add_argument("--config", help="TOML file with a [save] table (keys: SaveConfig's fields)")
+    r.add_argument("--steps", type=int, help="fine-tuning optimiser steps (default 2000)")
+    r.add_argument("--seed", type=int, help="seed of the round's minibatches and noise (default: parent's + round)")
+    r.add_argument("--calibration-episodes", type=int,
+                   help="nominal calibration episodes per task (default 10; 0: no calibration)")
+    r.add_argument("--calibration-seed", type=int, help="seed of each task's first calibration episode (default 40)")
+    r.add_argument("--calibration-max-steps", type=int, help="steps per calibration episode, at most (default 500)")
+    r.add_argument("--calibration-all-episodes", action="store_const", const=True,
+                   help="calibrate on every rollout, not only the successful ones")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _calibrate_parser(sub) -> None:
@@ -493,7 +518,27 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_save_round(args: argparse.Namespace) -> int:
+    from vigil.training.save import load_save_config, save_round
+
+    try:
+        config = load_save_config(args.config, steps=args.steps, seed=args.seed,
+                                  calibration_episodes=args.calibration_episodes,
+                                  calibration_seed=args.calibration_seed,
+                                  calibration_max_steps=args.calibration_max_steps,
+                                  calibration_all_episodes=args.calibration_all_episodes)
+        summary = save_round(args.run, args.old_demos, args.acquired, args.out, args.requests, config,
+                             progress=not args.no_progress, log=lambda line: print(line, flush=True))
+    except (ConfigError, ValueError, KeyError, OSError) as exc:
+        print(f"vigil train save-round: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.kind == "save-round":
+        return cmd_save_round(args)
     from vigil.training.train_flow import run
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None

@@ -41,7 +41,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -605,9 +605,47 @@ def _training_obs(cfg: FlowConfig, obs: Observation) -> tuple[Tensor, Tensor | N
     return state, image
 
 
+def minibatches(groups: Sequence[Tensor], batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless minibatches of example indices with an equal share of every group in each (SAVE's replay
+    mixes old and acquired data half and half, however few acquired examples there are). groups: index
+    tensors, one per group; the first batch_size % len(groups) groups get one index more.
+
+    Each group is its own epoch stream: shuffled, taken in order, reshuffled when its next share no longer
+    fits (the epoch's tail is dropped). With one group this is the plain epoch loop of `train_ensemble`,
+    draw for draw. A group smaller than its share is repeated within the batch (whole shuffles of it)."""
+    G = len(groups)
+    shares = [batch_size // G + (g < batch_size % G) for g in range(G)]
+    perms: list[Tensor | None] = [None] * G
+    pos = [0] * G
+    while True:
+        parts = []
+        for g, (idx, k) in enumerate(zip(groups, shares)):
+            n = len(idx)
+            if k > n:
+                parts.append(torch.cat([idx[torch.randperm(n, generator=generator)] for _ in range(-(-k // n))])[:k])
+                continue
+            if perms[g] is None or pos[g] + k > n:
+                perms[g], pos[g] = idx[torch.randperm(n, generator=generator)], 0
+            parts.append(perms[g][pos[g]:pos[g] + k])
+            pos[g] += k
+        yield parts[0] if G == 1 else torch.cat(parts)
+
+
+def _group_indices(groups: Tensor | np.ndarray | None, n: int) -> list[Tensor]:
+    """Example indices per group label (in label order) of `train_ensemble`'s `groups`; [arange(n)] for None."""
+    if groups is None:
+        return [torch.arange(n)]
+    labels = torch.as_tensor(np.asarray(groups) if not isinstance(groups, Tensor) else groups)
+    if labels.shape != (n,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"groups must be integer labels, one per example ({n},), got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    return [torch.nonzero(labels == g).flatten() for g in torch.unique(labels)]
+
+
 def train_ensemble(cfg: FlowConfig, obs: Observation, instr: Tensor | np.ndarray,
                    chunks: Tensor | np.ndarray, progress: bool = True,
-                   ensemble: Ensemble | None = None) -> tuple[Ensemble, dict[str, np.ndarray]]:
+                   ensemble: Ensemble | None = None,
+                   groups: Tensor | np.ndarray | None = None) -> tuple[Ensemble, dict[str, np.ndarray]]:
     """Train every member by flow matching on in-memory data: obs (n, obs_dim) (or, for image configs, a
     mapping {"state": (n, obs_dim), "image": (n, S, S, 3) uint8}), instr (n, instr_dim),
     chunks (n, H, action_dim). Each member draws its own minibatches (its own shuffling each epoch), its
@@ -616,8 +654,10 @@ def train_ensemble(cfg: FlowConfig, obs: Observation, instr: Tensor | np.ndarray
 
     ensemble: warm start (SAVE fine-tunes each round from the previous one). It is copied, not changed,
     and keeps its observation normalisation; cfg supplies the optimisation settings. Otherwise a fresh
-    Ensemble(cfg) normalised on `obs`. Returns (ensemble, history) with history["loss"] (steps,), the
-    mean over members, and history["member_loss"] (steps, M)."""
+    Ensemble(cfg) normalised on `obs`. groups: an integer label per example (n,); every minibatch then
+    holds an equal share of each label (`minibatches`): SAVE's replay, old data 0 and acquired data 1,
+    half and half whatever the sizes. None: one group (plain epochs). Returns (ensemble, history) with
+    history["loss"] (steps,), the mean over members, and history["member_loss"] (steps, M)."""
     obs, images = _training_obs(cfg, obs)
     instr, chunks = _as_float(instr), _as_float(chunks)
     n = obs.shape[0]
@@ -635,8 +675,7 @@ def train_ensemble(cfg: FlowConfig, obs: Observation, instr: Tensor | np.ndarray
     M, D, bs = cfg.members, cfg.chunk_dim, min(cfg.batch_size, n)
     targets = chunks.reshape(n, D)
     gens = [torch.Generator().manual_seed(d) for _, d in member_seeds(cfg.seed, M)]
-    perms = [torch.randperm(n, generator=g) for g in gens]
-    pos = [0] * M
+    streams = [minibatches(_group_indices(groups, n), bs, g) for g in gens]
     opt = torch.optim.AdamW(ens.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ens.train()
     losses = torch.empty(cfg.steps, M)
@@ -646,13 +685,7 @@ def train_ensemble(cfg: FlowConfig, obs: Observation, instr: Tensor | np.ndarray
     except ImportError:  # tqdm comes with vigil[dev]
         bar = range(cfg.steps)
     for step in bar:
-        idx = []
-        for m in range(M):
-            if pos[m] + bs > n:
-                perms[m], pos[m] = torch.randperm(n, generator=gens[m]), 0
-            idx.append(perms[m][pos[m]:pos[m] + bs])
-            pos[m] += bs
-        idx = torch.stack(idx)  # (M, bs)
+        idx = torch.stack([next(s) for s in streams])  # (M, bs)
         x0 = torch.stack([torch.randn(bs, D, generator=g) for g in gens])
         t = torch.stack([torch.rand(bs, generator=g) for g in gens])  # U[0, 1)
         xt, target = ot_path(x0, targets[idx], t[..., None])

@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -79,9 +79,10 @@ def check_flow_config(cfg: FlowConfig, section: str = "flow") -> FlowConfig:
 
 def flow_config_from_dict(doc: Mapping[str, Any], **overrides: Any) -> FlowConfig:
     """FlowConfig from a parsed TOML document with a `[flow]` table, then non-None overrides."""
-    extra = sorted(k for k in doc if k != "flow")
+    extra = sorted(k for k in doc if k not in ("flow", "save"))
     if extra:
-        raise ConfigError(f"config key {extra[0]!r} is unknown; a flow config has one table, [flow]")
+        raise ConfigError(f"config key {extra[0]!r} is unknown; a flow config has the table [flow] (and [save] "
+                          "for `vigil train save-round`)")
     table = doc.get("flow")
     if not isinstance(table, Mapping):
         raise ConfigError("config key 'flow' must be a table ([flow]) of FlowConfig fields")
@@ -114,7 +115,8 @@ def choose_episodes(demoset: DemoSet, tasks: Sequence[str] | None = None, succes
 
 
 def dataset_tensors(demoset: DemoSet, cfg: FlowConfig, encoder, tasks: Sequence[str] | None = None,
-                    successful_only: bool = True, stats: dict | None = None
+                    successful_only: bool = True, stats: dict | None = None,
+                    episode_ids: Collection[str] | None = None
                     ) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Training examples of the chosen episodes, in index order, one per step t of each episode:
     obs (n, obs_dim) float32 = state observation t (the observation the action was taken on; the final
@@ -122,9 +124,16 @@ def dataset_tensors(demoset: DemoSet, cfg: FlowConfig, encoder, tasks: Sequence[
     the episode's instruction, chunks (n, H, action_dim) float32 = actions t .. t+H-1 (last action repeated
     past the end). `encoder` is an InstructionEncoder (anything with `embed(texts) -> (k, dim)`): every
     distinct instruction is embedded once. `stats`, if given, receives per task {"episodes", "steps"}.
+    `episode_ids`: only these of the chosen episodes (a SAVE round's old and acquired sets).
     Vision configs (cfg.image_size > 0): obs is {"state": (n, obs_dim) float32, "image": (n, S, S, 3)
     uint8}, image t being the camera frame of step t (uint8: 12 KiB a frame instead of 48 as float)."""
     infos = choose_episodes(demoset, tasks, successful_only)
+    if episode_ids is not None:
+        wanted = set(episode_ids)
+        infos = [e for e in infos if e.id in wanted]
+        if not infos:
+            raise ValueError(f"none of the {len(wanted)} requested episode(s) is among the chosen ones of "
+                             f"{demoset.folder}")
     texts = sorted({e.instruction for e in infos})
     table = np.asarray(encoder.embed(texts), np.float32)
     if table.shape != (len(texts), cfg.instr_dim):
@@ -364,10 +373,11 @@ def run(config: str | Path | FlowConfig, demos_dir: str | Path, out_dir: str | P
 
 def export_run(out: str | Path, ens: Ensemble | None = None, cfg: FlowConfig | None = None,
                encoder_path: str | Path | None = None, provenance: dict[str, Any] | None = None,
-               control_rate_hz: float = 80.0, log: Callable[[str], None] = print) -> str:
+               control_rate_hz: float = 80.0, log: Callable[[str], None] = print, name: str | None = None) -> str:
     """Export a training run's ensemble as OUT/bundle and record it in `provenance` (which `run` then
     writes). Called without the ensemble, it re-exports a finished run from OUT/ensemble.pt (and writes
-    OUT/provenance.json from the checkpoint's): a run whose export failed, or a bundle to rebuild."""
+    OUT/provenance.json from the checkpoint's): a run whose export failed, or a bundle to rebuild.
+    name: the bundle's name; default flow-<tasks>-M<members>-s<seed> (a SAVE round appends -r<round>)."""
     from vigil.training.flow_export import export_flow_ensemble
 
     out = Path(out)
@@ -379,7 +389,7 @@ def export_run(out: str | Path, ens: Ensemble | None = None, cfg: FlowConfig | N
     assert cfg is not None and provenance is not None and encoder_path is not None
     tasks = provenance["tasks"]
     what = "-".join(sorted(tasks)) if len(tasks) <= 2 else f"{len(tasks)}tasks"
-    name = f"flow-{what}-M{cfg.members}-s{cfg.seed}"
+    name = name or f"flow-{what}-M{cfg.members}-s{cfg.seed}"
     export_flow_ensemble(out / "bundle", ens, cfg, encoder_path, name, prov=provenance, control_rate_hz=control_rate_hz)
     provenance["bundle"] = str((out / "bundle").resolve())
     log(f"bundle: wrote {out / 'bundle'} ({name})")
