@@ -137,6 +137,45 @@ def test_by_task_maps_picks_back_to_candidates():
     assert all(index[t][i] in range(5) for t, i in picks)
 
 
+class Encoder:
+    """Stands in for the onboard InstructionEncoder: a fixed 3-d embedding per instruction."""
+
+    def embed(self, texts):
+        return np.stack([np.array([len(t), t.count("e"), 1.0], np.float32) / 10 for t in texts])
+
+
+def candidate(task: str, instruction: str, state0: np.ndarray):
+    from vigil.training.demos import Episode
+
+    states = np.stack([state0, state0 + 1]).astype(np.float32)
+    return Episode(task, instruction, 0, {"state": states}, np.zeros((1, 4), np.float32), np.zeros(1, np.float32),
+                   np.ones(1, bool))
+
+
+def test_candidate_scores_are_the_ensemble_scores_at_the_initial_observation():
+    from vigil.training.save import candidate_scores
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    ens = flow.Ensemble(cfg).eval()
+    rng = np.random.default_rng(0)
+    cands = [candidate("a" if k % 2 else "b", "push it" if k % 2 else "reach", rng.normal(size=5)) for k in range(7)]
+    vfd = candidate_scores(ens, cands, Encoder(), "vfd", seed=3, batch=3)  # batches of 3: 3 + 3 + 1
+    assert vfd.shape == (7,) and np.all(vfd > 0)
+    np.testing.assert_allclose(vfd, candidate_scores(ens, cands, Encoder(), "vfd", seed=3), rtol=1e-5)
+    obs = torch.from_numpy(np.stack([c.observations["state"][0] for c in cands]))
+    instr = torch.from_numpy(Encoder().embed([c.instruction for c in cands]))
+    noise = torch.randn(cfg.vfd_samples, 7, cfg.horizon, cfg.action_dim, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(vfd, flow.vfd_one_way(ens, obs, instr, noise).numpy(), rtol=1e-5)
+    for score in ("action_l2", "gu"):
+        assert candidate_scores(ens, cands, Encoder(), score).shape == (7,)
+    ens.copy_member(0, 1)  # identical members: no disagreement
+    np.testing.assert_allclose(candidate_scores(ens, cands, Encoder(), "vfd"), 0, atol=1e-10)
+    assert candidate_scores(ens, [], Encoder()).shape == (0,)
+    with pytest.raises(ValueError, match="score"):
+        candidate_scores(ens, cands, Encoder(), "ace")
+
+
 # --------------------------------------------------------------------------------- half-and-half replay
 
 
@@ -214,6 +253,7 @@ def flat(state: dict) -> torch.Tensor:
 
 def test_save_round_end_to_end(tmp_path, encoder_bundle):
     from vigil.policies.bundle import load_policy
+    from vigil.runtime.cli import main
     from vigil.runtime.requests import RequestStore
     from vigil.sim.expert import serve_requests
     from vigil.training.demos import DemoSet, DemoWriter, Episode
@@ -224,11 +264,10 @@ def test_save_round_end_to_end(tmp_path, encoder_bundle):
     config = tmp_path / "tiny.toml"
     config.write_text(TINY.read_text().replace("steps = 300", "steps = 150")
                       + "\n[save]\nsteps = 25\ncalibration_max_steps = 40\n")
-    r = run_vigil("demos", "record", "--tasks", "reach-v3", "--episodes", "2", "--out", str(demos))
-    assert r.returncode == 0, r.stderr
-    r = run_vigil("train", "flow", "--config", str(config), "--demos", str(demos), "--out", str(run),
-                  "--encoder", str(encoder_bundle), "--no-progress", timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # the parent run, in process (the CLI's own function, without a child's start-up)
+    assert main(["demos", "record", "--tasks", "reach-v3", "--episodes", "2", "--out", str(demos)]) == 0
+    assert main(["train", "flow", "--config", str(config), "--demos", str(demos), "--out", str(run),
+                 "--encoder", str(encoder_bundle), "--no-progress"]) == 0
     parent = load_policy(run / "bundle").manifest
 
     # deployment: two requests, one answered by the scripted expert, one still open
@@ -284,10 +323,16 @@ def test_save_round_end_to_end(tmp_path, encoder_bundle):
     torch.testing.assert_close(ens_n.obs_std, ens_p.obs_std)
 
 
-def test_save_round_refusals(tmp_path):
-    r = run_vigil("train", "save-round", "--run", str(tmp_path / "none"), "--old-demos", str(tmp_path),
-                  "--acquired", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "0")
-    assert r.returncode == 2 and "'save.steps'" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = run_vigil("train", "save-round", "--run", str(tmp_path / "none"), "--old-demos", str(tmp_path),
-                  "--acquired", str(tmp_path), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "ensemble.pt" in r.stderr and "Traceback" not in r.stderr, r.stderr
+def test_save_round_refusals(tmp_path, capsys):
+    from vigil.runtime.cli import main
+
+    args = ["train", "save-round", "--run", str(tmp_path / "none"), "--old-demos", str(tmp_path), "--acquired",
+            str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main([*args, "--steps", "0"]) == 2
+    assert "'save.steps' must be an integer >= 1" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[save]\nstep = 3\n")
+    assert main([*args, "--config", str(bad)]) == 2
+    assert "'save.step' is unknown" in capsys.readouterr().err
+    assert main(args) == 2
+    assert "ensemble.pt" in capsys.readouterr().err

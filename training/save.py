@@ -130,22 +130,18 @@ def candidate_scores(ensemble, candidates: Sequence, encoder, score: str = "vfd"
     state = np.stack([np.asarray(c.observations[STATE][0], np.float32) for c in candidates])
     instr = torch.from_numpy(np.stack([table[c.instruction] for c in candidates]))
     image = np.stack([np.asarray(c.observations[IMAGE][0]) for c in candidates]) if cfg.vision else None
-    gen = torch.Generator().manual_seed(seed)
     N, H, m, M = samples or cfg.vfd_samples, cfg.horizon, cfg.action_dim, cfg.members
+    # all the noise first: a candidate's score does not depend on how the candidates are batched
+    shape = (M, N, n, H, m) if score == "action_l2" else (N, n, H, m)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    fn = {"vfd": vfd_one_way, "action_l2": action_l2, "gu": gu}[score]
     out = []
     for lo in range(0, n, batch):
         sl = slice(lo, min(n, lo + batch))
-        b = sl.stop - sl.start
         obs: Any = torch.from_numpy(state[sl])
         if image is not None:
             obs = {STATE: obs, IMAGE: torch.from_numpy(image[sl])}
-        if score == "vfd":
-            s = vfd_one_way(ensemble, obs, instr[sl], torch.randn(N, b, H, m, generator=gen))
-        elif score == "action_l2":
-            s = action_l2(ensemble, obs, instr[sl], torch.randn(M, N, b, H, m, generator=gen))
-        else:
-            s = gu(ensemble, obs, instr[sl], torch.randn(N, b, H, m, generator=gen))
-        out.append(s.detach().cpu().numpy().astype(np.float64))
+        out.append(fn(ensemble, obs, instr[sl], noise[..., sl, :, :]).cpu().numpy().astype(np.float64))
     return np.concatenate(out)
 
 
