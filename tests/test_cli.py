@@ -34,6 +34,13 @@ SUBCOMMANDS = {
                   "--max-steps", "--all-episodes", "--no-progress"],
 }
 
+TRAIN_SUBCOMMANDS = {  # `vigil train <kind> --help`
+    "flow": ["--config", "--demos", "--out", "--encoder", "--seed", "--tasks", "--no-progress"],
+    "save-round": ["--run", "--old-demos", "--acquired", "--requests", "--out", "--config", "--steps", "--seed",
+                   "--calibration-episodes", "--calibration-seed", "--calibration-max-steps",
+                   "--calibration-all-episodes", "--no-progress"],
+}
+
 
 def help_entries(text: str) -> dict[str, str]:
     """Option name -> its help entry (the lines from the option to the next one) in argparse --help output."""
@@ -75,6 +82,18 @@ def test_subcommand_help_documents_every_option(sub):
         for option in SUBCOMMANDS[sub]:
             if option != "--config":
                 assert entries[option].count("default:") == 1, entries[option]
+
+
+@pytest.mark.parametrize("kind", sorted(TRAIN_SUBCOMMANDS))
+def test_train_help_documents_every_option(kind):
+    r = run_vigil("train", "--help")
+    assert r.returncode == 0 and re.search(rf"^\s+{kind}\s+\S", r.stdout, re.M), r.stdout
+    r = run_vigil("train", kind, "--help")
+    assert r.returncode == 0, r.stderr
+    entries = help_entries(r.stdout)
+    for option in TRAIN_SUBCOMMANDS[kind]:
+        assert option in entries and len(entries[option].split()) >= 3, f"vigil train {kind}: {option}"
+    assert {o for o in entries if o.startswith("--")} - {"--help"} == set(TRAIN_SUBCOMMANDS[kind])
 
 
 # -- serve refuses what it must refuse ---------------------------------------------------------------------
