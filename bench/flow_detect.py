@@ -92,7 +92,9 @@ def _model(run: str):
         torch.set_num_threads(1)
         ens, cfg, _ = load_checkpoint(Path(run) / "ensemble.pt")
         subs = {f"vfd_M{m}": ens.subset(m) for m in range(2, cfg.members)}
-        _MODELS[run] = (ens, subs, InstructionEncoder.load(Path(run) / "encoder"))
+        # the encoder shipped in the run's bundle: the one the runtime embeds with
+        encoder = Path(run) / "bundle" / "encoder"
+        _MODELS[run] = (ens, subs, InstructionEncoder.load(encoder if encoder.is_dir() else Path(run) / "encoder"))
     return _MODELS[run]
 
 
@@ -215,22 +217,32 @@ def collect(runs: list[Path], out: Path, args) -> None:
             if not (out / f"episodes-{Path(j.run).name}.jsonl").exists()]
     if not jobs:
         return
+    # resumable: jobs whose episodes are already in a run's .part file (an interrupted collection) are done
     files = {Path(j.run).name: out / f"episodes-{Path(j.run).name}.jsonl.part" for j in jobs}
-    for f in files.values():
-        f.unlink(missing_ok=True)
+    done = {(name, e["condition"], e["task"]) for name, f in files.items() if f.exists()
+            for e in map(json.loads, f.read_text().splitlines())}
+    jobs = [j for j in jobs if (Path(j.run).name, j.condition, j.task) not in done]
     total = sum(len(j.seeds) for j in jobs)
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker) as pool, \
             tqdm(total=total, desc="episodes") as bar:
         futures = {pool.submit(run_job, j): j for j in sorted(jobs, key=lambda j: -len(j.seeds))}
+        failed = []
         for fut in as_completed(futures):
             job = futures[fut]
-            eps = fut.result()
+            try:
+                eps = fut.result()
+            except Exception as exc:  # one broken job must not throw away the others' hours of rollouts
+                failed.append(f"{Path(job.run).name} {job.condition}/{job.task}: {exc!r}")
+                tqdm.write(f"FAILED {failed[-1]}")
+                continue
             with open(files[Path(job.run).name], "a") as fh:
                 for e in eps:
                     fh.write(json.dumps(e) + "\n")
             bar.update(len(eps))
             bar.set_postfix(last=f"{job.condition}/{job.task}", ok=f"{np.mean([e['success'] for e in eps]):.0%}")
+    if failed:
+        raise SystemExit("some rollouts failed (the rest is kept; run again to retry them):\n" + "\n".join(failed))
     for f in files.values():
         f.rename(f.with_suffix(""))
 
