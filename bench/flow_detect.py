@@ -328,8 +328,15 @@ def report(results: dict[str, dict], groups: dict[str, list[str]], args, started
         rs = [results[r] for r in runs]
         lines += [f"### {group} ({len(runs)} run{'s' if len(runs) > 1 else ''}: "
                   f"{', '.join(Path(r).name for r in runs)})", ""]
-        lines += ["Success rate per condition: " + ", ".join(
+        lines += ["Success rate per condition (in process, the bundle's actions): " + ", ".join(
             f"{c} {_ms([r['success'][c] for r in rs], '{:.0%}')}" for c in CONDITIONS if rs[0]["n"][c]), ""]
+        tasks = rs[0]["task"]["vfd"][2]
+        lines += ["Nominal success and early VFD per task (mean ± std over runs):", "",
+                  "| | " + " | ".join(t.replace("-v3", "") for t in tasks) + " |", "|---" + "|---:" * len(tasks) + "|",
+                  "| success | " + " | ".join(_ms([r["task"]["vfd"][4][i] for r in rs], "{:.0%}")
+                                             for i in range(len(tasks))) + " |",
+                  "| VFD, first plans | " + " | ".join(_ms([r["task"]["vfd"][3][i] for r in rs], "{:.1f}")
+                                                      for i in range(len(tasks))) + " |", ""]
         head = "| detector | " + " | ".join(f"shift AUROC {c}" for c in (*SHIFTS, "noise-constant")) + \
                " | failure AUROC pooled | failure AUROC nominal | task Spearman | task Pearson |"
         lines += ["Shift detection (shifted vs nominal episodes) and failure prediction (failed vs successful):", "",
