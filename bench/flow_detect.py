@@ -124,6 +124,7 @@ def run_job(job: Job) -> list[dict]:
     env = make_env(job.task, horizon=job.max_steps, camera=image, shift=shift)
     instr = torch.as_tensor(encoder.embed([env.instruction]), dtype=torch.float32)
     N, H, m = cfg.vfd_samples, cfg.horizon, cfg.action_dim
+    NB = max(N, 5)
     execute = max(1, H // 2)
     out = []
     try:
@@ -144,16 +145,18 @@ def run_job(job: Job) -> list[dict]:
                     if plans < job.detect_plans:
                         chunk, vfd = flow.plan(ens, o, instr, noise)
                         scores["vfd"].append(float(vfd[0]))
+                        # the baselines' own noise, at least 5 samples (a variance over one draw is nothing)
+                        own = torch.from_numpy(brng.standard_normal((cfg.members, NB, 1, H, m), dtype=np.float32))
+                        shared = torch.from_numpy(brng.standard_normal((NB, 1, H, m), dtype=np.float32))
+                        abl = noise if N >= NB else shared  # ablations: the plan's noise when it has enough
                         if plans < job.ablation_plans:  # the ablation scores only enter the AUROCs
-                            for name, n in (("vfd_anchor", N), ("vfd_anchor_N2", 2), ("vfd_anchor_N1", 1)):
-                                scores[name].append(float(flow.plan(ens, o, instr, noise[:n], pairs="anchor")[1][0]))
+                            for name, n in (("vfd_anchor", NB), ("vfd_anchor_N2", 2), ("vfd_anchor_N1", 1)):
+                                scores[name].append(float(flow.plan(ens, o, instr, abl[:n], pairs="anchor")[1][0]))
                             if "vfd_M3" in subs:  # the cheapest configuration that stays under 1 ms a plan
                                 scores["vfd_M3_anchor_N1"].append(
-                                    float(flow.plan(subs["vfd_M3"], o, instr, noise[:1], pairs="anchor")[1][0]))
+                                    float(flow.plan(subs["vfd_M3"], o, instr, abl[:1], pairs="anchor")[1][0]))
                             for name, sub in subs.items():
                                 scores[name].append(float(flow.plan(sub, o, instr, noise)[1][0]))
-                        own = torch.from_numpy(brng.standard_normal((cfg.members, N, 1, H, m), dtype=np.float32))
-                        shared = torch.from_numpy(brng.standard_normal((N, 1, H, m), dtype=np.float32))
                         scores["action_l2"].append(float(flow.action_l2(ens, o, instr, own)[0]))
                         scores["gu"].append(float(flow.gu(ens, o, instr, shared)[0]))
                         scores["sample_var"].append(float(flow.sample_variance(ens, o, instr, shared)[0]))

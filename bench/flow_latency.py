@@ -81,7 +81,7 @@ def main() -> None:
         f"{info.get('CPU', '?')}, {info.get('cores', '?')} cores. onnxruntime {ort.__version__}, {args.threads} "
         f"intra-op thread(s), batch 1, median of {args.reps} plans. One plan = encode once, "
         f"{base.euler_steps} Euler steps + the 0.95 VFD point for every integrating member, one-way VFD over "
-        f"N = {base.vfd_samples} noise samples, in one `session.run`; hidden {base.hidden}, depth {base.depth}, "
+        f"N noise samples (column N), in one `session.run`; hidden {base.hidden}, depth {base.depth}, "
         f"H {base.horizon}; untrained weights (the cost does not depend on them).",
         "",
         f"Median µs per plan (in brackets: ratio to the plain policy, one member at N = 1, {plain:.0f} µs, "

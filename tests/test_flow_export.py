@@ -24,7 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 INSTRUCTION = "push the puck to the goal"
-CFG = FlowConfig(hidden=32, members=3, steps=300, batch_size=128, seed=0)
+# "lower" pairs at N = 5 exercise the most of the graph (several integrators, several samples); the shipped
+# default (anchor, N = 1) has its own parity test below
+CFG = FlowConfig(hidden=32, members=3, steps=300, batch_size=128, seed=0, vfd_pairs="lower", vfd_samples=5)
 OOD_SHIFT = 3.0  # added to every state dimension: far outside the demonstrations (positions in metres)
 # float32 parity: the graph runs the same products and sums as torch, in a possibly different order.
 CHUNK_ATOL, VFD_RTOL = 1e-5, 1e-4
@@ -108,6 +110,31 @@ def test_onnx_matches_torch_plan(trained, bundle, batch):
     got_chunk, got_vfd = sess.run(["action", "vfd"], {"state": obs.numpy(), "instruction": instr.numpy(),
                                                       "noise": noise.transpose(0, 1).contiguous().numpy()})
     assert got_chunk.shape == (batch, CFG.horizon, CFG.action_dim) and got_vfd.shape == (batch,)
+    np.testing.assert_allclose(got_chunk, chunk.numpy(), rtol=0, atol=CHUNK_ATOL)
+    np.testing.assert_allclose(got_vfd, vfd.numpy(), rtol=VFD_RTOL, atol=1e-7)
+    assert np.all(got_vfd > 0)
+
+
+def test_onnx_matches_torch_plan_with_the_default_pairs_and_samples(trained, flow_encoder_bundle, tmp_path):
+    """The shipped default, anchor pairs at N = 1 (decision 71), exported from the same ensemble."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from vigil.training.flow_export import export_flow_ensemble
+
+    ens, obs, _ = trained
+    cfg = dataclasses.replace(CFG, vfd_pairs=FlowConfig().vfd_pairs, vfd_samples=FlowConfig().vfd_samples)
+    assert (cfg.vfd_pairs, cfg.vfd_samples) == ("anchor", 1)
+    export_flow_ensemble(tmp_path, ens, cfg, flow_encoder_bundle, "anchor-n1")
+    sess = ort.InferenceSession(str(tmp_path / "policy.onnx"), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(5)
+    state = torch.as_tensor(obs[:3]) + torch.randn(3, CFG.obs_dim, generator=g) * 0.1
+    instr = torch.randn(3, CFG.instr_dim, generator=g)
+    noise = torch.randn(1, 3, CFG.horizon, CFG.action_dim, generator=g)
+    chunk, vfd = plan(ens, state, instr, noise, pairs="anchor")
+    got_chunk, got_vfd = sess.run(["action", "vfd"], {"state": state.numpy(), "instruction": instr.numpy(),
+                                                      "noise": noise.transpose(0, 1).contiguous().numpy()})
     np.testing.assert_allclose(got_chunk, chunk.numpy(), rtol=0, atol=CHUNK_ATOL)
     np.testing.assert_allclose(got_vfd, vfd.numpy(), rtol=VFD_RTOL, atol=1e-7)
     assert np.all(got_vfd > 0)

@@ -80,8 +80,8 @@ class FlowConfig:
     members: int = 5
     shared_encoder: bool = False   # True: one encoder, M velocity heads (PAPERS.md's cheaper variant)
     euler_steps: int = 10
-    vfd_samples: int = 5           # N noise samples per VFD score
-    vfd_pairs: str = "lower"       # which members integrate for one-way VFD, see member_pairs()
+    vfd_samples: int = 1           # N noise samples per VFD score (1 scores as well as 5: decision 71)
+    vfd_pairs: str = "anchor"      # which members integrate for one-way VFD, see member_pairs() (decision 71)
     lr: float = 3e-4
     weight_decay: float = 1e-4
     batch_size: int = 256          # per member
