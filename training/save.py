@@ -305,7 +305,7 @@ def save_round(run_dir: str | Path, old_demos: Sequence[str | Path], acquired_di
     from vigil.policies.manifest import read_manifest
     from vigil.training.calibrate import DEFAULT_ALPHAS, DEFAULT_WINDOW, calibrate_bundle
     from vigil.training.train_flow import (_git_commit, check_flow_config, dataset_tensors, export_run,
-                                           load_checkpoint, plot_learning_curve, save_checkpoint, write_loss_csv)
+                                           load_checkpoint, write_run)
 
     config = config.check()
     run, out = Path(run_dir), Path(out_dir)
@@ -387,18 +387,9 @@ def save_round(run_dir: str | Path, old_demos: Sequence[str | Path], acquired_di
     }
     t0 = time.perf_counter()
     ens, history = finetune(parent, round_cfg, old_data, acq_data, progress=progress)
-    provenance["train_seconds"] = round(time.perf_counter() - t0, 3)
-    loss = np.asarray(history["loss"])
-    k = max(1, len(loss) // 10)
-    provenance["loss_first"], provenance["loss_last"] = float(loss[:k].mean()), float(loss[-k:].mean())
-    log(f"loss: {provenance['loss_first']:.4f} (first {k} steps) -> {provenance['loss_last']:.4f} (last {k})")
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "ensemble.pt", ens, round_cfg, provenance, history)
-    write_loss_csv(out / "loss.csv", history)
-    plot_learning_curve(out / "learning_curve.png", history,
-                        f"SAVE round {round_no} from {base_name or run.name}: {len(acquired)} acquired demos, "
-                        f"{config.steps} steps, seed {seed}")
+    write_run(out, ens, round_cfg, provenance, history, time.perf_counter() - t0,
+              f"SAVE round {round_no} from {base_name or run.name}: {len(acquired)} acquired demos, "
+              f"{config.steps} steps, seed {seed}", log)
     rate = manifest.control_rate_hz if manifest is not None else 80.0  # same rate: the swap requires it
     name = f"{base_name}-r{round_no}" if base_name else None
     bundle = export_run(out, ens, round_cfg, encoder_path, provenance, rate, log, name=name)

@@ -219,6 +219,26 @@ def load_checkpoint(path: str | Path) -> tuple[Ensemble, FlowConfig, dict[str, A
 # --------------------------------------------------------------------------------------------- outputs
 
 
+def write_run(out: Path, ens: Ensemble, cfg: FlowConfig, provenance: dict[str, Any],
+              history: Mapping[str, np.ndarray], seconds: float, title: str, log: Callable[[str], None] = print
+              ) -> bool:
+    """What every training run leaves in its folder: the loss summary in `provenance` (train_seconds,
+    loss_first, loss_last: means over the first and last tenth), ensemble.pt, loss.csv and the learning
+    curve. Returns whether the PNG was written (matplotlib is optional)."""
+    provenance["train_seconds"] = round(seconds, 3)
+    loss = np.asarray(history["loss"])
+    k = max(1, len(loss) // 10)
+    provenance["loss_first"], provenance["loss_last"] = float(loss[:k].mean()), float(loss[-k:].mean())
+    log(f"loss: {provenance['loss_first']:.4f} (first {k} steps) -> {provenance['loss_last']:.4f} (last {k})")
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "ensemble.pt", ens, cfg, provenance, history)
+    write_loss_csv(out / "loss.csv", history)
+    wrote_png = plot_learning_curve(out / "learning_curve.png", history, title)
+    if not wrote_png:
+        log("learning curve: matplotlib is not installed (pip install 'vigil[dev]'); no PNG written")
+    return wrote_png
+
+
 def write_loss_csv(path: str | Path, history: Mapping[str, np.ndarray]) -> None:
     member = np.asarray(history["member_loss"])
     with open(path, "w", newline="") as f:
@@ -340,20 +360,10 @@ def run(config: str | Path | FlowConfig, demos_dir: str | Path, out_dir: str | P
     }
     t0 = time.perf_counter()
     ens, history = train_ensemble(cfg, obs, instr, chunks, progress=progress)
-    provenance["train_seconds"] = round(time.perf_counter() - t0, 3)
-    loss = np.asarray(history["loss"])
-    k = max(1, len(loss) // 10)
-    provenance["loss_first"], provenance["loss_last"] = float(loss[:k].mean()), float(loss[-k:].mean())
-    log(f"loss: {provenance['loss_first']:.4f} (first {k} steps) -> {provenance['loss_last']:.4f} (last {k})")
-
-    save_checkpoint(out / "ensemble.pt", ens, cfg, provenance, history)
-    write_loss_csv(out / "loss.csv", history)
     title = (f"flow M={cfg.members} hidden={cfg.hidden} H={cfg.horizon} seed={cfg.seed}: "
              f"{len(per_task)} task(s), {provenance['episodes']} episodes, {n_steps} steps"
              + (f", images {cfg.image_size}px" if cfg.vision else ""))
-    wrote_png = plot_learning_curve(out / "learning_curve.png", history, title)
-    if not wrote_png:
-        log("learning curve: matplotlib is not installed (pip install 'vigil[dev]'); no PNG written")
+    wrote_png = write_run(out, ens, cfg, provenance, history, time.perf_counter() - t0, title, log)
     summary: dict[str, Any] = {"checkpoint": str(out / "ensemble.pt"), "loss_csv": str(out / "loss.csv"),
                                "learning_curve": str(out / "learning_curve.png") if wrote_png else None,
                                "loss_first": provenance["loss_first"], "loss_last": provenance["loss_last"],
