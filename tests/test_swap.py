@@ -154,3 +154,55 @@ def test_chunked_robot_finishes_its_chunk_before_switching(chunk_bundle, serve, 
     assert replies[0].meta["plan"] == 1 and replies[0].meta["policy"] != new_id  # the old chunk is finished
     assert [r.meta["policy"] for r in replies[1:]] == [new_id] * 5
     assert [r.meta["plan"] for r in replies[1:]] == [2, 2, 2, 2, 3]  # the new bundle executes 4 per chunk
+
+
+def test_swap_between_flow_ensembles_keeps_the_episode_going(encoder_bundle, serve, links, tmp_path):
+    """A language-conditioned flow ensemble swapped for another (a SAVE round's successor): the robot's
+    episode goes on without a new reset, the new bundle plans with the instruction embedded by its own
+    encoder, and its VFD score reaches the monitors."""
+    import torch
+
+    from vigil.policies.manifest import read_manifest
+    from vigil.runtime.protocol import ArraySpec
+    from vigil.training.flow import Ensemble, FlowConfig, plan
+    from vigil.training.flow_export import export_flow_ensemble
+
+    cfg = FlowConfig(hidden=16, depth=2, members=2)
+    ids, ensembles = [], []
+    for seed in (0, 1):
+        ens = Ensemble(FlowConfig(**{**cfg.__dict__, "seed": seed})).eval()
+        export_flow_ensemble(tmp_path / f"flow-{seed}", ens, ens.cfg, encoder_bundle, f"flow-{seed}")
+        ids.append(read_manifest(tmp_path / f"flow-{seed}").policy_id)
+        ensembles.append(ens)
+    control = tcp_endpoint()
+    served = serve(tmp_path / "flow-0", control_endpoint=control, link_timeout_s=300)
+    link = links(served.robot_endpoint, "arm", hello=False)
+    link.hello((ArraySpec("state", "float32", (39,)),), ArraySpec("action", "float32", (4,)))
+    instruction = "push the puck to the goal"
+    assert link.reset(instruction=instruction, seed=3).kind == "reset"
+    x = np.linspace(-0.5, 0.5, 39).astype(np.float32)
+    before = [link.act({"state": x}, timeout_s=30) for _ in range(8)]
+    out = run_vigil("swap", "--connect", control, "--bundle", str(tmp_path / "flow-1"))
+    assert out.returncode == 0 and json.loads(out.stdout)["policy"] == ids[1], (out.stdout, out.stderr)
+    after = [link.act({"state": x}, timeout_s=30) for _ in range(12)]  # no reset in between
+    for r in before + after:
+        assert r.kind == "act" and r.meta["safe"] is False and r.meta["scores"]["vfd"] > 0, r.meta
+    assert {r.meta["policy"] for r in before} == {ids[0]}
+    switched = [r for r in after if r.meta["policy"] == ids[1]]
+    assert switched and after[-1].meta["policy"] == ids[1]  # at the next plan boundary, then for good
+
+    # the new plans are the new ensemble's: same instruction embedding, same noise stream, its VFD
+    from vigil.policies.instructions import InstructionEncoder
+
+    instr = torch.as_tensor(InstructionEncoder.load(tmp_path / "flow-1" / "encoder").embed([instruction]))
+    scores = [r.meta["scores"]["vfd"] for r in switched]
+    rng = np.random.default_rng(3)  # the robot's plan noise, seeded by reset: replay every plan of the episode
+    plans = before[-1].meta["plan"] + len({r.meta["plan"] for r in after})
+    expected = []
+    for _ in range(plans):
+        noise = torch.from_numpy(rng.standard_normal((1, cfg.vfd_samples, cfg.horizon, cfg.action_dim),
+                                                     dtype=np.float32)).transpose(0, 1)
+        expected.append(float(plan(ensembles[1], torch.as_tensor(x)[None], instr, noise)[1][0]))
+    for score in scores:  # each served score is one of the new ensemble's plans (float32 graph vs torch)
+        assert min(abs(score - e) / e for e in expected) < 1e-4, (score, expected)
+    served.stop()
