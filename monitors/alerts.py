@@ -43,15 +43,6 @@ class Alerter:
         self.suppressed = 0
 
     @property
-    def pending(self):
-        """Records waiting for the store (shared with data requests when they share the outbox)."""
-        return self.outbox.pending
-
-    @property
-    def dropped(self) -> int:
-        return self.outbox.dropped
-
-    @property
     def raised(self) -> bool:
         """Some (robot, monitor) pair is above ok: only then can an ok verdict change anything."""
         return bool(self._raised)
@@ -83,17 +74,13 @@ class Alerter:
 
     def file(self, robot: str, verdict: Verdict, count: int = 1) -> AlertRecord | None:
         """Store first (durable), then publish on `alert.<severity>`. Returns the record, or None if the
-        store failed and the alert is queued for `retry`."""
+        store failed and the alert is queued in the outbox (filed by its `retry`)."""
         t_ns = time.time_ns()
         values = {k: _plain(v) for k, v in verdict.values.items()}
         write = partial(self.store.append, robot, verdict.level.label, verdict.monitor, verdict.reason, values,
                         count, t_ns)
         filed = self.outbox.put(Entry(write, self._publish, "alert"))
         return filed[-1] if filed and not self.outbox.pending else None
-
-    def retry(self) -> list[AlertRecord]:
-        """File queued records in order until the store fails; returns the alerts filed."""
-        return [r for r in self.outbox.retry() if isinstance(r, AlertRecord)]
 
     def _publish(self, record: AlertRecord) -> None:
         self.filed += 1
