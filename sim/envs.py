@@ -107,22 +107,15 @@ def make_env(name: str, horizon: int = 200, camera: bool = False, shift: "Shift 
     """A linear system by name (aircraft-pitch, uav-2d), a Meta-World task (reach-v3, push-v3, ...: MT10 and
     the held-out tasks of sim/metaworld_env.py; `camera` adds the 64x64 image, `shift` a sim.shifts.Shift)
     or a gymnasium id (Hopper-v5)."""
-    if shift is not None and not shift.none and name not in _metaworld_names():
+    from vigil.sim.metaworld_env import ALL_INSTRUCTIONS  # plain data; metaworld itself loads on construction
+
+    if shift is not None and not shift.none and name not in ALL_INSTRUCTIONS:
         raise ValueError(f"distribution shifts (positions, friction, mass) apply to Meta-World tasks, not {name!r}")
     if name in SYSTEMS:
         return LinearEnv(SYSTEMS[name](), horizon)
-    from vigil.sim.metaworld_env import ALL_INSTRUCTIONS  # plain data; metaworld itself loads on construction
-
     if name in ALL_INSTRUCTIONS:
         from vigil.sim.metaworld_env import MetaWorldEnv
-
         from vigil.sim.shifts import Shift
 
         return MetaWorldEnv(name, camera=camera, max_steps=horizon, shift=shift or Shift())
     return GymEnv(name)
-
-
-def _metaworld_names() -> dict[str, str]:
-    from vigil.sim.metaworld_env import ALL_INSTRUCTIONS
-
-    return ALL_INSTRUCTIONS
