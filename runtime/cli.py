@@ -476,6 +476,31 @@ def _train_parser(sub) -> None:
     r.add_argument("--calibration-all-episodes", action="store_const", const=True,
                    help="calibrate on every rollout, not only the successful ones")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q = tsub.add_parser("lqr", help="IR-LQR and its baselines learning an unknown linear system (study)",
+                        description="Run the IR-LQR study (training/lqr_study.py, docs/lqr.md): IR-LQR, CEC, "
+                                    "CEC with persistent excitation, Thompson sampling, OSLO and the oracle on the "
+                                    "same priors and noise (common random numbers), with the published settings "
+                                    "of each system unless overridden. Prints regret (against T J* and against the "
+                                    "oracle on the same noise), diverged trials, fallbacks and gain-update time; "
+                                    "with --out writes <system>.json and <system>_regret.png there.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--system", default="all", choices=["aircraft-pitch", "uav-2d", "all"],
+                   help="the linear system to learn")
+    q.add_argument("--trials", type=int, default=40, help="trials (prior draw + noise sequence) per system")
+    q.add_argument("--steps", type=int, default=200, help="steps per trial")
+    q.add_argument("--seed", type=int, default=0, help="seed of the trials' priors and noise")
+    q.add_argument("--out", help="folder for the per-system JSON summary and regret plot (none: print only)")
+    q.add_argument("--lam", type=float, help="ridge weight of the prior (default: the system's published value)")
+    q.add_argument("--g1", type=float, help="optimism weight g1 (default: the system's published value)")
+    q.add_argument("--g2", type=float, help="optimism weight g2 on sqrt(||V||) (default: published value)")
+    q.add_argument("--prior-std", type=float, help="std of the prior's perturbation (default: published value)")
+    q.add_argument("--prior", choices=["absolute", "relative"], default="absolute",
+                   help="perturbation per entry: absolute std, or relative to the entry (A0 = A (1 + std e))")
+    q.add_argument("--methods", help="comma-separated subset of ir-lqr,cec,cec-pe,thompson,oslo,oracle,"
+                                     "ir-lqr-noguard (default: all but ir-lqr-noguard)")
+    q.add_argument("--no-guard", action="store_true",
+                   help="IR-LQR with the published fallback only (may keep a gain its estimate says is unstable)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _calibrate_parser(sub) -> None:
@@ -536,9 +561,32 @@ def cmd_save_round(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_lqr(args: argparse.Namespace) -> int:
+    from vigil.training.lqr_study import run_cli
+
+    overrides = {k: v for k, v in (("lam", args.lam), ("g1", args.g1), ("g2", args.g2),
+                                   ("prior_std", args.prior_std)) if v is not None}
+    overrides.update(trials=args.trials, steps=args.steps, seed=args.seed,
+                     relative_prior=args.prior == "relative", stability_guard=not args.no_guard)
+    if args.methods:
+        overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    systems = ["aircraft-pitch", "uav-2d"] if args.system == "all" else [args.system]
+    try:
+        summary = run_cli(systems, args.out, progress=not args.no_progress,
+                          log=lambda line: print(line, flush=True), **overrides)
+    except ValueError as exc:
+        print(f"vigil train lqr: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        print(json.dumps({name: {"out": str(Path(args.out) / f"{name}.json")} for name in summary}), flush=True)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.kind == "save-round":
         return cmd_save_round(args)
+    if args.kind == "lqr":
+        return cmd_train_lqr(args)
     from vigil.training.train_flow import run
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
