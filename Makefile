@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow clean
+.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-lqr clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench-flow-latency: $(STAMP)
 # About 2 hours on 2 cores; resumable (outputs in bench-runs/flow). Not part of `make bench`.
 bench-flow: $(STAMP)
 	bash bench/flow.sh
+
+# IR-LQR against its baselines (issue 6): both systems, 40 trials x 200 steps, a 10^4-step horizon for the
+# growth exponent, a sweep of g1, g2. A few minutes on 2 cores, one process. Not part of `make bench`.
+bench-lqr: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/lqr.py
 
 clean:
 	rm -rf $(VENV) $(OPENPI) .vigil-demo .pytest_cache
