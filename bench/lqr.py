@@ -36,7 +36,7 @@ from vigil.training.lqr_study import (DEFAULT_METHODS, METHODS, StudyResult, dra
                                       summarize, _jsonable)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import command_line, git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
+from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "docs" / "figures"
@@ -152,7 +152,7 @@ def fmt(x: float, digits: int = 3) -> str:
 
 
 def fmt_iqr(iqr: Sequence[float]) -> str:
-    return "–" if any(np.isnan(v) for v in iqr) else f"[{fmt(iqr[0])}, {fmt(iqr[1])}]"
+    return f"[{fmt(iqr[0])}, {fmt(iqr[1])}]"
 
 
 def fmt_ci(t) -> str:
@@ -328,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    data: dict = {"command": "OMP_NUM_THREADS=1 " + command_line(argv), "git": git_state(),
+    command = " ".join(["OMP_NUM_THREADS=1", ".venv/bin/python", "bench/lqr.py", *argv])
+    data: dict = {"command": command, "git": git_state(),
                   "machine": machine(None), "steps": args.steps, "priors": prior_check(args.prior_draws, args.seed),
                   "main": {}, "long": {}, "sweep": {}}
     results: dict[str, StudyResult] = {}

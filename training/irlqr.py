@@ -138,10 +138,12 @@ def compute_gain(V: np.ndarray, S: np.ndarray, theta0: np.ndarray, Q: np.ndarray
     A_hat, B_hat = theta[:, :n], theta[:, n:]
     H = np.zeros((n + m, n + m))
     H[:n, :n], H[n:, n:] = Q, R
-    O = optimism(V, config.g1, config.g2)
+    w, U = np.linalg.eigh(V)  # one decomposition gives ||V||_2, V^{-1} and lambda_max(O)
+    scale = config.g1 + config.g2 * np.sqrt(w[-1])
+    O = scale * (U / w) @ U.T
     K = K_prev
     fallback = guarded = failed = False
-    if np.linalg.eigvalsh(O)[-1] >= config.fallback_ratio * np.linalg.eigvalsh(H)[0]:
+    if scale / w[0] >= config.fallback_ratio * min(np.linalg.eigvalsh(Q)[0], np.linalg.eigvalsh(R)[0]):
         fallback = K_prev is not None       # (the very first gain has nothing to fall back on: plain LQR)
         Hopt = H
     else:

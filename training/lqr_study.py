@@ -249,7 +249,7 @@ def summarize(result: StudyResult, reference: str = "ir-lqr") -> list[dict]:
             finite = final[np.isfinite(final)]
             row[f"{key}_mean"] = float(finite.mean()) if len(finite) else float("nan")
             row[f"{key}_median"] = float(np.median(final))
-            q1, q3 = np.percentile(final, [25, 75]) if np.isfinite(final).all() else (np.nan, np.nan)
+            q1, q3 = np.percentile(final, [25, 75], method="nearest")  # +inf (diverged) stays +inf
             row[f"{key}_iqr"] = [float(q1), float(q3)]
         ms = mr.update_s * 1e3
         row["update_ms_median"] = float(np.median(ms)) if len(ms) else float("nan")
