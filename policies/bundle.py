@@ -47,7 +47,8 @@ def providers(prefer_gpu: bool = True) -> list[str]:
 class Policy:
     """Runs the bundle's graph at batch 1. Subclasses adapt kind-specific inputs and outputs."""
 
-    def __init__(self, folder: Path, manifest: Manifest, threads: int = 1, prefer_gpu: bool = True):
+    def __init__(self, folder: Path, manifest: Manifest, threads: int = 1, prefer_gpu: bool = True,
+                 previous: "Policy | None" = None):
         self.folder = folder
         self.manifest = manifest
         self.session = ort.InferenceSession(str(folder / manifest.onnx_file), session_options(threads),
@@ -102,7 +103,8 @@ class LinearGainPolicy(Policy):
     """u = offset - K x. The graph takes `gain` as an input with K as its default, so K can be replaced
     between ticks (online LQR) by `set_gain` without rebuilding the session."""
 
-    def __init__(self, folder: Path, manifest: Manifest, threads: int = 1, prefer_gpu: bool = True):
+    def __init__(self, folder: Path, manifest: Manifest, threads: int = 1, prefer_gpu: bool = True,
+                 previous: Policy | None = None):
         super().__init__(folder, manifest, threads, prefer_gpu)
         self.gain: np.ndarray | None = None
 
@@ -134,7 +136,8 @@ class FlowEnsemblePolicy(Policy):
     [N, H, m], encoder (folder inside the bundle).
     """
 
-    def __init__(self, folder: Path, manifest: Manifest, threads: int = 1, prefer_gpu: bool = True):
+    def __init__(self, folder: Path, manifest: Manifest, threads: int = 1, prefer_gpu: bool = True,
+                 previous: Policy | None = None):
         super().__init__(folder, manifest, threads, prefer_gpu)
         extra = manifest.extra
         for key in ("instruction_input", "noise_input", "noise_shape"):
@@ -146,7 +149,10 @@ class FlowEnsemblePolicy(Policy):
         if extra.get("encoder"):
             from vigil.policies.instructions import InstructionEncoder
 
-            self.encoder = InstructionEncoder.load(folder / str(extra["encoder"]))
+            # a hot swap to a bundle with the same encoder (a SAVE round's) shares the serving one: no second
+            # session to create (onnxruntime holds the GIL while it builds one), and its cache stays warm
+            self.encoder = InstructionEncoder.load(folder / str(extra["encoder"]),
+                                                   reuse=getattr(previous, "encoder", None))
 
     def episode_inputs(self, instruction: str | None) -> dict[str, np.ndarray]:
         if instruction is None:
@@ -169,11 +175,12 @@ POLICY_KINDS: dict[str, type[Policy]] = {"linear_gain": LinearGainPolicy, "gauss
                                          "flow_ensemble": FlowEnsemblePolicy}
 
 
-def load_policy(folder: str | Path, threads: int = 1, prefer_gpu: bool = True) -> Policy:
-    """Read and verify a bundle folder and start its onnxruntime session."""
+def load_policy(folder: str | Path, threads: int = 1, prefer_gpu: bool = True, previous: Policy | None = None) -> Policy:
+    """Read and verify a bundle folder and start its onnxruntime session. `previous`: the policy this one
+    replaces (hot swap); parts that are byte-identical (the instruction encoder) are shared, not reloaded."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     cls = POLICY_KINDS.get(manifest.kind)
     if cls is None:
         raise ManifestError(f"manifest key 'kind' is {manifest.kind!r}; this runtime hosts {sorted(POLICY_KINDS)}")
-    return cls(folder, manifest, threads, prefer_gpu)
+    return cls(folder, manifest, threads, prefer_gpu, previous)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import unicodedata
 from collections import OrderedDict
 from pathlib import Path
@@ -210,13 +211,18 @@ class InstructionEncoder:
         self.hits = 0
         self.misses = 0
         self._output = meta["onnx"].get("output", "embedding")
+        self._lock = threading.Lock()  # one encoder may serve the loop and a hot swap's loader at once
 
     @classmethod
     def load(cls, folder: str | Path, threads: int = 1, prefer_gpu: bool = True, cache_size: int = 256,
-             batch_size: int = 32) -> "InstructionEncoder":
-        """Read encoder.json, check the sha256 of encoder.onnx and vocab.txt, and open the session."""
+             batch_size: int = 32, reuse: "InstructionEncoder | None" = None) -> "InstructionEncoder":
+        """Read encoder.json, check the sha256 of encoder.onnx and vocab.txt, and open the session; or, when
+        `reuse` is an encoder loaded from an identical bundle (the same encoder.json, so the same sha256s),
+        return `reuse` itself (embed is thread-safe)."""
         folder = Path(folder)
         meta = read_encoder_meta(folder)
+        if reuse is not None and reuse.meta == meta:
+            return reuse
         try:
             tokenizer = _tokenizer_from_meta(folder, meta)
         except ValueError as exc:
@@ -243,6 +249,10 @@ class InstructionEncoder:
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"instructions must be str, got {type(t).__name__}")
+        with self._lock:
+            return self._embed(texts)
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
         encoded = {t: self.tokenizer.encode(t) for t in missing}
         missing.sort(key=lambda t: len(encoded[t]))  # batches of similar lengths: little padding

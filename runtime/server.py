@@ -431,7 +431,7 @@ class Runtime:
                     "ok": False, "bundle": bundle, "reason": "another swap is in progress; try again when it is done"}))
                 continue
             instructions = sorted({i for s in self.sessions.values() if isinstance(i := s.info.get("instruction"), str)})
-            self.loader.start(bundle, self.manifest, self.config.threads, instructions)
+            self.loader.start(bundle, self.policy, self.config.threads, instructions)
             self._swap_waiting = (identity, msg.seq)
             log.info("swap requested: loading %s in the background", bundle)
 

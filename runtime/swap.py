@@ -1,8 +1,9 @@
 """Hot swap: load a new policy bundle while the runtime keeps serving, then hand it to the loop.
 
 Everything slow happens on a background thread: reading and verifying the bundle (manifest, sha256 of the
-graph), creating the onnxruntime session (which releases the GIL), loading the instruction encoder,
-embedding the instructions the connected robots are using, and one warm-up inference (onnxruntime's first
+graph), creating the onnxruntime session, loading the instruction encoder (shared with the serving policy
+when the bundles' encoders are identical, as a SAVE round's are), embedding the instructions the connected
+robots are using, and one warm-up inference (onnxruntime's first
 run allocates; paid here, it is not paid by a robot's tick).  The loop only polls `BundleLoader.result()`
 from its timers and, when a policy is ready, swaps a reference between ticks (runtime/server.py).
 
@@ -75,8 +76,8 @@ class BundleLoader:
     def busy(self) -> bool:
         return self._thread is not None
 
-    def start(self, bundle: str | Path, serving: Manifest, threads: int, instructions: Sequence[str]) -> None:
-        """Begin loading `bundle` (to replace the policy whose manifest is `serving`)."""
+    def start(self, bundle: str | Path, serving: Policy, threads: int, instructions: Sequence[str]) -> None:
+        """Begin loading `bundle` to replace the `serving` policy."""
         if self.busy:
             raise RuntimeError("a bundle is already loading")
         self._result = None
@@ -84,10 +85,10 @@ class BundleLoader:
                                         name="vigil-bundle-loader", daemon=True)
         self._thread.start()
 
-    def _load(self, bundle: str, serving: Manifest, threads: int, instructions: tuple[str, ...]) -> None:
+    def _load(self, bundle: str, serving: Policy, threads: int, instructions: tuple[str, ...]) -> None:
         try:
-            policy = load_policy(bundle, threads=threads)
-            reason = incompatibility(serving, policy.manifest)
+            policy = load_policy(bundle, threads=threads, previous=serving)
+            reason = incompatibility(serving.manifest, policy.manifest)
             if reason is None:
                 warm_up(policy, instructions)
             result = Loaded(bundle, None if reason else policy, reason or "")

@@ -207,3 +207,30 @@ def test_swap_between_flow_ensembles_keeps_the_episode_going(encoder_bundle, ser
     for score in scores:  # each served score is one of the new ensemble's plans (float32 graph vs torch)
         assert min(abs(score - e) / e for e in expected) < 1e-4, (score, expected)
     served.stop()
+
+
+def test_swap_shares_an_identical_encoder_and_loads_a_different_one(encoder_bundle, tmp_path):
+    """A SAVE round's bundle carries the same encoder as its parent: the hot swap's load shares the serving
+    encoder (no second onnxruntime session, a warm cache) instead of loading it again; a bundle whose
+    encoder differs gets its own."""
+    from vigil.policies.bundle import load_policy
+    from vigil.training.flow import Ensemble, FlowConfig
+    from vigil.training.flow_export import export_flow_ensemble
+
+    for seed in (0, 1):
+        ens = Ensemble(FlowConfig(hidden=16, depth=2, members=2, seed=seed)).eval()
+        export_flow_ensemble(tmp_path / f"flow-{seed}", ens, ens.cfg, encoder_bundle, f"flow-{seed}")
+    serving = load_policy(tmp_path / "flow-0", prefer_gpu=False)
+    first = serving.encoder.embed(["open the drawer"])
+    same = load_policy(tmp_path / "flow-1", prefer_gpu=False, previous=serving)
+    assert same.encoder is serving.encoder
+    assert same.encoder.embed(["open the drawer"]) is not None and same.encoder.cache_info()["hits"] == 1
+    np.testing.assert_array_equal(same.episode_inputs("open the drawer")[same.instruction_input][0], first[0])
+
+    meta_path = tmp_path / "flow-1" / "encoder" / "encoder.json"
+    meta = json.loads(meta_path.read_text())
+    meta["max_length"] -= 1  # another encoder: it truncates differently (a short instruction is unaffected)
+    meta_path.write_text(json.dumps(meta))
+    other = load_policy(tmp_path / "flow-1", prefer_gpu=False, previous=serving)
+    assert other.encoder is not serving.encoder
+    np.testing.assert_allclose(other.encoder.embed(["open the drawer"]), first, atol=1e-5)
