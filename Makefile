@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-lqr clean
+.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench-flow-latency: $(STAMP)
 # About 2 hours on 2 cores; resumable (outputs in bench-runs/flow). Not part of `make bench`.
 bench-flow: $(STAMP)
 	bash bench/flow.sh
+
+# The SAVE experiment (issue 5): 10 seeds x 4 acquisition rules x 5 rounds; about 1 h on 2 cores;
+# resumable (outputs in bench-runs/save). Not part of `make bench`.
+bench-save: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/save.py
 
 # IR-LQR against its baselines (issue 6): both systems, 40 trials x 200 steps, a 10^4-step horizon for the
 # growth exponent, a sweep of g1, g2. A few minutes on 2 cores, one process. Not part of `make bench`.

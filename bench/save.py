@@ -1,0 +1,482 @@
+"""The SAVE experiment (issue 5 item 5, PAPERS.md §2): which acquisition of expert demonstrations makes a
+multitask flow policy succeed with the fewest of them?
+
+Per seed: pretrain a small flow ensemble on `pretrain` demonstrations per MT10 task (drawn at random from a
+pool of expert demonstrations), then `rounds` rounds of `budget` demonstrations acquired from the rest of
+the pool by each rule below, fine-tuning every member warm-started from the previous round on old and
+acquired data half and half (training/save.py `finetune`), and evaluating after every round on task
+variants that no demonstration uses. Every rule starts from the same pretrained ensemble of its seed and
+is evaluated on the same episodes, so the rules are compared pairwise, seed by seed.
+
+Rules (training/save.py `acquire`):
+  save       VFD of each candidate at its initial observation; tasks drawn with p ∝ max(u_T, 0)^2.5,
+             the most uncertain candidates of a drawn task first;
+  action_l2  the same rule with the Action-L2 score (spread of the members' sampled chunks);
+  uniform    tasks uniformly, a random candidate inside the task;
+  random     candidates uniformly from the whole pool.
+  save_rollout  (not in the default set; `--rules save_rollout`) the save rule with each candidate scored
+             by the mean VFD of the policy's own first `rollout_plans` plans, played from the candidate's
+             reset: what the onboard monitor sees in deployment, instead of the initial observation only.
+
+Variants: Meta-World has 50 per task. Variants 0..`pool_variants`-1 have expert demonstrations (the
+pretraining sets and the candidate pool); evaluation plays variants from `pool_variants` on.
+
+Outputs (bench-runs/save, resumable: finished (seed, rule) chains are kept): demos/ (the pool),
+results.jsonl (one line per evaluation), pretrained-s<seed>.pt; then the section between the `save`
+markers of BENCHMARKS.md and docs/figures/save_curves.png, save_tasks.png, unless --no-write.
+
+    make bench-save                       # the sizes below, about 1.5 h on 2 cores
+    .venv/bin/python bench/save.py --seeds 2 --rounds 2 --eval-variants 3   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import multiprocessing as mp
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ROOT / "docs" / "figures"
+BEGIN, END = "<!-- save:begin -->", "<!-- save:end -->"
+RULES = ("save", "action_l2", "uniform", "random")  # the default comparison
+RULE_OF = {"save": ("save", "vfd"), "action_l2": ("save", "action_l2"), "uniform": ("uniform", None),
+           "random": ("random", None), "save_rollout": ("save", "rollout")}  # name -> (acquire rule, score)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The experiment's sizes: every figure in the report is for these."""
+
+    seeds: int = 10
+    rounds: int = 5
+    budget: int = 10             # demonstrations acquired per round (all tasks together)
+    pretrain: int = 2            # demonstrations per task before the first round
+    pool_variants: int = 32      # variants 0..31 have expert demonstrations: pretraining + candidate pool
+    eval_variants: int = 10      # evaluation variants per task, from 50 - eval_variants .. 49
+    max_steps: int = 300         # per evaluation episode (it stops at the first success)
+    members: int = 3
+    hidden: int = 128
+    depth: int = 2
+    batch_size: int = 128
+    lr: float = 1e-3
+    pretrain_steps: int = 4000
+    round_steps: int = 1000
+    tau: float = 2.5
+    score_samples: int = 5       # noise samples per candidate score
+    rollout_plans: int = 8       # save_rollout: plans of the policy's own rollout per candidate score
+
+    def flow_config(self, seed: int):
+        from vigil.training.flow import FlowConfig
+
+        return FlowConfig(members=self.members, hidden=self.hidden, depth=self.depth, batch_size=self.batch_size,
+                          lr=self.lr, steps=self.pretrain_steps, seed=seed, vfd_samples=self.score_samples)
+
+
+# ------------------------------------------------------------------------------------------------ pool
+
+
+def record_pool(folder: Path, tasks: list[str], variants: int) -> None:
+    """Expert demonstrations of variants 0..variants-1 of every task (skips those already recorded)."""
+    from tqdm import tqdm
+
+    from vigil.training.demos import DemoSet, DemoWriter, record_expert
+
+    have = {(e.task, e.seed) for e in DemoSet(folder).index} if (folder / "index.jsonl").exists() else set()
+    todo = {t: [s for s in range(variants) if (t, s) not in have] for t in tasks}
+    if not any(todo.values()):
+        return
+    writer = DemoWriter(folder)
+    with tqdm(total=sum(map(len, todo.values())), desc="expert pool") as bar:
+        for task, seeds in todo.items():
+            for s in seeds:  # one at a time: an interrupted recording resumes where it stopped
+                record_expert(task, 1, s, False, writer, progress=lambda _: bar.update())
+
+
+# ------------------------------------------------------------------------------------------- one seed
+
+_WORKER: dict = {}
+
+
+def _init_worker(demos: str) -> None:
+    import torch
+
+    from vigil.policies.instructions import InstructionEncoder
+    from vigil.training.demos import DemoSet
+
+    torch.set_num_threads(1)
+    encoder = InstructionEncoder.load(Path(demos).parent / "encoder", prefer_gpu=False)
+    _WORKER.update(demos=DemoSet(demos), encoder=encoder, envs={}, episodes={})
+
+
+def _episode(eid: str):
+    eps = _WORKER["episodes"]
+    if eid not in eps:
+        eps[eid] = _WORKER["demos"].load(eid)
+    return eps[eid]
+
+
+def _data(cfg, ids: list[str]):
+    from vigil.training.train_flow import dataset_tensors
+
+    return dataset_tensors(_WORKER["demos"], cfg, _WORKER["encoder"], episode_ids=ids)
+
+
+def evaluate(ens, tasks: list[str], variants: list[int], max_steps: int, seed: int) -> dict[str, list[bool]]:
+    """Success of member 0's plans (what a flow_ensemble bundle executes: chunk of H, the first H // 2
+    actions, then a fresh plan) on each task's evaluation variants; noise seeded per (seed, task, variant)
+    so every rule's policy meets the same draws."""
+    import torch
+
+    from vigil.sim.envs import make_env
+    from vigil.training.flow import sample
+
+    cfg = ens.cfg
+    H, m, execute = cfg.horizon, cfg.action_dim, max(1, cfg.horizon // 2)
+    out: dict[str, list[bool]] = {}
+    for k, task in enumerate(tasks):
+        env = _WORKER["envs"].get(task)
+        if env is None:
+            env = _WORKER["envs"][task] = make_env(task, horizon=max_steps)
+        instr = torch.as_tensor(_WORKER["encoder"].embed([env.instruction]), dtype=torch.float32)
+        results = []
+        for v in variants:
+            rng = np.random.default_rng([seed, k, v])
+            obs, queue, success = env.reset(seed=v), [], False
+            for _ in range(max_steps):
+                if not queue:
+                    state = torch.as_tensor(obs["state"], dtype=torch.float32)[None]
+                    noise = torch.from_numpy(rng.standard_normal((1, H, m), dtype=np.float32))
+                    queue = list(np.clip(sample(ens, state, instr, noise)[0].numpy(), -1.0, 1.0)[:execute])
+                r = env.step(queue.pop(0))
+                obs = r.obs
+                if float(r.info.get("success", 0.0)) >= 1.0:
+                    success = True
+                    break
+                if r.terminated or r.truncated:
+                    break
+            results.append(success)
+        out[task] = results
+    return out
+
+
+def rollout_scores(ens, candidates: list, plans: int, max_steps: int, seed: int) -> np.ndarray:
+    """Each candidate's mean one-way VFD over the policy's first `plans` plans, played from the candidate's
+    reset (its task and variant): the score a deployment's VFD monitor would see there."""
+    import torch
+
+    from vigil.sim.envs import make_env
+    from vigil.training.flow import plan
+
+    cfg = ens.cfg
+    H, m, N, execute = cfg.horizon, cfg.action_dim, cfg.vfd_samples, max(1, cfg.horizon // 2)
+    out = []
+    for c in candidates:
+        env = _WORKER["envs"].get(c.task)
+        if env is None:
+            env = _WORKER["envs"][c.task] = make_env(c.task, horizon=max_steps)
+        instr = torch.as_tensor(_WORKER["encoder"].embed([c.instruction]), dtype=torch.float32)
+        rng = np.random.default_rng([seed, c.seed, 7])
+        obs, scores = env.reset(seed=c.seed), []
+        for _ in range(plans):
+            state = torch.as_tensor(obs["state"], dtype=torch.float32)[None]
+            noise = torch.from_numpy(rng.standard_normal((N, 1, H, m), dtype=np.float32))
+            chunk, vfd = plan(ens, state, instr, noise)
+            scores.append(float(vfd[0]))
+            for a in np.clip(chunk[0].numpy(), -1.0, 1.0)[:execute]:
+                r = env.step(a)
+                obs = r.obs
+            if r.terminated or r.truncated:
+                break
+        out.append(float(np.mean(scores)))
+    return np.asarray(out)
+
+
+def run_seed(seed: int, sizes: Sizes, tasks: list[str], out: str, rules: list[str],
+             evaluate_pretrained: bool = True) -> list[dict]:
+    """Pretrain (or load) the seed's ensemble, then every rule's rounds. Returns the evaluation records
+    (the pretrained ensemble's too, unless `evaluate_pretrained` is False: a later run adding a rule)."""
+    from vigil.training.save import acquire, by_task, candidate_scores, finetune
+    from vigil.training.train_flow import load_checkpoint, save_checkpoint
+    from vigil.training.flow import train_ensemble
+
+    demos = _WORKER["demos"]
+    variants = list(range(50 - sizes.eval_variants, 50))
+    rng = np.random.default_rng([seed, 0])
+    ok = {t: sorted((e for e in demos.episodes(task=t, success=True) if e.seed < sizes.pool_variants),
+                    key=lambda e: e.seed) for t in tasks}
+    pretrain_ids, pool = [], []
+    for t in tasks:
+        pick = set(rng.choice(len(ok[t]), size=sizes.pretrain, replace=False).tolist())
+        pretrain_ids += [e.id for i, e in enumerate(ok[t]) if i in pick]
+        pool += [e for i, e in enumerate(ok[t]) if i not in pick]
+    task_of = {e.id: e.task for e in pool}
+    cfg = sizes.flow_config(seed)
+    records: list[dict] = []
+
+    def record(rule: str, round_no: int, acquired: list[str], ens, wall: float) -> None:
+        res = evaluate(ens, tasks, variants, sizes.max_steps, seed)
+        records.append({"seed": seed, "rule": rule, "round": round_no, "acquired": len(acquired),
+                        "total": len(pretrain_ids) + len(acquired), "success": float(np.mean(sum(res.values(), []))),
+                        "by_task": {t: float(np.mean(r)) for t, r in res.items()},
+                        "acquired_tasks": {t: sum(task_of[i] == t for i in acquired) for t in tasks},
+                        "train_s": wall})
+
+    ck = Path(out) / f"pretrained-s{seed}.pt"
+    t0 = time.perf_counter()
+    if ck.exists():
+        ens0, _, _ = load_checkpoint(ck)
+    else:
+        ens0, hist = train_ensemble(cfg, *_data(cfg, pretrain_ids), progress=False)
+        save_checkpoint(ck, ens0, cfg, {"seed": seed, "pretrain": pretrain_ids}, hist)
+    if evaluate_pretrained:
+        record("pretrained", 0, [], ens0, time.perf_counter() - t0)
+    for r_i, rule in enumerate(rules):
+        how, score = RULE_OF[rule]
+        arng = np.random.default_rng([seed, 1, r_i])
+        ens, left, acquired = ens0, list(pool), []
+        for round_no in range(1, sizes.rounds + 1):
+            t0 = time.perf_counter()
+            if score == "rollout":
+                scores = rollout_scores(ens, left, sizes.rollout_plans, sizes.max_steps, seed * 1000 + round_no)
+            elif score:
+                scores = candidate_scores(ens, [_episode(e.id) for e in left], _WORKER["encoder"], score=score,
+                                          samples=sizes.score_samples, seed=seed * 1000 + round_no)
+            else:
+                scores = np.zeros(len(left))
+            grouped, index = by_task([e.task for e in left], scores)
+            picks = [index[t][i] for t, i in acquire(grouped, sizes.budget, sizes.tau, arng, how)]
+            new = [left[k].id for k in picks]
+            left = [e for k, e in enumerate(left) if k not in set(picks)]
+            round_cfg = dataclasses.replace(cfg, steps=sizes.round_steps, seed=seed * 100 + round_no)
+            ens, _ = finetune(ens, round_cfg, _data(cfg, pretrain_ids + acquired), _data(cfg, new), progress=False)
+            acquired += new
+            record(rule, round_no, acquired, ens, time.perf_counter() - t0)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def demos_to_target(xs: np.ndarray, ys: np.ndarray, target: float) -> float:
+    """The number of demonstrations at which the curve (xs increasing) first reaches `target`, linearly
+    interpolated between evaluations; nan if it never does."""
+    for k in range(len(xs)):
+        if ys[k] >= target:
+            if k == 0:
+                return float(xs[0])
+            x0, x1, y0, y1 = xs[k - 1], xs[k], ys[k - 1], ys[k]
+            return float(x0 + (target - y0) / (y1 - y0) * (x1 - x0))
+    return float("nan")
+
+
+def curves(records: list[dict], rules: list[str], seeds: list[int]) -> dict[str, np.ndarray]:
+    """rule -> (seeds, rounds + 1) success, round 0 being the shared pretrained ensemble."""
+    by = {(r["seed"], r["rule"], r["round"]): r["success"] for r in records}
+    rounds = max(r["round"] for r in records)
+    return {rule: np.array([[by[(s, "pretrained", 0)]] + [by[(s, rule, k)] for k in range(1, rounds + 1)]
+                            for s in seeds]) for rule in rules}
+
+
+def report(records: list[dict], sizes: Sizes, rules: list[str], tasks: list[str], started: str, wall: float,
+           target: float | None) -> tuple[str, dict]:
+    seeds = sorted({r["seed"] for r in records if r["rule"] == "pretrained"})
+    seeds = [s for s in seeds if all(any(r["seed"] == s and r["rule"] == rule and r["round"] == sizes.rounds
+                                         for r in records) for rule in rules)]
+    cur = curves(records, rules, seeds)
+    xs = np.arange(sizes.rounds + 1) * sizes.budget
+    means = {rule: c.mean(0) for rule, c in cur.items()}
+    if target is None:  # the highest success every rule's mean curve reaches
+        target = float(min(m.max() for m in means.values()))
+    auc = {rule: c[:, 1:].mean(1) for rule, c in cur.items()}  # mean success over the rounds, per seed
+    to_target = {rule: demos_to_target(xs, means[rule], target) for rule in rules}
+    per_seed = {rule: np.array([demos_to_target(xs, c, target) for c in cur[rule]]) for rule in rules}
+    base = to_target.get("uniform", float("nan"))
+    n_pre = sizes.pretrain * len(tasks)
+    rows = ["| rule | " + " | ".join(f"{x} acquired" for x in xs) + " | AUC (mean success, rounds 1.."
+            f"{sizes.rounds}) | AUC - uniform, paired | demos to {target:.0%} (acquired / total) | "
+            "vs uniform | seeds reaching it |",
+            "|---|" + "---:|" * (len(xs) + 5)]
+    for rule in rules:
+        c = cur[rule]
+        d = auc[rule] - auc["uniform"] if "uniform" in auc else np.full(len(seeds), np.nan)
+        fewer = 1 - to_target[rule] / base if np.isfinite(base) and base > 0 else float("nan")
+        reached = np.isfinite(per_seed[rule])
+        rows.append(f"| {rule} | " + " | ".join(f"{m:.1%} ± {s:.1%}" for m, s in zip(c.mean(0), c.std(0)))
+                    + f" | {auc[rule].mean():.1%} ± {auc[rule].std():.1%} | {d.mean():+.1%} ± "
+                    f"{d.std() / np.sqrt(len(d)):.1%} | {to_target[rule]:.1f} / {to_target[rule] + n_pre:.1f} | "
+                    f"{fewer:+.0%} fewer | {reached.sum()}/{len(seeds)} |")
+    # where the demonstrations went: per task, acquired at the end, and pretrained success
+    by = {(r["seed"], r["rule"], r["round"]): r for r in records}
+    pre = {t: np.mean([by[(s, "pretrained", 0)]["by_task"][t] for s in seeds]) for t in tasks}
+    fin = {rule: {t: np.mean([by[(s, rule, sizes.rounds)]["by_task"][t] for s in seeds]) for t in tasks}
+           for rule in rules}
+    got = {rule: {t: np.mean([by[(s, rule, sizes.rounds)]["acquired_tasks"][t] for s in seeds]) for t in tasks}
+           for rule in rules}
+    task_rows = ["| task | pretrained success | " + " | ".join(f"{r}: demos / final success" for r in rules) + " |",
+                 "|---|---:|" + "---:|" * len(rules)]
+    for t in sorted(tasks, key=lambda t: pre[t]):
+        task_rows.append(f"| {t} | {pre[t]:.0%} | " + " | ".join(f"{got[r][t]:.1f} / {fin[r][t]:.0%}" for r in rules)
+                         + " |")
+    info = machine(None)
+    train_s = np.mean([r["train_s"] for r in records if r["round"] > 0])
+    command = " ".join([".venv/bin/python", "bench/save.py", *sys.argv[1:]])
+    verdict = []
+    if "save" in rules and "uniform" in rules:
+        fewer = 1 - to_target["save"] / base if np.isfinite(base) and base > 0 else float("nan")
+        others = [r for r in rules if r != "save"]
+        beats_all = all(not np.isfinite(to_target[r]) or to_target["save"] < to_target[r] for r in others)
+        verdict = [f"Target (SAVE reaches the target with at least 22% fewer acquired demonstrations than uniform, "
+                   f"and fewer than every baseline): {fewer:+.0%} against uniform "
+                   f"({'met' if fewer >= 0.22 else 'not met'}); fewer than every other rule: "
+                   f"{'yes' if beats_all else 'no'}."]
+    text = "\n".join([
+        BEGIN,
+        "## SAVE: success against expert demonstrations, by acquisition rule",
+        "",
+        f"Written by `bench/save.py` on {started} in {wall / 60:.0f} min; commit {git_state()}; "
+        f"{info.get('CPU', '?')}, {info.get('cores', '?')} cores.",
+        f"- Command: `{command}` (`make bench-save`).",
+        f"- Sizes: {len(seeds)} seeds x {len(rules)} rules x {sizes.rounds} rounds of {sizes.budget} "
+        f"demonstrations, after {sizes.pretrain} pretraining demonstrations per task ({n_pre} in all) on "
+        f"{len(tasks)} MT10 tasks. Candidate pool: the other successful expert demonstrations of variants "
+        f"0..{sizes.pool_variants - 1} (about {sizes.pool_variants - sizes.pretrain} per task). Ensemble: "
+        f"{sizes.members} members, {sizes.hidden}x{sizes.depth} MLPs, lr {sizes.lr:g}, batch {sizes.batch_size}, "
+        f"{sizes.pretrain_steps} pretraining steps, {sizes.round_steps} steps per round (half old, half "
+        f"acquired data per minibatch, warm start); {train_s:.0f} s per round on average, evaluation included.",
+        f"- Evaluation after every round: {sizes.eval_variants} held-out variants per task "
+        f"({50 - sizes.eval_variants}..49, no demonstration uses them), {len(tasks) * sizes.eval_variants} "
+        f"episodes of at most {sizes.max_steps} steps, member 0's plans with seeded noise; every rule of a seed "
+        f"starts from the same pretrained ensemble and meets the same episodes, so differences are paired.",
+        f"- Success: mean ± std over seeds. AUC: mean success over rounds 1..{sizes.rounds}, per seed; its "
+        f"difference to uniform is paired (mean ± standard error). Demonstrations to the target: where the "
+        f"mean curve first reaches {target:.0%} (the highest success every rule's mean curve reaches), linearly "
+        f"interpolated between rounds; acquired after pretraining / total.",
+        "",
+        *rows,
+        "",
+        *verdict,
+        "",
+        "Where the demonstrations went (mean over seeds after the last round), tasks by pretrained success:",
+        "",
+        *task_rows,
+        "",
+        f"![success against demonstrations]({(FIGURES / 'save_curves.png').relative_to(ROOT)})",
+        f"![demonstrations per task]({(FIGURES / 'save_tasks.png').relative_to(ROOT)})",
+        END,
+    ])
+    return text, {"cur": cur, "xs": xs, "n_pre": n_pre, "target": target, "pre": pre, "got": got, "tasks": tasks}
+
+
+def plots(data: dict, rules: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for rule in rules:
+        c = data["cur"][rule]
+        m, se = c.mean(0), c.std(0) / np.sqrt(len(c))
+        ax.plot(data["xs"], m, marker="o", label=rule)
+        ax.fill_between(data["xs"], m - se, m + se, alpha=0.2)
+    ax.axhline(data["target"], color="grey", ls=":", lw=1, label=f"target {data['target']:.0%}")
+    ax.set_xlabel(f"acquired demonstrations (after {data['n_pre']} pretraining ones)")
+    ax.set_ylabel("success on held-out variants")
+    ax.set_title(f"SAVE vs baselines: mean ± standard error over {len(c)} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(FIGURES / "save_curves.png", dpi=110)
+    plt.close(fig)
+    tasks = sorted(data["tasks"], key=lambda t: data["pre"][t])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = np.arange(len(tasks))
+    w = 0.8 / len(rules)
+    for i, rule in enumerate(rules):
+        ax.bar(x + (i - (len(rules) - 1) / 2) * w, [data["got"][rule][t] for t in tasks], w, label=rule)
+    ax.set_xticks(x, [f"{t.replace('-v3', '')}\n({data['pre'][t]:.0%})" for t in tasks], fontsize=7)
+    ax.set_ylabel("demonstrations acquired (mean over seeds)")
+    ax.set_xlabel("task (pretrained success)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(FIGURES / "save_tasks.png", dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Sizes):
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    ap.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of {RULES}")
+    ap.add_argument("--tasks", help="comma-separated (default MT10)")
+    ap.add_argument("--out", default=str(ROOT / "bench-runs" / "save"))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--target", type=float, help="target success (default: the highest every rule reaches)")
+    ap.add_argument("--report-only", action="store_true", help="no new runs: report what results.jsonl holds")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and figures alone")
+    args = ap.parse_args()
+    from tqdm import tqdm
+
+    from vigil.sim.metaworld_env import MT10_TASKS
+
+    sizes = Sizes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes)})
+    rules = args.rules.split(",")
+    if unknown := [r for r in rules if r not in RULE_OF]:
+        raise SystemExit(f"--rules: unknown {unknown}; expected some of {RULES}")
+    tasks = args.tasks.split(",") if args.tasks else list(MT10_TASKS)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sizes.json").write_text(json.dumps(asdict(sizes), indent=1))
+    results = out / "results.jsonl"
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = time.time()
+    if not args.report_only:
+        from vigil.training.train_flow import ensure_encoder
+
+        record_pool(out / "demos", tasks, sizes.pool_variants)
+        ensure_encoder(out / "encoder")  # once, before the workers load it
+        done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+        have = {r["seed"] for r in done if r["rule"] == rules[-1] and r["round"] == sizes.rounds}
+        evaluated = {r["seed"] for r in done if r["rule"] == "pretrained"}
+        todo = [s for s in range(sizes.seeds) if s not in have]
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(str(out / "demos"),)) as pool, tqdm(total=len(todo), desc="seeds") as bar:
+            futures = {pool.submit(run_seed, s, sizes, tasks, str(out), rules, s not in evaluated): s for s in todo}
+            for fut in as_completed(futures):
+                recs = fut.result()
+                with open(results, "a") as fh:  # a seed's records land together: a resumed run redoes a seed
+                    fh.writelines(json.dumps(r) + "\n" for r in recs)
+                bar.update()
+                last = {r["rule"]: r["success"] for r in recs if r["round"] == sizes.rounds}
+                bar.set_postfix(seed=futures[fut], **{k: f"{v:.0%}" for k, v in last.items()})
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    # a seed run twice (an interrupted run redone) counts once: its last records
+    latest = {}
+    for r in records:
+        latest[(r["seed"], r["rule"], r["round"])] = r
+    text, data = report(list(latest.values()), sizes, rules, tasks, started, time.time() - t0, args.target)
+    print(text)
+    if args.no_write:
+        return
+    plots(data, rules)
+    write_benchmarks(text, BEGIN, END)
+
+
+if __name__ == "__main__":
+    main()
