@@ -30,6 +30,7 @@ class Agent:
         self._scores: Mapping[str, float] = {}
         self.rng = np.random.default_rng()
         self.episode: dict[str, np.ndarray] = {}  # graph inputs fixed for the episode (instruction)
+        self.inputs: dict[str, np.ndarray] = {}  # this robot's own graph inputs, e.g. its learnt `gain`
         self.instruction: str | None = None
         self.plans = 0
 
@@ -68,7 +69,8 @@ class Agent:
         replanned = self.queue.needs_plan()
         if replanned:
             extra = self.policy.plan_inputs(self.rng)
-            plan = self.policy.infer(obs, {**self.episode, **extra} if extra or self.episode else None)
+            plan = self.policy.infer(obs, {**self.episode, **self.inputs, **extra}
+                                     if extra or self.episode or self.inputs else None)
             self.queue.push(plan.actions)
             self._scores = plan.scores
             self.plans += 1

@@ -101,12 +101,20 @@ class Policy:
 
 class LinearGainPolicy(Policy):
     """u = offset - K x. The graph takes `gain` as an input with K as its default, so K can be replaced
-    between ticks (online LQR) by `set_gain` without rebuilding the session."""
+    between ticks without rebuilding the session: for every robot by `set_gain`, or for one robot by
+    feeding `gain` through `infer`'s extra inputs (the runtime's online learner does that, per session,
+    through `Agent.inputs`)."""
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int = 1, prefer_gpu: bool = True,
                  previous: Policy | None = None):
         super().__init__(folder, manifest, threads, prefer_gpu)
         self.gain: np.ndarray | None = None
+        self.learner_spec = None  # the manifest's online learner (policies/irlqr.py), parsed once at load
+        if manifest.learner:
+            from vigil.policies.irlqr import LearnerSpec
+
+            self.learner_spec = LearnerSpec.from_dict(manifest.learner, manifest.observation[0].shape[0],
+                                                      manifest.action.shape[0])
 
     def set_gain(self, gain: np.ndarray) -> None:
         m, n = self.manifest.action.shape[0], self.manifest.observation[0].shape[0]

@@ -99,6 +99,12 @@ def dare(A: np.ndarray, B: np.ndarray, Q: np.ndarray, R: np.ndarray, tol: float 
     I = np.eye(n)
     G = sym(B @ np.linalg.solve(R, B.T))
     Ak, Hk = np.array(A, dtype=float), sym(np.asarray(Q, dtype=float))
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverging iteration is reported below, not warned about
+        return _doubling(Ak, G, Hk, I, n, tol, max_iter)
+
+
+def _doubling(Ak: np.ndarray, G: np.ndarray, Hk: np.ndarray, I: np.ndarray, n: int, tol: float,
+              max_iter: int) -> np.ndarray:
     for _ in range(max_iter):
         W = I + G @ Hk
         X = np.linalg.solve(W, np.hstack([Ak, G]))     # W^{-1} [A_k, G_k]

@@ -52,6 +52,7 @@ class Manifest:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     monitor: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    learner: Mapping[str, Any] = field(default_factory=dict)  # online learner (linear_gain): policies/irlqr.py
     format: int = FORMAT
 
     @property
@@ -69,6 +70,8 @@ class Manifest:
             "normalisation": {k: asdict(v) for k, v in self.normalisation.items()},
             "provenance": dict(self.provenance), "monitor": dict(self.monitor), "extra": dict(self.extra),
         }
+        if self.learner:
+            d["learner"] = dict(self.learner)
         return json.loads(json.dumps(d))  # tuples -> lists, a plain JSON tree
 
     @classmethod
@@ -134,14 +137,51 @@ class Manifest:
             if not all(x > 0 for x in n["std"]):
                 raise ManifestError(f"manifest key 'normalisation.{key}.std' must be positive")
             norms[key] = Normalisation(tuple(n["mean"]), tuple(n["std"]), float(n.get("clip", 10.0)))
+        monitor = d.get("monitor", {})
+        if not isinstance(monitor, dict):
+            raise ManifestError(f"manifest key 'monitor' must be a map, got {monitor!r}")
+        learner = d.get("learner")
+        if learner is not None:
+            _check_learner(learner, kind, observation, action, norms, d.get("extra", {}))
+        if "stability" in monitor:
+            from vigil.monitors.stability import check_block
+
+            try:
+                check_block(monitor["stability"], shapes)
+            except ValueError as exc:
+                raise ManifestError(str(exc)) from None
         return cls(
             name=need("name", str, "a string"), kind=kind, observation=observation, action=action,
             safe_action=tuple(float(x) for x in safe), control_rate_hz=float(rate), sha256=sha,
             onnx_file=onnx.get("file", "policy.onnx"), onnx_inputs=dict(inputs),
             onnx_action=onnx.get("action", "action"), onnx_scores=tuple(onnx.get("scores", ())),
             chunk_length=length, chunk_execute=execute, normalisation=norms,
-            provenance=d.get("provenance", {}), monitor=d.get("monitor", {}), extra=d.get("extra", {}),
+            provenance=d.get("provenance", {}), monitor=monitor, extra=d.get("extra", {}),
+            learner=learner or {},
         )
+
+
+def _check_learner(block: Any, kind: str, observation: tuple[ArraySpec, ...], action: ArraySpec,
+                   norms: Mapping[str, Normalisation], extra: Any) -> None:
+    """A `learner` block (an online learner of the gain, runtime/learning.py) fits only a linear_gain
+    policy acting u = -K x on one float32 state vector: no normalisation, no offset."""
+    from vigil.policies.irlqr import LearnerError, LearnerSpec
+
+    if kind != "linear_gain":
+        raise ManifestError(f"manifest key 'learner' is for kind linear_gain only, this bundle is {kind!r}")
+    if len(observation) != 1 or len(observation[0].shape) != 1 or observation[0].dtype != "float32":
+        raise ManifestError("manifest key 'learner' needs exactly one observation array, a float32 vector [n] "
+                            f"(the state), got {[f'{s.name} {s.dtype}{list(s.shape)}' for s in observation]}")
+    if norms:
+        raise ManifestError("manifest key 'learner' cannot be combined with 'normalisation': the learner models "
+                            "the raw state")
+    offset = extra.get("offset") if isinstance(extra, dict) else None
+    if offset is not None and (not isinstance(offset, list) or any(v != 0 for v in offset)):
+        raise ManifestError(f"manifest key 'learner' needs u = -K x: 'extra.offset' must be zeros, got {offset!r}")
+    try:
+        LearnerSpec.from_dict(block, observation[0].shape[0], action.shape[0])
+    except LearnerError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 def sha256_file(path: Path) -> str:

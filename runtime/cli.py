@@ -337,6 +337,19 @@ def _bundle_parser(sub) -> None:
     p.add_argument("--system", default="aircraft-pitch", choices=("aircraft-pitch", "uav-2d"),
                    help="linear system (lqr only)")
     p.add_argument("--out", required=True, help="bundle folder to write")
+    g = p.add_argument_group("a system known only through a prior model (lqr only; docs/lqr.md)")
+    g.add_argument("--learner", choices=("irlqr",),
+                   help="learn on board: the gain starts as the prior's (optimistic) LQR and IR-LQR improves it "
+                        "per robot while the runtime serves (manifest block `learner`, plus `monitor.stability`)")
+    g.add_argument("--prior", choices=("relative", "absolute"),
+                   help="how the prior model is perturbed from the truth (default: relative on aircraft-pitch, "
+                        "absolute on uav-2d). Without --learner, --prior or --prior-std writes the prior's fixed LQR")
+    g.add_argument("--prior-std", type=float, help="std of the prior's perturbation (default: the published one, "
+                                                   "0.01 aircraft-pitch, 0.1 uav-2d)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the prior draw (trial 0 of `vigil train lqr --seed`)")
+    g.add_argument("--lam", type=float, help="ridge weight of the prior (default: published)")
+    g.add_argument("--g1", type=float, help="optimism weight g1 (default: published)")
+    g.add_argument("--g2", type=float, help="optimism weight g2 (default: published)")
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
@@ -346,8 +359,24 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         meta = export_encoder(args.out)
         print(f"wrote {args.out}: {meta['name']} encoder, dim {meta['dim']}, onnx sha256 {meta['onnx']['sha256'][:12]}")
         return 0
-    from vigil.training.lqr import export_lqr
+    from vigil.training.lqr import export_lqr, export_prior_lqr
 
+    if args.learner or args.prior or args.prior_std is not None:
+        settings = {k: v for k, v in (("lam", args.lam), ("g1", args.g1), ("g2", args.g2)) if v is not None}
+        try:
+            manifest = export_prior_lqr(args.system, args.out, args.prior_std,
+                                        None if args.prior is None else args.prior == "relative", args.seed,
+                                        learner=bool(args.learner), **settings)
+        except ValueError as exc:
+            print(f"vigil bundle: {exc}", file=sys.stderr)
+            return 2
+        what = "learns on board (IR-LQR)" if manifest.learner else "fixed gain"
+        print(f"wrote {args.out}: {manifest.policy_id}, the LQR of a prior model "
+              f"({manifest.extra['prior']} std {manifest.extra['prior_std']:g}, seed {args.seed}); {what}")
+        return 0
+    if any(v is not None for v in (args.lam, args.g1, args.g2)):
+        print("vigil bundle: --lam, --g1, --g2 need --learner irlqr", file=sys.stderr)
+        return 2
     manifest = export_lqr(args.system, args.out)
     print(f"wrote {args.out}: {manifest.policy_id}")
     return 0

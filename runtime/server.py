@@ -10,6 +10,11 @@ Alerts and requests are filed after the reply, so a robot never waits for an fsy
 that is malformed gets an `error` reply and bumps a counter; no exception from a handler ends the loop.
 A control channel (optional) takes `swap` requests: the new bundle loads on a background thread
 (runtime/swap.py) and the loop swaps the policy between ticks.
+
+A `linear_gain` bundle with a `learner` block learns on board (runtime/learning.py): each robot's session
+feeds its transitions to its own IR-LQR learner, gains are computed on a worker thread, and a finished one
+is adopted between ticks (`_on_obs` before acting, and the timers); swaps go out as telemetry, fallbacks as
+stored warn alerts, and the stability monitor (monitors/stability.py) stops a robot whose state blows up.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from vigil.monitors.base import Level, Monitor, Tick, Verdict
 from vigil.monitors.requests import Requester
 from vigil.monitors.vfd import VFDMonitor
 from vigil.monitors.safety import ActionMonitor, DeadlineMonitor, LinkMonitor, ObservationMonitor, SaturationMonitor
+from vigil.monitors.stability import StabilityMonitor
 from vigil.policies.agent import Agent
 from vigil.policies.bundle import Policy, load_policy
 from vigil.runtime.config import ServeConfig
+from vigil.runtime.learning import Adopted, GainWorker, SessionLearner, describe
 from vigil.runtime.outbox import Outbox
 from vigil.runtime.protocol import (CONTROL_KINDS, DEFAULT_LIMITS, ArraySpec, Message, ProtocolError, check_arrays,
                                     decode, encode, error)
@@ -60,6 +67,7 @@ class Session:
     step: int = 0  # observations acted on since the last reset (the step index in lockstep)
     counters: Counter = field(default_factory=Counter)
     latency_us: list[float] = field(default_factory=list)  # since the last telemetry message
+    learner: SessionLearner | None = None  # this robot's online learner (bundles with a `learner` block)
 
 
 class Runtime:
@@ -90,6 +98,7 @@ class Runtime:
             self.control.setsockopt(zmq.IPV6, 1)
             self.control.bind(config.control_endpoint)
         self.loader = BundleLoader()
+        self.worker = GainWorker()  # computes the online learners' gains off the loop thread
         self._swap_waiting: tuple[bytes, int] | None = None  # who asked for the swap in progress (identity, seq)
         self.sessions: dict[str, Session] = {}
         self.by_identity: dict[bytes, Session] = {}
@@ -216,10 +225,13 @@ class Runtime:
             self.by_identity.pop(session.identity, None)
             session.identity = identity
             self._touch(session)
+            if session.learner is not None:
+                session.learner.break_chain()
             self.counters["reconnects"] += 1
         else:
             session = Session(robot, identity, Agent(self.policy), self._make_monitors(),
                               LinkMonitor(self.config.link_timeout_s, now), dict(msg.meta))
+            self._start_learner(session)
             self.sessions[robot] = session
             self._telemetry_event(robot, "connected", {"env": str(msg.meta.get("env", ""))})
         self.by_identity[identity] = session
@@ -254,7 +266,18 @@ class Runtime:
                                    SaturationMonitor(self.config.saturation_window), DeadlineMonitor(self.deadline_s)]
         if "vfd" in self.manifest.monitor:
             monitors.append(VFDMonitor.from_manifest(self.manifest.monitor["vfd"]))
+        if "stability" in self.manifest.monitor or self.manifest.learner:
+            monitors.append(StabilityMonitor.from_manifest(self.manifest.monitor.get("stability")))
         return monitors
+
+    def _start_learner(self, session: Session) -> None:
+        """A fresh learner for this robot when the serving bundle has one (from its prior), else none; the
+        robot's gain input follows it."""
+        spec = getattr(self.policy, "learner_spec", None)
+        session.learner = SessionLearner(spec, self.worker) if spec is not None else None
+        session.agent.inputs.pop("gain", None)
+        if session.learner is not None:
+            session.agent.inputs["gain"] = session.learner.gain32
 
     def _session(self, identity: bytes, msg: Message) -> Session:
         session = self.by_identity.get(identity)
@@ -268,6 +291,11 @@ class Runtime:
         self._touch(session)
         if session.agent.policy is not self.policy and session.agent.at_plan_boundary:
             self._switch(session)
+        learner, adopted = session.learner, None
+        if learner is not None:  # a gain finished in the background is adopted between ticks, never waited for
+            if (adopted := learner.poll()) is not None:
+                session.agent.inputs["gain"] = adopted.gain
+            learner.transition(msg.arrays[self.manifest.observation[0].name], msg.seq)
         step = session.agent.act(msg.arrays)
         tick = Tick(session.robot, msg.seq, msg.arrays, step.action, step.raw, step.scores,
                     time.perf_counter() - t_recv, step.plan)
@@ -281,6 +309,8 @@ class Runtime:
         if step.scores:  # e.g. the VFD of the plan this action came from, and which plan that was
             meta["scores"], meta["plan"] = step.scores, step.plan
         self._send(identity, Message("act", session.robot, msg.seq, 0, {"action": action}, meta))
+        if learner is not None:
+            learner.acted(msg.arrays[self.manifest.observation[0].name], action, msg.seq)
         session.last_seq = msg.seq
         session.step += 1
         session.counters["ticks"] += 1
@@ -293,6 +323,38 @@ class Runtime:
             for v in verdicts:
                 if v.monitor == "vfd" and v.level >= Level.ALERT:
                     self._request(session, msg, v)
+        if adopted is not None:  # after the reply: a fallback alert is an fsync
+            self._announce_gain(session, adopted)
+
+    def _announce_gain(self, session: Session, adopted: Adopted) -> None:
+        """A new epoch's gain is in use: a telemetry event for every swap, a stored warn alert for every
+        fallback (the published rule kept the previous gain, the guard replaced an unstable one, or the
+        Riccati equation had no solution)."""
+        u = adopted.update
+        session.counters["gain_swaps"] += 1
+        session.counters["fallbacks"] += u.fallback
+        session.counters["guarded"] += u.guarded
+        session.counters["learner_failures"] += u.failed
+        self.counters["gain_swaps"] += 1
+        values = describe(session.robot, adopted)
+        self._telemetry_event(session.robot, "gain", values)
+        reason = None
+        if u.guarded:
+            reason = (f"IR-LQR epoch {adopted.epoch}: the previous gain is unstable under the current estimate; "
+                      "switched to the certainty-equivalent gain (guarded fallback)")
+        elif u.fallback:
+            reason = (f"IR-LQR epoch {adopted.epoch}: fallback, optimism too large (lambda_max(O) >= "
+                      f"{session.learner.spec.config.fallback_ratio:g} lambda_min(H)); kept the previous gain")
+        elif u.failed:
+            reason = f"IR-LQR epoch {adopted.epoch}: no stabilising Riccati solution; kept the previous gain"
+        if reason is not None:
+            try:
+                self.alerter.file(session.robot, Verdict("learner", Level.WARN, reason, {
+                    "epoch": adopted.epoch, "steps": adopted.steps, "fallback": u.fallback, "guarded": u.guarded,
+                    "failed": u.failed}))
+            except Exception:  # as for every alert: the store must not stop the control loop
+                self.counters["alert_store_failed"] += 1
+                log.exception("could not file the learner's fallback alert for %s", session.robot)
 
     def _request(self, session: Session, msg: Message, verdict: Verdict) -> None:
         """The policy is out of its depth here: ask for a demonstration (rate-limited per task)."""
@@ -308,6 +370,7 @@ class Runtime:
         afresh with the new manifest (e.g. recalibrated VFD thresholds)."""
         session.agent.switch(self.policy)
         session.monitors = self._make_monitors()
+        self._start_learner(session)  # the new bundle's learner (its prior) or none: statistics start afresh
         session.counters["swaps"] += 1
 
     def _on_reset(self, identity: bytes, msg: Message, t_recv: float) -> None:
@@ -322,6 +385,8 @@ class Runtime:
             raise ProtocolError("bad_header", "reset key 'sim' must be a map with at least 'env' (a string)")
         if session.agent.policy is not self.policy:  # a new episode is a plan boundary too
             self._switch(session)
+        if session.learner is not None:  # the learner keeps what it learnt; the new episode is a new chain
+            session.learner.break_chain()
         session.agent.reset(instruction, seed)
         for m in session.monitors:
             m.reset()
@@ -336,6 +401,8 @@ class Runtime:
         session = self.by_identity.get(identity)
         if session is not None:
             self._touch(session)
+            if session.learner is not None:  # a heartbeat between two observations does not break the chain
+                session.learner.bridge(msg.seq)
         self._send(identity, Message("heartbeat", msg.robot, msg.seq))
 
     def _on_bye(self, identity: bytes, msg: Message, t_recv: float) -> None:
@@ -366,6 +433,9 @@ class Runtime:
         if self.loader.busy and (loaded := self.loader.result()) is not None:
             self._finish_swap(loaded)
         for session in list(self.sessions.values()):
+            if session.learner is not None and (adopted := session.learner.poll()) is not None:
+                session.agent.inputs["gain"] = adopted.gain
+                self._announce_gain(session, adopted)
             if now - session.link.last_seen > self.config.session_expiry_s:  # gone for good
                 self.counters["sessions_expired"] += 1
                 self._forget(session, "expired")
@@ -373,6 +443,8 @@ class Runtime:
             verdict = session.link.check(now)
             if verdict is not None:  # best effort: if only the robot->runtime direction broke, this lands
                 session.counters["link_lost"] += 1
+                if session.learner is not None:
+                    session.learner.break_chain()
                 self._send(session.identity, Message("act", session.robot, session.last_seq, 0,
                                                      {"action": session.agent.safe_action},
                                                      {"policy": session.agent.policy.manifest.policy_id, "safe": True,
@@ -395,6 +467,8 @@ class Runtime:
             lat = np.asarray(s.latency_us) if s.latency_us else np.zeros(1)
             robots[s.robot] = {**s.counters, "episode": s.episode, "link_lost_now": s.link.lost,
                                "p50_us": float(np.percentile(lat, 50)), "p99_us": float(np.percentile(lat, 99))}
+            if s.learner is not None:
+                robots[s.robot]["learner"] = dict(s.learner.stats())
             s.latency_us.clear()
         self.stream.publish("telemetry", Message("telemetry", "", 0, 0, {}, {
             "policy": self.manifest.policy_id, "counters": dict(self.counters), "robots": robots,
@@ -472,6 +546,7 @@ class Runtime:
             self._send(session.identity, Message("bye", session.robot, session.last_seq, 0, {},
                                                  {"reason": "runtime stopping"}))
         self._publish_telemetry()
+        self.worker.close()
         self.link.close()
         if self.control is not None:
             self.control.close()

@@ -60,11 +60,15 @@ def export_linear_gain(folder: str | Path, name: str, K: np.ndarray, control_rat
                        offset: np.ndarray | None = None, action_low: Sequence[float] | None = None,
                        action_high: Sequence[float] | None = None, state_low: Sequence[float] | None = None,
                        state_high: Sequence[float] | None = None, prov: Mapping[str, Any] | None = None,
-                       extra: Mapping[str, Any] | None = None) -> Manifest:
+                       extra: Mapping[str, Any] | None = None, learner: Mapping[str, Any] | None = None,
+                       monitor: Mapping[str, Any] | None = None) -> Manifest:
+    """`learner`: an online learner block (policies/irlqr.py LearnerSpec.to_dict), `monitor`: monitor settings
+    (e.g. `stability`); both validated by write_bundle like every other key."""
     K = np.asarray(K, np.float64)
     m, n = K.shape
     model = linear_gain_graph(K, offset)
     return write_bundle(folder, model.SerializeToString(), {
+        **({"learner": dict(learner)} if learner else {}), **({"monitor": dict(monitor)} if monitor else {}),
         "name": name, "kind": "linear_gain",
         "observation": [ArraySpec("state", "float32", (n,), _tup(state_low), _tup(state_high)).to_dict()],
         "action": ArraySpec("action", "float32", (m,), _tup(action_low), _tup(action_high)).to_dict(),

@@ -1,0 +1,143 @@
+"""Onboard learning: a `linear_gain` bundle with a `learner` block improves its gain while it serves.
+
+Each robot is its own system, so each session gets its own learner (`SessionLearner`, IR-LQR from
+policies/irlqr.py, started from the bundle's prior). Every tick the runtime hands it the transition that
+just completed -- the previous observation, the action the runtime sent for it (the policy's, or the safe
+action when a monitor said stop) and this observation -- which costs two outer products and a log-det.
+When an epoch is due, the gain is computed OFF the control thread: a snapshot of the statistics goes to
+one worker thread shared by the runtime (`GainWorker`), and the loop never waits for it. Between ticks
+(`poll`, at the start of a tick and from the loop's timers) a finished computation is adopted: the
+session's gain changes, and the next action uses it. No tick is skipped or delayed by the computation
+(numpy releases the GIL in its larger operations; the gain computation is ~0.5 ms of small ones).
+
+The gain is per session, not per policy: it reaches the shared onnxruntime session as the graph input
+`gain` through the agent's per-robot inputs (policies/agent.py), so robots never see each other's gain.
+
+A transition is used only when the two observations are consecutive: same episode (a reset breaks the
+chain), no message lost in between (the robot's seq increases by one per message it sends; a gap --
+a dropped or stale observation -- skips that transition), and no link loss in between.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from vigil.policies.irlqr import GainUpdate, LearnerSpec
+
+log = logging.getLogger("vigil.learning")
+
+
+class GainWorker:
+    """One background thread for every session's gain computations (one at a time: they are short, and
+    a second core is better left to the loop)."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, fn, *args) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-learner")
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+@dataclass(frozen=True)
+class Adopted:
+    """A gain the session now acts with: the learner's decision, its epoch, and how many ticks it took
+    from the snapshot to the swap (the gain computation ran during those ticks)."""
+
+    update: GainUpdate
+    epoch: int
+    steps: int  # transitions learned from, at the snapshot
+    delay_ticks: int
+    gain: np.ndarray  # float32, as fed to the graph
+
+
+class SessionLearner:
+    def __init__(self, spec: LearnerSpec, worker: GainWorker):
+        self.spec = spec
+        self.learner = spec.learner()
+        self.worker = worker
+        self.gain32 = np.ascontiguousarray(self.learner.gain(), dtype=np.float32)
+        self._prev: tuple[np.ndarray, np.ndarray, int] | None = None  # (x, u, seq) of the last tick
+        self._future: Future | None = None
+        self._pending: tuple[float, int, int] | None = None  # (log det V, steps, tick) of the snapshot in flight
+        self.ticks = 0
+        self.skipped = 0  # transitions not learned from (a gap in seq)
+
+    @property
+    def computing(self) -> bool:
+        return self._future is not None
+
+    def transition(self, x_next: np.ndarray, seq: int) -> None:
+        """This tick's observation completes the previous tick's transition: learn from it, and start a gain
+        computation in the background when an epoch is due (unless one is already running)."""
+        self.ticks += 1
+        prev, self._prev = self._prev, None
+        if prev is None:
+            return
+        x, u, prev_seq = prev
+        if seq != prev_seq + 1:
+            self.skipped += 1
+            return
+        due = self.learner.observe(x, u, np.asarray(x_next, np.float64))
+        if due and self._future is None:
+            V, S, K_prev, logdet = self.learner.snapshot()
+            self._pending = (logdet, self.learner.steps, self.ticks)
+            self._future = self.worker.submit(self.learner.compute, V, S, K_prev)
+
+    def acted(self, x: np.ndarray, u: np.ndarray, seq: int) -> None:
+        """The runtime sent action u for observation x (message seq): the start of the next transition."""
+        self._prev = (np.asarray(x, np.float64), np.asarray(u, np.float64), seq)
+
+    def bridge(self, seq: int) -> None:
+        """Another message from the robot (a heartbeat) came between two observations: it used up a seq."""
+        if self._prev is not None and seq == self._prev[2] + 1:
+            self._prev = (self._prev[0], self._prev[1], seq)
+
+    def break_chain(self) -> None:
+        """A reset or a link loss: the next observation does not follow from the last action."""
+        self._prev = None
+
+    def poll(self) -> Adopted | None:
+        """Adopt a finished gain computation, if there is one (never waits)."""
+        future = self._future
+        if future is None or not future.done():
+            return None
+        self._future = None
+        logdet, steps, tick = self._pending
+        self._pending = None
+        try:
+            update = future.result()
+        except Exception:  # a bug in the computation must not stop the robot: keep the gain, say so
+            log.exception("gain computation failed; keeping the current gain")
+            update = GainUpdate(self.learner.gain(), *self.learner.estimate(), False, False, True, 0.0)
+        self.learner.adopt(update, logdet)
+        if not np.all(np.isfinite(update.K)):  # defence in depth: never feed a non-finite gain
+            return None
+        self.gain32 = np.ascontiguousarray(update.K, dtype=np.float32)
+        return Adopted(update, self.learner.epoch, steps, self.ticks - tick, self.gain32)
+
+    def stats(self) -> Mapping[str, float]:
+        L = self.learner
+        return {"epoch": L.epoch, "steps": L.steps, "fallbacks": L.fallbacks, "guarded": L.guarded,
+                "failures": L.failures, "skipped": self.skipped}
+
+
+def describe(robot: str, adopted: Adopted) -> dict:
+    """The operator-stream record of one gain swap (telemetry event `gain`)."""
+    u = adopted.update
+    return {"epoch": adopted.epoch, "steps": adopted.steps, "gain": np.asarray(u.K, float).round(6).tolist(),
+            "fallback": u.fallback, "guarded": u.guarded, "failed": u.failed,
+            "update_ms": round(u.seconds * 1e3, 3), "delay_ticks": adopted.delay_ticks,
+            "t": time.time()}
