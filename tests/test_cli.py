@@ -29,7 +29,8 @@ SUBCOMMANDS = {
                "--poll-s"],
     "swap": ["--bundle", "--connect", "--timeout"],
     "demo": ["--workdir", "--steps", "--rate", "--outage-s"],
-    "bundle": ["{lqr,encoder}", "--system", "--out"],  # {lqr,encoder}: the positional `kind` with its choices
+    "bundle": ["{lqr,encoder}", "--system", "--out", "--learner", "--prior", "--prior-std", "--seed", "--lam", "--g1",
+               "--g2"],  # {lqr,encoder}: the positional `kind` with its choices
     "calibrate": ["--bundle", "--tasks", "--episodes", "--seed", "--window", "--warn", "--alert", "--stop",
                   "--max-steps", "--all-episodes", "--no-progress"],
 }
