@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr clean
+.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr bench-lqr-loop clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench-save: $(STAMP)
 # growth exponent, a sweep of g1, g2. A few minutes on 2 cores, one process. Not part of `make bench`.
 bench-lqr: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/lqr.py
+
+# The onboard IR-LQR learner with the simulator in the loop (issue 6 item 4): 10 trials of the same prior and
+# noise offline and through `vigil serve` + the sim robot (realtime, 20 Hz). About 2-3 minutes. Not in `make bench`.
+bench-lqr-loop: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/lqr_loop.py
 
 clean:
 	rm -rf $(VENV) $(OPENPI) .vigil-demo .pytest_cache

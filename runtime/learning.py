@@ -53,8 +53,10 @@ class GainWorker:
 
 @dataclass(frozen=True)
 class Adopted:
-    """A gain the session now acts with: the learner's decision, its epoch, and how many ticks it took
-    from the snapshot to the swap (the gain computation ran during those ticks)."""
+    """A gain the session now acts with: the learner's decision, its epoch, and `delay_ticks`, how many
+    ticks acted with the previous gain from the snapshot on (the tick that took the snapshot included):
+    1 when the computation finished before the next observation arrived; 0 would be the offline
+    learner's schedule, which computes before acting."""
 
     update: GainUpdate
     epoch: int
@@ -126,7 +128,7 @@ class SessionLearner:
         if not np.all(np.isfinite(update.K)):  # defence in depth: never feed a non-finite gain
             return None
         self.gain32 = np.ascontiguousarray(update.K, dtype=np.float32)
-        return Adopted(update, self.learner.epoch, steps, self.ticks - tick, self.gain32)
+        return Adopted(update, self.learner.epoch, steps, self.ticks + 1 - tick, self.gain32)
 
     def stats(self) -> Mapping[str, float]:
         L = self.learner
