@@ -14,8 +14,7 @@ Rules (training/save.py `acquire`):
   action_l2  the same rule with the Action-L2 score (spread of the members' sampled chunks);
   uniform    tasks uniformly, a random candidate inside the task;
   random     candidates uniformly from the whole pool.
-  save_rollout  (not in the default set; `--rules save_rollout`) the save rule with each candidate scored
-             by the mean VFD of the policy's own first `rollout_plans` plans, played from the candidate's
+  save_rollout  the save rule with each candidate scored by the mean VFD of the policy's own first `rollout_plans` plans, played from the candidate's
              reset: what the onboard monitor sees in deployment, instead of the initial observation only.
 
 Variants: Meta-World has 50 per task. Variants 0..`pool_variants`-1 have expert demonstrations (the
@@ -23,7 +22,8 @@ pretraining sets and the candidate pool); evaluation plays variants from `pool_v
 
 Outputs (bench-runs/save, resumable: finished (seed, rule) chains are kept): demos/ (the pool),
 results.jsonl (one line per evaluation), pretrained-s<seed>.pt; then the section between the `save`
-markers of BENCHMARKS.md and docs/figures/save_curves.png, save_tasks.png, unless --no-write.
+markers of BENCHMARKS.md and docs/figures/save_curves.png, save_tasks.png, unless --no-write (`--section`
+names another section and its figures).
 
     make bench-save                       # the sizes below, about 1.5 h on 2 cores
     .venv/bin/python bench/save.py --seeds 2 --rounds 2 --eval-variants 3   # a quick look
@@ -49,10 +49,9 @@ from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ 
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures"
-BEGIN, END = "<!-- save:begin -->", "<!-- save:end -->"
-RULES = ("save", "action_l2", "uniform", "random")  # the default comparison
 RULE_OF = {"save": ("save", "vfd"), "action_l2": ("save", "action_l2"), "uniform": ("uniform", None),
            "random": ("random", None), "save_rollout": ("save", "rollout")}  # name -> (acquire rule, score)
+RULES = tuple(RULE_OF)
 
 
 @dataclass(frozen=True)
@@ -60,6 +59,7 @@ class Sizes:
     """The experiment's sizes: every figure in the report is for these."""
 
     seeds: int = 10
+    first_seed: int = 0          # seeds first_seed .. first_seed + seeds - 1
     rounds: int = 5
     budget: int = 10             # demonstrations acquired per round (all tasks together)
     pretrain: int = 2            # demonstrations per task before the first round
@@ -242,9 +242,9 @@ def run_seed(seed: int, sizes: Sizes, tasks: list[str], out: str, rules: list[st
         save_checkpoint(ck, ens0, cfg, {"seed": seed, "pretrain": pretrain_ids}, hist)
     if evaluate_pretrained:
         record("pretrained", 0, [], ens0, time.perf_counter() - t0)
-    for r_i, rule in enumerate(rules):
+    for rule in rules:
         how, score = RULE_OF[rule]
-        arng = np.random.default_rng([seed, 1, r_i])
+        arng = np.random.default_rng([seed, 1, list(RULE_OF).index(rule)])  # the same draws, run alone or not
         ens, left, acquired = ens0, list(pool), []
         for round_no in range(1, sizes.rounds + 1):
             t0 = time.perf_counter()
@@ -264,6 +264,45 @@ def run_seed(seed: int, sizes: Sizes, tasks: list[str], out: str, rules: list[st
             acquired += new
             record(rule, round_no, acquired, ens, time.perf_counter() - t0)
     return records
+
+
+def diagnose_seed(seed: int, sizes: Sizes, tasks: list[str], out: str) -> dict[str, dict[str, float]]:
+    """How each score ranks the tasks for the seed's pretrained ensemble: {score: {task: mean over the
+    task's successful pool demonstrations}} for the initial-observation VFD and Action-L2 and the rollout
+    VFD (save_rollout's). Compared in the report with the pretrained success of each task."""
+    from vigil.training.save import candidate_scores
+    from vigil.training.train_flow import load_checkpoint
+
+    ens, _, _ = load_checkpoint(Path(out) / f"pretrained-s{seed}.pt")
+    pool = [e for e in _WORKER["demos"].episodes(success=True) if e.task in tasks and e.seed < sizes.pool_variants]
+    eps = [_episode(e.id) for e in pool]
+    scores = {"vfd": candidate_scores(ens, eps, _WORKER["encoder"], "vfd", sizes.score_samples, seed),
+              "action_l2": candidate_scores(ens, eps, _WORKER["encoder"], "action_l2", sizes.score_samples, seed),
+              "rollout": rollout_scores(ens, pool, sizes.rollout_plans, sizes.max_steps, seed)}
+    return {name: {t: float(np.mean([v for e, v in zip(pool, vals) if e.task == t])) for t in tasks}
+            for name, vals in scores.items()}
+
+
+def diagnosis_text(diag: dict[str, dict], records: list[dict], tasks: list[str]) -> list[str]:
+    """Spearman correlation, per seed, of each score's task uncertainty u_T with the pretrained failure rate:
+    the premise of uncertainty-guided task sampling is that it is positive."""
+    from scipy.stats import spearmanr
+
+    pre = {r["seed"]: r["by_task"] for r in records if r["rule"] == "pretrained"}
+    seeds = sorted(int(s) for s in diag if int(s) in pre)
+    if not seeds:
+        return []
+    lines = ["Does the score point at the tasks that fail? Spearman correlation over tasks of u_T (the mean score "
+             "of a task's candidates under the pretrained ensemble) with the task's pretrained failure rate, "
+             f"mean ± std over {len(seeds)} seeds (positive is what the rule needs):", "",
+             "| score | Spearman(u_T, failure) |", "|---|---:|"]
+    for name in ("vfd", "action_l2", "rollout"):
+        rho = [spearmanr([diag[str(s)][name][t] for t in tasks], [1 - pre[s][t] for t in tasks]).statistic
+               for s in seeds]
+        label = {"vfd": "VFD at the initial observation (save)", "action_l2": "Action-L2 at the initial observation",
+                 "rollout": "VFD over the policy's first plans (save_rollout)"}[name]
+        lines.append(f"| {label} | {np.nanmean(rho):+.2f} ± {np.nanstd(rho):.2f} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -289,9 +328,11 @@ def curves(records: list[dict], rules: list[str], seeds: list[int]) -> dict[str,
                             for s in seeds]) for rule in rules}
 
 
-def report(records: list[dict], sizes: Sizes, rules: list[str], tasks: list[str], started: str, wall: float,
-           target: float | None) -> tuple[str, dict]:
-    seeds = sorted({r["seed"] for r in records if r["rule"] == "pretrained"})
+def report(records: list[dict], sizes: Sizes, rules: list[str], tasks: list[str], started: str,
+           runs: list[dict], target: float | None, diagnosis: list[str] = (), section: str = "save"
+           ) -> tuple[str, dict]:
+    seeds = sorted({r["seed"] for r in records if r["rule"] == "pretrained"
+                    and sizes.first_seed <= r["seed"] < sizes.first_seed + sizes.seeds})
     seeds = [s for s in seeds if all(any(r["seed"] == s and r["rule"] == rule and r["round"] == sizes.rounds
                                          for r in records) for rule in rules)]
     cur = curves(records, rules, seeds)
@@ -306,17 +347,17 @@ def report(records: list[dict], sizes: Sizes, rules: list[str], tasks: list[str]
     n_pre = sizes.pretrain * len(tasks)
     rows = ["| rule | " + " | ".join(f"{x} acquired" for x in xs) + " | AUC (mean success, rounds 1.."
             f"{sizes.rounds}) | AUC - uniform, paired | demos to {target:.0%} (acquired / total) | "
-            "vs uniform | seeds reaching it |",
+            "demos vs uniform | seeds reaching it |",
             "|---|" + "---:|" * (len(xs) + 5)]
     for rule in rules:
         c = cur[rule]
         d = auc[rule] - auc["uniform"] if "uniform" in auc else np.full(len(seeds), np.nan)
-        fewer = 1 - to_target[rule] / base if np.isfinite(base) and base > 0 else float("nan")
+        change = to_target[rule] / base - 1 if np.isfinite(base) and base > 0 else float("nan")
         reached = np.isfinite(per_seed[rule])
         rows.append(f"| {rule} | " + " | ".join(f"{m:.1%} ± {s:.1%}" for m, s in zip(c.mean(0), c.std(0)))
                     + f" | {auc[rule].mean():.1%} ± {auc[rule].std():.1%} | {d.mean():+.1%} ± "
                     f"{d.std() / np.sqrt(len(d)):.1%} | {to_target[rule]:.1f} / {to_target[rule] + n_pre:.1f} | "
-                    f"{fewer:+.0%} fewer | {reached.sum()}/{len(seeds)} |")
+                    f"{change:+.0%} | {reached.sum()}/{len(seeds)} |")
     # where the demonstrations went: per task, acquired at the end, and pretrained success
     by = {(r["seed"], r["rule"], r["round"]): r for r in records}
     pre = {t: np.mean([by[(s, "pretrained", 0)]["by_task"][t] for s in seeds]) for t in tasks}
@@ -333,28 +374,33 @@ def report(records: list[dict], sizes: Sizes, rules: list[str], tasks: list[str]
     train_s = np.mean([r["train_s"] for r in records if r["round"] > 0])
     command = " ".join([".venv/bin/python", "bench/save.py", *sys.argv[1:]])
     verdict = []
-    if "save" in rules and "uniform" in rules:
-        fewer = 1 - to_target["save"] / base if np.isfinite(base) and base > 0 else float("nan")
-        others = [r for r in rules if r != "save"]
-        beats_all = all(not np.isfinite(to_target[r]) or to_target["save"] < to_target[r] for r in others)
-        verdict = [f"Target (SAVE reaches the target with at least 22% fewer acquired demonstrations than uniform, "
-                   f"and fewer than every baseline): {fewer:+.0%} against uniform "
-                   f"({'met' if fewer >= 0.22 else 'not met'}); fewer than every other rule: "
-                   f"{'yes' if beats_all else 'no'}."]
+    for rule in [r for r in ("save", "save_rollout") if r in rules and "uniform" in rules]:
+        change = to_target[rule] / base - 1 if np.isfinite(base) and base > 0 else float("nan")
+        others = [r for r in rules if r not in ("save", "save_rollout")]
+        beats_all = all(not np.isfinite(to_target[r]) or to_target[rule] < to_target[r] for r in others)
+        verdict.append(f"Target (SAVE reaches the target with at least 22% fewer acquired demonstrations than "
+                       f"uniform, and fewer than every baseline), `{rule}`: {change:+.0%} demonstrations against "
+                       f"uniform ({'met' if change <= -0.22 else 'not met'}); fewer than every baseline: "
+                       f"{'yes' if beats_all else 'no'}.")
     text = "\n".join([
-        BEGIN,
-        "## SAVE: success against expert demonstrations, by acquisition rule",
+        f"<!-- {section}:begin -->",
+        "## SAVE: success against expert demonstrations, by acquisition rule"
+        + (f" ({section.removeprefix('save-')}: seeds {seeds[0]}..{seeds[-1]})" if section != "save" else ""),
         "",
-        f"Written by `bench/save.py` on {started} in {wall / 60:.0f} min; commit {git_state()}; "
-        f"{info.get('CPU', '?')}, {info.get('cores', '?')} cores.",
-        f"- Command: `{command}` (`make bench-save`).",
+        f"Written by `bench/save.py` on {started}; commit {git_state()}; {info.get('CPU', '?')}, "
+        f"{info.get('cores', '?')} cores. The runs took {sum(r['minutes'] for r in runs):.0f} min in "
+        f"{len(runs)} invocation(s) (" + "; ".join(f"`{r['command'] or 'default'}` {r['minutes']:.0f} min"
+                                                   for r in runs) + "), the machine shared with other work.",
+        f"- Command: `make bench-save` (`OMP_NUM_THREADS=1 .venv/bin/python bench/save.py`, resumable); this "
+        f"report: `{command}`.",
         f"- Sizes: {len(seeds)} seeds x {len(rules)} rules x {sizes.rounds} rounds of {sizes.budget} "
         f"demonstrations, after {sizes.pretrain} pretraining demonstrations per task ({n_pre} in all) on "
         f"{len(tasks)} MT10 tasks. Candidate pool: the other successful expert demonstrations of variants "
         f"0..{sizes.pool_variants - 1} (about {sizes.pool_variants - sizes.pretrain} per task). Ensemble: "
         f"{sizes.members} members, {sizes.hidden}x{sizes.depth} MLPs, lr {sizes.lr:g}, batch {sizes.batch_size}, "
         f"{sizes.pretrain_steps} pretraining steps, {sizes.round_steps} steps per round (half old, half "
-        f"acquired data per minibatch, warm start); {train_s:.0f} s per round on average, evaluation included.",
+        f"acquired data per minibatch, warm start); {train_s:.0f} s per round on average (scoring and "
+        f"fine-tuning; the evaluation after it not counted).",
         f"- Evaluation after every round: {sizes.eval_variants} held-out variants per task "
         f"({50 - sizes.eval_variants}..49, no demonstration uses them), {len(tasks) * sizes.eval_variants} "
         f"episodes of at most {sizes.max_steps} steps, member 0's plans with seeded noise; every rule of a seed "
@@ -366,20 +412,21 @@ def report(records: list[dict], sizes: Sizes, rules: list[str], tasks: list[str]
         "",
         *rows,
         "",
-        *verdict,
-        "",
+        *[line for v in verdict for line in (v, "")],
         "Where the demonstrations went (mean over seeds after the last round), tasks by pretrained success:",
         "",
         *task_rows,
         "",
-        f"![success against demonstrations]({(FIGURES / 'save_curves.png').relative_to(ROOT)})",
-        f"![demonstrations per task]({(FIGURES / 'save_tasks.png').relative_to(ROOT)})",
-        END,
+        *diagnosis,
+        *([""] if diagnosis else []),
+        f"![success against demonstrations]({(FIGURES / f'{section}_curves.png').relative_to(ROOT)})",
+        f"![demonstrations per task]({(FIGURES / f'{section}_tasks.png').relative_to(ROOT)})",
+        f"<!-- {section}:end -->",
     ])
     return text, {"cur": cur, "xs": xs, "n_pre": n_pre, "target": target, "pre": pre, "got": got, "tasks": tasks}
 
 
-def plots(data: dict, rules: list[str]) -> None:
+def plots(data: dict, rules: list[str], section: str = "save") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,7 +445,7 @@ def plots(data: dict, rules: list[str]) -> None:
     ax.set_title(f"SAVE vs baselines: mean ± standard error over {len(c)} seeds")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(FIGURES / "save_curves.png", dpi=110)
+    fig.savefig(FIGURES / f"{section}_curves.png", dpi=110)
     plt.close(fig)
     tasks = sorted(data["tasks"], key=lambda t: data["pre"][t])
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -411,7 +458,7 @@ def plots(data: dict, rules: list[str]) -> None:
     ax.set_xlabel("task (pretrained success)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(FIGURES / "save_tasks.png", dpi=110)
+    fig.savefig(FIGURES / f"{section}_tasks.png", dpi=110)
     plt.close(fig)
 
 
@@ -426,6 +473,8 @@ def main() -> None:
     ap.add_argument("--tasks", help="comma-separated (default MT10)")
     ap.add_argument("--out", default=str(ROOT / "bench-runs" / "save"))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--section", default="save", help="BENCHMARKS.md section and figure names (save-confirm: a "
+                    "confirmation on fresh seeds, --first-seed 10 --rules uniform,save_rollout)")
     ap.add_argument("--target", type=float, help="target success (default: the highest every rule reaches)")
     ap.add_argument("--report-only", action="store_true", help="no new runs: report what results.jsonl holds")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and figures alone")
@@ -451,31 +500,51 @@ def main() -> None:
         record_pool(out / "demos", tasks, sizes.pool_variants)
         ensure_encoder(out / "encoder")  # once, before the workers load it
         done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-        have = {r["seed"] for r in done if r["rule"] == rules[-1] and r["round"] == sizes.rounds}
+        have = {(r["seed"], r["rule"]) for r in done if r["round"] == sizes.rounds}
         evaluated = {r["seed"] for r in done if r["rule"] == "pretrained"}
-        todo = [s for s in range(sizes.seeds) if s not in have]
+        todo = {s: [rule for rule in rules if (s, rule) not in have]
+                for s in range(sizes.first_seed, sizes.first_seed + sizes.seeds)}
+        todo = {s: missing for s, missing in todo.items() if missing}
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(str(out / "demos"),)) as pool, tqdm(total=len(todo), desc="seeds") as bar:
-            futures = {pool.submit(run_seed, s, sizes, tasks, str(out), rules, s not in evaluated): s for s in todo}
+            futures = {pool.submit(run_seed, s, sizes, tasks, str(out), missing, s not in evaluated): s
+                       for s, missing in todo.items()}
             for fut in as_completed(futures):
                 recs = fut.result()
-                with open(results, "a") as fh:  # a seed's records land together: a resumed run redoes a seed
+                with open(results, "a") as fh:  # a seed's records land together: a resumed run redoes its rules
                     fh.writelines(json.dumps(r) + "\n" for r in recs)
                 bar.update()
                 last = {r["rule"]: r["success"] for r in recs if r["round"] == sizes.rounds}
                 bar.set_postfix(seed=futures[fut], **{k: f"{v:.0%}" for k, v in last.items()})
+        if todo:  # what this invocation ran, for the report's account of the time it took
+            with open(out / "runs.jsonl", "a") as fh:
+                fh.write(json.dumps({"started": started, "minutes": (time.time() - t0) / 60, "command": " ".join(
+                    sys.argv[1:]), "ran": {str(k): v for k, v in todo.items()}}) + "\n")
     records = [json.loads(line) for line in results.read_text().splitlines()]
     # a seed run twice (an interrupted run redone) counts once: its last records
     latest = {}
     for r in records:
         latest[(r["seed"], r["rule"], r["round"])] = r
-    text, data = report(list(latest.values()), sizes, rules, tasks, started, time.time() - t0, args.target)
+    in_range = range(sizes.first_seed, sizes.first_seed + sizes.seeds)
+    diag_file = out / "diagnosis.json"  # the scores' task rankings, once per pretrained seed
+    diag = json.loads(diag_file.read_text()) if diag_file.exists() else {}
+    missing = sorted({r["seed"] for r in latest.values() if r["rule"] == "pretrained" and r["seed"] in in_range
+                      and str(r["seed"]) not in diag})
+    if missing and not args.report_only:
+        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(str(out / "demos"),)) as pool:
+            futures = {s: pool.submit(diagnose_seed, s, sizes, tasks, str(out)) for s in missing}
+            diag.update({str(s): f.result() for s, f in futures.items()})
+        diag_file.write_text(json.dumps(diag, indent=1))
+    diagnosis = diagnosis_text({k: v for k, v in diag.items() if int(k) in in_range}, list(latest.values()), tasks)
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()] if (out / "runs.jsonl").exists() else []
+    text, data = report(list(latest.values()), sizes, rules, tasks, started, runs, args.target, diagnosis, args.section)
     print(text)
     if args.no_write:
         return
-    plots(data, rules)
-    write_benchmarks(text, BEGIN, END)
+    plots(data, rules, args.section)
+    write_benchmarks(text, f"<!-- {args.section}:begin -->", f"<!-- {args.section}:end -->")
 
 
 if __name__ == "__main__":
