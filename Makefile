@@ -64,7 +64,8 @@ bench-lqr: $(STAMP)
 # The onboard IR-LQR learner with the simulator in the loop (issue 6 item 4): 10 trials of the same prior and
 # noise offline and through `vigil serve` + the sim robot (realtime, 20 Hz). About 2-3 minutes. Not in `make bench`.
 bench-lqr-loop: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python bench/lqr_loop.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/lqr_loop.py --system aircraft-pitch
+	OMP_NUM_THREADS=1 $(BIN)/python bench/lqr_loop.py --system uav-2d
 
 clean:
 	rm -rf $(VENV) $(OPENPI) .vigil-demo .pytest_cache

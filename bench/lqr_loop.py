@@ -55,8 +55,13 @@ from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ 
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "docs" / "figures"
-RAW = ROOT / "bench" / "out" / "lqr_loop.json"
-BEGIN, END = "<!-- lqr-loop:begin -->", "<!-- lqr-loop:end -->"
+RAW = ROOT / "bench" / "out" / "lqr_loop_{system}.json"
+
+
+def markers(system: str) -> tuple[str, str]:
+    """One BENCHMARKS.md section per system."""
+    return f"<!-- lqr-loop-{system}:begin -->", f"<!-- lqr-loop-{system}:end -->"
+
 VIGIL = [sys.executable, "-m", "vigil.runtime.cli"]
 NOISE_SEED = 1000  # trial i plays noise seed NOISE_SEED + i (the prior is seed + i)
 
@@ -278,7 +283,9 @@ def fmt(x: float) -> str:
 def render(data: dict, s: dict, args: argparse.Namespace, started: str, seconds: float) -> str:
     m = machine(None)
     c = data["config"]
-    lines = [BEGIN, "## IR-LQR on board: the simulator in the loop against the offline learner (issue 6 item 4)", "",
+    begin, end = markers(data["system"])
+    lines = [begin, f"## IR-LQR on board, {data['system']}: the simulator in the loop against the offline learner "
+             "(issue 6 item 4)", "",
              f"Written by `bench/lqr_loop.py` (`make bench-lqr-loop`) on {started} in {seconds:.0f} s; commit "
              f"{git_state()}. Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/lqr_loop.py"
              f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`. Machine: {m.get('CPU', '')}, "
@@ -332,7 +339,7 @@ def render(data: dict, s: dict, args: argparse.Namespace, started: str, seconds:
                       f"Tick latency seen by the robot (obs sent to act received, every tick of every trial): p50 "
                       f"{s['latency_us']['p50']:.0f} µs, p99 {s['latency_us']['p99']:.0f} µs, max "
                       f"{s['latency_us']['max']:.0f} µs."]
-    lines += ["", "Regret curves (median and IQR band): `docs/figures/lqr_loop_regret.png`.", END]
+    lines += ["", f"Regret curves (median and IQR band): `docs/figures/lqr_loop_regret_{data['system']}.png`.", end]
     return "\n".join(lines)
 
 
@@ -361,10 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = render(data, s, args, started, time.monotonic() - t0)
     print(text)
     if not args.no_write:
-        plot(data, FIGURES / "lqr_loop_regret.png")
-        RAW.parent.mkdir(parents=True, exist_ok=True)
-        RAW.write_text(json.dumps(_jsonable({"summary": s, "data": data}), indent=1))
-        write_benchmarks(text, BEGIN, END)
+        plot(data, FIGURES / f"lqr_loop_regret_{args.system}.png")
+        raw = Path(str(RAW).format(system=args.system))
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps(_jsonable({"summary": s, "data": data}), indent=1))
+        write_benchmarks(text, *markers(args.system))
     return 0
 
 

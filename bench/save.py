@@ -171,43 +171,11 @@ def evaluate(ens, tasks: list[str], variants: list[int], max_steps: int, seed: i
     return out
 
 
-def rollout_scores(ens, candidates: list, plans: int, max_steps: int, seed: int) -> np.ndarray:
-    """Each candidate's mean one-way VFD over the policy's first `plans` plans, played from the candidate's
-    reset (its task and variant): the score a deployment's VFD monitor would see there."""
-    import torch
-
-    from vigil.sim.envs import make_env
-    from vigil.training.flow import plan
-
-    cfg = ens.cfg
-    H, m, N, execute = cfg.horizon, cfg.action_dim, cfg.vfd_samples, max(1, cfg.horizon // 2)
-    out = []
-    for c in candidates:
-        env = _WORKER["envs"].get(c.task)
-        if env is None:
-            env = _WORKER["envs"][c.task] = make_env(c.task, horizon=max_steps)
-        instr = torch.as_tensor(_WORKER["encoder"].embed([c.instruction]), dtype=torch.float32)
-        rng = np.random.default_rng([seed, c.seed, 7])
-        obs, scores = env.reset(seed=c.seed), []
-        for _ in range(plans):
-            state = torch.as_tensor(obs["state"], dtype=torch.float32)[None]
-            noise = torch.from_numpy(rng.standard_normal((N, 1, H, m), dtype=np.float32))
-            chunk, vfd = plan(ens, state, instr, noise)
-            scores.append(float(vfd[0]))
-            for a in np.clip(chunk[0].numpy(), -1.0, 1.0)[:execute]:
-                r = env.step(a)
-                obs = r.obs
-            if r.terminated or r.truncated:
-                break
-        out.append(float(np.mean(scores)))
-    return np.asarray(out)
-
-
 def run_seed(seed: int, sizes: Sizes, tasks: list[str], out: str, rules: list[str],
              evaluate_pretrained: bool = True) -> list[dict]:
     """Pretrain (or load) the seed's ensemble, then every rule's rounds. Returns the evaluation records
     (the pretrained ensemble's too, unless `evaluate_pretrained` is False: a later run adding a rule)."""
-    from vigil.training.save import acquire, by_task, candidate_scores, finetune
+    from vigil.training.save import acquire, by_task, candidate_scores, finetune, rollout_scores
     from vigil.training.train_flow import load_checkpoint, save_checkpoint
     from vigil.training.flow import train_ensemble
 
@@ -249,7 +217,8 @@ def run_seed(seed: int, sizes: Sizes, tasks: list[str], out: str, rules: list[st
         for round_no in range(1, sizes.rounds + 1):
             t0 = time.perf_counter()
             if score == "rollout":
-                scores = rollout_scores(ens, left, sizes.rollout_plans, sizes.max_steps, seed * 1000 + round_no)
+                scores = rollout_scores(ens, left, _WORKER["encoder"], sizes.rollout_plans, seed * 1000 + round_no,
+                                        _WORKER["envs"], sizes.max_steps)
             elif score:
                 scores = candidate_scores(ens, [_episode(e.id) for e in left], _WORKER["encoder"], score=score,
                                           samples=sizes.score_samples, seed=seed * 1000 + round_no)
@@ -270,7 +239,7 @@ def diagnose_seed(seed: int, sizes: Sizes, tasks: list[str], out: str) -> dict[s
     """How each score ranks the tasks for the seed's pretrained ensemble: {score: {task: mean over the
     task's successful pool demonstrations}} for the initial-observation VFD and Action-L2 and the rollout
     VFD (save_rollout's). Compared in the report with the pretrained success of each task."""
-    from vigil.training.save import candidate_scores
+    from vigil.training.save import candidate_scores, rollout_scores
     from vigil.training.train_flow import load_checkpoint
 
     ens, _, _ = load_checkpoint(Path(out) / f"pretrained-s{seed}.pt")
@@ -278,7 +247,8 @@ def diagnose_seed(seed: int, sizes: Sizes, tasks: list[str], out: str) -> dict[s
     eps = [_episode(e.id) for e in pool]
     scores = {"vfd": candidate_scores(ens, eps, _WORKER["encoder"], "vfd", sizes.score_samples, seed),
               "action_l2": candidate_scores(ens, eps, _WORKER["encoder"], "action_l2", sizes.score_samples, seed),
-              "rollout": rollout_scores(ens, pool, sizes.rollout_plans, sizes.max_steps, seed)}
+              "rollout": rollout_scores(ens, pool, _WORKER["encoder"], sizes.rollout_plans, seed, _WORKER["envs"],
+                                        sizes.max_steps)}
     return {name: {t: float(np.mean([v for e, v in zip(pool, vals) if e.task == t])) for t in tasks}
             for name, vals in scores.items()}
 

@@ -176,6 +176,33 @@ def test_candidate_scores_are_the_ensemble_scores_at_the_initial_observation():
         candidate_scores(ens, cands, Encoder(), "ace")
 
 
+def test_rollout_scores_play_the_policy_from_each_candidates_reset():
+    """save_rollout's score: the mean VFD of the policy's own first plans in a real Meta-World episode from
+    the candidate's reset; its first plan is the plan at the reset observation."""
+    from types import SimpleNamespace
+
+    from vigil.sim.envs import make_env
+    from vigil.training.save import rollout_scores
+
+    torch.manual_seed(0)
+    cfg = flow.FlowConfig(obs_dim=39, instr_dim=3, hidden=16, depth=1, members=2, horizon=4)
+    ens = flow.Ensemble(cfg).eval()
+    cands = [SimpleNamespace(task="reach-v3", seed=s, instruction="reach the goal") for s in (3, 4)]
+    envs: dict = {}
+    three = rollout_scores(ens, cands, Encoder(), plans=3, seed=5, envs=envs, max_steps=50)
+    assert three.shape == (2,) and np.all(three > 0) and list(envs) == ["reach-v3"]
+    np.testing.assert_array_equal(three, rollout_scores(ens, cands, Encoder(), plans=3, seed=5, envs=envs))
+    one = rollout_scores(ens, cands[:1], Encoder(), plans=1, seed=5, envs=envs)
+    env = make_env("reach-v3")
+    state = torch.as_tensor(env.reset(seed=3)["state"], dtype=torch.float32)[None]
+    noise = torch.from_numpy(np.random.default_rng([5, 3, 7]).standard_normal((1, 1, 4, 4), dtype=np.float32))
+    np.testing.assert_allclose(one[0], float(flow.plan(ens, state, torch.from_numpy(Encoder().embed(
+        ["reach the goal"])), noise)[1][0]), rtol=1e-6)
+    env.close()
+    ens.copy_member(0, 1)  # identical members: no disagreement anywhere on the way
+    np.testing.assert_allclose(rollout_scores(ens, cands, Encoder(), plans=3, seed=5, envs=envs), 0, atol=1e-10)
+
+
 # --------------------------------------------------------------------------------- half-and-half replay
 
 

@@ -145,6 +145,48 @@ def candidate_scores(ensemble, candidates: Sequence, encoder, score: str = "vfd"
     return np.concatenate(out)
 
 
+def rollout_scores(ensemble, candidates: Sequence, encoder, plans: int = 8, seed: int = 0,
+                   envs: dict | None = None, max_steps: int = 500) -> np.ndarray:
+    """Each candidate's mean one-way VFD over the policy's own first `plans` plans, played in simulation from
+    the candidate's reset (its task and seed: the Meta-World variant), executing H // 2 actions per plan as
+    a flow_ensemble bundle does. What the onboard VFD monitor would see there, rather than the uncertainty
+    at the first observation only (`candidate_scores`): the `save_rollout` rule of bench/save.py, which
+    needed about half the demonstrations of uniform acquisition where the initial-observation score did
+    not beat it (BENCHMARKS.md, SAVE; docs/decisions.md 84). candidates: anything with task, seed and
+    instruction (EpisodeInfo or Episode); envs: a {task: env} cache to reuse across calls. -> (n,)"""
+    import torch
+
+    from vigil.sim.envs import make_env
+    from vigil.training.flow import STATE, plan
+
+    cfg = ensemble.cfg
+    H, m, N, execute = cfg.horizon, cfg.action_dim, cfg.vfd_samples, max(1, cfg.horizon // 2)
+    envs = {} if envs is None else envs
+    out = []
+    for c in candidates:
+        env = envs.get(c.task)
+        if env is None:
+            env = envs[c.task] = make_env(c.task, horizon=max_steps)
+        instr = torch.as_tensor(encoder.embed([c.instruction]), dtype=torch.float32)
+        rng = np.random.default_rng([seed, int(c.seed), 7])
+        obs, scores = env.reset(seed=int(c.seed)), []
+        for _ in range(plans):
+            state = torch.as_tensor(obs[STATE], dtype=torch.float32)[None]
+            chunk, vfd = plan(ensemble, state, instr,
+                              torch.from_numpy(rng.standard_normal((N, 1, H, m), dtype=np.float32)))
+            scores.append(float(vfd[0]))
+            done = False
+            for a in np.clip(chunk[0].numpy(), -1.0, 1.0)[:execute]:
+                r = env.step(a)
+                obs, done = r.obs, r.terminated or r.truncated
+                if done:
+                    break
+            if done:
+                break
+        out.append(float(np.mean(scores)))
+    return np.asarray(out)
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 
