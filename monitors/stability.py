@@ -7,6 +7,8 @@ itself, every tick, and stops the robot (the bundle's safe action) while
 
     ||x|| > bound                                            (the state left the region the model is for), or
     ||x|| > min_norm  and  ||x|| > growth * ||x, window ticks ago||        (fast growth: instability)
+                      where the earlier norm is at least min_norm / growth (a ratio to a state at rest,
+                      e.g. a reset to x0 = 0, is meaningless: noise alone makes it huge)
 
 Both are `stop` verdicts, so the runtime sends the safe action and files a `stop` alert (deduplicated like
 every alert). The verdict is judged afresh every tick: once the state no longer grows that fast (the safe
@@ -87,7 +89,7 @@ class StabilityMonitor(Monitor):
                            {"norm": r, "bound": self.bound})
         if len(self._norms) > self.window and r > self.min_norm:
             before = self._norms[0]
-            if r > self.growth * before:
+            if before >= self.min_norm / self.growth and r > self.growth * before:
                 return Verdict(self.name, Level.STOP,
                                f"state norm grew x{r / max(before, 1e-300):.3g} in {self.window} ticks "
                                f"({before:.3g} -> {r:.3g}): unstable", {"norm": r, "before": before,

@@ -215,6 +215,9 @@ def test_stability_monitor_stops_on_growth_and_beyond_the_bound():
     mon.reset()
     for _ in range(10):  # slow wandering below min_norm never stops
         assert mon.update(_tick([0.9, 0, 0])).level == Level.OK
+    mon.reset()  # a reset to rest (x0 = 0, the uav's) then noise: no ratio to a zero state
+    levels = [mon.update(_tick([0.0, 0, 0]))] + [mon.update(_tick([0.3 * k, 0, 0])) for k in range(1, 10)]
+    assert all(v.level == Level.OK for v in levels)
 
 
 # -- over real sockets: `vigil serve` + the sim robot ---------------------------------------------------------
