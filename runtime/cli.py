@@ -530,6 +530,21 @@ def _train_parser(sub) -> None:
     q.add_argument("--no-guard", action="store_true",
                    help="IR-LQR with the published fallback only (may keep a gain its estimate says is unstable)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for algo, what in (("bpo", "Bounded Policy Optimization (smoothed target, median critic, advantage-weighted "
+                               "total variation)"),
+                       ("ppo", "PPO (clipped surrogate), sharing everything else with bpo")):
+        b = tsub.add_parser(algo, help=f"on-policy RL on a gymnasium task with {algo.upper()}",
+                            description=f"Train a Gaussian actor-critic on a gymnasium environment with {what} "
+                                        "(training/rl.py, docs/rl.md); writes progress.csv, learning_curve.png, "
+                                        "actor.pt, provenance.json and the gaussian bundle in OUT/bundle.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        b.add_argument("--env", default="InvertedPendulum-v5", help="gymnasium environment id")
+        b.add_argument("--steps", type=int, default=1_000_000,
+                       help="environment steps in all (rounded up to whole rollouts of 2048 steps)")
+        b.add_argument("--seed", type=int, default=0, help="seed of the networks, environments and minibatches")
+        b.add_argument("--out", required=True, help="output folder (created)")
+        b.add_argument("--envs", type=int, default=1, help="vectorised environments (must divide 2048)")
+        b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _calibrate_parser(sub) -> None:
@@ -611,7 +626,24 @@ def cmd_train_lqr(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_rl(args: argparse.Namespace) -> int:
+    from gymnasium.error import Error as GymError
+
+    from vigil.training.rl import config_for, run
+
+    try:
+        cfg = config_for(args.kind, env=args.env, total_steps=args.steps, seed=args.seed, num_envs=args.envs)
+        summary = run(cfg, args.out, progress=not args.no_progress, log=lambda line: print(line, flush=True))
+    except (ValueError, OSError, GymError) as exc:  # GymError: an unknown environment id, for one
+        print(f"vigil train {args.kind}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.kind in ("bpo", "ppo"):
+        return cmd_train_rl(args)
     if args.kind == "save-round":
         return cmd_save_round(args)
     if args.kind == "lqr":

@@ -40,6 +40,8 @@ TRAIN_SUBCOMMANDS = {  # `vigil train <kind> --help`
     "save-round": ["--run", "--old-demos", "--acquired", "--requests", "--out", "--config", "--steps", "--seed",
                    "--calibration-episodes", "--calibration-seed", "--calibration-max-steps",
                    "--calibration-all-episodes", "--no-progress"],
+    "bpo": ["--env", "--steps", "--seed", "--out", "--envs", "--no-progress"],
+    "ppo": ["--env", "--steps", "--seed", "--out", "--envs", "--no-progress"],
 }
 
 
