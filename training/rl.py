@@ -362,7 +362,8 @@ def write_csv(path: str | Path, history: list[dict[str, float]]) -> None:
 
 
 def plot_curve(path: str | Path, result: TrainResult, title: str) -> bool:
-    """Return of every finished episode (faint) and its moving average against environment steps."""
+    """Return of every finished episode (faint) and the mean per update (per rollout) against environment
+    steps (a moving average over episodes would lag: early episodes are short, late ones long)."""
     try:
         import matplotlib
 
@@ -370,14 +371,13 @@ def plot_curve(path: str | Path, result: TrainResult, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    from vigil.training.train_flow import smooth
-
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if result.episode_returns:
         x, y = np.asarray(result.episode_steps), np.asarray(result.episode_returns)
         ax.plot(x, y, lw=0.5, alpha=0.3, color="C0", label="episode return")
-        window = max(1, len(y) // 30)
-        ax.plot(x, smooth(y, window), lw=1.5, color="C0", label=f"moving average ({window} episodes)")
+        h = [row for row in result.history if row["episodes"]]
+        ax.plot([row["steps"] for row in h], [row["mean_return"] for row in h], lw=1.5, color="C0", marker=".",
+                label="mean over the episodes that ended in each rollout")
     ax.set_xlabel("environment steps")
     ax.set_ylabel("episodic return")
     ax.set_title(title, fontsize=9)
