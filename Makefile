@@ -51,7 +51,7 @@ bench-flow-latency: $(STAMP)
 bench-flow: $(STAMP)
 	bash bench/flow.sh
 
-# The SAVE experiment (issue 5): 10 seeds x 4 acquisition rules x 5 rounds; about 1 h on 2 cores;
+# The SAVE experiment (issue 5): 10 seeds x 5 acquisition rules x 5 rounds; about 1.5 h on 2 cores;
 # resumable (outputs in bench-runs/save). Not part of `make bench`.
 bench-save: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/save.py
