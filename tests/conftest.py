@@ -429,3 +429,15 @@ def encoder_bundle(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("encoder")
     assert main(["bundle", "encoder", "--out", str(folder)]) == 0
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Small torch ops on a busy 2-core machine run far faster on one thread than on two. Module scope, so
+    module-scoped fixtures (a trained ensemble) run under it too; the thread count is restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

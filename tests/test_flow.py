@@ -17,15 +17,6 @@ from vigil.training.flow import (Ensemble, FlowConfig, StackedLinear, action_l2,
 SMALL = FlowConfig(horizon=4, hidden=32, depth=2, members=3, seed=7)
 
 
-@pytest.fixture
-def one_thread():
-    """Small matmuls on a busy 2-core machine run far faster on one thread than on two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def inputs(cfg: FlowConfig, batch: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, cfg.obs_dim, generator=g), torch.randn(batch, cfg.instr_dim, generator=g)
@@ -232,7 +223,7 @@ def synthetic(cfg: FlowConfig, tasks: int = 3, per_task: int = 256, seed: int = 
             chunks.reshape(-1, cfg.horizon, cfg.action_dim))
 
 
-def test_members_train_independently(one_thread):
+def test_members_train_independently(one_torch_thread):
     """Member 0 of a 2-member ensemble ends where a 1-member ensemble with the same seed does: its own
     data stream, its own gradient, per-parameter AdamW."""
     cfg = FlowConfig(horizon=4, hidden=32, depth=2, members=2, steps=20, batch_size=32, seed=11)
@@ -243,7 +234,7 @@ def test_members_train_independently(one_thread):
         torch.testing.assert_close(p2[:1], p1, atol=1e-5, rtol=1e-4)
 
 
-def test_training_on_synthetic_multitask_data(one_thread):
+def test_training_on_synthetic_multitask_data(one_torch_thread):
     cfg = FlowConfig(horizon=4, hidden=64, depth=2, members=3, steps=1000, batch_size=128, lr=2e-3,
                      weight_decay=0.0, seed=0)
     obs, instr, chunks = synthetic(cfg)

@@ -33,13 +33,8 @@ CHUNK_ATOL, VFD_RTOL = 1e-5, 1e-4  # as tests/test_flow_export.py
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convs on a busy 2-core machine run far faster on one thread than on two (module scope, so
-    the module-scoped training fixture gets it too)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Autouse at module scope, so the module-scoped training fixture runs on one thread too."""
 
 
 def observation(batch: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

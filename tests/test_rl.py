@@ -18,12 +18,7 @@ from vigil.training.rl_losses import (bpo_target, gbpo_loss, gbpo_target, logcos
                                       tv_loss)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def t(x):

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 pytest.importorskip("gymnasium")
 pytest.importorskip("mujoco")
 
@@ -21,12 +21,7 @@ from vigil.training.rl import RLConfig, export_actor, train  # noqa: E402
 ENV, SEED, EPISODES, MAX_STEPS = "Hopper-v5", 5, 3, 1000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def play_in_process(bundle, seeds: list[int]) -> list[tuple[float, int]]:
