@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr bench-lqr-loop clean
+.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr bench-lqr-loop bench-soak clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -66,6 +66,12 @@ bench-lqr: $(STAMP)
 bench-lqr-loop: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/lqr_loop.py --system aircraft-pitch
 	OMP_NUM_THREADS=1 $(BIN)/python bench/lqr_loop.py --system uav-2d
+
+# The soak test (issue 8): 10 simulated robots (one process each) x 100 Hz against one `vigil serve` (realtime,
+# 10 ms deadline) for 10^6 ticks: latency over time, deadline misses, runtime RSS and CPU; then the CURVE cost on
+# the round trip. About 17 minutes; writes RELIABILITY.md. Not part of `make bench`.
+bench-soak: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) $(OPENPI) .vigil-demo .pytest_cache
