@@ -9,6 +9,7 @@ from typing import Any, Callable, TextIO
 
 import zmq
 
+from vigil.runtime.auth import ClientKeys
 from vigil.runtime.store import AlertRecord, AlertStore
 from vigil.runtime.stream import receive, subscribe
 
@@ -16,9 +17,12 @@ COLOURS = {"warn": "33", "alert": "31", "stop": "1;41"}
 
 
 class AlertView:
-    def __init__(self, store_path: str, as_json: bool = False, telemetry: bool = False, out: TextIO = sys.stdout):
-        self.store_path, self.as_json, self.telemetry, self.out = store_path, as_json, telemetry, out
+    def __init__(self, store_path: str, as_json: bool = False, telemetry: bool = False, out: TextIO = sys.stdout,
+                 keys: ClientKeys | None = None):
+        self.store_path, self.as_json, self.telemetry, self.out, self.keys = store_path, as_json, telemetry, out, keys
         self.last_id = 0
+        self.missed = 0   # alerts the stream dropped on the way to us (gaps in ids)
+        self.filled = 0   # of those, read back from the store
         self.colour = out.isatty()
 
     def replay(self, since: int) -> int:
@@ -35,7 +39,8 @@ class AlertView:
     def follow(self, endpoint: str, timeout_s: float | None = None, should_stop: Callable[[], bool] = lambda: False,
                ctx: zmq.Context | None = None) -> None:
         ctx = ctx or zmq.Context.instance()
-        sock = subscribe(ctx, endpoint, ["alert.", "request", "telemetry"] if self.telemetry else ["alert.", "request"])
+        sock = subscribe(ctx, endpoint, ["alert.", "request", "telemetry"] if self.telemetry else ["alert.", "request"],
+                         self.keys)
         idle_since = time.monotonic()
         try:
             while not should_stop():
@@ -45,6 +50,9 @@ class AlertView:
                         record = AlertRecord(int(msg.meta["id"]), msg.t_ns, msg.robot, str(msg.meta["severity"]),
                                              str(msg.meta["monitor"]), str(msg.meta["reason"]),
                                              msg.meta.get("values", {}), int(msg.meta.get("count", 1)))
+                        if record.id == 0:  # not stored (the store itself is failing): shown, never a gap
+                            self.show(record)
+                            continue
                         if record.id <= self.last_id:
                             continue  # already shown (replayed from the store before following)
                         if self.last_id and record.id > self.last_id + 1:
@@ -60,18 +68,27 @@ class AlertView:
             sock.close()
 
     def _fill_gap(self, next_id: int) -> None:
-        """Messages were dropped on the way (PUB does that to slow subscribers): read them from the store."""
+        """Messages were dropped on the way (PUB does that to slow subscribers): count them, and read them from
+        the store when we can; otherwise say how to get them (`vigil alerts --since`)."""
+        first = self.last_id
+        self.missed += next_id - first - 1
         try:
             store = AlertStore(self.store_path, readonly=True)
         except FileNotFoundError:
-            return
-        try:
-            for r in store.since(self.last_id):
-                if r.id >= next_id:
-                    break
-                self.show(r)
-        finally:
-            store.close()
+            store = None
+        if store is not None:
+            try:
+                for r in store.since(first):
+                    if r.id >= next_id:
+                        break
+                    self.show(r)
+                    self.filled += 1
+            finally:
+                store.close()
+        if self.last_id < next_id - 1:
+            self._print("gap", {"missed": f"alerts {self.last_id + 1}..{next_id - 1} were dropped on the stream "
+                                          f"and are not in {self.store_path}; replay them where the store is with "
+                                          f"`vigil alerts --store STORE --since {self.last_id}`"})
 
     def show(self, r: AlertRecord) -> None:
         self.last_id = max(self.last_id, r.id)

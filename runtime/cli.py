@@ -1,6 +1,6 @@
-"""`vigil` command line: serve | sim | alerts | requests | expert | swap | demo | bundle | demos | train | calibrate.
+"""`vigil` command line: keys | serve | sim | alerts | requests | expert | swap | demo | bundle | demos | train | calibrate.
 
-`serve`, `alerts`, `requests` and `swap` need only the base install; `sim`, `expert`, `demo`, `bundle`,
+`keys`, `serve`, `alerts`, `requests` and `swap` need only the base install; `sim`, `expert`, `demo`, `bundle`,
 `demos`, `train` and `calibrate` import the simulator and training code lazily, so the onboard path never
 loads them.
 """
@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,55 @@ def _stop_on_signals() -> list[int]:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
     return stop
+
+
+def _key_args(p) -> None:
+    """--key/--server-key: a client's CURVE keys for a runtime with authentication on (runtime/auth.py)."""
+    g = p.add_argument_group("authentication (a runtime started with --curve-secret/--curve-allow)")
+    g.add_argument("--key", help="this client's secret key file (NAME.key_secret from `vigil keys`; its NAME.key "
+                                 "must be in the runtime's allow-list)")
+    g.add_argument("--server-key", help="the runtime's public key file (RUNTIME.key)")
+
+
+def _client_keys(args: argparse.Namespace, command: str):
+    """ClientKeys from --key/--server-key, None without them; exits with a clear message on a bad pair."""
+    from vigil.runtime.auth import ClientKeys, KeyFileError
+
+    if not args.key and not args.server_key:
+        return None
+    if not (args.key and args.server_key):
+        print(f"vigil {command}: --key and --server-key go together (this client's secret key file and the "
+              "runtime's public key file)", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return ClientKeys.load(args.key, args.server_key)
+    except KeyFileError as exc:
+        print(f"vigil {command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _keys_parser(sub) -> None:
+    p = sub.add_parser("keys", help="create a CURVE key pair for authentication (runtime or client)",
+                       description="Write NAME.key (the public key: give it to the other side) and NAME.key_secret "
+                                   "(the secret key: keep it on this computer, mode 0600) into --dir. The runtime "
+                                   "takes its secret file with --curve-secret and a folder of allowed client public "
+                                   "files with --curve-allow; a client takes its secret file with --key and the "
+                                   "runtime's public file with --server-key.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("name", help="key name, e.g. runtime, robot-1, operator-alice")
+    p.add_argument("--dir", default="keys", help="folder to write the pair into (created)")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from vigil.runtime.auth import KeyFileError, create_keys
+
+    try:
+        public, secret = create_keys(args.dir, args.name)
+    except KeyFileError as exc:
+        print(f"vigil keys: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"public": str(public), "secret": str(secret)}), flush=True)
+    return 0
 
 
 def _serve_parser(sub) -> None:
@@ -57,6 +107,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, OSError, zmq.ZMQError) as exc:
         print(f"vigil serve: {exc}", file=sys.stderr)
         return 2
+    except sqlite3.Error as exc:  # e.g. the store's folder is read-only: nothing could be stored, so no start
+        print(f"vigil serve: config key 'store' ({config.store}) must be a writable SQLite file: {exc}",
+              file=sys.stderr)
+        return 2
+    for ep in config.exposed():
+        print(f"vigil serve: WARNING: {ep} is reachable from other computers WITHOUT authentication (--allow-remote); "
+              "anyone on the network can drive or watch this robot. Use --curve-secret/--curve-allow "
+              "(`vigil keys`).", file=sys.stderr, flush=True)
     stop = _stop_on_signals()
     counters = runtime.run(should_stop=lambda: bool(stop))
     print(json.dumps({"stopped_by": signal.Signals(stop[0]).name if stop else None, **counters}), flush=True)
@@ -99,6 +157,7 @@ def _sim_parser(sub) -> None:
     s.add_argument("--instruction", help="send this instruction instead of the task's own (e.g. a held-out "
                                          "task's, on this task's scene)")
     p.add_argument("--summary", help="write the per-episode summary as JSON to this file")
+    _key_args(p)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -123,7 +182,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
             return 2
         env.instruction = args.instruction
     cfg = SimConfig(args.connect, args.robot, args.episodes, args.steps, args.seed, args.mode, args.rate,
-                    args.act_timeout)
+                    args.act_timeout, _client_keys(args, "sim"))
     print(f"vigil sim: {env.name} as {args.robot} -> {args.connect} ({args.mode}); faults: {faults.describe()}"
           + (f"; shift: {shift.describe()}" if not shift.none else ""), flush=True)
     try:
@@ -161,12 +220,13 @@ def _alerts_parser(sub) -> None:
     p.add_argument("--telemetry", action="store_true", help="also print telemetry messages")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     p.add_argument("--timeout", type=float, default=0.0, help="exit after this many seconds of silence (0: never)")
+    _key_args(p)
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
     from vigil.runtime.alerts_view import AlertView
 
-    view = AlertView(args.store, as_json=args.json, telemetry=args.telemetry)
+    view = AlertView(args.store, as_json=args.json, telemetry=args.telemetry, keys=_client_keys(args, "alerts"))
     if args.since is not None:
         try:
             view.replay(args.since)
@@ -177,6 +237,9 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             return 0
     stop = _stop_on_signals()
     view.follow(args.connect, timeout_s=args.timeout or None, should_stop=lambda: bool(stop))
+    if view.missed:
+        print(f"vigil alerts: {view.missed} alert(s) dropped on the stream, {view.filled} of them read back from "
+              f"{args.store}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -289,13 +352,17 @@ def _swap_parser(sub) -> None:
     p.add_argument("--bundle", required=True, help="bundle folder, as seen from the runtime's computer")
     p.add_argument("--connect", default="tcp://127.0.0.1:5557", help="the runtime's control endpoint")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+    _key_args(p)
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
     from vigil.runtime.protocol import CONTROL_KINDS, Message, decode, encode
 
+    keys = _client_keys(args, "swap")
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.apply(sock)
     try:
         sock.connect(args.connect)
         sock.send_multipart(encode(Message("swap", "", 1, 0, {}, {"bundle": str(Path(args.bundle).resolve())})))
@@ -637,7 +704,7 @@ def cmd_train_rl(args: argparse.Namespace) -> int:
     except (ValueError, OSError, GymError) as exc:  # GymError: an unknown environment id, for one
         print(f"vigil train {args.kind}: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary), flush=True)
+    print(json.dumps({k: v for k, v in summary.items() if k != "curve"}), flush=True)
     return 0
 
 
@@ -664,11 +731,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vigil", description="Host learned robot controllers and watch them.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_serve_parser, _sim_parser, _alerts_parser, _requests_parser, _expert_parser, _swap_parser,
+    for add in (_keys_parser, _serve_parser, _sim_parser, _alerts_parser, _requests_parser, _expert_parser, _swap_parser,
                 _demo_parser, _bundle_parser, _demos_parser, _train_parser, _calibrate_parser):
         add(sub)
     args = parser.parse_args(argv)
-    return {"serve": cmd_serve, "sim": cmd_sim, "alerts": cmd_alerts, "requests": cmd_requests,
+    return {"keys": cmd_keys, "serve": cmd_serve, "sim": cmd_sim, "alerts": cmd_alerts, "requests": cmd_requests,
             "expert": cmd_expert, "swap": cmd_swap, "demo": cmd_demo, "bundle": cmd_bundle, "demos": cmd_demos,
             "train": cmd_train, "calibrate": cmd_calibrate}[args.command](args)
 

@@ -15,8 +15,12 @@ from typing import Any, Mapping
 import numpy as np
 import zmq
 
+from vigil.runtime.auth import ClientKeys
 from vigil.runtime.transport import send_frames
 from vigil.runtime.protocol import ROBOT_KINDS, ArraySpec, Message, ProtocolError, decode, encode
+
+
+SEND_QUEUE = 32  # messages a DEALER holds while the runtime is unreachable; more are not sent (send() -> False)
 
 
 class LinkError(RuntimeError):
@@ -36,18 +40,28 @@ class Hello:
 
 
 class RobotLink:
-    def __init__(self, endpoint: str, robot: str, ctx: zmq.Context | None = None):
-        self.endpoint, self.robot = endpoint, robot
+    def __init__(self, endpoint: str, robot: str, ctx: zmq.Context | None = None, keys: ClientKeys | None = None):
+        self.endpoint, self.robot, self.keys = endpoint, robot, keys
         self.ctx = ctx or zmq.Context.instance()
         self.sock: zmq.Socket | None = None
         self.poller = zmq.Poller()
         self._seq = itertools.count(1)
         self.hello_reply: Hello | None = None
         self._spec: dict[str, Any] = {}
+        self._info: dict[str, Any] = {}        # what hello said besides the spec (resume repeats it)
+        self._last_reset: dict[str, Any] | None = None  # the current episode's reset (resume repeats it)
+        self.unsent = 0    # messages not sent: no connection to the runtime (it is down or restarting)
+        self.resumed = 0   # sessions re-established after the runtime forgot us (restart, expiry)
 
     def connect(self) -> None:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # Queue little while the runtime is unreachable (a stale observation is worse than none) and never
+        # block the robot's control loop on a full queue: send() says whether the message left. (Not
+        # ZMQ_IMMEDIATE: it would also discard what the runtime sent just before a disconnect, e.g. its bye.)
+        self.sock.setsockopt(zmq.SNDHWM, SEND_QUEUE)
+        if self.keys is not None:  # CURVE client of an authenticating runtime (runtime/auth.py)
+            self.keys.apply(self.sock)
         self.sock.connect(self.endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
@@ -60,9 +74,15 @@ class RobotLink:
     def next_seq(self) -> int:
         return next(self._seq)
 
-    def send(self, msg: Message) -> None:
+    def send(self, msg: Message) -> bool:
+        """Send without blocking; False (and `unsent` + 1) when there is no connection to the runtime."""
         assert self.sock is not None, "connect() first"
-        send_frames(self.sock, encode(msg))
+        try:
+            send_frames(self.sock, encode(msg), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.unsent += 1
+            return False
 
     def send_raw(self, frames: list[bytes]) -> None:
         """Send arbitrary frames (tests and fuzzing use this to send malformed messages)."""
@@ -79,7 +99,10 @@ class RobotLink:
     def request(self, msg: Message, timeout_s: float = 2.0) -> Message:
         """Send and wait for the reply with the same seq (older replies are skipped)."""
         deadline = time.monotonic() + timeout_s
-        self.send(msg)
+        while not self.send(msg):  # not connected yet (or any more): retry until the deadline
+            if time.monotonic() > deadline:
+                raise LinkError(f"no connection to {self.endpoint} within {timeout_s} s")
+            time.sleep(0.002)
         while (left := deadline - time.monotonic()) > 0:
             reply = self.recv(left)
             if reply is None:
@@ -94,6 +117,7 @@ class RobotLink:
         if self.sock is None:
             self.connect()
         self._spec = {"observation": [s.to_dict() for s in observation], "action": action.to_dict()}
+        self._info = dict(info)
         reply = self.request(Message("hello", self.robot, self.next_seq(), 0, {}, {"spec": self._spec, **info}),
                              timeout_s)
         if reply.kind == "error":
@@ -112,11 +136,24 @@ class RobotLink:
             raise LinkError(f"runtime refused reconnect: {reply.meta.get('message')}")
         return self.hello_reply  # type: ignore[return-value]
 
+    def resume(self, timeout_s: float = 1.0) -> Hello:
+        """The runtime answered `no_session`: it restarted (or forgot us after a long silence). Introduce the
+        robot again on the same socket and repeat the current episode's reset, so the policy knows the task."""
+        reply = self.request(Message("hello", self.robot, self.next_seq(), 0, {}, {"spec": self._spec, **self._info}),
+                             timeout_s)
+        if reply.kind == "error":
+            raise LinkError(f"runtime refused to resume: {reply.meta.get('code')}: {reply.meta.get('message')}")
+        if self._last_reset is not None:
+            self.reset(timeout_s, **self._last_reset)
+        self.resumed += 1
+        return self.hello_reply  # type: ignore[return-value]
+
     def act(self, obs: Mapping[str, np.ndarray], timeout_s: float = 1.0) -> Message:
         """Lockstep: one observation, its action (or an error reply)."""
         return self.request(Message("obs", self.robot, self.next_seq(), 0, obs), timeout_s)
 
     def reset(self, timeout_s: float = 2.0, **info: Any) -> Message:
+        self._last_reset = dict(info)
         return self.request(Message("reset", self.robot, self.next_seq(), 0, {}, info), timeout_s)
 
     def heartbeat(self, timeout_s: float = 1.0) -> Message:

@@ -39,7 +39,9 @@ class ServeConfig:
     threads: int = field(default=1, metadata={"help": "onnxruntime intra-op threads (1 is fastest for small policies at batch 1)"})
     request_interval_s: float = field(default=60.0, metadata={"help": "a task gets at most one data request per this many seconds (filed when the VFD monitor reaches alert; the alerts in between are not requests)"})
     control_endpoint: str = field(default="", metadata={"help": "ZeroMQ endpoint the control channel (ROUTER) binds, for `vigil swap` (hot-swapping the bundle); empty: no control channel"})
-    allow_remote: bool = field(default=False, metadata={"help": "permit binding endpoints that are not loopback (without authentication: see docs/operator.md)"})
+    allow_remote: bool = field(default=False, metadata={"help": "permit binding endpoints that are not loopback without authentication (prints a warning; see docs/operator.md)"})
+    curve_secret: str = field(default="", metadata={"help": "the runtime's CURVE secret key file (NAME.key_secret from `vigil keys`): authentication and encryption on every endpoint; needs curve_allow"})
+    curve_allow: str = field(default="", metadata={"help": "folder of the client public key files (*.key) allowed to connect when curve_secret is set"})
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> ConfigError:
@@ -65,9 +67,25 @@ class ServeConfig:
             if not isinstance(ep, str) or "://" not in ep:
                 raise bad(key, "a ZeroMQ endpoint such as tcp://127.0.0.1:5555 or ipc:///tmp/vigil.sock"
                           + (" (or empty: none)" if key == "control_endpoint" else ""))
-            if not self.allow_remote and not is_local(ep):
-                raise ConfigError(f"config key {key!r} is {ep!r}, which is not loopback; vigil binds loopback only "
-                                  "unless allow_remote = true (--allow-remote)")
+            if not self.allow_remote and not self.authenticated and not is_local(ep):
+                raise ConfigError(f"config key {key!r} is {ep!r}, which is not loopback; vigil binds loopback only, "
+                                  "unless authentication is on (curve_secret and curve_allow) or allow_remote = true "
+                                  "(--allow-remote)")
+        if bool(self.curve_secret) != bool(self.curve_allow):
+            missing = "curve_allow" if self.curve_secret else "curve_secret"
+            raise ConfigError(f"config key {missing!r} must be set too: authentication needs the runtime's secret key "
+                              "file (curve_secret) and the folder of allowed client keys (curve_allow)")
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.curve_secret)
+
+    def exposed(self) -> list[str]:
+        """Endpoints reachable from other computers without authentication (for the startup warning)."""
+        if self.authenticated:
+            return []
+        return [ep for ep in (self.robot_endpoint, self.operator_endpoint, self.control_endpoint)
+                if ep and not is_local(ep)]
 
     def deadline_s(self, control_rate_hz: float) -> float:
         return self.deadline_ms / 1e3 if self.deadline_ms > 0 else 1.0 / control_rate_hz

@@ -29,9 +29,14 @@ class Entry:
 
 
 class Outbox:
-    def __init__(self, maxlen: int = 10_000):
+    """`on_change(error)` is called when the store starts failing (error: what the store said) and when it
+    takes records again (error None): the runtime tells the operator, since the store cannot."""
+
+    def __init__(self, maxlen: int = 10_000, on_change: Callable[[str | None], None] | None = None):
         self.pending: deque[Entry] = deque(maxlen=maxlen)
         self.dropped = 0  # entries pushed out of a full queue (the oldest go first)
+        self.failing: str | None = None  # the store's last error while it refuses records
+        self.on_change = on_change
 
     def put(self, entry: Entry) -> list[Any]:
         """Queue `entry` behind anything still waiting and try to file everything; returns what was filed."""
@@ -48,9 +53,20 @@ class Outbox:
             try:
                 stored = entry.write()
             except Exception as exc:  # sqlite3.OperationalError: locked, disk full, read-only
-                log.warning("store failed (%s); %d record(s) waiting, first a %s", exc, len(self.pending), entry.what)
+                if self.failing is None:
+                    log.warning("store failed (%s); %d record(s) waiting, first a %s", exc, len(self.pending),
+                                entry.what)
+                    self._change(f"{type(exc).__name__}: {exc}")
                 break
             self.pending.popleft()
             entry.publish(stored)
             filed.append(stored)
+        if self.failing is not None and not self.pending:
+            log.warning("store takes records again; %d filed", len(filed))
+            self._change(None)
         return filed
+
+    def _change(self, error: str | None) -> None:
+        self.failing = error
+        if self.on_change is not None:
+            self.on_change(error)

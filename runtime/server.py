@@ -37,6 +37,7 @@ from vigil.monitors.safety import ActionMonitor, DeadlineMonitor, LinkMonitor, O
 from vigil.monitors.stability import StabilityMonitor
 from vigil.policies.agent import Agent
 from vigil.policies.bundle import Policy, load_policy
+from vigil.runtime.auth import ServerAuth
 from vigil.runtime.config import ServeConfig
 from vigil.runtime.learning import Adopted, GainWorker, SessionLearner, describe
 from vigil.runtime.outbox import Outbox
@@ -49,6 +50,7 @@ from vigil.runtime.swap import BundleLoader, Loaded
 from vigil.runtime.transport import readable, send_frames
 
 log = logging.getLogger("vigil.serve")
+POLICY_OK = Verdict("policy", Level.OK)
 MAX_BATCH = 256  # messages drained per poll wake-up, so timers still run under a flood
 
 
@@ -77,7 +79,11 @@ class Runtime:
         self.manifest = self.policy.manifest
         self.deadline_s = config.deadline_s(self.manifest.control_rate_hz)
         self.ctx = ctx or zmq.Context()
+        # CURVE on every endpoint when configured (runtime/auth.py): only allow-listed client keys get in
+        self.auth = ServerAuth(self.ctx, config.curve_secret, config.curve_allow) if config.authenticated else None
         self.link = self.ctx.socket(zmq.ROUTER)
+        if self.auth is not None:
+            self.auth.apply(self.link)
         self.link.setsockopt(zmq.LINGER, 0)
         self.link.setsockopt(zmq.IPV6, 1)  # accept tcp://[::1]:port as well as IPv4
         # Frames far beyond the protocol limits never reach Python: libzmq drops such a peer. Messages
@@ -85,9 +91,10 @@ class Runtime:
         self.link.setsockopt(zmq.MAXMSGSIZE, 4 * DEFAULT_LIMITS.max_total_bytes)
         self.link.bind(config.robot_endpoint)
         self.robot_endpoint = self.link.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.stream = OperatorStream(self.ctx, config.operator_endpoint)
+        self.stream = OperatorStream(self.ctx, config.operator_endpoint, self.auth)
         self.store = AlertStore(config.store)
-        self.outbox = Outbox()  # alerts and data requests reach the store in the order they happened
+        # alerts and data requests reach the store in the order they happened; a failing store is announced
+        self.outbox = Outbox(on_change=self._on_store_change)
         self.alerter = Alerter(self.store, self.stream, config.alert_repeat_s, self.outbox)
         self.requests = RequestStore(config.store)
         self.requester = Requester(self.requests, self.stream, self.outbox, config.request_interval_s)
@@ -96,6 +103,8 @@ class Runtime:
             self.control = self.ctx.socket(zmq.ROUTER)
             self.control.setsockopt(zmq.LINGER, 0)
             self.control.setsockopt(zmq.IPV6, 1)
+            if self.auth is not None:
+                self.auth.apply(self.control)
             self.control.bind(config.control_endpoint)
         self.loader = BundleLoader()
         self.worker = GainWorker()  # computes the online learners' gains off the loop thread
@@ -296,7 +305,11 @@ class Runtime:
             if (adopted := learner.poll()) is not None:
                 session.agent.inputs["gain"] = adopted.gain
             learner.transition(msg.arrays[self.manifest.observation[0].name], msg.seq)
-        step = session.agent.act(msg.arrays)
+        try:
+            step = session.agent.act(msg.arrays)
+        except Exception as exc:  # onnxruntime refused this input, a custom op raised...: never the robot's problem
+            self._policy_failed(identity, session, msg, t_recv, exc)
+            return
         tick = Tick(session.robot, msg.seq, msg.arrays, step.action, step.raw, step.scores,
                     time.perf_counter() - t_recv, step.plan)
         judged = [m.update(tick) for m in session.monitors]
@@ -320,11 +333,34 @@ class Runtime:
         if verdicts or self.alerter.raised:  # ok verdicts matter only to re-arm a raised alert
             for v in judged:
                 self._alert(session.robot, v)
+            self._alert(session.robot, POLICY_OK)  # the policy answered: re-arms a `policy` stop
             for v in verdicts:
                 if v.monitor == "vfd" and v.level >= Level.ALERT:
                     self._request(session, msg, v)
         if adopted is not None:  # after the reply: a fallback alert is an fsync
             self._announce_gain(session, adopted)
+
+    def _policy_failed(self, identity: bytes, session: Session, msg: Message, t_recv: float, exc: Exception) -> None:
+        """The policy raised on this observation: the robot gets the safe action at once, the operator a stop
+        alert (repeated at most every alert_repeat_s while it lasts), and the next observation is tried
+        afresh."""
+        log.warning("policy %s raised for %s: %s", session.agent.policy.manifest.policy_id, session.robot, exc)
+        verdict = Verdict("policy", Level.STOP, f"policy raised {type(exc).__name__}: {exc}"[:500],
+                          {"error": type(exc).__name__})
+        self._send(identity, Message("act", session.robot, msg.seq, 0, {"action": session.agent.safe_action}, {
+            "policy": session.agent.policy.manifest.policy_id, "safe": True,
+            "verdicts": [[verdict.monitor, verdict.level.label, verdict.reason]]}))
+        session.last_seq = msg.seq
+        session.step += 1
+        session.counters["ticks"] += 1
+        session.counters["safe"] += 1
+        session.counters["policy_failed"] += 1
+        session.latency_us.append((time.perf_counter() - t_recv) * 1e6)
+        self.counters["ticks"] += 1
+        self.counters["policy_failed"] += 1
+        if session.learner is not None:
+            session.learner.break_chain()
+        self._alert(session.robot, verdict)
 
     def _announce_gain(self, session: Session, adopted: Adopted) -> None:
         """A new epoch's gain is in use: a telemetry event for every swap, a stored warn alert for every
@@ -454,6 +490,24 @@ class Runtime:
             self._next_telemetry = now + self.config.telemetry_s
             self._publish_telemetry()
 
+    def _on_store_change(self, error: str | None) -> None:
+        """The store refuses records (disk full, read-only, locked) or takes them again. It cannot hold this
+        news, so it goes out unstored: an `alert` with id 0 (no store id), and a telemetry event. Held
+        records are filed, in order, as soon as the store takes them (runtime/outbox.py)."""
+        pending = len(self.outbox.pending)
+        if error is not None:
+            self.counters["store_failures"] += 1
+            severity, reason = "alert", (f"the alert store {self.config.store} cannot be written ({error}); "
+                                         f"{pending} record(s) held in memory until it can; the control loop goes on")
+        else:
+            severity, reason = "warn", f"the alert store {self.config.store} is writable again; held records filed"
+        values = {"store": self.config.store, "error": error or "", "pending": pending,
+                  "dropped": self.outbox.dropped}
+        self.stream.publish(f"alert.{severity}", Message("alert", "", 0, 0, {}, {
+            "id": 0, "severity": severity, "monitor": "store", "reason": reason, "values": values, "count": 1,
+            "stored": False}))
+        self._telemetry_event("", "store_failing" if error is not None else "store_ok", values)
+
     def _alert(self, robot: str, verdict: Verdict) -> None:
         try:
             self.alerter.observe(robot, verdict)
@@ -553,6 +607,8 @@ class Runtime:
         self.stream.close()
         self.store.close()
         self.requests.close()
+        if self.auth is not None:
+            self.auth.close()
 
 
 def _peek_seq(body: list[bytes]) -> int:

@@ -8,16 +8,21 @@ their store id, so a gap in ids tells a subscriber to replay from the store (`vi
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import zmq
 
 from vigil.runtime.protocol import STREAM_KINDS, Message, ProtocolError, decode, encode
 
+if TYPE_CHECKING:
+    from vigil.runtime.auth import ClientKeys, ServerAuth
+
 
 class OperatorStream:
-    def __init__(self, ctx: zmq.Context, endpoint: str):
+    def __init__(self, ctx: zmq.Context, endpoint: str, auth: "ServerAuth | None" = None):
         self.sock = ctx.socket(zmq.PUB)
+        if auth is not None:
+            auth.apply(self.sock)
         self.sock.setsockopt(zmq.LINGER, 200)
         self.sock.setsockopt(zmq.SNDHWM, 10_000)
         self.sock.setsockopt(zmq.IPV6, 1)
@@ -34,8 +39,12 @@ class OperatorStream:
         self.sock.close()
 
 
-def subscribe(ctx: zmq.Context, endpoint: str, topics: Sequence[str] = ("",)) -> zmq.Socket:
+def subscribe(ctx: zmq.Context, endpoint: str, topics: Sequence[str] = ("",), keys: "ClientKeys | None" = None
+              ) -> zmq.Socket:
+    """A SUB socket on the operator stream (a CURVE client when `keys` is given)."""
     sock = ctx.socket(zmq.SUB)
+    if keys is not None:
+        keys.apply(sock)
     sock.setsockopt(zmq.LINGER, 0)
     for t in topics:
         sock.setsockopt(zmq.SUBSCRIBE, t.encode())

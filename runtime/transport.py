@@ -16,12 +16,14 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 
-def send_frames(sock: zmq.Socket, frames: Sequence) -> None:
-    """Send a multipart message (frames are copied: cheaper than zero-copy for small buffers)."""
+def send_frames(sock: zmq.Socket, frames: Sequence, flags: int = 0) -> None:
+    """Send a multipart message (frames are copied: cheaper than zero-copy for small buffers). With
+    flags=zmq.NOBLOCK, zmq.Again from the first frame means nothing was sent (the rest follow atomically)."""
     send = sock.send
     last = len(frames) - 1
+    flags = int(flags)
     for i, frame in enumerate(frames):
-        send(frame, _SNDMORE if i < last else 0)
+        send(frame, (_SNDMORE | flags) if i < last else flags)
 
 
 def readable(sock: zmq.Socket) -> bool:

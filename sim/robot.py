@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from vigil.runtime.auth import ClientKeys
 from vigil.runtime.client import LinkError, RobotLink
 from vigil.runtime.protocol import Message
 from vigil.sim.envs import Environment, LinearEnv
@@ -31,6 +32,7 @@ class SimConfig:
     mode: str = "lockstep"
     rate_hz: float = 0.0  # 0: the environment's own control rate (realtime pacing, and outage pacing)
     act_timeout_s: float = 1.0  # lockstep: how long to wait for an action before applying the safe one
+    keys: ClientKeys | None = None  # CURVE keys for an authenticating runtime (runtime/auth.py)
 
 
 @dataclass
@@ -43,6 +45,7 @@ class EpisodeStats:
     runtime_safe: int = 0  # actions the runtime marked safe (a monitor said stop)
     robot_safe: int = 0  # safe actions the robot applied itself (no action in time, error, link down)
     errors: int = 0
+    resumed: int = 0  # times the runtime had forgotten us (restart, expiry) and the session was re-established
     verdicts: dict[str, int] = field(default_factory=dict)
     latency_us: list[float] = field(default_factory=list)
     success: bool | None = None  # tasks that report info["success"] (Meta-World): reached at any step
@@ -63,7 +66,7 @@ class EpisodeStats:
 def run_episodes(env: Environment, cfg: SimConfig, faults: Faults = Faults(),
                  on_step: Callable[[EpisodeStats], None] | None = None) -> list[EpisodeStats]:
     """Connect as `cfg.robot`, run `cfg.episodes` episodes of `cfg.steps` steps, say bye."""
-    link = RobotLink(cfg.endpoint, cfg.robot)
+    link = RobotLink(cfg.endpoint, cfg.robot, keys=cfg.keys)
     hello = link.hello(env.observation_spec, env.action_spec, env=env.name)
     rate = cfg.rate_hz or env.control_rate_hz
     rng = np.random.default_rng(cfg.seed + 10_000)
@@ -131,6 +134,12 @@ def _exchange(link: RobotLink, obs, faults: Faults, t: int, rng: np.random.Gener
     if cfg.mode == "realtime":  # keep the robot's clock: sleep out the rest of the period
         if (left := wait_until - time.perf_counter()) > 0:
             time.sleep(left)
+    if reply is not None and reply.kind == "error" and reply.meta.get("code") == "no_session":
+        try:  # the runtime restarted: say hello again (same episode); this tick still gets the safe action
+            link.resume(timeout_s=min(1.0, cfg.act_timeout_s))
+            stats.resumed += 1
+        except LinkError:
+            pass
     if reply is None or reply.kind == "error":
         stats.robot_safe += 1
         stats.errors += reply is not None

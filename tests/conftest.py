@@ -188,9 +188,9 @@ def _tcp_port(endpoint: str) -> int | None:
     return int(endpoint.rsplit(":", 1)[1]) if endpoint.startswith("tcp://") else None
 
 
-def _wait_ready(served: Served, timeout: float) -> None:
+def _wait_ready(served: Served, timeout: float, keys: Any = None) -> None:
     """Ready when our child listens on its tcp ports and answers a heartbeat (the runtime answers one even from a
-    robot without a session)."""
+    robot without a session); `keys` (ClientKeys) for a runtime with authentication on."""
     ports = {p for p in (_tcp_port(served.robot_endpoint), _tcp_port(served.operator_endpoint)) if p is not None}
     deadline = time.monotonic() + timeout
 
@@ -205,6 +205,8 @@ def _wait_ready(served: Served, timeout: float) -> None:
         time.sleep(0.02)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.apply(sock)
     sock.connect(served.robot_endpoint)
     try:
         while True:
@@ -224,8 +226,9 @@ def _wait_ready(served: Served, timeout: float) -> None:
 def start_serve(workdir: Path, bundle: Path, **flags: Any) -> Served:
     """Start `vigil serve` on free loopback ports (unless robot_endpoint / operator_endpoint are given) and wait
     until it answers. Flags use underscores (`link_timeout_s=0.2` becomes `--link-timeout-s 0.2`); True is a bare
-    switch."""
+    switch. `probe_keys` (ClientKeys): how the readiness probe connects to a runtime with authentication on."""
     workdir.mkdir(parents=True, exist_ok=True)
+    probe_keys = flags.pop("probe_keys", None)
     store = Path(flags.pop("store", workdir / "alerts.db"))
     fixed_robot_ep, fixed_op_ep = flags.pop("robot_endpoint", None), flags.pop("operator_endpoint", None)
     last_error: Exception | None = None
@@ -240,7 +243,7 @@ def start_serve(workdir: Path, bundle: Path, **flags: Any) -> Served:
             proc = subprocess.Popen(args, stdout=out, stderr=err, env=child_env(), cwd=workdir)
         served = Served(proc, robot_ep, op_ep, store, bundle, workdir)
         try:
-            _wait_ready(served, timeout=60)
+            _wait_ready(served, timeout=60, keys=probe_keys)
             return served
         except RuntimeError as exc:
             served.kill()

@@ -157,8 +157,9 @@ def test_alert_ids_continue_across_runtime_restarts(serve, lqr_bundle, tmp_path)
 
 def test_locked_store_keeps_serving_and_files_the_alert_once_free(serve, lqr_bundle, subscriber, links):
     """Another process holds the store locked: the control loop keeps answering, the alert waits in the
-    Alerter's queue (store first: nothing is published unstored), and it is stored and published once the
-    lock is released."""
+    Alerter's queue (store first: no record is published unstored), and it is stored and published once the
+    lock is released. What the operator hears meanwhile is the runtime's own notice that the store is failing:
+    an alert with id 0 (not a record), and one when it takes records again."""
     served = serve(lqr_bundle, deadline_ms=5000, link_timeout_s=300, telemetry_s=0.05)
     sub = subscriber(served.operator_endpoint)
     sub.ready()
@@ -173,11 +174,15 @@ def test_locked_store_keeps_serving_and_files_the_alert_once_free(serve, lqr_bun
             reply = link.act({"state": x})
             assert reply.kind == "act" and reply.meta["safe"] is False
         sub.wait_for(lambda t, m: m.kind == "telemetry" and m.meta.get("alerts", {}).get("pending") == 1)
-        assert not any(m.kind == "alert" for _, m in sub.seen)
+        notices = [(t, m) for t, m in sub.seen if m.kind == "alert"]
+        assert [(t, m.meta["id"], m.meta["monitor"], m.meta["stored"]) for t, m in notices] == [
+            ("alert.alert", 0, "store", False)]
+        assert "cannot be written" in notices[0][1].meta["reason"] and notices[0][1].meta["values"]["pending"] == 1
     finally:
         db.execute("ROLLBACK")
         db.close()
-    topic, alert = sub.wait_for(lambda t, m: m.kind == "alert")
+    topic, alert = sub.wait_for(lambda t, m: m.kind == "alert" and m.meta["id"] > 0)
+    sub.wait_for(lambda t, m: m.kind == "alert" and m.meta["monitor"] == "store" and t == "alert.warn")
     records = AlertStore(served.store, readonly=True).since(0)
     assert [r.id for r in records] == [alert.meta["id"]]
     assert records[0].monitor == "robot" and "overheat" in records[0].reason and topic == "alert.warn"
