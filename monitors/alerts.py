@@ -41,6 +41,7 @@ class Alerter:
         self._raised: set[tuple[str, str]] = set()  # pairs above ok: only these need an ok to re-arm
         self.filed = 0
         self.suppressed = 0
+        self.last_id = 0  # the newest alert published: telemetry carries it, so a subscriber sees a gap at the tail
 
     @property
     def raised(self) -> bool:
@@ -84,6 +85,7 @@ class Alerter:
 
     def _publish(self, record: AlertRecord) -> None:
         self.filed += 1
+        self.last_id = record.id
         if self.stream is not None:
             self.stream.publish(f"alert.{record.severity}",
                                 Message("alert", record.robot, record.id, record.t_ns, {}, record.to_meta()))

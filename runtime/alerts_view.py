@@ -18,8 +18,9 @@ COLOURS = {"warn": "33", "alert": "31", "stop": "1;41"}
 
 class AlertView:
     def __init__(self, store_path: str, as_json: bool = False, telemetry: bool = False, out: TextIO = sys.stdout,
-                 keys: ClientKeys | None = None):
+                 keys: ClientKeys | None = None, hwm: int | None = None):
         self.store_path, self.as_json, self.telemetry, self.out, self.keys = store_path, as_json, telemetry, out, keys
+        self.hwm = hwm  # messages the subscription queues (None: ZeroMQ's default)
         self.last_id = 0
         self.missed = 0   # alerts the stream dropped on the way to us (gaps in ids)
         self.filled = 0   # of those, read back from the store
@@ -39,8 +40,8 @@ class AlertView:
     def follow(self, endpoint: str, timeout_s: float | None = None, should_stop: Callable[[], bool] = lambda: False,
                ctx: zmq.Context | None = None) -> None:
         ctx = ctx or zmq.Context.instance()
-        sock = subscribe(ctx, endpoint, ["alert.", "request", "telemetry"] if self.telemetry else ["alert.", "request"],
-                         self.keys)
+        # telemetry always: it carries the newest alert id, which reveals a gap even after the last alert
+        sock = subscribe(ctx, endpoint, ["alert.", "request", "telemetry"], self.keys, self.hwm)
         idle_since = time.monotonic()
         try:
             while not should_stop():
@@ -59,7 +60,11 @@ class AlertView:
                             self._fill_gap(record.id)
                         self.show(record)
                     else:
-                        self._print(topic, {"robot": msg.robot, **msg.meta})
+                        newest = msg.meta.get("alerts", {}).get("last_id", 0) if msg.kind == "telemetry" else 0
+                        if self.last_id and isinstance(newest, int) and newest > self.last_id:
+                            self._fill_gap(newest + 1)  # the stream dropped the latest alerts
+                        if msg.kind != "telemetry" or self.telemetry:
+                            self._print(topic, {"robot": msg.robot, **msg.meta})
                     if should_stop():
                         return
                 if timeout_s is not None and time.monotonic() - idle_since > timeout_s:

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import signal
-import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -106,10 +105,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runtime = Runtime(config)
     except (ConfigError, ValueError, OSError, zmq.ZMQError) as exc:
         print(f"vigil serve: {exc}", file=sys.stderr)
-        return 2
-    except sqlite3.Error as exc:  # e.g. the store's folder is read-only: nothing could be stored, so no start
-        print(f"vigil serve: config key 'store' ({config.store}) must be a writable SQLite file: {exc}",
-              file=sys.stderr)
         return 2
     for ep in config.exposed():
         print(f"vigil serve: WARNING: {ep} is reachable from other computers WITHOUT authentication (--allow-remote); "

@@ -38,6 +38,7 @@ class ServeConfig:
     busy_poll_us: float = field(default=0.0, metadata={"help": "spin on a non-blocking poll for this long after each message before blocking (0: always block); costs a core, saves wake-up latency"})
     threads: int = field(default=1, metadata={"help": "onnxruntime intra-op threads (1 is fastest for small policies at batch 1)"})
     request_interval_s: float = field(default=60.0, metadata={"help": "a task gets at most one data request per this many seconds (filed when the VFD monitor reaches alert; the alerts in between are not requests)"})
+    stream_hwm: int = field(default=10_000, metadata={"help": "operator-stream messages queued per subscriber; beyond that a slow subscriber loses messages (it sees the gap in alert ids and reads them back from the store)"})
     control_endpoint: str = field(default="", metadata={"help": "ZeroMQ endpoint the control channel (ROUTER) binds, for `vigil swap` (hot-swapping the bundle); empty: no control channel"})
     allow_remote: bool = field(default=False, metadata={"help": "permit binding endpoints that are not loopback without authentication (prints a warning; see docs/operator.md)"})
     curve_secret: str = field(default="", metadata={"help": "the runtime's CURVE secret key file (NAME.key_secret from `vigil keys`): authentication and encryption on every endpoint; needs curve_allow"})
@@ -60,6 +61,8 @@ class ServeConfig:
             raise bad("saturation_window", "an integer >= 1")
         if self.threads < 1:
             raise bad("threads", "an integer >= 1")
+        if self.stream_hwm < 1:
+            raise bad("stream_hwm", "an integer >= 1")
         for key in ("robot_endpoint", "operator_endpoint", "control_endpoint"):
             ep = getattr(self, key)
             if key == "control_endpoint" and ep == "":

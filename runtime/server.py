@@ -20,6 +20,7 @@ stored warn alerts, and the stability monitor (monitors/stability.py) stops a ro
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from vigil.monitors.stability import StabilityMonitor
 from vigil.policies.agent import Agent
 from vigil.policies.bundle import Policy, load_policy
 from vigil.runtime.auth import ServerAuth
-from vigil.runtime.config import ServeConfig
+from vigil.runtime.config import ConfigError, ServeConfig
 from vigil.runtime.learning import Adopted, GainWorker, SessionLearner, describe
 from vigil.runtime.outbox import Outbox
 from vigil.runtime.protocol import (CONTROL_KINDS, DEFAULT_LIMITS, ArraySpec, Message, ProtocolError, check_arrays,
@@ -91,8 +92,11 @@ class Runtime:
         self.link.setsockopt(zmq.MAXMSGSIZE, 4 * DEFAULT_LIMITS.max_total_bytes)
         self.link.bind(config.robot_endpoint)
         self.robot_endpoint = self.link.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.stream = OperatorStream(self.ctx, config.operator_endpoint, self.auth)
-        self.store = AlertStore(config.store)
+        self.stream = OperatorStream(self.ctx, config.operator_endpoint, self.auth, config.stream_hwm)
+        try:
+            self.store = AlertStore(config.store)
+        except (OSError, sqlite3.Error) as exc:  # nothing could be stored, so nothing could be acknowledged: no start
+            raise ConfigError(f"config key 'store' must be a writable SQLite file, got {config.store!r}: {exc}") from None
         # alerts and data requests reach the store in the order they happened; a failing store is announced
         self.outbox = Outbox(on_change=self._on_store_change)
         self.alerter = Alerter(self.store, self.stream, config.alert_repeat_s, self.outbox)
@@ -527,6 +531,7 @@ class Runtime:
         self.stream.publish("telemetry", Message("telemetry", "", 0, 0, {}, {
             "policy": self.manifest.policy_id, "counters": dict(self.counters), "robots": robots,
             "alerts": {"filed": self.alerter.filed, "suppressed": self.alerter.suppressed,
+                       "last_id": self.alerter.last_id,
                        "pending": len(self.outbox.pending), "dropped": self.outbox.dropped},
             "requests": {"filed": self.requester.filed, "limited": self.requester.limited}}))
 

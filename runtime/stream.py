@@ -19,12 +19,12 @@ if TYPE_CHECKING:
 
 
 class OperatorStream:
-    def __init__(self, ctx: zmq.Context, endpoint: str, auth: "ServerAuth | None" = None):
+    def __init__(self, ctx: zmq.Context, endpoint: str, auth: "ServerAuth | None" = None, hwm: int = 10_000):
         self.sock = ctx.socket(zmq.PUB)
         if auth is not None:
             auth.apply(self.sock)
         self.sock.setsockopt(zmq.LINGER, 200)
-        self.sock.setsockopt(zmq.SNDHWM, 10_000)
+        self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.IPV6, 1)
         self.sock.bind(endpoint)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -39,10 +39,12 @@ class OperatorStream:
         self.sock.close()
 
 
-def subscribe(ctx: zmq.Context, endpoint: str, topics: Sequence[str] = ("",), keys: "ClientKeys | None" = None
-              ) -> zmq.Socket:
-    """A SUB socket on the operator stream (a CURVE client when `keys` is given)."""
+def subscribe(ctx: zmq.Context, endpoint: str, topics: Sequence[str] = ("",), keys: "ClientKeys | None" = None,
+              hwm: int | None = None) -> zmq.Socket:
+    """A SUB socket on the operator stream (a CURVE client when `keys` is given; `hwm`: messages it queues)."""
     sock = ctx.socket(zmq.SUB)
+    if hwm is not None:
+        sock.setsockopt(zmq.RCVHWM, hwm)
     if keys is not None:
         keys.apply(sock)
     sock.setsockopt(zmq.LINGER, 0)
