@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr bench-lqr-loop bench-soak clean
+.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr bench-lqr-loop bench-rl bench-soak clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -70,6 +70,12 @@ bench-lqr-loop: $(STAMP)
 # The soak test (issue 8): 10 simulated robots (one process each) x 100 Hz against one `vigil serve` (realtime,
 # 10 ms deadline) for 10^6 ticks: latency over time, deadline misses, runtime RSS and CPU; then the CURVE cost on
 # the round trip. About 17 minutes; writes RELIABILITY.md. Not part of `make bench`.
+# BPO vs our PPO vs Stable-Baselines3 PPO (issue 7): 3 tasks x 3 algorithms x 3 seeds (100k steps on
+# InvertedPendulum, 200k on Hopper and HalfCheetah), two runs at a time; then the deployment check of the BPO
+# Hopper bundle over ZeroMQ. About 45 min on 2 idle cores; resumable (bench-runs/rl). Not part of `make bench`.
+bench-rl: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/rl.py
+
 bench-soak: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/soak.py
 

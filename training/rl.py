@@ -436,7 +436,8 @@ def run(cfg: RLConfig, out_dir: str | Path, progress: bool = True, log: Callable
             "learning_curve": str(out / "learning_curve.png") if wrote_png else None,
             "checkpoint": str(out / "actor.pt"), "bundle": str(out / "bundle"),
             "provenance": str(out / "provenance.json"), "episodes": len(rets),
-            "return_first": first, "return_last": last, "seconds": round(result.seconds, 3)}
+            "return_first": first, "return_last": last, "seconds": round(result.seconds, 3),
+            "curve": [row["mean_return"] for row in result.history]}
 
 
 def config_for(loss: str, **overrides: Any) -> RLConfig:
