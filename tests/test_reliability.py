@@ -142,6 +142,32 @@ def test_runtime_killed_and_restarted_while_robots_keep_trying(tmp_path, unsure_
     assert max(alerts) > max(before_kill["alert"])  # the second life appended to the same store
 
 
+def test_robot_process_disconnects_and_reconnects_mid_episode(serve, lqr_bundle, tmp_path, subscriber):
+    """`vigil sim` (realtime, 50 Hz) drops its link at step 100 for 0.5 s, keeps its rate on the safe action,
+    reconnects on a new socket and finishes the episode under the policy; the runtime declares the outage
+    (a stored stop alert), resumes the same session (a reconnect, not a new robot) and says when it ended."""
+    served = serve(lqr_bundle, link_timeout_s=0.2, telemetry_s=0.05)
+    sub = subscriber(served.operator_endpoint)
+    sub.ready()
+    summary = tmp_path / "sim.json"
+    r = subprocess.run([*VIGIL, "sim", "--connect", served.robot_endpoint, "--robot", "flaky", "--mode", "realtime",
+                        "--rate", "50", "--steps", "250", "--disconnect-at", "100", "--disconnect-s", "0.5",
+                        "--summary", str(summary)], capture_output=True, text=True, env=child_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    (ep,) = json.loads(summary.read_text())
+    assert ep["steps"] == 250 and ep["errors"] == 0
+    assert 20 <= ep["robot_safe"] <= 40, ep  # ~0.5 s at 50 Hz on the safe action, the rest under the policy
+    assert ep["latency_us"]["n"] >= 200, ep
+    _, alert = sub.wait_for(lambda t, m: m.kind == "alert" and m.meta["monitor"] == "link")
+    assert alert.robot == "flaky" and alert.meta["severity"] == "stop"
+    _, restored = sub.wait_for(lambda t, m: t == "telemetry" and m.meta.get("event") == "link_restored")
+    assert restored.robot == "flaky" and restored.meta["values"]["outage_s"] >= 0.4
+    stored = AlertStore(served.store, readonly=True).since(0)
+    assert [a.id for a in stored if a.monitor == "link"] == [alert.meta["id"]]
+    counters = served.stop()
+    assert counters["reconnects"] == 1 and counters.get("sessions_expired", 0) == 0
+
+
 def test_a_policy_that_raises_gets_the_robot_its_safe_action_and_the_loop_goes_on(serve, fragile_pitch, links,
                                                                                   subscriber):
     served = serve(fragile_pitch, link_timeout_s=300, deadline_ms=5000, telemetry_s=0.05)
