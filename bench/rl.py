@@ -59,16 +59,19 @@ ROLLOUT = 2048
 
 def evaluate(env_id: str, act: Callable[[np.ndarray], np.ndarray], episodes: int = EVAL_EPISODES,
              seed: int = EVAL_SEED) -> list[float]:
-    """Undiscounted return of `episodes` deterministic episodes reset with seeds seed, seed+1, ..."""
+    """Undiscounted return of `episodes` deterministic episodes reset with seeds seed, seed+1, ... The action is
+    clipped to the action box, as in training and as the runtime does (MuJoCo clips the control anyway, but the
+    tasks' control cost is computed on the action as given)."""
     from vigil.sim.envs import GymEnv
 
     env = GymEnv(env_id)
+    low, high = np.asarray(env.action_spec.low, np.float32), np.asarray(env.action_spec.high, np.float32)
     returns = []
     try:
         for ep in range(episodes):
             obs, ret, steps, done = env.reset(seed=seed + ep), 0.0, 0, False
             while steps < MAX_STEPS and not done:
-                r = env.step(act(obs["state"]))
+                r = env.step(np.clip(act(obs["state"]), low, high))
                 obs, ret, steps, done = r.obs, ret + r.reward, steps + 1, r.terminated or r.truncated
             returns.append(ret)
     finally:
@@ -292,7 +295,7 @@ def report(results: dict, seeds: int, deploy: dict | None, wall_min: float | Non
                 f"BPO vs SB3 {s.mean():.1f} ± {sd:.1f}: "
                 f"{'within one std or above' if b.mean() >= s.mean() - sd else 'more than one std below'}; "
                 f"our PPO vs SB3: {'within one std' if abs(p.mean() - s.mean()) <= sd else 'more than one std away'}"
-                f"{' (above)' if p.mean() > s.mean() + sd else ''}.")
+                f"{' (above)' if p.mean() > s.mean() + sd else ' (below)' if p.mean() < s.mean() - sd else ''}.")
     lines += ["", "Targets (BPO ≥ our PPO and within one std of SB3 or above; our PPO within one std of SB3):", "",
               *verdicts, "", "![learning curves](docs/figures/rl_curves.png)", ""]
     if deploy:
@@ -337,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--no-deploy", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--reevaluate", action="store_true",
+                    help="evaluate the finished runs' bundles again (ours; after a change to evaluate())")
     args = ap.parse_args(argv)
     envs = [e for e in args.envs.split(",") if e]
     for e in envs:
@@ -355,6 +360,15 @@ def main(argv: list[str] | None = None) -> int:
                 e, a, s, _ = futures[fut]
                 res = fut.result()
                 tqdm.write(f"{e} {a} seed {s}: final {np.mean(res['eval']):.1f} ({res['seconds']:.0f} s)")
+    if args.reevaluate:
+        from vigil.policies.bundle import load_policy
+
+        for f in sorted(RUNS.glob("*/*/result.json")):
+            res = json.loads(f.read_text())
+            if res.get("bundle"):
+                policy = load_policy(Path(res["bundle"]), prefer_gpu=False)
+                res["eval"] = evaluate(res["env"], lambda o: policy.infer({"state": o}).actions[0])
+                f.write_text(json.dumps(res) + "\n")
     wall_min = None if args.report_only else (time.perf_counter() - t0) / 60
     results = collect(args.seeds)
     deploy = None
