@@ -311,6 +311,8 @@ class Runtime:
             learner.transition(msg.arrays[self.manifest.observation[0].name], msg.seq)
         try:
             step = session.agent.act(msg.arrays)
+        except ProtocolError:  # the robot's mistake (e.g. no instruction sent yet): an error reply, as before
+            raise
         except Exception as exc:  # onnxruntime refused this input, a custom op raised...: never the robot's problem
             self._policy_failed(identity, session, msg, t_recv, exc)
             return
