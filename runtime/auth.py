@@ -41,11 +41,15 @@ def create_keys(folder: str | Path, name: str) -> tuple[Path, Path]:
     return Path(pub), Path(sec)
 
 
-def load_public(path: str | Path) -> bytes:
+def _load(path: str | Path) -> tuple[bytes, bytes | None]:
     try:
-        public, _ = zmq.auth.load_certificate(str(path))
+        return zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
         raise KeyFileError(f"{path}: not a CURVE key file ({exc})") from None
+
+
+def load_public(path: str | Path) -> bytes:
+    public, _ = _load(path)
     if not public:
         raise KeyFileError(f"{path}: no public key in it")
     return public
@@ -53,10 +57,7 @@ def load_public(path: str | Path) -> bytes:
 
 def load_secret(path: str | Path) -> tuple[bytes, bytes]:
     """(public, secret) from a NAME.key_secret file."""
-    try:
-        public, secret = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as exc:
-        raise KeyFileError(f"{path}: not a CURVE key file ({exc})") from None
+    public, secret = _load(path)
     if not secret:
         raise KeyFileError(f"{path}: holds no secret key (pass the NAME.key_secret file, not NAME.key)")
     return public, secret
