@@ -707,20 +707,24 @@ def section(args: argparse.Namespace, argv: Sequence[str], ticks: int, rounds: i
     return "\n".join(lines)
 
 
-def write_benchmarks(text: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace the section between `begin` and `end` in BENCHMARKS.md (append it if absent). Every bench
-    script writes its own section through this."""
-    if BENCHMARKS.exists():
-        doc = BENCHMARKS.read_text()
-    else:
-        doc = ("# Benchmarks\n\nMeasured, not estimated: each section below is written by the script it names "
-               "and rewritten whenever that script runs.\n\n")
+def write_section(path: Path, text: str, begin: str, end: str, intro: str) -> None:
+    """Replace the section between `begin` and `end` in `path` (append it if absent; create the file with
+    `intro` if missing). Other sections of the file are left as they are."""
+    doc = path.read_text() if path.exists() else intro
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pattern.search(doc):
         doc = pattern.sub(lambda _: text, doc, count=1)
     else:
         doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    BENCHMARKS.write_text(doc if doc.endswith("\n") else doc + "\n")
+    path.write_text(doc if doc.endswith("\n") else doc + "\n")
+
+
+def write_benchmarks(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the section between `begin` and `end` in BENCHMARKS.md (append it if absent). Every bench
+    script writes its own section through this."""
+    write_section(BENCHMARKS, text, begin, end,
+                  "# Benchmarks\n\nMeasured, not estimated: each section below is written by the script it names "
+                  "and rewritten whenever that script runs.\n\n")
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import re
 import shlex
 import signal
 import socket
@@ -59,24 +58,6 @@ NEVER = 8      # no reply to this observation at all while the robot waited
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END, intro: str = INTRO) -> None:
-    """Replace the section between `begin` and `end` in `path` (append it if absent; create the file with
-    `intro` if missing). Other sections of the file are left as they are."""
-    doc = path.read_text() if path.exists() else intro
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text, doc, count=1)
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(doc if doc.endswith("\n") else doc + "\n")
-
 
 def proc_status(pid: int) -> dict[str, int]:
     """VmRSS, VmHWM (kB), Threads and context switches of a process, from /proc/PID/status."""
@@ -156,6 +137,8 @@ def export_bundle(folder: Path, seed: int, rate_hz: float) -> dict[str, Any]:
 
 
 def start_serve(bundle: Path, workdir: Path, name: str, extra: Sequence[str]) -> tuple[subprocess.Popen, str, str]:
+    from vigil.sim.demo import free_port
+
     robot_ep, op_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     args = [*VIGIL, "serve", "--bundle", str(bundle), "--robot-endpoint", robot_ep, "--operator-endpoint", op_ep,
             "--store", str(workdir / f"{name}.db"), "--log-level", "WARNING", *extra]
@@ -697,7 +680,7 @@ def render(s: dict[str, Any], curve: dict[str, Any], info: dict[str, Any], args:
                 "No other benchmark was running."), "",
              f"**Setup.** One `vigil serve` child process, `--mode realtime --deadline-ms {d:g}` (one control period), "
              f"serving a `gaussian` bundle: the actor of training/rl.py (RLConfig's {info['bundle']['hidden']}×"
-             f"{info['bundle']['hidden']} tanh MLP, {info['bundle']['parameters']:,} parameters) for {ENV_ID}'s "
+             f"{info['bundle']['hidden']} ReLU MLP, {info['bundle']['parameters']:,} parameters) for {ENV_ID}'s "
              f"shapes ({info['bundle']['obs_dim']}-dim state, {info['bundle']['act_dim']}-dim action, with the "
              "observation normalisation a trained bundle carries), exported by `export_gaussian` from a **freshly "
              "initialised** network: a tick costs the same whatever the weights (same graph, same multiply-adds), so "
@@ -841,7 +824,7 @@ def _jsonable(x: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from latency import git_state, machine  # noqa: E402  (bench/ is not a package)
+    from latency import git_state, machine, write_section  # noqa: E402  (bench/ is not a package)
 
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "OMP_NUM_THREADS=1 " + shlex.join([os.path.relpath(sys.executable, ROOT) if os.path.isabs(
@@ -880,7 +863,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "events": [e for e in run["events"] if e.get("event") != "connected"],
                "serve_stderr": run["serve_stderr"]}
         RAW.write_text(json.dumps(_jsonable(raw), indent=1))
-        write_section(RELIABILITY, text)
+        write_section(RELIABILITY, text, BEGIN, END, INTRO)
         print(f"wrote {RELIABILITY.relative_to(ROOT)}, {RAW.relative_to(ROOT)}, "
               + ", ".join(str(f.relative_to(ROOT)) for f in figures))
     return 0
