@@ -59,24 +59,32 @@ ROLLOUT = 2048
 
 def evaluate(env_id: str, act: Callable[[np.ndarray], np.ndarray], episodes: int = EVAL_EPISODES,
              seed: int = EVAL_SEED) -> list[float]:
-    """Undiscounted return of `episodes` deterministic episodes reset with seeds seed, seed+1, ... The action is
-    clipped to the action box, as in training and as the runtime does (MuJoCo clips the control anyway, but the
-    tasks' control cost is computed on the action as given)."""
+    """Undiscounted return of `episodes` deterministic episodes reset with seeds seed, seed+1, ..."""
     from vigil.sim.envs import GymEnv
 
     env = GymEnv(env_id)
-    low, high = np.asarray(env.action_spec.low, np.float32), np.asarray(env.action_spec.high, np.float32)
     returns = []
     try:
         for ep in range(episodes):
             obs, ret, steps, done = env.reset(seed=seed + ep), 0.0, 0, False
             while steps < MAX_STEPS and not done:
-                r = env.step(np.clip(act(obs["state"]), low, high))
+                r = env.step(act(obs["state"]))
                 obs, ret, steps, done = r.obs, ret + r.reward, steps + 1, r.terminated or r.truncated
             returns.append(ret)
     finally:
         env.close()
     return returns
+
+
+def bundle_act(bundle: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The action the runtime would send for a state: a bundle through `Agent`, which clips to the action box
+    (as training does; MuJoCo clips the control anyway, but the tasks' control cost is computed on the action
+    as given). SB3's predict() clips the same way."""
+    from vigil.policies.agent import Agent
+    from vigil.policies.bundle import load_policy
+
+    agent = Agent(load_policy(bundle, prefer_gpu=False))
+    return lambda o: agent.act({"state": o}).action
 
 
 def curve_of(episode_steps: list[int], episode_returns: list[float], total: int) -> list[float]:
@@ -93,14 +101,12 @@ def curve_of(episode_steps: list[int], episode_returns: list[float], total: int)
 def train_ours(env_id: str, algo: str, seed: int, steps: int, out: Path) -> dict:
     import torch
 
-    from vigil.policies.bundle import load_policy
     from vigil.training.rl import RLConfig, run
 
     torch.set_num_threads(1)
     cfg = RLConfig(loss=algo, env=env_id, total_steps=steps, seed=seed)
     info = run(cfg, out, progress=False, log=lambda s: None)
-    policy = load_policy(out / "bundle", prefer_gpu=False)
-    returns = evaluate(env_id, lambda o: policy.infer({"state": o}).actions[0])
+    returns = evaluate(env_id, bundle_act(out / "bundle"))
     return {"seconds": info["seconds"], "eval": returns, "curve": info["curve"], "bundle": info["bundle"]}
 
 
@@ -171,11 +177,9 @@ def job(env_id: str, algo: str, seed: int, steps: int) -> dict:
 
 def deploy_check(env_id: str, bundle: Path, episodes: int) -> dict:
     """The bundle in process (onnxruntime) and served (`vigil serve` + `vigil sim`), same reset seeds."""
-    from vigil.policies.bundle import load_policy
     from vigil.sim.demo import free_port
 
-    policy = load_policy(bundle, prefer_gpu=False)
-    local = evaluate(env_id, lambda o: policy.infer({"state": o}).actions[0], episodes)
+    local = evaluate(env_id, bundle_act(bundle), episodes)
     vigil = [str(Path(sys.executable).parent / "vigil")]
     out = {"in_process": local}
     with tempfile.TemporaryDirectory(prefix="vigil-rl-") as tmp:
@@ -361,13 +365,10 @@ def main(argv: list[str] | None = None) -> int:
                 res = fut.result()
                 tqdm.write(f"{e} {a} seed {s}: final {np.mean(res['eval']):.1f} ({res['seconds']:.0f} s)")
     if args.reevaluate:
-        from vigil.policies.bundle import load_policy
-
         for f in sorted(RUNS.glob("*/*/result.json")):
             res = json.loads(f.read_text())
             if res.get("bundle"):
-                policy = load_policy(Path(res["bundle"]), prefer_gpu=False)
-                res["eval"] = evaluate(res["env"], lambda o: policy.infer({"state": o}).actions[0])
+                res["eval"] = evaluate(res["env"], bundle_act(Path(res["bundle"])))
                 f.write_text(json.dumps(res) + "\n")
     wall_min = None if args.report_only else (time.perf_counter() - t0) / 60
     results = collect(args.seeds)

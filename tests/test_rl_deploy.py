@@ -25,18 +25,19 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def play_in_process(bundle, seeds: list[int]) -> list[tuple[float, int]]:
-    """The bundle's deterministic action (the Gaussian's mean) through onnxruntime, on GymEnv, reset with the
-    same seeds run_episodes uses (cfg.seed + episode)."""
+    """The bundle's deterministic action (the Gaussian's mean) through onnxruntime and the runtime's own Agent
+    (which clips to the action box), on GymEnv, reset with the same seeds run_episodes uses (cfg.seed + episode)."""
+    from vigil.policies.agent import Agent
     from vigil.policies.bundle import load_policy
 
-    policy = load_policy(bundle, prefer_gpu=False)
+    agent = Agent(load_policy(bundle, prefer_gpu=False))
     env = GymEnv(ENV)
     out = []
     try:
         for seed in seeds:
             obs, ret, steps, done = env.reset(seed=seed), 0.0, 0, False
             while steps < MAX_STEPS and not done:
-                r = env.step(policy.infer(obs).actions[0])
+                r = env.step(agent.act(obs).action)
                 obs, ret, steps, done = r.obs, ret + r.reward, steps + 1, r.terminated or r.truncated
             out.append((ret, steps))
     finally:
