@@ -131,21 +131,23 @@ class RobotLink:
         """New socket, same robot: the runtime resumes the session."""
         self.close()
         self.connect()
-        reply = self.request(Message("hello", self.robot, self.next_seq(), 0, {}, {"spec": self._spec}), timeout_s)
-        if reply.kind == "error":
-            raise LinkError(f"runtime refused reconnect: {reply.meta.get('message')}")
-        return self.hello_reply  # type: ignore[return-value]
+        return self._hello_again(timeout_s, "reconnect")
 
     def resume(self, timeout_s: float = 1.0) -> Hello:
         """The runtime answered `no_session`: it restarted (or forgot us after a long silence). Introduce the
         robot again on the same socket and repeat the current episode's reset, so the policy knows the task."""
-        reply = self.request(Message("hello", self.robot, self.next_seq(), 0, {}, {"spec": self._spec, **self._info}),
-                             timeout_s)
-        if reply.kind == "error":
-            raise LinkError(f"runtime refused to resume: {reply.meta.get('code')}: {reply.meta.get('message')}")
+        hello = self._hello_again(timeout_s, "resume")
         if self._last_reset is not None:
             self.reset(timeout_s, **self._last_reset)
         self.resumed += 1
+        return hello
+
+    def _hello_again(self, timeout_s: float, why: str) -> Hello:
+        """The hello we sent first, again (same spec and info); the runtime keeps or re-creates the session."""
+        reply = self.request(Message("hello", self.robot, self.next_seq(), 0, {}, {"spec": self._spec, **self._info}),
+                             timeout_s)
+        if reply.kind == "error":
+            raise LinkError(f"runtime refused {why}: {reply.meta.get('code')}: {reply.meta.get('message')}")
         return self.hello_reply  # type: ignore[return-value]
 
     def act(self, obs: Mapping[str, np.ndarray], timeout_s: float = 1.0) -> Message:

@@ -330,12 +330,7 @@ class Runtime:
         self._send(identity, Message("act", session.robot, msg.seq, 0, {"action": action}, meta))
         if learner is not None:
             learner.acted(msg.arrays[self.manifest.observation[0].name], action, msg.seq)
-        session.last_seq = msg.seq
-        session.step += 1
-        session.counters["ticks"] += 1
-        session.counters["safe"] += stop
-        session.latency_us.append((time.perf_counter() - t_recv) * 1e6)
-        self.counters["ticks"] += 1
+        self._ticked(session, msg.seq, t_recv, stop)
         if verdicts or self.alerter.raised:  # ok verdicts matter only to re-arm a raised alert
             for v in judged:
                 self._alert(session.robot, v)
@@ -345,6 +340,15 @@ class Runtime:
                     self._request(session, msg, v)
         if adopted is not None:  # after the reply: a fallback alert is an fsync
             self._announce_gain(session, adopted)
+
+    def _ticked(self, session: Session, seq: int, t_recv: float, safe: bool) -> None:
+        """Bookkeeping of one observation answered with an action (the policy's or the safe one)."""
+        session.last_seq = seq
+        session.step += 1
+        session.counters["ticks"] += 1
+        session.counters["safe"] += safe
+        session.latency_us.append((time.perf_counter() - t_recv) * 1e6)
+        self.counters["ticks"] += 1
 
     def _policy_failed(self, identity: bytes, session: Session, msg: Message, t_recv: float, exc: Exception) -> None:
         """The policy raised on this observation: the robot gets the safe action at once, the operator a stop
@@ -356,13 +360,8 @@ class Runtime:
         self._send(identity, Message("act", session.robot, msg.seq, 0, {"action": session.agent.safe_action}, {
             "policy": session.agent.policy.manifest.policy_id, "safe": True,
             "verdicts": [[verdict.monitor, verdict.level.label, verdict.reason]]}))
-        session.last_seq = msg.seq
-        session.step += 1
-        session.counters["ticks"] += 1
-        session.counters["safe"] += 1
+        self._ticked(session, msg.seq, t_recv, safe=True)
         session.counters["policy_failed"] += 1
-        session.latency_us.append((time.perf_counter() - t_recv) * 1e6)
-        self.counters["ticks"] += 1
         self.counters["policy_failed"] += 1
         if session.learner is not None:
             session.learner.break_chain()
