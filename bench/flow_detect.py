@@ -473,7 +473,7 @@ def main() -> None:
     runs = [Path(r) for r in args.runs.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.time()
     if not args.analyse_only:
         collect(runs, out, args)

@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args()
     base = FlowConfig()
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = ["| variant | pairs | N | " + " | ".join(f"M={m}" for m in args.members) + " |",
              "|---|---|---:|" + "---:|" * len(args.members)]
     plain = plan_us(dataclasses.replace(base, members=1, vfd_samples=1), args.threads, args.reps)

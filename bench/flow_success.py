@@ -94,7 +94,7 @@ def main() -> None:
     from vigil.sim.metaworld_env import MT10_TASKS
 
     tasks = args.tasks.split(",") if args.tasks else list(MT10_TASKS)
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.time()
     res = evaluate(Path(args.bundle), tasks, args.episodes, args.seed, args.max_steps, args.early_plans)
     expert = expert_success(Path(args.demos) if args.demos else None)

@@ -35,9 +35,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -145,7 +146,7 @@ def role_echo_client(a: argparse.Namespace) -> None:
     """(b) client: a DEALER sending the `obs` frames vigil's robot link sends, built once."""
     import zmq
 
-    from vigil.runtime.protocol import Message, encode
+    from vigil.wire.protocol import Message, encode
 
     observations = np.load(a.obs)
     frames = [bytes(f) for f in encode(Message("obs", "bench-0", 1, 0, {"state": observations[0]}))]
@@ -166,12 +167,10 @@ def role_echo_client(a: argparse.Namespace) -> None:
 
 def role_vigil_client(a: argparse.Namespace) -> None:
     """vigil: the reference robot driver, `RobotLink.act`, against a `vigil serve` process."""
-    from vigil.runtime.client import RobotLink
-    from vigil.runtime.protocol import ArraySpec
-
     import zmq
 
-    from vigil.runtime.protocol import STREAM_KINDS, decode
+    from vigil.runtime.client import RobotLink
+    from vigil.wire.protocol import STREAM_KINDS, ArraySpec, decode
 
     observations = np.load(a.obs)
     # The runtime's own receipt-to-reply time: p50 over each telemetry interval, read after the timed loop.
@@ -253,7 +252,7 @@ class Children:
         self.logs = logs
         self.procs: list[tuple[subprocess.Popen, Path]] = []
 
-    def __enter__(self) -> "Children":
+    def __enter__(self) -> Children:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -765,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # SIGTERM unwinds like Ctrl-C, so the children are cleaned up either way.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     t_start = time.monotonic()
     load_start, cpu_start = os.getloadavg()[0], cpu_times()
     results: list[Result] = []

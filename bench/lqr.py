@@ -25,15 +25,25 @@ import datetime
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from vigil.sim.linear import SYSTEMS
-from vigil.training.lqr_study import (DEFAULT_METHODS, METHODS, StudyResult, draw_prior, gain_gap,
-                                      growth_exponent, plot_regret, prior_destabilises, published, run_study,
-                                      summarize, _jsonable)
+from vigil.training.lqr_study import (
+    METHODS,
+    StudyResult,
+    _jsonable,
+    draw_prior,
+    gain_gap,
+    growth_exponent,
+    plot_regret,
+    prior_destabilises,
+    published,
+    run_study,
+    summarize,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
@@ -221,7 +231,7 @@ def render(data: dict, args: argparse.Namespace, started: str, seconds: float) -
                   f"{args.trials} trials; median relative gap ‖K_IR − K_CEC‖/‖K_CEC‖ at the end: "
                   f"{d['gain_gap']:.2%}.", ""]
             L += method_table(d["rows"]) + [""]
-    L += [f"Regret curves (same-noise oracle, median and IQR band, chosen prior): "
+    L += ["Regret curves (same-noise oracle, median and IQR band, chosen prior): "
           + ", ".join(f"`docs/figures/lqr_regret_{n}.png`" for n in SYSTEM_NAMES) + ".", ""]
     # long horizon
     L += [f"### Long horizon: {args.long_trials} trials × {args.long_steps} steps", "",
@@ -327,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     t0 = time.perf_counter()
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["OMP_NUM_THREADS=1", ".venv/bin/python", "bench/lqr.py", *argv])
     data: dict = {"command": command, "git": git_state(),
                   "machine": machine(None), "steps": args.steps, "priors": prior_check(args.prior_draws, args.seed),

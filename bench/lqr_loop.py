@@ -32,14 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import zmq
 
 from vigil.policies.irlqr import dlqr_cross
-from vigil.runtime.protocol import STREAM_KINDS, decode
 from vigil.runtime.stream import subscribe
 from vigil.sim.demo import free_port
 from vigil.sim.envs import LinearEnv
@@ -48,7 +47,8 @@ from vigil.sim.robot import SimConfig, run_episodes
 from vigil.training.irlqr import IRLQR, PUBLISHED, LearnerSpec
 from vigil.training.lqr import export_prior_lqr, prior_of
 from vigil.training.lqr_baselines import Oracle
-from vigil.training.lqr_study import paired_interval, run_trial, _jsonable
+from vigil.training.lqr_study import _jsonable, paired_interval, run_trial
+from vigil.wire.protocol import STREAM_KINDS, decode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
@@ -361,7 +361,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.monotonic()
     data = run(args)
     s = summary(data)

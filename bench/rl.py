@@ -36,9 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -245,10 +245,10 @@ def plot(results: dict, path: Path) -> None:
 
 
 def report(results: dict, seeds: int, deploy: dict | None, wall_min: float | None) -> str:
-    from vigil.training.rl import RLConfig
-
     import stable_baselines3
     import torch
+
+    from vigil.training.rl import RLConfig
 
     cfg = RLConfig()
     info = machine(None)

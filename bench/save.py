@@ -175,9 +175,9 @@ def run_seed(seed: int, sizes: Sizes, tasks: list[str], out: str, rules: list[st
              evaluate_pretrained: bool = True) -> list[dict]:
     """Pretrain (or load) the seed's ensemble, then every rule's rounds. Returns the evaluation records
     (the pretrained ensemble's too, unless `evaluate_pretrained` is False: a later run adding a rule)."""
+    from vigil.training.flow import train_ensemble
     from vigil.training.save import acquire, by_task, candidate_scores, finetune, rollout_scores
     from vigil.training.train_flow import load_checkpoint, save_checkpoint
-    from vigil.training.flow import train_ensemble
 
     demos = _WORKER["demos"]
     variants = list(range(50 - sizes.eval_variants, 50))
@@ -462,7 +462,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sizes.json").write_text(json.dumps(asdict(sizes), indent=1))
     results = out / "results.jsonl"
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.time()
     if not args.report_only:
         from vigil.training.train_flow import ensure_encoder

@@ -120,7 +120,7 @@ def main() -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.time()
     stage: dict[str, float] = {}
 
@@ -254,13 +254,13 @@ def main() -> None:
         f"{live_split['outside'][0]} in {live_split['outside'][1]} steps outside it (the baseline: misses that are "
         f"the machine's, not the swap's). "
         f"{len(swap_alerts)} swap announcement(s) on the operator stream.",
-        f"- Stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stage.items()) + ".",
+        "- Stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stage.items()) + ".",
         "",
         *summary_rows,
         "",
         *rows,
         "",
-        f"Target (measurably higher success on the tasks that raised requests): "
+        "Target (measurably higher success on the tasks that raised requests): "
         + (f"{req[0]:.1%} -> {req[1]:.1%}, p = {req[2]:.3g}: {'met' if met else 'not met'}." if req else
            "no task raised a request: not met."),
         END,

@@ -34,8 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -184,7 +185,7 @@ def robot_main(i: int, endpoint: str, ticks: int, rate_hz: float, ppm: float, ph
     """A realtime robot with its own clock: an observation every period (scheduled on absolute times, so
     it does not drift), the action awaited up to the deadline, every round trip recorded."""
     from vigil.runtime.client import RobotLink
-    from vigil.runtime.protocol import ROBOT_KINDS, ArraySpec, Message, decode
+    from vigil.wire.protocol import ROBOT_KINDS, ArraySpec, Message, decode
 
     robot = f"soak-{i}"
     link = RobotLink(endpoint, robot)
@@ -284,8 +285,8 @@ def soak(args: argparse.Namespace, bundle: Path, workdir: Path) -> dict[str, Any
     import zmq
     from tqdm import tqdm
 
-    from vigil.runtime.protocol import STREAM_KINDS, decode
     from vigil.runtime.stream import subscribe
+    from vigil.wire.protocol import STREAM_KINDS, decode
 
     proc, robot_ep, op_ep = start_serve(bundle, workdir, "soak", [
         "--mode", "realtime", "--deadline-ms", f"{args.deadline_ms:g}", "--telemetry-s", f"{args.telemetry_s:g}"])
@@ -438,7 +439,7 @@ def curve_cost(args: argparse.Namespace, bundle: Path, workdir: Path) -> dict[st
         return {"skipped": why}
     from vigil.runtime.auth import ClientKeys
     from vigil.runtime.client import RobotLink
-    from vigil.runtime.protocol import ArraySpec
+    from vigil.wire.protocol import ArraySpec
 
     keys_dir = workdir / "keys"
     for name, folder in (("robot", keys_dir / "clients"), ("runtime", keys_dir / "server")):
@@ -500,7 +501,7 @@ def curve_cost(args: argparse.Namespace, bundle: Path, workdir: Path) -> dict[st
 def curve_refuses_unkeyed(bundle: Path, workdir: Path) -> bool | None:
     """True when a robot without keys gets no hello reply from an authenticating runtime."""
     from vigil.runtime.client import LinkError, RobotLink
-    from vigil.runtime.protocol import ArraySpec
+    from vigil.wire.protocol import ArraySpec
 
     keys_dir = workdir / "keys"
     if not (keys_dir / "server" / "runtime.key_secret").exists():
@@ -826,7 +827,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from latency import git_state, machine, write_section  # noqa: E402  (bench/ is not a package)
 
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = "OMP_NUM_THREADS=1 " + shlex.join([os.path.relpath(sys.executable, ROOT) if os.path.isabs(
         sys.executable) else sys.executable, "bench/soak.py", *sys.argv[1:]])
     t_start = time.monotonic()

@@ -106,8 +106,8 @@ def tick_times(bundle: Path, workdir: Path, n: int, gaps_s: list[float]) -> dict
     """The runtime's real tick on an inproc socket, after each idle gap."""
     from vigil.runtime.client import RobotLink
     from vigil.runtime.config import ServeConfig
-    from vigil.runtime.protocol import Message, encode
     from vigil.runtime.server import Runtime
+    from vigil.wire.protocol import Message, encode
 
     ctx = zmq.Context()
     runtime = Runtime(ServeConfig(bundle=str(bundle), robot_endpoint="inproc://tick",
@@ -145,7 +145,7 @@ def main() -> None:
     args = ap.parse_args()
     from vigil.training.lqr import export_lqr
 
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "lqr"
         export_lqr("aircraft-pitch", bundle)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from vigil.monitors.base import Level, Monitor, Tick, Verdict
-from vigil.runtime.protocol import ArraySpec
+from vigil.wire.protocol import ArraySpec
 
 
 class ObservationMonitor(Monitor):

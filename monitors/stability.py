@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class StabilityMonitor(Monitor):
         self._norms: deque[float] = deque(maxlen=self.window + 1)
 
     @classmethod
-    def from_manifest(cls, block: Mapping[str, Any] | None) -> "StabilityMonitor":
+    def from_manifest(cls, block: Mapping[str, Any] | None) -> StabilityMonitor:
         """From a block already checked by `check_block` (None: the defaults)."""
         b = {**DEFAULTS, **(block or {})}
         return cls(str(b["array"]), int(b["window"]), float(b["growth"]), float(b["min_norm"]), float(b["bound"]))

@@ -16,7 +16,8 @@ verdict stands, so a chunk of k actions does not count one score k times.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from vigil.monitors.base import Level, Monitor, Tick, Verdict
 
@@ -39,7 +40,7 @@ class VFDMonitor(Monitor):
         self._plans = -1
 
     @classmethod
-    def from_manifest(cls, config: Mapping[str, Any]) -> "VFDMonitor":
+    def from_manifest(cls, config: Mapping[str, Any]) -> VFDMonitor:
         return cls(config["thresholds"], int(config.get("window", 3)), str(config.get("score", "vfd")))
 
     def update(self, tick: Tick) -> Verdict:

@@ -7,15 +7,15 @@ Kinds differ only in small ways, so each is a small subclass registered in `POLI
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import onnxruntime as ort
 
 from vigil.policies.manifest import Manifest, ManifestError, read_manifest
-from vigil.runtime.protocol import ProtocolError
+from vigil.wire.protocol import ProtocolError
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Policy:
     """Runs the bundle's graph at batch 1. Subclasses adapt kind-specific inputs and outputs."""
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int = 1, prefer_gpu: bool = True,
-                 previous: "Policy | None" = None):
+                 previous: Policy | None = None):
         self.folder = folder
         self.manifest = manifest
         self.session = ort.InferenceSession(str(folder / manifest.onnx_file), session_options(threads),

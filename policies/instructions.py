@@ -20,8 +20,9 @@ import re
 import threading
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -98,7 +99,7 @@ class WordPieceTokenizer:
         self._special_re = re.compile("|".join(re.escape(t) for t in specials))  # longest first, case-sensitive
 
     @classmethod
-    def from_vocab_file(cls, path: str | Path, **options: Any) -> "WordPieceTokenizer":
+    def from_vocab_file(cls, path: str | Path, **options: Any) -> WordPieceTokenizer:
         """vocab.txt: one token per line, the line number is the id (as BERT's load_vocab reads it)."""
         lines = Path(path).read_text(encoding="utf-8").split("\n")
         if lines and lines[-1] == "":
@@ -215,7 +216,7 @@ class InstructionEncoder:
 
     @classmethod
     def load(cls, folder: str | Path, threads: int = 1, prefer_gpu: bool = True, cache_size: int = 256,
-             batch_size: int = 32, reuse: "InstructionEncoder | None" = None) -> "InstructionEncoder":
+             batch_size: int = 32, reuse: InstructionEncoder | None = None) -> InstructionEncoder:
         """Read encoder.json, check the sha256 of encoder.onnx and vocab.txt, and open the session; or, when
         `reuse` is an encoder loaded from an identical bundle (the same encoder.json, so the same sha256s),
         return `reuse` itself (embed is thread-safe)."""

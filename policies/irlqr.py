@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
-
 
 # ------------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -336,7 +336,7 @@ class LearnerSpec:
     config: IRLQRConfig
 
     @classmethod
-    def from_dict(cls, d: Any, n: int, m: int) -> "LearnerSpec":
+    def from_dict(cls, d: Any, n: int, m: int) -> LearnerSpec:
         """Validate a block for a policy with n states and m actions. Raises LearnerError naming the key."""
         if not isinstance(d, Mapping):
             raise LearnerError(f"manifest key 'learner' must be a map {{kind, A0, B0, Q, R, lam, g1, g2, ...}}, got {d!r}")

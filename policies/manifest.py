@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from vigil.runtime.protocol import ArraySpec, ProtocolError
+from vigil.wire.protocol import ArraySpec, ProtocolError
 
 FORMAT = 1
 KINDS = ("linear_gain", "gaussian", "flow_ensemble")
@@ -75,7 +76,7 @@ class Manifest:
         return json.loads(json.dumps(d))  # tuples -> lists, a plain JSON tree
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
+    def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
         def need(key: str, typ: type | tuple, what: str) -> Any:
             if key not in d:
                 raise ManifestError(f"manifest key {key!r} is missing; expected {what}")

@@ -72,7 +72,7 @@ class ClientKeys:
     server: bytes
 
     @classmethod
-    def load(cls, secret_file: str | Path, server_public_file: str | Path) -> "ClientKeys":
+    def load(cls, secret_file: str | Path, server_public_file: str | Path) -> ClientKeys:
         public, secret = load_secret(secret_file)
         return cls(public, secret, load_public(server_public_file))
 

@@ -13,8 +13,8 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import zmq
 
@@ -351,7 +351,7 @@ def _swap_parser(sub) -> None:
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
-    from vigil.runtime.protocol import CONTROL_KINDS, Message, decode, encode
+    from vigil.wire.protocol import CONTROL_KINDS, Message, decode, encode
 
     keys = _client_keys(args, "swap")
     sock = zmq.Context.instance().socket(zmq.DEALER)

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import zmq
 
 from vigil.runtime.auth import ClientKeys
-from vigil.runtime.transport import send_frames
-from vigil.runtime.protocol import ROBOT_KINDS, ArraySpec, Message, ProtocolError, decode, encode
-
+from vigil.wire.protocol import ROBOT_KINDS, ArraySpec, Message, ProtocolError, decode, encode
+from vigil.wire.transport import send_frames
 
 SEND_QUEUE = 32  # messages a DEALER holds while the runtime is unreachable; more are not sent (send() -> False)
 

@@ -10,9 +10,10 @@ import ipaddress
 import math
 import tomllib
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 MODES = ("lockstep", "realtime")
 

@@ -23,32 +23,41 @@ import logging
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import numpy as np
 import zmq
 
-from vigil.monitors.alerts import Alerter
 from vigil.monitors.base import Level, Monitor, Tick, Verdict
-from vigil.monitors.requests import Requester
-from vigil.monitors.vfd import VFDMonitor
 from vigil.monitors.safety import ActionMonitor, DeadlineMonitor, LinkMonitor, ObservationMonitor, SaturationMonitor
 from vigil.monitors.stability import StabilityMonitor
+from vigil.monitors.vfd import VFDMonitor
 from vigil.policies.agent import Agent
 from vigil.policies.bundle import Policy, load_policy
+from vigil.runtime.alerts import Alerter
 from vigil.runtime.auth import ServerAuth
 from vigil.runtime.config import ConfigError, ServeConfig
 from vigil.runtime.learning import Adopted, GainWorker, SessionLearner, describe
 from vigil.runtime.outbox import Outbox
-from vigil.runtime.protocol import (CONTROL_KINDS, DEFAULT_LIMITS, ArraySpec, Message, ProtocolError, check_arrays,
-                                    decode, encode, error)
-from vigil.runtime.requests import RequestStore
+from vigil.runtime.requests import Requester, RequestStore
 from vigil.runtime.store import AlertStore
 from vigil.runtime.stream import OperatorStream
 from vigil.runtime.swap import BundleLoader, Loaded
-from vigil.runtime.transport import readable, send_frames
+from vigil.wire.protocol import (
+    CONTROL_KINDS,
+    DEFAULT_LIMITS,
+    ArraySpec,
+    Message,
+    ProtocolError,
+    check_arrays,
+    decode,
+    encode,
+    error,
+)
+from vigil.wire.transport import readable, send_frames
 
 log = logging.getLogger("vigil.serve")
 POLICY_OK = Verdict("policy", Level.OK)

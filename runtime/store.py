@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (

@@ -8,18 +8,19 @@ their store id, so a gap in ids tells a subscriber to replay from the store (`vi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import zmq
 
-from vigil.runtime.protocol import STREAM_KINDS, Message, ProtocolError, decode, encode
+from vigil.wire.protocol import STREAM_KINDS, Message, ProtocolError, decode, encode
 
 if TYPE_CHECKING:
     from vigil.runtime.auth import ClientKeys, ServerAuth
 
 
 class OperatorStream:
-    def __init__(self, ctx: zmq.Context, endpoint: str, auth: "ServerAuth | None" = None, hwm: int = 10_000):
+    def __init__(self, ctx: zmq.Context, endpoint: str, auth: ServerAuth | None = None, hwm: int = 10_000):
         self.sock = ctx.socket(zmq.PUB)
         if auth is not None:
             auth.apply(self.sock)
@@ -39,7 +40,7 @@ class OperatorStream:
         self.sock.close()
 
 
-def subscribe(ctx: zmq.Context, endpoint: str, topics: Sequence[str] = ("",), keys: "ClientKeys | None" = None,
+def subscribe(ctx: zmq.Context, endpoint: str, topics: Sequence[str] = ("",), keys: ClientKeys | None = None,
               hwm: int | None = None) -> zmq.Socket:
     """A SUB socket on the operator stream (a CURVE client when `keys` is given; `hwm`: messages it queues)."""
     sock = ctx.socket(zmq.SUB)

@@ -15,15 +15,15 @@ same observation arrays (names, dtypes, shapes), give the same action shape, run
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from vigil.policies.bundle import Policy, load_policy
 from vigil.policies.manifest import Manifest
-from vigil.runtime.protocol import DTYPES
+from vigil.wire.protocol import DTYPES
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,14 @@ with a Box observation and action space (the MuJoCo ones in particular); `MetaWo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vigil.runtime.protocol import ArraySpec
 from vigil.sim.linear import SYSTEMS, LinearSystem, stage_cost
+from vigil.wire.protocol import ArraySpec
 
 if TYPE_CHECKING:
     from vigil.sim.shifts import Shift
@@ -103,7 +104,7 @@ class GymEnv(Environment):
         self.env.close()
 
 
-def make_env(name: str, horizon: int = 200, camera: bool = False, shift: "Shift | None" = None) -> Environment:
+def make_env(name: str, horizon: int = 200, camera: bool = False, shift: Shift | None = None) -> Environment:
     """A linear system by name (aircraft-pitch, uav-2d), a Meta-World task (reach-v3, push-v3, ...: MT10 and
     the held-out tasks of sim/metaworld_env.py; `camera` adds the 64x64 image, `shift` a sim.shifts.Shift)
     or a gymnasium id (Hopper-v5)."""

@@ -42,18 +42,19 @@ import pickle
 import platform
 import warnings
 import weakref
-from functools import lru_cache
+from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 if platform.system() == "Linux":
     os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np
 
-from vigil.runtime.protocol import ArraySpec
 from vigil.sim.envs import Environment, StepResult
 from vigil.sim.shifts import Shift, shift_positions
+from vigil.wire.protocol import ArraySpec
 
 MT10_TASKS: tuple[str, ...] = (
     "reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
@@ -118,7 +119,7 @@ def _mt10_task(task: str, rand_vec: np.ndarray):
     return metaworld.Task(env_name=task, data=pickle.dumps(kwargs))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mt10_variants() -> dict[str, list]:
     """MT10's variants per task, as metaworld.MT10(seed=0).train_tasks has them.
 
@@ -163,7 +164,7 @@ def variants(task: str) -> list:
     return [t for t in metaworld.MT1(task, seed=0).train_tasks if t.env_name == task]
 
 
-_renderers: "weakref.WeakSet[MetaWorldEnv]" = weakref.WeakSet()
+_renderers: weakref.WeakSet[MetaWorldEnv] = weakref.WeakSet()
 _atexit_registered = False
 
 

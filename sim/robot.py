@@ -9,17 +9,18 @@ robot that gets no usable action (dropped message, error reply, link down) appli
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from vigil.runtime.auth import ClientKeys
 from vigil.runtime.client import LinkError, RobotLink
-from vigil.runtime.protocol import Message
 from vigil.sim.envs import Environment, LinearEnv
 from vigil.sim.faults import Faults
 from vigil.sim.linear import oracle, rollout_cost
+from vigil.wire.protocol import Message
 
 
 @dataclass(frozen=True)

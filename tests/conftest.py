@@ -13,17 +13,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import zmq
 
 from vigil.runtime.client import RobotLink
-from vigil.runtime.protocol import STREAM_KINDS, ArraySpec, Message, decode, encode
 from vigil.sim.demo import free_port
+from vigil.wire.protocol import STREAM_KINDS, ArraySpec, Message, decode, encode
 
 VIGIL = [sys.executable, "-m", "vigil.runtime.cli"]
 EPS32 = float(np.finfo(np.float32).eps)

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-
 from conftest import assert_lqr_action, gain_of, pitch_specs, run_vigil, start_serve, tcp_endpoint
+
 from vigil.runtime.auth import ClientKeys, KeyFileError, create_keys
 from vigil.runtime.client import LinkError, RobotLink
 from vigil.runtime.config import ConfigError, ServeConfig
-from vigil.runtime.protocol import Message
 from vigil.runtime.stream import subscribe
+from vigil.wire.protocol import Message
 
 X = np.array([0.3, -0.2, 0.1], np.float32)
 # A value whose float32 bytes are easy to look for in captured traffic.

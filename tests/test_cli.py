@@ -11,12 +11,12 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import VIGIL, child_env, free_port, run_vigil
+
 from vigil.runtime.config import describe
-from vigil.runtime.protocol import Message
 from vigil.runtime.store import AlertStore
 from vigil.sim.linear import SYSTEMS, oracle
+from vigil.wire.protocol import Message
 
 SUBCOMMANDS = {
     "serve": ["--config", *("--" + k.replace("_", "-") for k, _, _ in describe()), "--log-level"],

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import child_env, run_vigil
+
 from vigil.training.demos import INDEX, DemoSet, DemoWriter, Episode, read_index
 
 

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import scipy.linalg
-
 from conftest import run_vigil
+
 from vigil.sim.envs import LinearEnv
 from vigil.sim.linear import aircraft_pitch, oracle, rollout_cost
 

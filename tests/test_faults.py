@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_lqr_action, gain_of, graph_bundle, manifest_of, recv_raw_reply, run_vigil, wait_until
 from onnx import helper
 
-from conftest import (assert_lqr_action, gain_of, graph_bundle, manifest_of, recv_raw_reply, run_vigil,
-                      wait_until)
-from vigil.runtime.protocol import Message, ProtocolError
 from vigil.runtime.store import AlertStore
+from vigil.wire.protocol import Message, ProtocolError
 
 X = np.array([0.05, -0.01, 0.08], np.float32)
 
@@ -280,7 +279,7 @@ def test_chunked_policy_clipping_and_saturation_through_the_runtime(serve, chunk
     """action[h] = state + h, 2 of every 4 executed, bounds [-1, 1.5] x [-10, 10]: what the robot receives follows
     the chunk schedule, is clipped, and a policy that keeps asking for too much raises a saturation alert."""
     from vigil.runtime.client import RobotLink
-    from vigil.runtime.protocol import ArraySpec
+    from vigil.wire.protocol import ArraySpec
 
     served = serve(chunk_bundle, saturation_window=3, deadline_ms=5000)
     link = RobotLink(served.robot_endpoint, "chunky")

@@ -10,9 +10,25 @@ import numpy as np
 import pytest
 import torch
 
-from vigil.training.flow import (Ensemble, FlowConfig, StackedLinear, action_l2, euler, gu, make_chunks,
-                                 member_pairs, ot_path, plan, sample, sample_members, sample_variance,
-                                 train_ensemble, vfd_grid, vfd_one_way, vfd_two_way)
+from vigil.training.flow import (
+    Ensemble,
+    FlowConfig,
+    StackedLinear,
+    action_l2,
+    euler,
+    gu,
+    make_chunks,
+    member_pairs,
+    ot_path,
+    plan,
+    sample,
+    sample_members,
+    sample_variance,
+    train_ensemble,
+    vfd_grid,
+    vfd_one_way,
+    vfd_two_way,
+)
 
 SMALL = FlowConfig(horizon=4, hidden=32, depth=2, members=3, seed=7)
 

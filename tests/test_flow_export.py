@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import recv_raw_reply
-from vigil.runtime.protocol import ArraySpec
-from vigil.training.flow import Ensemble, FlowConfig, make_chunks, plan, train_ensemble
+from vigil.training.flow import FlowConfig, make_chunks, plan, train_ensemble
+from vigil.wire.protocol import ArraySpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

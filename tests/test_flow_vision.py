@@ -18,9 +18,20 @@ import numpy as np
 import pytest
 import torch
 
-from vigil.runtime.protocol import ArraySpec
-from vigil.training.flow import (Ensemble, FlowConfig, ImageEncoder, StackedConv, conv_out, gu, plan, sample,
-                                 sample_members, train_ensemble, vfd_one_way, vfd_two_way)
+from vigil.training.flow import (
+    Ensemble,
+    FlowConfig,
+    ImageEncoder,
+    StackedConv,
+    conv_out,
+    gu,
+    plan,
+    sample,
+    sample_members,
+    train_ensemble,
+    vfd_two_way,
+)
+from vigil.wire.protocol import ArraySpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -180,8 +191,13 @@ def test_dataset_tensors_and_checkpoint(tmp_path, trained, encoder_bundle):
     from vigil.policies.instructions import InstructionEncoder
     from vigil.runtime.config import ConfigError
     from vigil.training.demos import DemoSet, DemoWriter, Episode
-    from vigil.training.train_flow import (check_flow_config, dataset_tensors, load_checkpoint, load_flow_config,
-                                           save_checkpoint)
+    from vigil.training.train_flow import (
+        check_flow_config,
+        dataset_tensors,
+        load_checkpoint,
+        load_flow_config,
+        save_checkpoint,
+    )
 
     def episode(T: int, image: np.ndarray | None) -> Episode:
         obs = {"state": np.arange((T + 1) * 39, dtype=np.float32).reshape(T + 1, 39)}

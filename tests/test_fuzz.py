@@ -23,21 +23,31 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
 import zmq
+from conftest import assert_lqr_action, gain_of, pitch_specs, start_serve, tcp_endpoint
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import assert_lqr_action, gain_of, pitch_specs, start_serve, tcp_endpoint
 from vigil.runtime.client import RobotLink
-from vigil.runtime.protocol import (CONTROL_KINDS, DTYPES, ENVELOPE, ROBOT_KINDS, Message, ProtocolError,
-                                    check_arrays, decode, encode)
+from vigil.wire.protocol import (
+    CONTROL_KINDS,
+    DTYPES,
+    ENVELOPE,
+    ROBOT_KINDS,
+    Message,
+    ProtocolError,
+    check_arrays,
+    decode,
+    encode,
+)
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,

@@ -6,11 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
-
 from conftest import run_vigil
+
 from vigil.sim.linear import aircraft_pitch, oracle, uav_2d
-from vigil.training.irlqr import (IRLQR, IRLQRConfig, compute_gain, dlqr_cross, is_stabilising, optimism,
-                                  ridge_estimate, spectral_radius)
+from vigil.training.irlqr import (
+    IRLQR,
+    IRLQRConfig,
+    compute_gain,
+    dlqr_cross,
+    is_stabilising,
+    optimism,
+    ridge_estimate,
+    spectral_radius,
+)
 from vigil.training.lqr_baselines import CEC, OSLO, Oracle, oslo_gain
 from vigil.training.lqr_study import draw_prior, published, run_study, summarize
 

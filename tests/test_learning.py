@@ -7,28 +7,25 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 
 import control
 import numpy as np
 import pytest
-
 from conftest import manifest_of, run_vigil, wait_until
+
 from vigil.monitors.base import Level, Tick
 from vigil.monitors.stability import StabilityMonitor
 from vigil.policies.irlqr import IRLQR as OnboardIRLQR
 from vigil.policies.irlqr import LearnerSpec, dlqr_cross, spectral_radius
 from vigil.policies.manifest import Manifest, ManifestError
 from vigil.runtime.learning import GainWorker, SessionLearner
-from vigil.runtime.protocol import Message
 from vigil.sim.envs import LinearEnv
 from vigil.sim.linear import SYSTEMS
 from vigil.sim.robot import SimConfig, run_episodes
 from vigil.training import irlqr as training_irlqr
 from vigil.training.irlqr import IRLQR, PUBLISHED
 from vigil.training.lqr import export_prior_lqr, prior_of
-
 
 # -- the numpy core ---------------------------------------------------------------------------------------
 

@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("metaworld")
 
 from conftest import graph_bundle, run_vigil  # noqa: E402
+
 from vigil.sim.envs import LinearEnv, make_env  # noqa: E402
-from vigil.sim.metaworld_env import (HELDOUT_INSTRUCTIONS, INSTRUCTIONS, MT10_TASKS, MetaWorldEnv,  # noqa: E402
-                                     variants)
+from vigil.sim.metaworld_env import HELDOUT_INSTRUCTIONS, INSTRUCTIONS, MT10_TASKS, MetaWorldEnv, variants  # noqa: E402
 
 
 @pytest.fixture(scope="module")

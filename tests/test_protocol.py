@@ -6,20 +6,35 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
 import zmq
+from conftest import assert_lqr_action, gain_of, pitch_specs, recv_raw_reply, start_serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_lqr_action, gain_of, pitch_specs, recv_raw_reply, start_serve
 from vigil.runtime.client import LinkError, RobotLink
-from vigil.runtime.protocol import (DEFAULT_LIMITS, DTYPES, ENVELOPE, ROBOT_KINDS, STREAM_KINDS, VERSION, ArraySpec,
-                                    Limits, Message, ProtocolError, check_arrays, decode, encode, error)
+from vigil.wire.protocol import (
+    DEFAULT_LIMITS,
+    DTYPES,
+    ENVELOPE,
+    ROBOT_KINDS,
+    STREAM_KINDS,
+    VERSION,
+    ArraySpec,
+    Limits,
+    Message,
+    ProtocolError,
+    check_arrays,
+    decode,
+    encode,
+    error,
+)
 
 # -- building raw frames ----------------------------------------------------------------------------------
 

@@ -16,14 +16,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from conftest import (
+    VIGIL,
+    assert_lqr_action,
+    child_env,
+    gain_of,
+    graph_bundle,
+    start_serve,
+    tcp_endpoint,
+    wait_until,
+)
 
-from conftest import (VIGIL, child_env, gain_of, graph_bundle, pitch_specs, assert_lqr_action, start_serve,
-                      tcp_endpoint, wait_until)
 from vigil.runtime.alerts_view import AlertView
-from vigil.runtime.client import RobotLink
-from vigil.runtime.protocol import Message
 from vigil.runtime.requests import RequestStore
 from vigil.runtime.store import AlertStore
+from vigil.wire.protocol import Message
 
 X = np.array([0.3, -0.2, 0.1], np.float32)
 
@@ -69,7 +76,7 @@ def fragile_pitch(tmp_path_factory) -> Path:
 
 def published_ids(sub: zmq.Socket, into: dict[str, set[int]], timeout_ms: int = 0) -> None:
     """Read what is waiting on a raw SUB socket; note the store ids of alerts and requests."""
-    from vigil.runtime.protocol import STREAM_KINDS, decode
+    from vigil.wire.protocol import STREAM_KINDS, decode
 
     while sub.poll(timeout_ms):
         frames = sub.recv_multipart()

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import VIGIL, child_env, graph_bundle, run_vigil, wait_until
+
 from vigil.runtime.client import RobotLink
-from vigil.runtime.protocol import ArraySpec
 from vigil.runtime.requests import RequestError, RequestStore, demo_meta
 from vigil.runtime.store import AlertStore
+from vigil.wire.protocol import ArraySpec
 
 THRESHOLD = 1e-6
 SPEC = ((ArraySpec("state", "float32", (39,)),), ArraySpec("action", "float32", (4,), (-1.0,) * 4, (1.0,) * 4))
@@ -231,8 +231,8 @@ def test_a_locked_store_queues_the_request_and_the_rate_limit_holds(tmp_path):
     import sqlite3
 
     from vigil.monitors.base import Level, Verdict
-    from vigil.monitors.requests import Requester
     from vigil.runtime.outbox import Outbox
+    from vigil.runtime.requests import Requester
 
     store = RequestStore(tmp_path / "store.db")
     outbox = Outbox()

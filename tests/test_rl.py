@@ -12,11 +12,20 @@ import pytest
 torch = pytest.importorskip("torch")
 gym = pytest.importorskip("gymnasium")
 
-from vigil.training.rl import (Actor, Critic, RLConfig, RunningMeanStd, TrainResult, export_actor, gae,  # noqa: E402
-                               normalise, observations_after, policy_loss, train)
-from vigil.training.rl_losses import (bpo_target, gbpo_loss, gbpo_target, logcosh_loss, ppo_clip_loss,  # noqa: E402
-                                      tv_loss)
-
+from vigil.training.rl import (  # noqa: E402
+    Actor,
+    Critic,
+    RLConfig,
+    RunningMeanStd,
+    TrainResult,
+    export_actor,
+    gae,
+    normalise,
+    observations_after,
+    policy_loss,
+    train,
+)
+from vigil.training.rl_losses import bpo_target, gbpo_loss, gbpo_target, logcosh_loss, ppo_clip_loss, tv_loss  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_vigil
 from scipy.stats import chi2
 
-from conftest import run_vigil
 from vigil.training import flow
 from vigil.training.save import acquire, by_task, finetune, replay_groups, task_probabilities
 

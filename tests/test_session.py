@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import assert_lqr_action, gain_of, manifest_of, recv_raw_reply, wait_until
+
 from vigil.runtime.client import LinkError, RobotLink
-from vigil.runtime.protocol import ArraySpec, Message
 from vigil.runtime.store import AlertStore
+from vigil.wire.protocol import ArraySpec, Message
 
 X = np.array([0.02, 0.001, -0.05], np.float32)
 

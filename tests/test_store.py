@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import child_env, pitch_specs
+
 from vigil.runtime.client import RobotLink
-from vigil.runtime.protocol import Message
 from vigil.runtime.store import AlertStore
+from vigil.wire.protocol import Message
 
 WRITER = Path(__file__).with_name("store_writer.py")
 

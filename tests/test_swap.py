@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import assert_lqr_action, gain_of, pitch_specs, run_vigil, tcp_endpoint, wait_until
+
 from vigil.runtime.client import RobotLink
 from vigil.runtime.store import AlertStore
 
@@ -140,7 +140,7 @@ def test_chunked_robot_finishes_its_chunk_before_switching(chunk_bundle, serve, 
     served = serve(chunk_bundle, control_endpoint=control, link_timeout_s=300)
     link = RobotLink(served.robot_endpoint, "chunky")
     try:
-        from vigil.runtime.protocol import ArraySpec
+        from vigil.wire.protocol import ArraySpec
 
         link.hello((ArraySpec("state", "float32", (2,)),), ArraySpec("action", "float32", (2,)))
         x = np.array([0.1, 0.2], np.float32)
@@ -163,9 +163,9 @@ def test_swap_between_flow_ensembles_keeps_the_episode_going(encoder_bundle, ser
     import torch
 
     from vigil.policies.manifest import read_manifest
-    from vigil.runtime.protocol import ArraySpec
     from vigil.training.flow import Ensemble, FlowConfig, plan
     from vigil.training.flow_export import export_flow_ensemble
+    from vigil.wire.protocol import ArraySpec
 
     cfg = FlowConfig(hidden=16, depth=2, members=2)
     ids, ensembles = [], []

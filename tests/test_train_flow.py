@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_vigil
+
 from vigil.runtime.config import ConfigError
 from vigil.training.demos import DemoSet, DemoWriter, Episode
 from vigil.training.flow import FlowConfig
-from vigil.training.train_flow import (dataset_tensors, flow_config_from_dict, load_checkpoint,
-                                       load_flow_config)
+from vigil.training.train_flow import dataset_tensors, flow_config_from_dict, load_checkpoint, load_flow_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "flow-tiny.toml"

@@ -13,21 +13,21 @@ import pytest
 import scipy.signal
 import zmq
 
-from vigil.monitors.alerts import Alerter
 from vigil.monitors.base import Level, Tick, Verdict
 from vigil.monitors.safety import DeadlineMonitor, LinkMonitor, ObservationMonitor, SaturationMonitor
 from vigil.policies.agent import Agent
 from vigil.policies.bundle import load_policy
 from vigil.policies.chunks import ActionChunkQueue
 from vigil.policies.manifest import Manifest, ManifestError, read_manifest, write_bundle
+from vigil.runtime.alerts import Alerter
 from vigil.runtime.config import ConfigError, ServeConfig, describe, is_local, load_config
-from vigil.runtime.protocol import ArraySpec, Message
 from vigil.runtime.store import AlertStore
 from vigil.runtime.stream import OperatorStream, receive, subscribe
 from vigil.sim.envs import LinearEnv, make_env
 from vigil.sim.faults import Faults
 from vigil.sim.linear import SYSTEMS, oracle, rollout_cost, stage_cost, zero_order_hold
 from vigil.training.lqr import lqr_gain
+from vigil.wire.protocol import ArraySpec, Message
 
 # -- manifest ----------------------------------------------------------------------------------------------
 

@@ -22,10 +22,11 @@ import json
 import os
 import tempfile
 import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -96,7 +97,7 @@ class EpisodeInfo:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "EpisodeInfo":
+    def from_json(cls, d: Mapping[str, Any]) -> EpisodeInfo:
         return cls(id=d["id"], task=d["task"], instruction=d["instruction"], seed=d["seed"], steps=int(d["steps"]),
                    success=bool(d["success"]), success_step=d["success_step"], source=d["source"], file=d["file"],
                    created=d["created"], observations=d["observations"], meta=d.get("meta", {}))
@@ -150,7 +151,7 @@ class DemoWriter:
             seed=None if episode.seed is None else int(episode.seed), steps=episode.steps,
             success=episode.succeeded, success_step=episode.success_step, source=episode.source,
             file=f"episodes/{episode.task}/{episode_id}.npz",
-            created=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            created=datetime.now(UTC).isoformat(timespec="milliseconds"),
             observations={k: {"dtype": str(v.dtype), "shape": list(v.shape[1:])} for k, v in episode.observations.items()},
             meta=dict(episode.meta))
         line = json.dumps(info.to_json(), separators=(",", ":"))

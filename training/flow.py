@@ -40,8 +40,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ STATE, IMAGE = "state", "image"  # observation names (sim/metaworld_env.py, trai
 IMAGE_CONVS = ((8, 4), (4, 2))
 MIN_IMAGE_SIZE = 20  # the smallest square image both convolutions fit on (gives a 1 x 1 map)
 
-Observation = Union[Tensor, np.ndarray, Mapping[str, Union[Tensor, np.ndarray]]]
+Observation = Union[Tensor, np.ndarray, Mapping[str, Tensor | np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -352,7 +353,7 @@ class Ensemble(nn.Module):
         t a float or a tensor broadcastable to (K, S, B). Returns (K, S, B, D)."""
         return self.velocity_from(self.condition(context, t, members), x, members)
 
-    def subset(self, members: int) -> "Ensemble":
+    def subset(self, members: int) -> Ensemble:
         """The ensemble of the first `members` members, as a new Ensemble (eval mode). Member i's seeds do
         not depend on M (`member_seeds`), so this is the M = members ensemble the same seed would have
         trained: VFD quality against M is measured on one trained ensemble, and a bundle can ship fewer

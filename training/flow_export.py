@@ -31,18 +31,18 @@ import dataclasses
 import io
 import shutil
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vigil.policies.manifest import Manifest, write_bundle
-from vigil.runtime.protocol import ArraySpec
 from vigil.training.export import OPSET, _tup, provenance
-from vigil.training.flow import (IMAGE, STATE, Ensemble, FlowConfig, StackedLinear, member_pairs, time_features,
-                                 vfd_grid)
+from vigil.training.flow import IMAGE, STATE, Ensemble, FlowConfig, StackedLinear, member_pairs, time_features, vfd_grid
+from vigil.wire.protocol import ArraySpec
 
 ENCODER_DIR = "encoder"
 _STRUCTURE = ("obs_dim", "instr_dim", "action_dim", "horizon", "hidden", "depth", "time_features", "members",

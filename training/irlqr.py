@@ -10,8 +10,20 @@ Docstrings: `vigil.policies.irlqr`; the algorithm and the study: docs/lqr.md.
 
 from __future__ import annotations
 
-from vigil.policies.irlqr import (IRLQR, GainUpdate, IRLQRConfig, LearnerSpec, compute_gain, dare, dlqr_cross,
-                                  is_stabilising, optimism, ridge_estimate, spectral_radius, sym)
+from vigil.policies.irlqr import (
+                                  IRLQR,
+                                  GainUpdate,
+                                  IRLQRConfig,
+                                  LearnerSpec,
+                                  compute_gain,
+                                  dare,
+                                  dlqr_cross,
+                                  is_stabilising,
+                                  optimism,
+                                  ridge_estimate,
+                                  spectral_radius,
+                                  sym,
+)
 
 __all__ = ["IRLQR", "GainUpdate", "IRLQRConfig", "LearnerSpec", "PUBLISHED", "compute_gain", "dare", "dlqr_cross",
            "is_stabilising", "optimism", "ridge_estimate", "spectral_radius", "sym"]

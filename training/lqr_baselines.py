@@ -30,8 +30,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from vigil.training.irlqr import (IRLQR, GainUpdate, IRLQRConfig, dlqr_cross, is_stabilising,
-                                  ridge_estimate)
+from vigil.training.irlqr import IRLQR, GainUpdate, IRLQRConfig, dlqr_cross, is_stabilising, ridge_estimate
 
 
 class CEC(IRLQR):

@@ -16,14 +16,14 @@ functions.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from vigil.sim.linear import SYSTEMS, LinearSystem, oracle, stage_cost
-from vigil.training.irlqr import PUBLISHED, IRLQR, IRLQRConfig, dlqr_cross, is_stabilising
+from vigil.training.irlqr import IRLQR, PUBLISHED, IRLQRConfig, dlqr_cross, is_stabilising
 from vigil.training.lqr_baselines import CEC, CECPE, OSLO, Oracle, Thompson
 
 METHODS = ("ir-lqr", "cec", "cec-pe", "thompson", "oslo", "oracle", "ir-lqr-noguard")

@@ -28,15 +28,16 @@ import csv
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from vigil.training.rl_losses import (bpo_target, logcosh_loss, ppo_clip_loss, tv_loss, value_loss)
+from vigil.training.rl_losses import bpo_target, logcosh_loss, ppo_clip_loss, tv_loss, value_loss
 
 
 @dataclass(frozen=True)

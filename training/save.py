@@ -28,10 +28,11 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -209,7 +210,7 @@ class SaveConfig:
     calibration_max_steps: int = 500
     calibration_all_episodes: bool = False
 
-    def check(self) -> "SaveConfig":
+    def check(self) -> SaveConfig:
         """Refuse values a round cannot use; errors name the key."""
         for key, ok, expected in (("steps", self.steps >= 1, "an integer >= 1"),
                                   ("lr", 0 <= self.lr < math.inf, "a finite number >= 0 (0: the run's)"),
@@ -346,8 +347,14 @@ def save_round(run_dir: str | Path, old_demos: Sequence[str | Path], acquired_di
     from vigil.policies.instructions import InstructionEncoder
     from vigil.policies.manifest import read_manifest
     from vigil.training.calibrate import DEFAULT_ALPHAS, DEFAULT_WINDOW, calibrate_bundle
-    from vigil.training.train_flow import (_git_commit, check_flow_config, dataset_tensors, export_run,
-                                           load_checkpoint, write_run)
+    from vigil.training.train_flow import (
+        _git_commit,
+        check_flow_config,
+        dataset_tensors,
+        export_run,
+        load_checkpoint,
+        write_run,
+    )
 
     config = config.check()
     run, out = Path(run_dir), Path(out_dir)
@@ -401,7 +408,7 @@ def save_round(run_dir: str | Path, old_demos: Sequence[str | Path], acquired_di
     base_name = parent_save.get("base_name") or (manifest.name if manifest is not None else None)
     provenance: dict[str, Any] = {
         **{k: v for k, v in parent_prov.items() if k in ("encoder", "successful_only")},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "demos": [s["dataset"] for s in old_sources] + [str(acq_set.folder.resolve())],
         "tasks": all_stats,
         "episodes": sum(s["episodes"] for s in all_stats.values()),

@@ -28,19 +28,27 @@ import dataclasses
 import json
 import math
 import platform
-import sys
 import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from vigil.runtime.config import ConfigError, check_table, read_toml
 from vigil.training.demos import DemoSet
-from vigil.training.flow import (IMAGE, MIN_IMAGE_SIZE, PAIR_CONVENTIONS, STATE, Ensemble, FlowConfig,
-                                 make_chunks, train_ensemble)
+from vigil.training.flow import (
+    IMAGE,
+    MIN_IMAGE_SIZE,
+    PAIR_CONVENTIONS,
+    STATE,
+    Ensemble,
+    FlowConfig,
+    make_chunks,
+    train_ensemble,
+)
 
 CHECKPOINT_FORMAT = "vigil-flow-checkpoint/1"
 OBS_NAME = STATE
@@ -344,7 +352,7 @@ def run(config: str | Path | FlowConfig, demos_dir: str | Path, out_dir: str | P
     log(f"data: {n_steps} steps{' (with camera images)' if cfg.vision else ''} from {sum(s['episodes'] for s in per_task.values())} successful episodes of "
         f"{len(per_task)} task(s) in {demos.folder}")
     provenance = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "demos": str(demos.folder.resolve()),
         "tasks": per_task,
         "episodes": sum(s["episodes"] for s in per_task.values()),

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -80,7 +81,7 @@ class ArraySpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "spec") -> "ArraySpec":
+    def from_dict(cls, d: Any, where: str = "spec") -> ArraySpec:
         if not isinstance(d, Mapping):
             raise ProtocolError("bad_spec", f"{where} must be a map with name, dtype, shape")
         name, dtype, shape = d.get("name"), d.get("dtype"), d.get("shape")

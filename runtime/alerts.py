@@ -20,9 +20,9 @@ from functools import partial
 
 from vigil.monitors.base import Level, Verdict
 from vigil.runtime.outbox import Entry, Outbox
-from vigil.runtime.protocol import Message
 from vigil.runtime.store import AlertRecord, AlertStore
 from vigil.runtime.stream import OperatorStream
+from vigil.wire.protocol import Message
 
 
 @dataclass

@@ -6,7 +6,7 @@ costs a few microseconds per message; these two functions talk to the socket wit
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import zmq
 
