@@ -94,6 +94,7 @@ def _serve_parser(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from vigil.runtime.launch import ready_line, stopped_line
     from vigil.runtime.server import Runtime
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -111,8 +112,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "anyone on the network can drive or watch this robot. Use --curve-secret/--curve-allow "
               "(`vigil keys`).", file=sys.stderr, flush=True)
     stop = _stop_on_signals()
+    print(ready_line(policy=runtime.manifest.policy_id, **runtime.endpoints(), store=config.store), flush=True)
     counters = runtime.run(should_stop=lambda: bool(stop))
-    print(json.dumps({"stopped_by": signal.Signals(stop[0]).name if stop else None, **counters}), flush=True)
+    print(stopped_line(stopped_by=signal.Signals(stop[0]).name if stop else None, **counters), flush=True)
     return 0
 
 

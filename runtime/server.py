@@ -57,7 +57,7 @@ from vigil.wire.protocol import (
     encode,
     error,
 )
-from vigil.wire.transport import readable, send_frames
+from vigil.wire.transport import bound_endpoint, readable, send_frames
 
 log = logging.getLogger("vigil.serve")
 POLICY_OK = Verdict("policy", Level.OK)
@@ -100,7 +100,7 @@ class Runtime:
         # between the protocol limit and this cap still get a proper `too_large` error reply.
         self.link.setsockopt(zmq.MAXMSGSIZE, 4 * DEFAULT_LIMITS.max_total_bytes)
         self.link.bind(config.robot_endpoint)
-        self.robot_endpoint = self.link.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.robot_endpoint = bound_endpoint(self.link)
         self.stream = OperatorStream(self.ctx, config.operator_endpoint, self.auth, config.stream_hwm)
         try:
             self.store = AlertStore(config.store)
@@ -130,6 +130,11 @@ class Runtime:
             "heartbeat": self._on_heartbeat, "bye": self._on_bye, "error": self._on_robot_error,
         }
         self._next_telemetry = time.monotonic() + config.telemetry_s
+
+    def endpoints(self) -> dict[str, str]:
+        """The endpoints as bound (a port 0 in the configuration is the real port here)."""
+        return {"robot_endpoint": self.robot_endpoint, "operator_endpoint": self.stream.endpoint,
+                "control_endpoint": bound_endpoint(self.control) if self.control else ""}
 
     # -- the loop -------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from vigil.wire.protocol import STREAM_KINDS, Message, ProtocolError, decode, encode
+from vigil.wire.transport import bound_endpoint
 
 if TYPE_CHECKING:
     from vigil.runtime.auth import ClientKeys, ServerAuth
@@ -28,7 +29,7 @@ class OperatorStream:
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.IPV6, 1)
         self.sock.bind(endpoint)
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = bound_endpoint(self.sock)
 
     def publish(self, topic: str, msg: Message) -> None:
         try:

@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 import zmq
 
+from vigil.runtime import launch
 from vigil.runtime.client import RobotLink
 from vigil.sim.demo import free_port
-from vigil.wire.protocol import STREAM_KINDS, ArraySpec, Message, decode, encode
+from vigil.wire.protocol import STREAM_KINDS, ArraySpec, Message, decode
 
 VIGIL = [sys.executable, "-m", "vigil.runtime.cli"]
 EPS32 = float(np.finfo(np.float32).eps)
@@ -111,147 +112,14 @@ def assert_lqr_action(action: np.ndarray, K: np.ndarray, x: np.ndarray) -> None:
 
 # -- the runtime as a process ----------------------------------------------------------------------------
 
-
-@dataclass
-class Served:
-    """A running `vigil serve` child process and where to reach it."""
-
-    proc: subprocess.Popen
-    robot_endpoint: str
-    operator_endpoint: str
-    store: Path
-    bundle: Path
-    workdir: Path
-    exit_counters: dict[str, Any] | None = None
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 20) -> dict[str, Any]:
-        """SIGINT, wait, and return the JSON line of counters `vigil serve` prints when stopped."""
-        if self.exit_counters is not None:
-            return self.exit_counters
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"vigil serve did not stop on SIGINT within {timeout} s\n{self.log()}")
-        assert rc == 0, f"vigil serve exited {rc}\n{self.log()}"
-        lines = [ln for ln in (self.workdir / "serve.out").read_text().splitlines() if ln.strip()]
-        assert lines, f"vigil serve printed no counters\n{self.log()}"
-        self.exit_counters = json.loads(lines[-1])
-        return self.exit_counters
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-    def log(self) -> str:
-        out = (self.workdir / "serve.out").read_text(errors="replace")
-        err = (self.workdir / "serve.err").read_text(errors="replace")
-        return f"--- serve stdout ---\n{out}\n--- serve stderr ---\n{err[-5000:]}"
-
-
-def _listening_ports(pid: int) -> set[int]:
-    """TCP ports on which process `pid` has a listening socket (Linux /proc). Used to make sure the runtime we
-    talk to is the one we started: with free ports picked by several test sessions at once, another process may
-    hold the port our child failed to bind."""
-    listening: dict[str, int] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            parts = row.split()
-            if len(parts) > 9 and parts[3] == "0A":  # TCP_LISTEN
-                listening[parts[9]] = int(parts[1].rsplit(":", 1)[1], 16)
-    ports = set()
-    try:
-        fds = list(Path(f"/proc/{pid}/fd").iterdir())
-    except OSError:
-        return ports
-    for fd in fds:
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:[") and target[8:-1] in listening:
-            ports.add(listening[target[8:-1]])
-    return ports
-
-
-def _tcp_port(endpoint: str) -> int | None:
-    return int(endpoint.rsplit(":", 1)[1]) if endpoint.startswith("tcp://") else None
-
-
-def _wait_ready(served: Served, timeout: float, keys: Any = None) -> None:
-    """Ready when our child listens on its tcp ports and answers a heartbeat (the runtime answers one even from a
-    robot without a session); `keys` (ClientKeys) for a runtime with authentication on."""
-    ports = {p for p in (_tcp_port(served.robot_endpoint), _tcp_port(served.operator_endpoint)) if p is not None}
-    deadline = time.monotonic() + timeout
-
-    def check_alive() -> None:
-        if served.proc.poll() is not None:
-            raise RuntimeError(f"vigil serve exited {served.proc.returncode} before it was ready\n{served.log()}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"vigil serve not ready after {timeout} s\n{served.log()}")
-
-    while not ports <= _listening_ports(served.proc.pid):
-        check_alive()
-        time.sleep(0.02)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if keys is not None:
-        keys.apply(sock)
-    sock.connect(served.robot_endpoint)
-    try:
-        while True:
-            check_alive()
-            try:
-                sock.send_multipart(encode(Message("heartbeat", "probe", 1)), flags=zmq.NOBLOCK)
-            except zmq.Again:
-                pass
-            if sock.poll(200):
-                reply = decode(sock.recv_multipart())
-                assert reply.kind == "heartbeat"
-                return
-    finally:
-        sock.close(linger=0)
+Served = launch.Served
 
 
 def start_serve(workdir: Path, bundle: Path, **flags: Any) -> Served:
-    """Start `vigil serve` on free loopback ports (unless robot_endpoint / operator_endpoint are given) and wait
-    until it answers. Flags use underscores (`link_timeout_s=0.2` becomes `--link-timeout-s 0.2`); True is a bare
-    switch. `probe_keys` (ClientKeys): how the readiness probe connects to a runtime with authentication on."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe_keys = flags.pop("probe_keys", None)
-    store = Path(flags.pop("store", workdir / "alerts.db"))
-    fixed_robot_ep, fixed_op_ep = flags.pop("robot_endpoint", None), flags.pop("operator_endpoint", None)
-    last_error: Exception | None = None
-    for _ in range(5):  # a free port can be taken by someone else before the child binds it: retry
-        robot_ep, op_ep = fixed_robot_ep or tcp_endpoint(), fixed_op_ep or tcp_endpoint()
-        args = [*VIGIL, "serve", "--bundle", str(bundle), "--robot-endpoint", robot_ep,
-                "--operator-endpoint", op_ep, "--store", str(store), "--log-level", "INFO"]
-        for key, value in flags.items():
-            flag = "--" + key.replace("_", "-")
-            args += [flag] if value is True else [flag, str(value)]
-        with open(workdir / "serve.out", "w") as out, open(workdir / "serve.err", "w") as err:
-            proc = subprocess.Popen(args, stdout=out, stderr=err, env=child_env(), cwd=workdir)
-        served = Served(proc, robot_ep, op_ep, store, bundle, workdir)
-        try:
-            _wait_ready(served, timeout=60, keys=probe_keys)
-            return served
-        except RuntimeError as exc:
-            served.kill()
-            last_error = exc
-            if "Address already in use" not in served.log():
-                break
-    raise AssertionError(str(last_error))
+    """Start `vigil serve` (vigil.runtime.launch: free loopback ports unless robot_endpoint / operator_endpoint
+    are given, store in workdir) and wait for its ready line. Flags use underscores (`link_timeout_s=0.2`
+    becomes `--link-timeout-s 0.2`); True is a bare switch."""
+    return launch.start_serve(bundle, workdir, env={"COLUMNS": "200"}, **flags)
 
 
 @pytest.fixture

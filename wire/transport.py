@@ -29,3 +29,16 @@ def send_frames(sock: zmq.Socket, frames: Sequence, flags: int = 0) -> None:
 def readable(sock: zmq.Socket) -> bool:
     """A whole message is waiting (never blocks)."""
     return bool(sock.get(_EVENTS) & _POLLIN)
+
+
+def bound_endpoint(sock: zmq.Socket) -> str:
+    """The endpoint `sock` was last bound to, with the real port of a `:0` or `:*` bind. An IPv4 address
+    reached through an IPv6-enabled socket is given back as IPv4 (`[::ffff:127.0.0.1]` -> `127.0.0.1`), so
+    that the endpoint reads as it was configured and works for IPv4-only peers."""
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "tcp" and rest.startswith("[::ffff:") and "]:" in rest:
+        host, port = rest[len("[::ffff:"):].split("]:", 1)
+        if host.count(".") == 3:
+            return f"tcp://{host}:{port}"
+    return endpoint
