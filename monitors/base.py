@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,9 +32,9 @@ class Verdict:
     values: Mapping[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Tick:
-    """What one control tick looked like, as the monitors see it."""
+class Tick(NamedTuple):
+    """What one control tick looked like, as the monitors see it. (A NamedTuple, not a dataclass: one is made
+    every tick, and a tuple is built several times faster.)"""
 
     robot: str
     seq: int
@@ -43,6 +44,7 @@ class Tick:
     scores: Mapping[str, float]  # scalar outputs of the policy graph (e.g. VFD)
     compute_s: float  # receipt of the observation to decision
     plan: int = 0  # number of the plan the scores came from (chunked policies replan every k ticks)
+    clipped: bool | None = None  # clipping changed the action (None: not known, compare action and raw_action)
 
 
 class Monitor(ABC):

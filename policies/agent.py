@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from vigil.policies.bundle import Policy
 from vigil.policies.chunks import ActionChunkQueue
 
+_clock = time.perf_counter
 
-@dataclass(frozen=True)
-class Step:
-    """What the policy decided this tick. `raw` is before clipping (the saturation monitor wants it)."""
+
+class Step(NamedTuple):
+    """What the policy decided this tick. `raw` is before clipping (the saturation monitor wants it).
+    (A NamedTuple: one is made every tick.)"""
 
     action: np.ndarray
     raw: np.ndarray
@@ -22,6 +24,7 @@ class Step:
     replanned: bool
     infer_s: float
     plan: int = 0  # plans made so far this episode; the scores belong to plan number `plan`
+    clipped: bool = False  # clipping to the action bounds changed the action
 
 
 class Agent:
@@ -38,9 +41,15 @@ class Agent:
         self.policy = policy
         m = policy.manifest
         self.queue = ActionChunkQueue(m.chunk_execute)
-        self.low = np.asarray(m.action.low if m.action.low is not None else [-np.inf] * m.action.shape[0], np.float32)
-        self.high = np.asarray(m.action.high if m.action.high is not None else [np.inf] * m.action.shape[0], np.float32)
+        n = m.action.shape[0]
+        self.low = np.asarray(m.action.low if m.action.low is not None else [-np.inf] * n, np.float32)
+        self.high = np.asarray(m.action.high if m.action.high is not None else [np.inf] * n, np.float32)
+        self._bounded = m.action.low is not None or m.action.high is not None
+        # Small actions are clipped on Python floats: numpy's per-call overhead is most of the cost below ~16.
+        self._low_list, self._high_list = self.low.tolist(), self.high.tolist()
+        self._small = n <= 16
         self.safe_action = np.asarray(m.safe_action, np.float32)
+        self._plan_inputs = type(policy).plan_inputs is not Policy.plan_inputs  # the policy draws inputs per plan
 
     @property
     def at_plan_boundary(self) -> bool:
@@ -65,15 +74,31 @@ class Agent:
             self.rng = np.random.default_rng(seed)
 
     def act(self, obs: Mapping[str, np.ndarray]) -> Step:
-        t0 = time.perf_counter()
-        replanned = self.queue.needs_plan()
+        t0 = _clock()
+        queue = self.queue
+        replanned = queue.needs_plan()
         if replanned:
-            extra = self.policy.plan_inputs(self.rng)
-            plan = self.policy.infer(obs, {**self.episode, **self.inputs, **extra}
-                                     if extra or self.episode or self.inputs else None)
-            self.queue.push(plan.actions)
+            extra = self.policy.plan_inputs(self.rng) if self._plan_inputs else None
+            if extra or self.episode or self.inputs:
+                extra = {**self.episode, **self.inputs, **(extra or {})}
+            plan = self.policy.infer(obs, extra)
+            queue.push(plan.actions)
             self._scores = plan.scores
             self.plans += 1
-        raw = self.queue.pop()
+        raw = queue.pop()
+        action, clipped = self._clip(raw)
+        return Step(action, raw, self._scores, replanned, _clock() - t0, self.plans, clipped)
+
+    def _clip(self, raw: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The action within the manifest's bounds, and whether clipping changed it."""
+        if not self._bounded:
+            return raw, False
+        if self._small:
+            values = raw.tolist()
+            clipped = [lo if x < lo else hi if x > hi else x for x, lo, hi in zip(values, self._low_list,
+                                                                                   self._high_list)]
+            if clipped == values:  # a NaN is kept as it is (the action monitor stops on it)
+                return raw, False
+            return np.array(clipped, np.float32), True
         action = np.minimum(np.maximum(raw, self.low), self.high)  # np.clip costs 3x as much
-        return Step(action, raw, self._scores, replanned, time.perf_counter() - t0, self.plans)
+        return action, bool((action != raw).any())

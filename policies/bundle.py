@@ -7,9 +7,9 @@ Kinds differ only in small ways, so each is a small subclass registered in `POLI
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -18,8 +18,7 @@ from vigil.policies.manifest import Manifest, ManifestError, read_manifest
 from vigil.wire.protocol import ProtocolError
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """One policy evaluation: an action chunk (H, m), unclipped, and the scalar scores for the monitors."""
 
     actions: np.ndarray
@@ -42,6 +41,19 @@ def providers(prefer_gpu: bool = True) -> list[str]:
     available = ort.get_available_providers()
     chosen = ["CUDAExecutionProvider"] if prefer_gpu and "CUDAExecutionProvider" in available else []
     return chosen + ["CPUExecutionProvider"]
+
+
+_NO_SCORES: Mapping[str, float] = {}
+
+
+def _fast_run(session: ort.InferenceSession) -> Callable:
+    """`session.run` without the Python wrapper's per-call checks of input names and value ownership (about 5 us
+    of a 13 us call on a small MLP): the runtime feeds only the inputs the manifest names, checked against the
+    graph when the bundle loads. Falls back to the public `run` where this onnxruntime has no `_sess`."""
+    inner = getattr(session, "_sess", None)
+    if inner is not None and callable(getattr(inner, "run", None)):
+        return inner.run
+    return lambda names, feed, options: session.run(names, feed, options)
 
 
 class Policy:
@@ -68,6 +80,7 @@ class Policy:
         self._norm = {k: (np.asarray(n.mean, np.float32), np.asarray(n.std, np.float32), n.clip)
                       for k, n in manifest.normalisation.items()}
         self._chunk_shape = (manifest.chunk_length, manifest.action.shape[0])
+        self._run = _fast_run(self.session)
 
     def feed(self, obs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Graph inputs for one observation: normalised where the manifest says, with a batch axis of 1."""
@@ -93,8 +106,12 @@ class Policy:
         feed = self.feed(obs)
         if extra:
             feed.update(extra)
-        outputs = self.session.run(self._fetch, feed)
-        actions = np.asarray(outputs[0], dtype=np.float32).reshape(self._chunk_shape)
+        outputs = self._run(self._fetch, feed, None)
+        actions = outputs[0]
+        if actions.dtype != np.float32 or actions.shape != self._chunk_shape:
+            actions = np.asarray(actions, dtype=np.float32).reshape(self._chunk_shape)
+        if len(outputs) == 1:
+            return Plan(actions, _NO_SCORES)
         scores = {name: float(np.asarray(v).reshape(-1)[0]) for name, v in zip(self._fetch[1:], outputs[1:])}
         return Plan(actions, scores)
 

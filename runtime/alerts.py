@@ -14,15 +14,25 @@ by a later `retry`, so nothing is published that is not stored and the control l
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from vigil.monitors.base import Level, Verdict
+from vigil.runtime.hooks import Hook
 from vigil.runtime.outbox import Entry, Outbox
 from vigil.runtime.store import AlertRecord, AlertStore
 from vigil.runtime.stream import OperatorStream
 from vigil.wire.protocol import Message
+
+if TYPE_CHECKING:
+    from vigil.runtime.session import Decision, Session
+
+log = logging.getLogger("vigil.alerts")
 
 
 @dataclass
@@ -93,3 +103,79 @@ class Alerter:
 
 def _plain(v):
     return v.item() if hasattr(v, "item") else v
+
+
+POLICY_OK = Verdict("policy", Level.OK)
+
+
+class AlertHook(Hook):
+    """Every verdict becomes an alert (deduplicated by the `Alerter`): the monitors' verdicts of each tick, a
+    rejected message, a robot's own error report, link loss; an `ok` re-arms a raised condition. It also
+    tells the operator when the store fails or recovers: the store cannot hold that news, so it goes out
+    unstored (an `alert` with id 0) with a telemetry event."""
+
+    name = "alerts"
+
+    def __init__(self, alerter: Alerter, stream: OperatorStream, store_path: str, counters: Counter):
+        self.alerter, self.stream, self.store_path, self.counters = alerter, stream, store_path, counters
+
+    def observe(self, robot: str, verdict: Verdict) -> None:
+        try:
+            self.alerter.observe(robot, verdict)
+        except Exception:  # the store failing must not stop the control loop (issue: disk full)
+            self.counters["alert_store_failed"] += 1
+            log.exception("could not file alert %s", verdict)
+
+    def file(self, robot: str, verdict: Verdict) -> None:
+        """File `verdict` as an alert now, whatever was filed before (swaps, learner fallbacks)."""
+        try:
+            self.alerter.file(robot, verdict)
+        except Exception:
+            self.counters["alert_store_failed"] += 1
+            log.exception("could not file alert %s", verdict)
+
+    def on_decision(self, session: Session, obs: Message, decision: Decision) -> None:
+        if decision.verdicts or self.alerter.raised:  # ok verdicts matter only to re-arm a raised alert
+            robot = session.robot
+            for v in decision.judged:
+                self.observe(robot, v)
+            if not decision.failed:
+                self.observe(robot, POLICY_OK)  # the policy answered: re-arms a `policy` stop
+
+    def on_verdict(self, robot: str, verdict: Verdict) -> None:
+        self.observe(robot, verdict)
+
+    def on_link_lost(self, session: Session, verdict: Verdict) -> None:
+        self.observe(session.robot, verdict)
+
+    def on_link_restored(self, session: Session, outage_s: float) -> None:
+        self.observe(session.robot, Verdict("link", Level.OK))
+
+    def on_forget(self, session: Session, reason: str) -> None:
+        self.alerter.forget(session.robot)
+
+    def on_timer(self, now: float) -> None:
+        if self.alerter.outbox.pending:
+            self.alerter.outbox.retry()
+
+    def on_store_change(self, error: str | None) -> None:
+        """The store refuses records (disk full, read-only, locked) or takes them again. Held records are filed,
+        in order, as soon as the store takes them (runtime/outbox.py)."""
+        outbox = self.alerter.outbox
+        pending = len(outbox.pending)
+        if error is not None:
+            self.counters["store_failures"] += 1
+            severity, reason = "alert", (f"the alert store {self.store_path} cannot be written ({error}); "
+                                         f"{pending} record(s) held in memory until it can; the control loop goes on")
+        else:
+            severity, reason = "warn", f"the alert store {self.store_path} is writable again; held records filed"
+        values = {"store": self.store_path, "error": error or "", "pending": pending, "dropped": outbox.dropped}
+        self.stream.publish(f"alert.{severity}", Message("alert", "", 0, 0, {}, {
+            "id": 0, "severity": severity, "monitor": "store", "reason": reason, "values": values, "count": 1,
+            "stored": False}))
+        self.stream.event("", "store_failing" if error is not None else "store_ok", values)
+
+    def stats(self) -> Mapping[str, Any]:
+        a, outbox = self.alerter, self.alerter.outbox
+        return {"alerts": {"filed": a.filed, "suppressed": a.suppressed, "last_id": a.last_id,
+                           "pending": len(outbox.pending), "dropped": outbox.dropped}}

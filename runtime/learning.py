@@ -22,28 +22,44 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vigil.monitors.base import Level, Verdict
 from vigil.policies.irlqr import GainUpdate, LearnerSpec
+from vigil.runtime.alerts import AlertHook
+from vigil.runtime.hooks import Hook
+from vigil.runtime.stream import OperatorStream
+
+if TYPE_CHECKING:
+    from vigil.runtime.session import Decision, Session
+    from vigil.wire.protocol import Message
 
 log = logging.getLogger("vigil.learning")
 
 
 class GainWorker:
     """One background thread for every session's gain computations (one at a time: they are short, and
-    a second core is better left to the loop)."""
+    a second core is better left to the loop). `on_done` is called (on the worker thread) when a computation
+    finishes: the runtime passes its `wake`, so the loop adopts the gain before the next observation."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_done: Callable[[], None] | None = None) -> None:
         self._pool: ThreadPoolExecutor | None = None
+        self.on_done = on_done
 
     def submit(self, fn, *args) -> Future:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigil-learner")
-        return self._pool.submit(fn, *args)
+        future = self._pool.submit(fn, *args)
+        if self.on_done is not None:
+            on_done = self.on_done
+            future.add_done_callback(lambda _: on_done())
+        return future
 
     def close(self) -> None:
         if self._pool is not None:
@@ -143,3 +159,97 @@ def describe(robot: str, adopted: Adopted) -> dict:
             "fallback": u.fallback, "guarded": u.guarded, "failed": u.failed,
             "update_ms": round(u.seconds * 1e3, 3), "delay_ticks": adopted.delay_ticks,
             "t": time.time()}
+
+
+class LearnerHook(Hook):
+    """The online learner as a hook. A session whose policy carries a learner spec gets its own
+    `SessionLearner` (from the bundle's prior) when it starts planning with that policy; every answered
+    observation completes a transition; reset, link loss, a resumed connection and a failed policy step break
+    the chain; a heartbeat between two observations bridges it. Finished gain computations are adopted from
+    `on_timer` (the worker wakes the loop when one is done), so the next action uses the new gain; each
+    swap is a telemetry event, each fallback a stored warn alert."""
+
+    name = "learner"
+
+    def __init__(self, worker: GainWorker, alerts: AlertHook, stream: OperatorStream, counters: Counter):
+        self.worker, self.alerts, self.stream, self.counters = worker, alerts, stream, counters
+        self._learning: dict[str, Session] = {}  # robot -> session, for the sessions that have a learner
+
+    def on_policy(self, session: Session) -> None:
+        spec = getattr(session.policy, "learner_spec", None)
+        learner = SessionLearner(spec, self.worker) if spec is not None else None
+        session.state[self.name] = learner  # a new bundle's learner starts from its prior: statistics afresh
+        if learner is None:
+            self._learning.pop(session.robot, None)
+        else:
+            session.agent.inputs["gain"] = learner.gain32
+            self._learning[session.robot] = session
+
+    def on_hello(self, session: Session, resumed: bool) -> None:
+        if resumed and (learner := session.state.get(self.name)) is not None:
+            learner.break_chain()
+
+    def on_reset(self, session: Session) -> None:
+        if (learner := session.state.get(self.name)) is not None:  # it keeps what it learnt; a new chain starts
+            learner.break_chain()
+
+    def on_decision(self, session: Session, obs: Message, decision: Decision) -> None:
+        learner = session.state.get(self.name)
+        if learner is None:
+            return
+        x = obs.arrays[session.observation[0].name]
+        learner.transition(x, obs.seq)
+        if decision.failed:
+            learner.break_chain()
+        else:
+            learner.acted(x, decision.action, obs.seq)
+
+    def on_heartbeat(self, session: Session, seq: int) -> None:
+        if (learner := session.state.get(self.name)) is not None:  # a heartbeat between two observations
+            learner.bridge(seq)
+
+    def on_link_lost(self, session: Session, verdict: Verdict) -> None:
+        if (learner := session.state.get(self.name)) is not None:
+            learner.break_chain()
+
+    def on_forget(self, session: Session, reason: str) -> None:
+        self._learning.pop(session.robot, None)
+
+    def on_timer(self, now: float) -> None:
+        for session in list(self._learning.values()):
+            learner = session.state.get(self.name)
+            if learner is not None and (adopted := learner.poll()) is not None:
+                session.agent.inputs["gain"] = adopted.gain
+                self._announce(session, learner, adopted)
+
+    def _announce(self, session: Session, learner: SessionLearner, adopted: Adopted) -> None:
+        """A new epoch's gain is in use: a telemetry event for every swap, a stored warn alert for every
+        fallback (the published rule kept the previous gain, the guard replaced an unstable one, or the
+        Riccati equation had no solution)."""
+        u = adopted.update
+        session.counters["gain_swaps"] += 1
+        session.counters["fallbacks"] += u.fallback
+        session.counters["guarded"] += u.guarded
+        session.counters["learner_failures"] += u.failed
+        self.counters["gain_swaps"] += 1
+        self.stream.event(session.robot, "gain", describe(session.robot, adopted))
+        reason = None
+        if u.guarded:
+            reason = (f"IR-LQR epoch {adopted.epoch}: the previous gain is unstable under the current estimate; "
+                      "switched to the certainty-equivalent gain (guarded fallback)")
+        elif u.fallback:
+            reason = (f"IR-LQR epoch {adopted.epoch}: fallback, optimism too large (lambda_max(O) >= "
+                      f"{learner.spec.config.fallback_ratio:g} lambda_min(H)); kept the previous gain")
+        elif u.failed:
+            reason = f"IR-LQR epoch {adopted.epoch}: no stabilising Riccati solution; kept the previous gain"
+        if reason is not None:
+            self.alerts.file(session.robot, Verdict("learner", Level.WARN, reason, {
+                "epoch": adopted.epoch, "steps": adopted.steps, "fallback": u.fallback, "guarded": u.guarded,
+                "failed": u.failed}))
+
+    def robot_stats(self, session: Session) -> Mapping[str, Any]:
+        learner = session.state.get(self.name)
+        return {} if learner is None else {"learner": dict(learner.stats())}
+
+    def close(self) -> None:
+        self.worker.close()

@@ -29,19 +29,24 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vigil.monitors.base import Verdict
+from vigil.monitors.base import Level, Verdict
+from vigil.runtime.hooks import Hook
 from vigil.runtime.outbox import Entry, Outbox
 from vigil.runtime.store import open_db
 from vigil.runtime.stream import OperatorStream
 from vigil.wire.protocol import Message
+
+if TYPE_CHECKING:
+    from vigil.runtime.session import Decision, Session
 
 log = logging.getLogger("vigil.requests")
 
@@ -320,3 +325,26 @@ class Requester:
         if self.stream is not None:
             self.stream.publish("request", Message("request", record.robot, record.id, record.t_ns,
                                                    dict(record.observation), record.to_meta()))
+
+
+class RequestHook(Hook):
+    """A VFD verdict at `alert` or above files a data request (rate-limited per task by the `Requester`) with
+    the observation that triggered it and what the robot's last reset said about the episode."""
+
+    name = "requests"
+
+    def __init__(self, requester: Requester, counters: Counter):
+        self.requester, self.counters = requester, counters
+
+    def on_decision(self, session: Session, obs: Message, decision: Decision) -> None:
+        for v in decision.verdicts:
+            if v.monitor == "vfd" and v.level >= Level.ALERT:
+                try:
+                    self.requester.request(session.robot, session.info, decision.policy, session.episode,
+                                           session.step - 1, obs.arrays, v)
+                except Exception:  # as for alerts: the store must not stop the control loop
+                    self.counters["request_store_failed"] += 1
+                    log.exception("could not file a data request for %s", session.robot)
+
+    def stats(self) -> Mapping[str, Any]:
+        return {"requests": {"filed": self.requester.filed, "limited": self.requester.limited}}

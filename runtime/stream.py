@@ -37,6 +37,10 @@ class OperatorStream:
         except zmq.Again:  # PUB never blocks; a full queue means a subscriber is lost behind
             pass
 
+    def event(self, robot: str, event: str, values: dict) -> None:
+        """A telemetry event (`connected`, `link_restored`, `swapped`, ...): what happened, and its numbers."""
+        self.publish("telemetry", Message("telemetry", robot, 0, 0, {}, {"event": event, "values": values}))
+
     def close(self) -> None:
         self.sock.close()
 

@@ -15,7 +15,7 @@ same observation arrays (names, dtypes, shapes), give the same action shape, run
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +68,10 @@ def warm_up(policy: Policy, instructions: Sequence[str]) -> None:
 class BundleLoader:
     """One load at a time, on a daemon thread; `result()` is polled by the loop and never blocks."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_done: Callable[[], None] | None = None) -> None:
         self._thread: threading.Thread | None = None
         self._result: Loaded | None = None
+        self.on_done = on_done  # called on the loader's thread when a load finishes (the runtime's `wake`)
 
     @property
     def busy(self) -> bool:
@@ -95,10 +96,12 @@ class BundleLoader:
         except Exception as exc:  # any failure to load is a refusal, never a crash of the runtime
             result = Loaded(bundle, None, f"{type(exc).__name__}: {exc}")
         self._result = result  # one reference assignment: the loop sees all of it or nothing
+        if self.on_done is not None:
+            self.on_done()
 
     def result(self) -> Loaded | None:
         """The finished load, once (then the loader is free again); None while loading or idle."""
-        if self._thread is None or self._thread.is_alive():
+        if self._thread is None or self._result is None:  # the result is set last thing before the thread ends
             return None
         self._thread.join()
         self._thread, result, self._result = None, self._result, None

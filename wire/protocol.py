@@ -17,7 +17,8 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -34,8 +35,11 @@ DTYPES: dict[str, np.dtype] = {
     for name in ("float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "bool")
 }
 _WIRE_NAME = {dt: name for name, dt in DTYPES.items()}  # dtype -> wire name (dtype.name is slow)
-_FLOATS = frozenset(dt for dt in DTYPES.values() if dt.kind == "f")
 _packb = msgpack.Packer(use_bin_type=True).pack
+_unpackb = msgpack.unpackb
+_isfinite = math.isfinite
+_I63 = 2**63
+_SMALL = 64  # arrays up to this many elements have their values checked as Python numbers (faster than numpy)
 
 
 class ProtocolError(Exception):
@@ -104,16 +108,20 @@ class ArraySpec:
         return cls(name, dtype, tuple(int(s) for s in shape), bound("low"), bound("high"))
 
 
-@dataclass(frozen=True)
-class Message:
-    """A decoded message. `arrays` keeps header order; `meta` holds the kind-specific header keys."""
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class Message(NamedTuple):
+    """A decoded message. `arrays` keeps header order; `meta` holds the kind-specific header keys. (A
+    NamedTuple rather than a frozen dataclass: immutable all the same, and built several times faster,
+    which counts on the hot path.)"""
 
     kind: str
     robot: str = ""
     seq: int = 0
     t_ns: int = 0
-    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
-    meta: Mapping[str, Any] = field(default_factory=dict)
+    arrays: Mapping[str, np.ndarray] = _EMPTY
+    meta: Mapping[str, Any] = _EMPTY
 
 
 def _is_int(x: Any) -> bool:
@@ -147,54 +155,126 @@ def encode(msg: Message) -> list:
     return [_packb(header), *bufs]
 
 
-def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, kinds: frozenset[str] = ROBOT_KINDS) -> Message:
-    """Validate and decode frames (bytes, memoryviews or zmq.Frame). Raises only ProtocolError."""
+def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, kinds: frozenset[str] = ROBOT_KINDS,
+           layout: Layout | None = None) -> Message:
+    """Validate and decode frames (bytes, memoryviews or zmq.Frame). Raises only ProtocolError.
+
+    `layout`: the arrays this sender is expected to send (compiled once per session from its declared
+    spec); a message whose array descriptors are exactly those skips the per-descriptor checks. Anything
+    else is checked descriptor by descriptor, and the first problem is named."""
     if not frames:
         raise ProtocolError("bad_frames", "empty message")
     head = _buffer(frames[0])
     if len(head) > limits.max_header_bytes:
         raise ProtocolError("too_large", f"header is {len(head)} bytes, limit {limits.max_header_bytes}")
     try:
-        header = msgpack.unpackb(head, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+        header = _unpackb(head, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ProtocolError("bad_header", f"header is not valid msgpack ({type(exc).__name__})") from None
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise ProtocolError("bad_header", "header must be a msgpack map")
     get = header.get
-    if type(get("v")) is not int or get("v") != VERSION:
-        raise ProtocolError("bad_version", f"protocol version {get('v')!r} is not supported (this runtime speaks {VERSION})")
+    v = get("v")
+    if v != VERSION or type(v) is not int:
+        raise ProtocolError("bad_version",
+                            f"protocol version {v!r} is not supported (this runtime speaks {VERSION})")
     kind = get("kind")
     if type(kind) is not str or kind not in kinds:
         raise ProtocolError("bad_kind", f"unknown kind {kind!r}; expected one of {sorted(kinds)}")
     robot, seq, t_ns = get("robot", ""), get("seq", 0), get("t_ns", 0)
     if type(robot) is not str or len(robot) > limits.max_name_len:
         raise ProtocolError("bad_header", f"robot must be a string of at most {limits.max_name_len} characters")
-    if type(seq) is not int or not 0 <= seq < 2**63:
+    if type(seq) is not int or not 0 <= seq < _I63:
         raise ProtocolError("bad_header", "seq must be a non-negative 64-bit integer")
-    if type(t_ns) is not int or not 0 <= t_ns < 2**63:
+    if type(t_ns) is not int or not 0 <= t_ns < _I63:
         raise ProtocolError("bad_header", "t_ns must be a non-negative 64-bit integer")
     descs = get("arrays", ())
-    if type(descs) is not list and descs != ():
+    extra = header.keys() - ENVELOPE
+    meta = {k: header[k] for k in extra} if extra else _EMPTY
+    if not descs:
+        if descs != () and type(descs) is not list:
+            raise ProtocolError("bad_header", "arrays must be a list of {name, dtype, shape}")
+        if len(frames) != 1:
+            raise ProtocolError("bad_frames", f"header declares 0 arrays but {len(frames) - 1} buffer frames arrived")
+        return Message(kind, robot, seq, t_ns, _EMPTY, meta)
+    if layout is not None and descs == layout.descs and len(frames) == 1 + len(descs):
+        return Message(kind, robot, seq, t_ns, layout.arrays(frames), meta)
+    return Message(kind, robot, seq, t_ns, _decode_arrays(descs, frames, len(head), limits), meta)
+
+
+def _decode_arrays(descs: Any, frames: Sequence[Any], total: int, limits: Limits) -> dict[str, np.ndarray]:
+    """The arrays of a message whose descriptors are checked one by one (no layout, or not the expected one)."""
+    if type(descs) is not list:
         raise ProtocolError("bad_header", "arrays must be a list of {name, dtype, shape}")
     if len(descs) > limits.max_arrays:
         raise ProtocolError("too_large", f"{len(descs)} arrays, limit {limits.max_arrays}")
     if len(frames) != 1 + len(descs):
-        raise ProtocolError("bad_frames", f"header declares {len(descs)} arrays but {len(frames) - 1} buffer frames arrived")
+        raise ProtocolError("bad_frames",
+                            f"header declares {len(descs)} arrays but {len(frames) - 1} buffer frames arrived")
     arrays: dict[str, np.ndarray] = {}
-    total = len(head)
     for i, d in enumerate(descs):
         name, arr = _decode_array(d, _buffer(frames[i + 1]), i, limits)
-        if arr.dtype in _FLOATS and not np.isfinite(arr).all():
-            raise ProtocolError("not_finite", f"array {name!r} contains NaN or infinity")
+        _check_values(name, arr)
         total += arr.nbytes
         if total > limits.max_total_bytes:
             raise ProtocolError("too_large", f"message exceeds {limits.max_total_bytes} bytes")
         if name in arrays:
             raise ProtocolError("bad_header", f"array name {name!r} appears twice")
         arrays[name] = arr
-    extra = header.keys() - ENVELOPE
-    meta = {k: header[k] for k in extra} if extra else {}
-    return Message(kind, robot, seq, t_ns, arrays, meta)
+    return arrays
+
+
+def _check_values(name: str, arr: np.ndarray) -> None:
+    """Floats must be finite; bools must be the bytes 0x00 or 0x01 (numpy would read any other byte as true)."""
+    kind = arr.dtype.kind
+    if kind == "f":
+        if arr.size <= _SMALL:  # numpy's per-call overhead dominates on small arrays: test Python floats
+            if not all(map(_isfinite, arr.ravel().tolist())):
+                raise ProtocolError("not_finite", f"array {name!r} contains NaN or infinity")
+        elif not np.isfinite(arr).all():
+            raise ProtocolError("not_finite", f"array {name!r} contains NaN or infinity")
+    elif kind == "b" and arr.size and arr.view(np.uint8).max() > 1:
+        raise ProtocolError("bad_value", f"array {name!r} is bool: every byte must be 0x00 or 0x01")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The arrays a sender declared (its spec), compiled once so that a message carrying exactly them is
+    decoded without re-checking every descriptor: the exact `arrays` list of the header (the order the
+    specs were given in), and per array its dtype, shape and byte length. Values are still checked
+    (finite floats, strict bools) on every message."""
+
+    specs: tuple[ArraySpec, ...]
+    descs: list[dict[str, Any]] = field(init=False, compare=False)
+    _plan: tuple[tuple[str, np.dtype, tuple[int, ...], int, bool], ...] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        descs = [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in self.specs]
+        plan = tuple((s.name, DTYPES[s.dtype], s.shape, DTYPES[s.dtype].itemsize * math.prod(s.shape),
+                      DTYPES[s.dtype].kind in "fb") for s in self.specs)
+        if len({s.name for s in self.specs}) != len(self.specs):
+            raise ValueError("array names in a layout must be unique")
+        object.__setattr__(self, "descs", descs)
+        object.__setattr__(self, "_plan", plan)
+
+    def arrays(self, frames: Sequence[Any]) -> dict[str, np.ndarray]:
+        """The arrays of a message whose descriptors equal `descs` (the caller checked that, and the frame
+        count); raises ProtocolError for a frame of the wrong length or a bad value."""
+        arrays = {}
+        for i, (name, dt, shape, nbytes, check) in enumerate(self._plan, 1):
+            buf = frames[i]
+            if type(buf) is not bytes:
+                buf = _buffer(buf)
+            if len(buf) != nbytes:
+                raise ProtocolError("bad_frames", f"array {name!r}: frame has {len(buf)} bytes, shape "
+                                    f"{list(shape)} x {dt.name} needs {nbytes}")
+            arr = np.frombuffer(buf, dt)
+            if len(shape) != 1:
+                arr = arr.reshape(shape)
+            if check:
+                _check_values(name, arr)
+            arrays[name] = arr
+        return arrays
 
 
 def _decode_array(d: Any, buf: Any, i: int, limits: Limits) -> tuple[str, np.ndarray]:
@@ -206,16 +286,18 @@ def _decode_array(d: Any, buf: Any, i: int, limits: Limits) -> tuple[str, np.nda
     dt = DTYPES.get(dtype) if type(dtype) is str else None
     if dt is None:
         raise ProtocolError("bad_dtype", f"array {name!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    bad_shape = f"array {name!r}: shape must be a list of at most {limits.max_dims} non-negative integers"
     if type(shape) is not list or len(shape) > limits.max_dims:
-        raise ProtocolError("bad_shape", f"array {name!r}: shape must be a list of at most {limits.max_dims} non-negative integers")
+        raise ProtocolError("bad_shape", bad_shape)
     for s in shape:
         if type(s) is not int or not 0 <= s < 2**31:
-            raise ProtocolError("bad_shape", f"array {name!r}: shape must be a list of at most {limits.max_dims} non-negative integers")
+            raise ProtocolError("bad_shape", bad_shape)
     expected = dt.itemsize * math.prod(shape)
     if expected > limits.max_array_bytes:
         raise ProtocolError("too_large", f"array {name!r} is {expected} bytes, limit {limits.max_array_bytes}")
     if len(buf) != expected:
-        raise ProtocolError("bad_frames", f"array {name!r}: frame has {len(buf)} bytes, shape {shape} x {dtype} needs {expected}")
+        raise ProtocolError("bad_frames",
+                            f"array {name!r}: frame has {len(buf)} bytes, shape {shape} x {dtype} needs {expected}")
     return name, np.frombuffer(buf, dtype=dt).reshape(shape)
 
 
@@ -249,3 +331,14 @@ def check_arrays(msg: Message, specs: Sequence[ArraySpec]) -> None:
 def error(code: str, message: str, robot: str = "", seq: int = 0, **meta: Any) -> Message:
     """An `error` reply; the connection stays usable after it."""
     return Message("error", robot, seq, 0, {}, {"code": code, "message": message, **meta})
+
+
+def peek_seq(body: Sequence[Any]) -> int:
+    """Best-effort seq of a message that failed validation, so the sender can match the error to what it
+    sent; 0 when even that cannot be read."""
+    try:
+        header = _unpackb(_buffer(body[0]), raw=False)
+        seq = header.get("seq", 0) if isinstance(header, dict) else 0
+        return seq if type(seq) is int and 0 <= seq < _I63 else 0
+    except Exception:
+        return 0

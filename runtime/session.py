@@ -1,0 +1,267 @@
+"""One robot's session: the tick as a plain object.
+
+`Session.on_obs(arrays, seq, t_recv)` decides what one observation gets -- the policy's action, or the
+bundle's safe action when a monitor says stop or the policy raised -- together with the monitors' verdicts
+and the plan's scores, and returns it as a `Decision`. A session owns no socket and files nothing: the loop
+(runtime/server.py) sends the reply that `act_reply` builds from the decision, then tells its hooks
+(runtime/hooks.py), which do everything that is not deciding (alerts, data requests, the online learner,
+telemetry).
+
+A session also holds what a robot is between ticks: its episode (reset), its link's liveness, the policy it
+plans with (a swapped-in policy is offered to every session and taken at the session's next plan boundary,
+so no action chunk is cut short) and per-hook state (`state`, keyed by hook name).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import msgpack
+import numpy as np
+
+from vigil.monitors.base import Level, Monitor, Tick, Verdict
+from vigil.monitors.safety import ActionMonitor, DeadlineMonitor, LinkMonitor, ObservationMonitor, SaturationMonitor
+from vigil.monitors.stability import StabilityMonitor
+from vigil.monitors.vfd import VFDMonitor
+from vigil.policies.agent import Agent
+from vigil.policies.bundle import Policy
+from vigil.policies.manifest import Manifest
+from vigil.wire.protocol import ArraySpec, Layout, ProtocolError, check_arrays
+
+log = logging.getLogger("vigil.session")
+_clock = time.perf_counter
+_STOP = Level.STOP
+_NONE: tuple[Verdict, ...] = ()
+_NO_SCORES: Mapping[str, float] = {}
+
+
+class Decision(NamedTuple):
+    """What one tick decided. `verdicts` holds the verdicts above ok (they go in the reply); `judged` every
+    monitor's verdict, ok ones included (an ok re-arms an alert). `infer_s` is None on decisions that did not
+    consult the policy (link loss). A NamedTuple: one is made every tick."""
+
+    action: np.ndarray  # what is sent: the safe action when `safe`
+    safe: bool
+    verdicts: tuple[Verdict, ...]
+    judged: Sequence[Verdict]
+    scores: Mapping[str, float]
+    plan: int  # number of the plan the scores belong to (0: none this episode)
+    policy: str  # policy id that decided
+    infer_s: float | None  # the policy step (onnxruntime, chunk queue, clipping)
+    decide_s: float  # receipt of the observation to the decision
+    t_recv: float = 0.0  # when the runtime read the observation (perf_counter)
+    failed: bool = False  # the policy raised: `action` is the safe action, `verdicts` says why
+
+
+MonitorFactory = Callable[[Manifest], list[Monitor]]
+
+
+def standard_monitors(deadline_s: float, saturation_window: int) -> MonitorFactory:
+    """The monitors every session runs, for a manifest: observation range, action finiteness, saturation,
+    the deadline, and the bundle's own (VFD thresholds, a stability block, or a learner's default stability)."""
+    def make(manifest: Manifest) -> list[Monitor]:
+        monitors: list[Monitor] = [ObservationMonitor(manifest.observation), ActionMonitor(),
+                                   SaturationMonitor(saturation_window), DeadlineMonitor(deadline_s)]
+        if "vfd" in manifest.monitor:
+            monitors.append(VFDMonitor.from_manifest(manifest.monitor["vfd"]))
+        if "stability" in manifest.monitor or manifest.learner:
+            monitors.append(StabilityMonitor.from_manifest(manifest.monitor.get("stability")))
+        return monitors
+
+    return make
+
+
+def check_spec(spec: Any, manifest: Manifest) -> tuple[ArraySpec, ...]:
+    """The observation arrays a robot declares in its hello `spec`, if they are exactly the policy's (else
+    `bad_spec` for a malformed spec, `refused` for one this policy cannot drive)."""
+    if not isinstance(spec, dict):
+        raise ProtocolError("bad_spec", "hello must carry spec: {observation: [array specs], action: array spec}")
+    obs = spec.get("observation")
+    if not isinstance(obs, list):
+        raise ProtocolError("bad_spec", "spec.observation must be a list of array specs")
+    specs = tuple(ArraySpec.from_dict(d, f"spec.observation[{i}]") for i, d in enumerate(obs))
+    declared = {s.name: s for s in specs}
+    for want in manifest.observation:
+        got = declared.get(want.name)
+        if got is None or got.dtype != want.dtype or got.shape != want.shape:
+            raise ProtocolError("refused", f"policy {manifest.policy_id} needs observation {want.name!r} "
+                                f"{want.dtype}{list(want.shape)}, robot declares "
+                                f"{f'{got.dtype}{list(got.shape)}' if got else 'nothing'}")
+    if set(declared) != {s.name for s in manifest.observation} or len(declared) != len(specs):
+        raise ProtocolError("refused", f"robot declares observations {sorted(declared)}, policy uses "
+                            f"{sorted(s.name for s in manifest.observation)}")
+    act = ArraySpec.from_dict(spec.get("action"), "spec.action")
+    if act.shape != manifest.action.shape:
+        raise ProtocolError("refused", f"policy acts in {list(manifest.action.shape)}, robot declares "
+                            f"{list(act.shape)}")
+    return specs
+
+
+class Session:
+    """One connected robot. `identity` is the routing id of the connection it last spoke from."""
+
+    def __init__(self, robot: str, identity: bytes, policy: Policy, monitors: MonitorFactory, link: LinkMonitor,
+                 info: Mapping[str, Any] | None = None, declared: Sequence[ArraySpec] = (),
+                 on_policy: Callable[[Session], None] | None = None):
+        self.robot = robot
+        self.identity = identity
+        self.layout = Layout(tuple(declared))  # the robot's observation arrays as it declared them: fast decoding
+        self.info: dict[str, Any] = dict(info or {})  # hello's info, then the current episode's task/instruction/sim
+        self.link = link
+        self.counters: Counter = Counter()
+        self.state: dict[str, Any] = {}  # per-hook state (e.g. the online learner), keyed by hook name
+        self.last_seq = 0  # seq of the last observation answered with an action
+        self.episode = 0  # resets so far
+        self.step = 0  # observations answered since the last reset (the step index in lockstep)
+        self._make_monitors = monitors
+        self._on_policy = on_policy
+        self._offered: Policy | None = None
+        self.agent = Agent(policy)
+        self._use(policy)
+
+    # -- the tick ---------------------------------------------------------------------------------------
+
+    def on_obs(self, arrays: Mapping[str, np.ndarray], seq: int, t_recv: float) -> Decision:
+        """Decide the action for one observation (already decoded and checked against the spec)."""
+        agent = self.agent
+        if self._offered is not None and agent.at_plan_boundary:
+            self._switch()
+        try:
+            step = agent.act(arrays)
+        except ProtocolError:  # the robot's mistake (e.g. no instruction sent yet): an error reply
+            raise
+        except Exception as exc:  # onnxruntime refused this input, a custom op raised...: never the robot's problem
+            return self._failed(exc, seq, t_recv)
+        tick = Tick(self.robot, seq, arrays, step.action, step.raw, step.scores, _clock() - t_recv, step.plan,
+                    step.clipped)
+        judged = [m.update(tick) for m in self.monitors]
+        verdicts = tuple(v for v in judged if v.level)
+        safe = False
+        for v in verdicts:
+            if v.level is _STOP:
+                safe = True
+                break
+        decision = Decision(agent.safe_action if safe else step.action, safe, verdicts, judged, step.scores,
+                            step.plan, self.policy_id, step.infer_s, _clock() - t_recv, t_recv)
+        self._answered(seq, safe)
+        return decision
+
+    def _failed(self, exc: Exception, seq: int, t_recv: float) -> Decision:
+        """The policy raised on this observation: the safe action at once, a stop verdict that says why; the next
+        observation is tried afresh."""
+        log.warning("policy %s raised for %s: %s", self.policy_id, self.robot, exc)
+        verdict = Verdict("policy", Level.STOP, f"policy raised {type(exc).__name__}: {exc}"[:500],
+                          {"error": type(exc).__name__})
+        self.counters["policy_failed"] += 1
+        self._answered(seq, True)
+        return Decision(self.agent.safe_action, True, (verdict,), (verdict,), _NO_SCORES, 0, self.policy_id, None,
+                        _clock() - t_recv, t_recv, failed=True)
+
+    def _answered(self, seq: int, safe: bool) -> None:
+        self.last_seq = seq
+        self.step += 1
+        counters = self.counters
+        counters["ticks"] += 1
+        counters["safe"] += safe
+
+    def check(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Require exactly the policy's observation arrays (ProtocolError naming what is wrong)."""
+        check_arrays(_Obs(arrays), self.observation)
+
+    def link_lost(self, verdict: Verdict) -> Decision:
+        """The decision sent when the link is declared lost: the safe action for the last observation."""
+        return Decision(self.agent.safe_action, True, (verdict,), (verdict,), _NO_SCORES, 0, self.policy_id, None,
+                        0.0, _clock())
+
+    # -- between ticks ----------------------------------------------------------------------------------
+
+    def reset(self, meta: Mapping[str, Any]) -> int:
+        """A new episode: check the reset's keys, take an offered policy, clear the chunk queue and the monitor
+        windows, embed the instruction, reseed. Returns the episode number."""
+        instruction, seed, sim = meta.get("instruction"), meta.get("seed"), meta.get("sim")
+        if instruction is not None and type(instruction) is not str:
+            raise ProtocolError("bad_header", "reset key 'instruction' must be a string")
+        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
+            raise ProtocolError("bad_header", "reset key 'seed' must be a non-negative integer")
+        if sim is not None and not (type(sim) is dict and type(sim.get("env")) is str):
+            raise ProtocolError("bad_header", "reset key 'sim' must be a map with at least 'env' (a string)")
+        if self._offered is not None:  # a new episode is a plan boundary too
+            self._switch()
+        self.agent.reset(instruction, seed)
+        for m in self.monitors:
+            m.reset()
+        self.episode += 1
+        self.step = 0
+        for key in ("task", "instruction", "sim"):  # what this episode is: requests are filed with it
+            self.info.pop(key, None)
+        self.info.update({k: v for k, v in meta.items() if k in ("task", "instruction", "episode", "sim")})
+        return self.episode
+
+    def offer(self, policy: Policy) -> None:
+        """A newly swapped-in policy: this robot plans with it from its next plan boundary (or reset) on."""
+        self._offered = None if policy is self.policy else policy
+
+    @property
+    def policy(self) -> Policy:
+        return self.agent.policy
+
+    def _switch(self) -> None:
+        """This robot's chunk is used up: it plans with the offered policy from now on, its monitors start
+        afresh with the new manifest (e.g. recalibrated VFD thresholds), and the hooks are told."""
+        policy, self._offered = self._offered, None
+        self.agent.switch(policy)
+        self._use(policy)
+        self.counters["swaps"] += 1
+
+    def _use(self, policy: Policy) -> None:
+        manifest = policy.manifest
+        self.policy_id = manifest.policy_id
+        self.observation: tuple[ArraySpec, ...] = tuple(manifest.observation)
+        self.monitors = self._make_monitors(manifest)
+        self.agent.inputs.clear()  # per-robot graph inputs belong to the policy they were made for
+        if self._on_policy is not None:
+            self._on_policy(self)
+
+
+class _Obs(NamedTuple):
+    """Just enough of a Message for `check_arrays` to name what is wrong."""
+
+    arrays: Mapping[str, np.ndarray]
+    kind: str = "obs"
+
+
+# -- the act reply ----------------------------------------------------------------------------------------
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+_time_ns = time.time_ns
+_ACTION_DESCS: dict[int, list[dict[str, Any]]] = {}
+
+
+def act_reply(robot: str, seq: int, decision: Decision) -> list:
+    """The frames of the `act` reply to observation `seq` (docs/protocol.md §7.3): every act the runtime
+    sends is built here. The header is one msgpack map in the envelope's order, then `policy`, `safe`,
+    `verdicts`, `infer_us` (absent when the policy was not consulted: link loss), and `scores` and `plan`
+    for policies that score their plans; the action is float32."""
+    action = decision.action
+    if action.dtype != np.float32 or not action.flags.c_contiguous:
+        action = np.ascontiguousarray(action, np.float32)
+    n = action.shape[0] if action.ndim == 1 else -1
+    descs = _ACTION_DESCS.get(n)
+    if descs is None:
+        descs = [{"name": "action", "dtype": "float32", "shape": list(action.shape)}]
+        if n >= 0:
+            _ACTION_DESCS[n] = descs
+    header = {"v": 1, "kind": "act", "robot": robot, "seq": seq, "t_ns": _time_ns(), "arrays": descs,
+              "policy": decision.policy, "safe": decision.safe,
+              "verdicts": [[v.monitor, v.level.label, v.reason] for v in decision.verdicts] if decision.verdicts
+              else []}
+    if decision.infer_s is not None:
+        header["infer_us"] = round(decision.infer_s * 1e6, 1)
+    if decision.scores:  # e.g. the VFD of the plan this action came from, and which plan that was
+        header["scores"] = decision.scores
+        header["plan"] = decision.plan
+    return [_packb(header), action]

@@ -1,0 +1,66 @@
+"""Telemetry: what the operator stream says about the runtime besides alerts and requests.
+
+Events as they happen (`connected`, `link_restored`, `disconnected`, `expired`; other parts publish
+`gain`, `swapped`, `swap_refused`, `store_failing`, `store_ok`), and every `telemetry_s` one message with the
+runtime's counters, every hook's figures, and per robot its counters, episode, whether its link is lost now
+and the percentiles of its reply latency (receipt of the observation to the reply handed to ZeroMQ) over the
+ticks since the previous message. docs/protocol.md §12 lists the keys.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vigil.runtime.hooks import Hook
+from vigil.runtime.stream import OperatorStream
+from vigil.wire.protocol import Message
+
+if TYPE_CHECKING:
+    from vigil.runtime.server import Runtime
+    from vigil.runtime.session import Decision, Session
+
+_clock = time.perf_counter
+
+
+class TelemetryHook(Hook):
+    name = "telemetry"
+
+    def __init__(self, runtime: Runtime, stream: OperatorStream, interval_s: float):
+        self.runtime, self.stream, self.interval_s = runtime, stream, interval_s
+        self._next = time.monotonic() + interval_s
+
+    def on_hello(self, session: Session, resumed: bool) -> None:
+        session.state[self.name] = []  # reply latencies (us) since the last telemetry message
+        if not resumed:
+            self.stream.event(session.robot, "connected", {"env": str(session.info.get("env", ""))})
+
+    def on_decision(self, session: Session, obs: Message, decision: Decision) -> None:
+        session.state[self.name].append((_clock() - decision.t_recv) * 1e6)
+
+    def on_link_restored(self, session: Session, outage_s: float) -> None:
+        self.stream.event(session.robot, "link_restored", {"outage_s": outage_s})
+
+    def on_forget(self, session: Session, reason: str) -> None:
+        self.stream.event(session.robot, reason, dict(session.counters))
+
+    def on_timer(self, now: float) -> None:
+        if now >= self._next:
+            self._next = now + self.interval_s
+            self.publish()
+
+    def publish(self) -> None:
+        """One periodic telemetry message (also sent once when the runtime stops)."""
+        runtime = self.runtime
+        robots: dict[str, Any] = {}
+        for s in runtime.sessions.values():
+            latency = s.state.get(self.name) or [0.0]
+            p50, p99 = np.percentile(latency, [50, 99]).tolist()
+            robots[s.robot] = {**s.counters, "episode": s.episode, "link_lost_now": s.link.lost,
+                               "p50_us": p50, "p99_us": p99, **runtime.hooks.robot_stats(s)}
+            s.state[self.name] = []
+        self.stream.publish("telemetry", Message("telemetry", "", 0, 0, {}, {
+            "policy": runtime.manifest.policy_id, "counters": dict(runtime.counters), "robots": robots,
+            **runtime.hooks.stats()}))
