@@ -118,7 +118,7 @@ def tick_times(bundle: Path, workdir: Path, n: int, gaps_s: list[float]) -> dict
     spec = runtime.manifest.observation[0]
     link.send(Message("hello", "bench", 1, 0, {}, {"spec": {"observation": [spec.to_dict()],
                                                           "action": runtime.manifest.action.to_dict()}}))
-    runtime._drain()
+    runtime.serve_ready()
     assert link.recv(1.0).kind == "hello"
     frames = encode(Message("obs", "bench", 2, 0, {spec.name: np.full(spec.shape, 0.1, np.float32)}))
     out = {}
@@ -129,7 +129,7 @@ def tick_times(bundle: Path, workdir: Path, n: int, gaps_s: list[float]) -> dict
                 time.sleep(gap)
             link.sock.send_multipart(frames)
             t = time.perf_counter()
-            runtime._drain()
+            runtime.serve_ready()
             lat.append(time.perf_counter() - t)
             link.sock.recv_multipart()
         out[gap] = np.asarray(lat) * 1e6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 
@@ -9,6 +10,8 @@ import numpy as np
 
 from vigil.monitors.base import Level, Monitor, Tick, Verdict
 from vigil.wire.protocol import ArraySpec
+
+SMALL = 64  # arrays up to this many elements are checked as Python numbers (faster than numpy on so few)
 
 
 class ObservationMonitor(Monitor):
@@ -26,15 +29,22 @@ class ObservationMonitor(Monitor):
         for s in specs:
             low = np.asarray(s.low if s.low is not None else np.full(s.shape, -big), np.float64).reshape(s.shape)
             high = np.asarray(s.high if s.high is not None else np.full(s.shape, big), np.float64).reshape(s.shape)
-            self._checks.append((s.name, low, high, s.low is not None or s.high is not None))
+            bounded = s.low is not None or s.high is not None
+            small = int(np.prod(s.shape)) <= SMALL
+            self._checks.append((s.name, low, high, bounded, small, low.ravel().tolist(), high.ravel().tolist()))
 
     def update(self, tick: Tick) -> Verdict:
-        for name, low, high, bounded in self._checks:
+        for name, low, high, bounded, small, low_list, high_list in self._checks:
             x = tick.obs[name]
             if not bounded and x.dtype.kind != "f":
                 continue  # integers are always finite; nothing else to check
-            # One pass on the common path: NaN fails both comparisons, so it lands in the slow path too.
-            inside = ((x >= low) & (x <= high)).all() if bounded else np.isfinite(x).all()
+            if small:  # Python floats: numpy's per-call overhead is most of the cost on a few elements
+                values = x.ravel().tolist()
+                # NaN fails both comparisons, so it lands in the slow path too
+                inside = (all(lo <= v <= hi for v, lo, hi in zip(values, low_list, high_list)) if bounded
+                          else all(map(math.isfinite, values)))
+            else:
+                inside = ((x >= low) & (x <= high)).all() if bounded else np.isfinite(x).all()
             if not inside:
                 return self._diagnose(name, x, low, high)
         return self.ok()
@@ -57,7 +67,8 @@ class ActionMonitor(Monitor):
     name = "action"
 
     def update(self, tick: Tick) -> Verdict:
-        if np.isfinite(tick.raw_action).all():
+        raw = tick.raw_action
+        if all(map(math.isfinite, raw.tolist())) if raw.size <= SMALL else np.isfinite(raw).all():
             return self.ok()
         return Verdict(self.name, Level.STOP, "policy output is not finite",
                        {"nonfinite": int((~np.isfinite(tick.raw_action)).sum())})
@@ -75,7 +86,9 @@ class SaturationMonitor(Monitor):
         self._count = 0
 
     def update(self, tick: Tick) -> Verdict:
-        hit = bool((tick.raw_action != tick.action).any())  # clipping changed it: the policy asked for too much
+        hit = tick.clipped  # clipping changed the action: the policy asked for too much
+        if hit is None:
+            hit = bool((tick.raw_action != tick.action).any())
         if len(self._hits) == self.window:
             self._count -= self._hits[0]
         self._hits.append(hit)

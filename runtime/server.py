@@ -48,11 +48,12 @@ from vigil.wire.protocol import (
     error,
     peek_seq,
 )
-from vigil.wire.transport import bound_endpoint, readable, send_frames
+from vigil.wire.transport import bound_endpoint, readable, recv_frames, send_frames
 
 log = logging.getLogger("vigil.serve")
 MAX_BATCH = 256  # messages read per wake-up, so timers still run under a flood
 TIMER_S = 0.05  # the loop's timers run at least this often
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class Runtime:
@@ -151,7 +152,7 @@ class Runtime:
                 events = poller.poll(0 if spinning else max(0, int((next_timers - now) * 1000)) + 1)
                 for sock, _ in events:
                     if sock is self.link:
-                        self._serve(self._receive())
+                        self.serve_ready()
                         last_msg = time.monotonic()
                     elif sock == self._wake_r:
                         self._on_wake()
@@ -164,6 +165,11 @@ class Runtime:
             self.close()
         return self.counters
 
+    def serve_ready(self) -> None:
+        """Read the messages waiting on the robot link and handle them (the loop calls this when the link is
+        readable; benchmarks call it directly to time the tick in process)."""
+        self._serve(self._receive())
+
     def _receive(self) -> list[tuple[bytes, Message, float]]:
         """Read what is waiting (the poll saw at least one message) and decode it; a malformed message is
         answered with an `error` at once and goes no further."""
@@ -173,7 +179,7 @@ class Runtime:
             if i and not readable(link):
                 break
             try:
-                frames = link.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(link, _NOBLOCK)
             except zmq.Again:  # a spurious wake-up
                 break
             t_recv = clock()
