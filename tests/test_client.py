@@ -111,6 +111,23 @@ def test_step_on_a_closed_link_is_unsent_and_keeps_the_pace(serve, lqr_bundle, l
     np.testing.assert_array_equal(reply.action, safe_action_of(link))
 
 
+def test_the_runtime_bye_is_remembered_and_explains_the_fallback(serve, lqr_bundle, links):
+    served = serve(lqr_bundle, deadline_ms=5000)
+    link = links(served.robot_endpoint, "left-alone")
+    assert link.step(obs(), deadline_s=5.0).fallback is None
+    served.stop()  # the runtime says bye to every robot it knows (best effort; on loopback it arrives)
+
+    def bye_taken_in() -> bool:
+        link.heartbeat_if_idle()
+        return link.runtime_bye is not None
+
+    wait_until(bye_taken_in, timeout_s=10)
+    assert link.runtime_bye == "runtime stopping"
+    reply = link.step(obs(), deadline_s=0.1)
+    assert reply.fallback == "bye" and reply.safe
+    np.testing.assert_array_equal(reply.action, safe_action_of(link))
+
+
 def test_step_resumes_the_session_after_the_runtime_restarts(serve, lqr_bundle, tmp_path):
     endpoint = tcp_endpoint()
     first = serve(lqr_bundle, robot_endpoint=endpoint, deadline_ms=5000, link_timeout_s=60)
