@@ -12,11 +12,18 @@ Then the cost of CURVE encryption on the round trip: a lockstep ping-pong (one r
 runtime without authentication and one with it (`vigil keys`, `--curve-secret/--curve-allow`), interleaved
 in blocks, side by side.
 
-Results: the section between the `soak` markers of RELIABILITY.md, docs/figures/soak_latency.png,
-docs/figures/soak_rss.png and bench/out/soak.json -- unless --no-write.
+The robots drive the runtime through the reference driver, `RobotLink.step`, and record every tick on which
+they had no usable action by the deadline (or got the runtime's safe action for a `deadline` verdict) with its
+times; each such miss is put down to a cause (`classify_miss`: late_send, queueing, runtime, lost, shutdown).
+
+Measurement and report are separate: the raw results go to bench/out/soak.json and, one JSON object per miss,
+bench/out/soak_misses.jsonl; the section between the `soak` markers of RELIABILITY.md, and
+docs/figures/soak_latency.png and docs/figures/soak_rss.png, are rendered from them (`render_file`,
+`--report-only`, which measures nothing).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/soak.py                          # make bench-soak (~17 min)
     OMP_NUM_THREADS=1 .venv/bin/python bench/soak.py --ticks 3000 --curve-trips 2000 --no-write   # smoke
+    OMP_NUM_THREADS=1 .venv/bin/python bench/soak.py --report-only           # the report again, from bench/out
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "docs" / "figures"
 RAW = ROOT / "bench" / "out" / "soak.json"
+MISSES = RAW.with_name("soak_misses.jsonl")  # every robot-side miss, one JSON object per line
 RELIABILITY = ROOT / "RELIABILITY.md"
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 INTRO = ("# Reliability\n\nHow vigil holds up over long runs, under load and under faults. Measured, not estimated: "
@@ -183,15 +191,15 @@ def wait_port(endpoint: str, proc: subprocess.Popen, err: Path, timeout_s: float
 def robot_main(i: int, endpoint: str, ticks: int, rate_hz: float, ppm: float, phase_s: float, deadline_s: float,
                stop_after_s: float, seed: int, out: str, ready, go, start, progress) -> None:
     """A realtime robot with its own clock: an observation every period (scheduled on absolute times, so
-    it does not drift), the action awaited up to the deadline, every round trip recorded."""
+    it does not drift), its action awaited up to the deadline by `RobotLink.step` (the driver's contract:
+    seq matching, safe fallback), every round trip recorded, and every miss with the numbers that explain it."""
     from vigil.runtime.client import RobotLink
-    from vigil.wire.protocol import ROBOT_KINDS, ArraySpec, Message, decode
+    from vigil.wire.protocol import ArraySpec
 
     robot = f"soak-{i}"
     link = RobotLink(endpoint, robot)
     link.hello((ArraySpec("state", "float32", (OBS_DIM,)),), ArraySpec("action", "float32", (ACT_DIM,)),
                timeout_s=30, env="soak-random-walk")
-    sock = link.sock
     rng = np.random.default_rng(seed)
     x = np.zeros(OBS_DIM)
     t_send = np.full(ticks, np.nan)        # seconds since the common start, on CLOCK_MONOTONIC
@@ -199,18 +207,20 @@ def robot_main(i: int, endpoint: str, ticks: int, rate_hz: float, ppm: float, ph
     infer_us = np.full(ticks, np.nan, np.float32)
     late_us = np.zeros(ticks, np.float32)  # how late the robot itself sent, against its schedule
     flags = np.zeros(ticks, np.uint8)
-    counts = {"late_arrivals": 0, "link_lost": 0, "errors": 0, "slips": 0, "other": 0}
+    counts = {"errors": 0, "slips": 0}
     verdicts: dict[str, int] = {}
     deadline_reasons: list[str] = []
+    misses: list[dict[str, Any]] = []      # every tick without a usable action in time (see classify_miss)
+    awaiting: dict[int, dict[str, Any]] = {}  # misses by seq, until their late answer (if any) comes
     ready.set()
-    while not go.wait(0.1):  # heartbeats while the others connect, so the runtime does not declare the link lost
-        link.heartbeat(timeout_s=2.0)
+    while not go.wait(0.02):  # heartbeats while the others connect, so the runtime does not declare the link lost
+        link.heartbeat_if_idle()
     t0 = start.value
-    first_seq = link.next_seq() + 1
     period = 1.0 / (rate_hz * (1 + ppm * 1e-6))
     next_t = t0 + phase_s
     stop_at = t0 + stop_after_s if stop_after_s > 0 else math.inf
     mono, perf, sleep = time.monotonic, time.perf_counter, time.sleep
+    deadline_us = deadline_s * 1e6
     k = 0
     try:
         while k < ticks:
@@ -223,60 +233,124 @@ def robot_main(i: int, endpoint: str, ticks: int, rate_hz: float, ppm: float, ph
                 counts["slips"] += 1
                 next_t = now
             x = 0.99 * x + 0.1 * rng.standard_normal(OBS_DIM)
-            seq = link.next_seq()
-            ts = perf()
-            sent_at = mono()
-            link.send(Message("obs", robot, seq, 0, {"state": x.astype(np.float32)}))
+            sent_at, wall, w0 = mono(), time.time(), perf()
+            reply = link.step({"state": x.astype(np.float32)}, deadline_s)
+            wait_us = (perf() - w0) * 1e6
             t_send[k] = sent_at - t0
             late_us[k] = (sent_at - next_t) * 1e6
-            wait_until = ts + deadline_s
-            reply = None
-            while (left := wait_until - perf()) > 0:
-                if not sock.poll(max(1, math.ceil(left * 1e3))):
-                    continue
-                msg = decode(sock.recv_multipart(), kinds=ROBOT_KINDS)
-                tr = perf()
-                if msg.seq == seq and msg.kind in ("act", "error"):
-                    reply = msg
-                    break
-                if msg.kind == "act" and any(v[0] == "link" for v in msg.meta.get("verdicts", [])):
-                    counts["link_lost"] += 1  # the runtime's safe action on link loss (silence from us)
-                elif msg.kind == "act" and first_seq <= msg.seq < seq:
-                    counts["late_arrivals"] += 1  # the action of an earlier tick, after its deadline
-                else:
-                    counts["other"] += 1
-            if reply is None:
-                flags[k] |= MISS | NEVER
-            elif reply.kind == "error":
-                counts["errors"] += 1
-                flags[k] |= MISS
-            else:
-                lat = (tr - ts) * 1e6
-                lat_us[k] = lat
+            for late in reply.late:  # a missed tick's answer, after its deadline: now we know how late
+                if (miss := awaiting.pop(late.seq, None)) is not None:
+                    miss.update(answer_numbers(late.message.meta, late.latency_s), answer="late")
+            deadline_reason = None
+            if reply.fallback is None:
+                lat_us[k] = reply.latency_s * 1e6
                 infer_us[k] = float(reply.meta.get("infer_us", np.nan))
-                if lat > deadline_s * 1e6:
-                    flags[k] |= MISS
-                if reply.meta.get("safe"):
+                if reply.safe:
                     flags[k] |= SAFE
-                for monitor, level, reason in reply.meta.get("verdicts", []):
+                for monitor, level, reason in reply.verdicts:
                     key = f"{monitor}.{level}"
                     verdicts[key] = verdicts.get(key, 0) + 1
                     if monitor == "deadline":
                         flags[k] |= DEADLINE
+                        deadline_reason = reason
                         if len(deadline_reasons) < 50:
                             deadline_reasons.append(f"t={t_send[k]:.1f}s: {reason}")
+            else:
+                flags[k] |= MISS | (NEVER if reply.message is None else 0)
+                counts["errors"] += reply.message is not None and reply.message.kind == "error"
+            if reply.fallback is not None or deadline_reason is not None:
+                miss = {"robot": robot, "tick": k, "seq": reply.seq, "t": float(t_send[k]), "wall": wall,
+                        "late_send_us": float(late_us[k]), "wait_us": wait_us, "overshoot_us": wait_us - deadline_us,
+                        "fallback": reply.fallback, "deadline_verdict": deadline_reason,
+                        "answer": "in time" if reply.message is not None else "never",
+                        **answer_numbers(reply.meta, reply.latency_s)}
+                misses.append(miss)
+                if reply.message is None:
+                    awaiting[reply.seq] = miss
             k += 1
             next_t += period
             if k % 20 == 0:
                 progress[i] = k
     finally:
         progress[i] = k
+        t_end = mono() - t0
         link.bye()
         np.savez(out, t_send=t_send[:k], lat_us=lat_us[:k], infer_us=infer_us[:k], late_us=late_us[:k],
                  flags=flags[:k])
         Path(out + ".json").write_text(json.dumps({
             "robot": robot, "ticks": k, "rate_hz": rate_hz * (1 + ppm * 1e-6), "ppm": ppm, "phase_ms": phase_s * 1e3,
-            **counts, "verdicts": verdicts, "deadline_reasons": deadline_reasons}))
+            "t_end": t_end, **counts, "late_arrivals": link.late, "link_lost": link.link_lost, "unsent": link.unsent,
+            "runtime_bye": link.runtime_bye, "verdicts": verdicts, "deadline_reasons": deadline_reasons,
+            "misses": misses}))
+
+
+def answer_numbers(meta: Any, latency_s: float | None) -> dict[str, Any]:
+    """What an answer says about its own lateness: the round trip as the robot saw it, and the runtime's own
+    times when it reports them (`queue_us`: waiting before the runtime read it; `decide_us`, `infer_us`)."""
+    out: dict[str, Any] = {"rtt_us": None if latency_s is None else latency_s * 1e6}
+    for key in ("queue_us", "decide_us", "infer_us"):
+        out[key] = float(meta[key]) if key in meta else None
+    for monitor, _, reason in meta.get("verdicts", ()):
+        if monitor == "deadline":
+            out["deadline_verdict"] = reason
+    return out
+
+
+# -- why a robot missed: the classification of every miss ---------------------------------------------
+
+CAUSES = {
+    "late_send": "the load generator itself was late: the robot process sent more than a quarter of the deadline "
+                 "after its schedule, or woke that much after its deadline (it was descheduled)",
+    "queueing": "the answer came, late, and the time went before the runtime's decision: the runtime's `queue_us` "
+                "(time before it read the observation) when it reports it, else the round trip minus the "
+                "decision (`decide_us` or `infer_us`), marked *inferred*",
+    "runtime": "the runtime's decision took the time (`decide_us`/`infer_us` the larger part), or it said so "
+               "itself (a `deadline` verdict), or it answered with an error",
+    "lost": "no answer at all while the robot waited and none later (dropped as stale, or lost)",
+    "shutdown": "the last ticks while the run stops: in flight when the first robot finished, or after the "
+                "runtime's `bye`",
+}
+LATE_FRACTION = 0.25  # of the deadline: a robot that loses this much itself is "late_send"
+
+
+def classify_miss(miss: dict[str, Any], deadline_us: float, t_stop: float) -> tuple[str, str]:
+    """(cause, basis): which of CAUSES explains a miss, and the numbers that say so. First match wins."""
+    slack = LATE_FRACTION * deadline_us
+    if miss.get("fallback") == "bye":
+        return "shutdown", "the runtime had said bye"
+    if miss["t"] + deadline_us / 1e6 >= t_stop:
+        return "shutdown", f"in flight at {t_stop:.2f} s, when the first robot finished"
+    if miss["late_send_us"] > slack:
+        return "late_send", f"sent {miss['late_send_us'] / 1e3:.1f} ms after its schedule"
+    if miss.get("fallback") is not None and miss["overshoot_us"] > slack:
+        return "late_send", f"woke {miss['overshoot_us'] / 1e3:.1f} ms after its deadline"
+    if miss.get("deadline_verdict"):
+        return "runtime", f"`deadline` verdict: {miss['deadline_verdict']}"
+    if str(miss.get("fallback")).startswith("error:"):
+        return "runtime", f"error answer ({miss['fallback'][6:]})"
+    rtt = miss.get("rtt_us")
+    if rtt is None:
+        return "lost", "no answer" + (" (never sent: no connection)" if miss.get("fallback") == "unsent" else "")
+    decide = miss.get("decide_us") if miss.get("decide_us") is not None else miss.get("infer_us") or 0.0
+    queue = miss.get("queue_us")
+    if queue is not None:
+        if queue >= decide:
+            return "queueing", f"queue_us {queue:.0f} ≥ decision {decide:.0f} of a {rtt:.0f} µs round trip"
+        return "runtime", f"decision {decide:.0f} > queue_us {queue:.0f} of a {rtt:.0f} µs round trip"
+    if decide >= rtt - decide:
+        return "runtime", f"decision {decide:.0f} of a {rtt:.0f} µs round trip"
+    return "queueing", f"inferred: {rtt - decide:.0f} of a {rtt:.0f} µs round trip outside the decision (no queue_us)"
+
+
+def classified_misses(robots: list[dict[str, Any]], deadline_ms: float) -> list[dict[str, Any]]:
+    """Every robot's misses, in time order, each with its cause and basis."""
+    t_stop = min((r["t_end"] for r in robots), default=math.inf)
+    out = []
+    for r in robots:
+        for miss in r["misses"]:
+            cause, basis = classify_miss(miss, deadline_ms * 1e3, t_stop)
+            out.append({**miss, "cause": cause, "basis": basis})
+    return sorted(out, key=lambda m: m["t"])
 
 
 # -- the soak -----------------------------------------------------------------------------------------
@@ -589,7 +663,8 @@ def analyse(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "robot_misses": int((flags & MISS > 0).sum()), "no_reply": int((flags & NEVER > 0).sum()),
         "late_arrivals": int(sum(r["late_arrivals"] for r in run["robots"])),
         "errors": int(sum(r["errors"] for r in run["robots"])),
-        "link_lost": int(sum(r["link_lost"] for r in run["robots"])), "slips": int(sum(r["slips"] for r in run["robots"])),
+        "link_lost": int(sum(r["link_lost"] for r in run["robots"])),
+        "slips": int(sum(r["slips"] for r in run["robots"])),
         "runtime_deadline_verdicts": int((flags & DEADLINE > 0).sum()),
         "runtime_safe_seen_by_robots": int((flags & SAFE > 0).sum()),
         "runtime_safe_counter": runtime_safe, "runtime_session_ticks": runtime_ticks,
@@ -603,19 +678,22 @@ def analyse(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def plot(run: dict[str, Any], s: dict[str, Any], args: argparse.Namespace) -> list[Path]:
+def plot(results: dict[str, Any]) -> list[Path]:
+    """The two figures, from the raw results (bench/out/soak.json)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    s, args = results["summary"], argparse.Namespace(**results["args"])
     FIGURES.mkdir(parents=True, exist_ok=True)
     rows = s["minutes"]
     x = np.array([r["minute"] + 0.5 for r in rows]) * args.bin_s / 60
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for key, label, style in (("max", "max", ":"), ("p999", "p99.9", "-."), ("p99", "p99", "--"), ("p50", "p50", "-")):
-        ax.plot(x, [r[key] for r in rows], style, marker="o", ms=3, lw=1.3, label=f"round trip {label}")
-    tel = [(e["t"] / 60, e["p99_us_max"]) for e in run["telemetry"] if e["p99_us_max"] is not None and e["t"] >= 0]
+        ax.plot(x, [np.nan if r[key] is None else r[key] for r in rows], style, marker="o", ms=3, lw=1.3,
+                label=f"round trip {label}")
+    tel = [(e["t"] / 60, e["p99_us_max"]) for e in results["telemetry"] if e["p99_us_max"] is not None and e["t"] >= 0]
     if tel:
         tx, ty = zip(*tel)
         ax.plot(tx, ty, color="0.6", lw=0.6, alpha=0.7, label=f"runtime receipt-to-reply p99 per {args.telemetry_s:g} s"
@@ -633,7 +711,7 @@ def plot(run: dict[str, Any], s: dict[str, Any], args: argparse.Namespace) -> li
     fig.savefig(p1, dpi=120)
     plt.close(fig)
 
-    rs = [r for r in run["rss"] if "VmRSS" in r]
+    rs = [r for r in results["rss"] if "VmRSS" in r]
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(7.5, 5.2), sharex=True)
     tk = np.array([r["ticks"] for r in rs]) / 1e3
     a1.plot(tk, [r["VmRSS"] / 1024 for r in rs], lw=1.2, label="VmRSS")
@@ -662,20 +740,34 @@ def plot(run: dict[str, Any], s: dict[str, Any], args: argparse.Namespace) -> li
     return [p1, p2]
 
 
-def render(s: dict[str, Any], curve: dict[str, Any], info: dict[str, Any], args: argparse.Namespace,
-           run: dict[str, Any], started: str, seconds: float, machine_info: dict[str, str], commit: str,
-           command: str) -> str:
-    L, d = s["latency_us"], args.deadline_ms
+def render_file(raw: Path = RAW) -> str:
+    """The RELIABILITY.md section from a soak's raw results (soak.json and the misses' JSON lines next to it),
+    without running anything: `bench/soak.py --report-only`."""
+    results = json.loads(raw.read_text())
+    return render(results, read_misses(raw.parent / results["misses_file"]))
+
+
+def read_misses(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def render(results: dict[str, Any], misses: list[dict[str, Any]]) -> str:
+    """The RELIABILITY.md section, from the raw results as written to bench/out (JSON types only)."""
+    s, curve, info = results["summary"], results["curve"], results["info"]
+    args = argparse.Namespace(**results["args"])
+    started, seconds, command = results["started"], results["seconds"], results["command"]
+    machine_info, commit = results["machine"], results["commit"]
+    L, d, sl = s["latency_us"], args.deadline_ms, s["send_lateness_us"]
     g, c = s["rss_growth"], s["cpu"]
     met = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
-    misses = s["robot_misses"] + s["runtime_deadline_verdicts"]
+    all_misses = s["robot_misses"] + s["runtime_deadline_verdicts"]
     heavy = info["other_processes"]
     lines = [BEGIN, f"## Soak: {args.robots} robots × {args.rate:g} Hz against one runtime, {s['ticks']:,} ticks "
              "(issue 8)", "",
              f"Written by `bench/soak.py` (`make bench-soak`) on {started} in {seconds:.0f} s; commit {commit}. "
              f"Command: `{command}`. Machine: {machine_info.get('CPU', '?')}, {machine_info.get('cores', '?')} cores, "
              f"{machine_info.get('memory', '?')}; {machine_info.get('vigil environment', '')}. Load average at the "
-             f"start {' '.join(info['load_start'])}, at the end {' '.join(run['load_end'])}; the whole machine was "
+             f"start {' '.join(info['load_start'])}, at the end {' '.join(info['load_end'])}; the whole machine was "
              f"{s['system_busy_pct']:.0f}% busy during the soak (all cores, everything on it). "
              + (f"Other benchmark processes running during the soak: {'; '.join(heavy)}." if heavy else
                 "No other benchmark was running."), "",
@@ -686,16 +778,18 @@ def render(s: dict[str, Any], curve: dict[str, Any], info: dict[str, Any], args:
              "observation normalisation a trained bundle carries), exported by `export_gaussian` from a **freshly "
              "initialised** network: a tick costs the same whatever the weights (same graph, same multiply-adds), so "
              "nothing was trained. "
-             f"{args.robots} robots, each its own process (multiprocessing, spawn) with its own clock: {args.rate:g} Hz "
-             f"off by a random ±{args.clock_ppm:g} ppm (so their phases slide past each other during the run) and a "
-             "random phase; each sends an observation (a random walk of the state's shape) on an absolute schedule, "
-             f"waits up to {d:g} ms for that observation's action, and records the round trip (send to receipt, "
-             "`perf_counter`). The robots use the reference `RobotLink` (DEALER) over tcp loopback.", "",
+             f"{args.robots} robots, each its own process (multiprocessing, spawn) with its own clock: "
+             f"{args.rate:g} Hz off by a random ±{args.clock_ppm:g} ppm (so their phases slide past each other during "
+             "the run) and a random phase; each sends an observation (a random walk of the state's shape) on an "
+             f"absolute schedule, waits up to {d:g} ms for that observation's action, and records the round trip "
+             "(send to receipt, `perf_counter`). The robots use the reference driver, `RobotLink.step` (DEALER), "
+             "over tcp loopback: its contract (seq matching, the safe action when nothing usable came in time) is the "
+             "one measured.", "",
              "| figure | value | target |", "|---|---:|---|",
              f"| ticks (round trips attempted), wall time | {s['ticks']:,} in {s['wall_s']:.0f} s "
-             f"({s['rate_achieved_hz']:.0f} ticks/s) | |",
-             f"| round trip p50 / p99 / p99.9 / max | {L['p50']:.0f} / {L['p99']:.0f} / {L['p999']:.0f} / "
-             f"{L['max']:.0f} µs | < {d * 1e3:.0f} µs |",
+             f"({num(s['rate_achieved_hz'])} ticks/s) | |",
+             f"| round trip p50 / p99 / p99.9 / max | {num(L['p50'])} / {num(L['p99'])} / {num(L['p999'])} / "
+             f"{num(L['max'])} µs | < {d * 1e3:.0f} µs |",
              f"| deadline misses seen by the robots (no action within {d:g} ms) | {s['robot_misses']:,} "
              f"({s['robot_misses'] / max(1, s['ticks']):.2e}); no reply at all while waiting: {s['no_reply']:,} | 0: "
              f"{met(s['robot_misses'] == 0)} |",
@@ -712,30 +806,30 @@ def render(s: dict[str, Any], curve: dict[str, Any], info: dict[str, Any], args:
                      f"{g['per_1e6_endpoints_mb']:+.3f}); {g['rss_from_mb']:.1f} → {g['rss_to_mb']:.1f} MB, max "
                      f"{g['rss_max_mb']:.1f} | < 1 MB per 10^6: {met(abs(g['per_1e6_fit_mb']) < 1)} |")
     if c:
-        lines.append(f"| runtime CPU | {c['steady_pct_of_core']:.1f}% of one core after warm-up "
-                     f"({c['us_per_tick']:.0f} µs of CPU per tick, all threads; {c['threads']} threads) | |")
+        lines.append(f"| runtime CPU | {num(c['steady_pct_of_core'], '.1f')}% of one core after warm-up "
+                     f"({num(c['us_per_tick'])} µs of CPU per tick, all threads; {c['threads']} threads) | |")
     lines.append(f"| onnxruntime inference alone (the reply's `infer_us`) p50 / p99 / max | "
-                 f"{s['infer_us']['p50']:.0f} / {s['infer_us']['p99']:.0f} / {s['infer_us']['max']:.0f} µs | |")
+                 f"{num(s['infer_us']['p50'])} / {num(s['infer_us']['p99'])} / {num(s['infer_us']['max'])} µs | |")
     lines += ["", f"Overall: zero deadline misses at {args.robots} × {args.rate:g} Hz "
-              f"{met(misses == 0)}; memory growth under 1 MB per 10^6 ticks "
+              f"{met(all_misses == 0)}; memory growth under 1 MB per 10^6 ticks "
               f"{met(bool(g) and abs(g['per_1e6_fit_mb']) < 1) if g else 'not measured (run too short)'}.", ""]
     lines += [f"Per {args.bin_s:g} s (round trips in µs; misses as in the table):", "",
               "| minute | ticks | p50 | p99 | p99.9 | max | robot misses | runtime `deadline` |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in s["minutes"]:
-        lines.append(f"| {r['minute']} | {r['ticks']:,} | {r['p50']:.0f} | {r['p99']:.0f} | {r['p999']:.0f} | "
-                     f"{r['max']:.0f} | {r['robot_misses']} | {r['runtime_deadline']} |")
+        lines.append(f"| {r['minute']} | {r['ticks']:,} | {num(r['p50'])} | {num(r['p99'])} | {num(r['p999'])} | "
+                     f"{num(r['max'])} | {r['robot_misses']} | {r['runtime_deadline']} |")
     lines += ["", "**How each figure was obtained.**",
-              "- *Round trip*: each robot takes `perf_counter` just before sending an observation and just after "
-              "decoding the `act` with the same sequence number; percentiles pool every robot's ticks (overall) or "
-              f"those sent in each {args.bin_s:g} s bin (table, `docs/figures/soak_latency.png`). The grey line in the "
-              "plot is the runtime's own receipt-to-reply p99 per telemetry interval (worst robot), from the "
-              "operator stream.",
+              "- *Round trip*: `RobotLink.step` takes `perf_counter` just before sending an observation and just "
+              "after decoding the `act` with the same sequence number; percentiles pool every robot's ticks "
+              f"(overall) or those sent in each {args.bin_s:g} s bin (table, `docs/figures/soak_latency.png`). The "
+              "grey line in the plot is the runtime's own receipt-to-reply p99 per telemetry interval (worst robot), "
+              "from the operator stream.",
               f"- *Robot misses*: ticks whose action had not arrived {d:g} ms after the observation was sent (the "
-              "robot stops waiting then, as a real robot's watchdog would apply its safe action); a late action that "
-              f"arrives during a later tick is counted too ({s['late_arrivals']} such late arrivals). An observation "
-              "that never got a reply was, as a rule, dropped by the runtime as stale (realtime mode acts on the newest "
-              "observation of a robot when several are queued): "
+              "robot stops waiting then and applies its safe action, as `RobotLink.step` does); an action that "
+              f"arrives during a later tick is not applied, only reported ({s['late_arrivals']} such late arrivals). "
+              "An observation that never got a reply was, as a rule, dropped by the runtime as stale (realtime mode "
+              "acts on the newest observation of a robot when several are queued): "
               f"{s['runtime_counters'].get('stale_dropped', 0)} dropped, {s['no_reply']} unanswered.",
               "- *Runtime misses*: `act` replies whose `meta.verdicts` hold a `deadline` verdict (the deadline "
               "monitor: receipt-to-decision time over the deadline, so the safe action was sent), tallied by the "
@@ -750,25 +844,27 @@ def render(s: dict[str, Any], curve: dict[str, Any], info: dict[str, Any], args:
               "(`docs/figures/soak_rss.png`).",
               "- *CPU*: utime + stime of the `vigil serve` process (all its threads: the loop, libzmq's I/O thread, "
               "onnxruntime) from /proc/PID/stat, over the same window, per wall second and per tick.",
-              f"- *Load generator*: the robots sent on schedule with lateness p50 {s['send_lateness_us']['p50']:.0f} µs, "
-              f"p99 {s['send_lateness_us']['p99']:.0f} µs, max {s['send_lateness_us']['max']:.0f} µs; "
+              "- *Load generator*: the robots sent on schedule with lateness p50 "
+              f"{num(sl['p50'])} µs, p99 {num(sl['p99'])} µs, max {num(sl['max'])} µs; "
               f"{s['slips']} times a robot fell more than a period behind and skipped the missed slots; the robots "
               f"received {s['link_lost']} link-loss safe actions and {s['errors']} error replies.",
               f"- *Alerts*: {s['alerts']} alerts on the operator stream during the soak"
               + (f" (monitors: {', '.join(s['alert_monitors'])})" if s['alerts'] else "") + "."]
+    lines += render_misses(misses, s["ticks"], d)
     lines += ["", "### The cost of CURVE encryption on the round trip", ""]
     if "skipped" in curve:
         lines.append(f"Not measured: {curve['skipped']}.")
     else:
         p, q, r = curve["plain"], curve["curve"], curve["ratio"]
+        refused = curve.get("refuses_unkeyed")
+        refusal = "refused" if refused else "NOT refused" if refused is False else "not tried"
         lines += [f"Lockstep ping-pong, one robot (`RobotLink.act`, no pacing), against two `vigil serve` processes "
                   f"running side by side, the same bundle: one without authentication, one with "
                   f"`--curve-secret/--curve-allow` (keys from `vigil keys`; the robot loads its pair and the runtime's "
                   f"public key with `ClientKeys.load`). {curve['blocks']} blocks of {curve['block']:,} round trips "
                   f"alternate between the two (the first {curve['untimed_per_block']} of each block untimed), so both "
                   f"see the same background load; {p['n']:,} timed round trips each. An unkeyed robot was "
-                  f"{'refused' if curve.get('refuses_unkeyed') else 'NOT refused' if curve.get('refuses_unkeyed') is False else 'not tried'}"
-                  " by the authenticating runtime (no hello reply).", "",
+                  f"{refusal} by the authenticating runtime (no hello reply).", "",
                   "| round trip (µs) | p50 | p99 | p99.9 | mean |", "|---|---:|---:|---:|---:|",
                   f"| no authentication | {p['p50']:.0f} | {p['p99']:.0f} | {p['p999']:.0f} | {p['mean']:.0f} |",
                   f"| CURVE (authenticated, encrypted) | {q['p50']:.0f} | {q['p99']:.0f} | {q['p999']:.0f} | "
@@ -776,9 +872,47 @@ def render(s: dict[str, Any], curve: dict[str, Any], info: dict[str, Any], args:
                   f"| ratio CURVE / none | {r['p50']:.3f} | {r['p99']:.3f} | {r['p999']:.3f} | {r['mean']:.3f} |",
                   f"| difference | {curve['extra_us']['p50']:+.0f} | {curve['extra_us']['p99']:+.0f} | "
                   f"{curve['extra_us']['p999']:+.0f} | {curve['extra_us']['mean']:+.0f} |"]
-    lines += ["", "Raw data: `bench/out/soak.json`; figures: `docs/figures/soak_latency.png`, "
-              "`docs/figures/soak_rss.png`.", END]
+    lines += ["", f"Raw data: `bench/out/soak.json`, every miss in `bench/out/{results['misses_file']}`; figures: "
+              "`docs/figures/soak_latency.png`, `docs/figures/soak_rss.png`.", END]
     return "\n".join(lines)
+
+
+MISS_ROWS = 40  # the section lists every miss when there are at most this many
+
+
+def render_misses(misses: list[dict[str, Any]], ticks: int, deadline_ms: float) -> list[str]:
+    """Misses per cause, and one row per miss when there are few."""
+    by_cause = {cause: sum(m["cause"] == cause for m in misses) for cause in CAUSES}
+    lines = ["", f"### Why the robots missed: {len(misses):,} misses in {ticks:,} ticks, by cause", "",
+             "Every tick on which a robot had no usable action by its deadline (`RobotLink.step` fell back on the safe "
+             "action), or got the runtime's safe action for a `deadline` verdict, is recorded by the robot with its "
+             "times: when it sent (wall clock and seconds since the start), how late that send was against its own "
+             "schedule, how long it waited, the round trip (of the answer, if one came, even after the deadline) and "
+             "the runtime's own times when its answer reports them. Each is then put down to one cause, the first "
+             f"that applies (a robot that lost more than {LATE_FRACTION:.0%} of the {deadline_ms:g} ms deadline itself "
+             "counts as late):", "",
+             "| cause | misses | meaning |", "|---|---:|---|"]
+    lines += [f"| `{cause}` | {n:,} | {CAUSES[cause]} |" for cause, n in by_cause.items()]
+    if not misses:
+        return lines
+    if len(misses) > MISS_ROWS:
+        return lines + ["", f"{len(misses):,} misses are too many to list here; each is one line of the misses file."]
+    lines += ["", "| t (s) | wall clock (UTC) | robot | seq | cause | send late (µs) | waited (µs) | round trip (µs) | "
+              "`queue_us` | `decide_us` / `infer_us` | robot's fallback | basis |",
+              "|---:|---|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
+    for m in misses:
+        decide = m.get("decide_us") if m.get("decide_us") is not None else m.get("infer_us")
+        wall = datetime.datetime.fromtimestamp(m["wall"], datetime.UTC).strftime("%H:%M:%S.%f")[:-3]
+        lines.append(f"| {m['t']:.3f} | {wall} | {m['robot']} | {m['seq']} | `{m['cause']}` | "
+                     f"{num(m['late_send_us'])} | {num(m['wait_us'])} | {num(m.get('rtt_us'))} | "
+                     f"{num(m.get('queue_us'))} | {num(decide)} | {m.get('fallback') or '(runtime safe action)'} | "
+                     f"{m['basis'].replace('|', '/')} |")
+    return lines
+
+
+def num(x: float | None, spec: str = ".0f") -> str:
+    """A number for a table; a dash where there is none (JSON null, as NaN is written)."""
+    return "–" if x is None or not math.isfinite(x) else format(x, spec)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -803,6 +937,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-write", action="store_true", help="print only: no RELIABILITY.md, figures or raw JSON")
+    p.add_argument("--raw-only", action="store_true",
+                   help="write the raw results (soak.json, soak_misses.jsonl) to --out, not RELIABILITY.md or figures")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: rewrite the RELIABILITY.md section and figures from the raw results in --out")
+    p.add_argument("--out", default=str(RAW.parent), help="folder of the raw results")
     args = p.parse_args(argv)
     args.curve_block = max(1, min(args.curve_block, args.curve_trips or 1))
     return args
@@ -822,10 +961,10 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run the soak (and the CURVE comparison): the raw results, as JSON types, and every miss, classified."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from latency import git_state, machine, write_section  # noqa: E402  (bench/ is not a package)
+    from latency import git_state, machine  # noqa: E402  (bench/ is not a package)
 
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = "OMP_NUM_THREADS=1 " + shlex.join([os.path.relpath(sys.executable, ROOT) if os.path.isabs(
@@ -837,12 +976,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle = workdir / "bundle"
         info["bundle"] = export_bundle(bundle, args.seed, args.rate)
         run = soak(args, bundle, workdir)
-        info["load_start"] = run["load_start"]
+        info["load_start"], info["load_end"] = run["load_start"], run["load_end"]
         s = analyse(run, args)
+        misses = classified_misses(run["robots"], args.deadline_ms)
+        causes = {c: n for c in CAUSES if (n := sum(m["cause"] == c for m in misses))}
         print(f"soak: {s['ticks']:,} ticks in {s['wall_s']:.0f} s; round trip p50 {s['latency_us']['p50']:.0f} "
               f"p99 {s['latency_us']['p99']:.0f} p99.9 {s['latency_us']['p999']:.0f} max "
               f"{s['latency_us']['max']:.0f} us; robot misses {s['robot_misses']}, runtime deadline verdicts "
-              f"{s['runtime_deadline_verdicts']}; RSS growth {s['rss_growth']}", flush=True)
+              f"{s['runtime_deadline_verdicts']}, misses by cause {causes}; RSS growth {s['rss_growth']}", flush=True)
         curve: dict[str, Any] = {"skipped": "--curve-trips 0"}
         if args.curve_trips > 0:
             try:
@@ -852,21 +993,52 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as exc:  # the soak's results stand without it
                 curve = {"skipped": f"the CURVE measurement failed: {type(exc).__name__}: {exc}"}
             print(f"CURVE: {json.dumps({k: v for k, v in curve.items() if k not in ('hist', 'counters')})}", flush=True)
-    seconds = time.monotonic() - t_start
-    text = render(s, curve, info, args, run, started, seconds, machine(None), git_state(), command)
-    print(text)
-    if not args.no_write:
-        figures = plot(run, s, args)
-        RAW.parent.mkdir(parents=True, exist_ok=True)
-        raw = {"summary": s, "curve": {k: v for k, v in curve.items() if k != "hist"}, "info": info,
-               "args": vars(args), "started": started, "seconds": seconds, "command": command,
-               "rss": run["rss"], "telemetry": run["telemetry"], "robots": run["robots"], "alerts": run["alerts"],
-               "events": [e for e in run["events"] if e.get("event") != "connected"],
+    results = {"summary": s, "curve": {k: v for k, v in curve.items() if k != "hist"}, "info": info,
+               "args": vars(args), "started": started, "seconds": time.monotonic() - t_start, "command": command,
+               "machine": machine(None), "commit": git_state(), "misses_file": MISSES.name,
+               "rss": run["rss"], "telemetry": run["telemetry"],
+               "robots": [{k: v for k, v in r.items() if k != "misses"} | {"misses": len(r["misses"])}
+                          for r in run["robots"]],
+               "alerts": run["alerts"], "events": [e for e in run["events"] if e.get("event") != "connected"],
                "serve_stderr": run["serve_stderr"]}
-        RAW.write_text(json.dumps(_jsonable(raw), indent=1))
-        write_section(RELIABILITY, text, BEGIN, END, INTRO)
-        print(f"wrote {RELIABILITY.relative_to(ROOT)}, {RAW.relative_to(ROOT)}, "
-              + ", ".join(str(f.relative_to(ROOT)) for f in figures))
+    # what the report reads is what was written: the same JSON types whether or not it is written
+    return json.loads(json.dumps(_jsonable(results))), json.loads(json.dumps(_jsonable(misses)))
+
+
+def write_raw(results: dict[str, Any], misses: list[dict[str, Any]], folder: Path) -> Path:
+    """soak.json (everything but the misses) and the misses, one JSON object per line."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = folder / RAW.name
+    raw.write_text(json.dumps(results, indent=1))
+    (folder / results["misses_file"]).write_text("".join(json.dumps(m) + "\n" for m in misses))
+    return raw
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from latency import write_section  # noqa: E402  (bench/ is not a package)
+
+    raw = Path(args.out) / RAW.name
+    if args.report_only:  # the section and figures again, from the raw results; nothing is measured
+        if not raw.exists():
+            print(f"soak: no raw results at {raw}; run the soak first", file=sys.stderr)
+            return 2
+        text = render_file(raw)
+        figures = plot(json.loads(raw.read_text()))
+    else:
+        results, misses = measure(args)
+        if not args.no_write:  # first: a measurement outlives a failing report
+            raw = write_raw(results, misses, Path(args.out))
+            print(f"wrote {raw} and {raw.parent / results['misses_file']}")
+        text = render(results, misses)
+        if args.no_write or args.raw_only:
+            print(text)
+            return 0
+        figures = plot(results)
+    print(text)
+    write_section(RELIABILITY, text, BEGIN, END, INTRO)
+    print(f"wrote {RELIABILITY.relative_to(ROOT)}, " + ", ".join(str(f.relative_to(ROOT)) for f in figures))
     return 0
 
 

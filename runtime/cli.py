@@ -353,25 +353,17 @@ def _swap_parser(sub) -> None:
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
-    from vigil.wire.protocol import CONTROL_KINDS, Message, decode, encode
+    from vigil.runtime.client import ControlLink, LinkError
 
-    keys = _client_keys(args, "swap")
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if keys is not None:
-        keys.apply(sock)
+    link = ControlLink(args.connect, keys=_client_keys(args, "swap"))
     try:
-        sock.connect(args.connect)
-        sock.send_multipart(encode(Message("swap", "", 1, 0, {}, {"bundle": str(Path(args.bundle).resolve())})))
-        if not sock.poll(int(args.timeout * 1000)):
-            print(f"vigil swap: no answer from {args.connect} within {args.timeout} s (is the runtime started with "
-                  "--control-endpoint?)", file=sys.stderr)
-            return 2
-        reply = decode(sock.recv_multipart(), kinds=CONTROL_KINDS)
-    finally:
-        sock.close()
-    print(json.dumps({"kind": reply.kind, **reply.meta}), flush=True)
-    return 0 if reply.kind == "swap" and reply.meta.get("ok") else 1
+        answer = link.swap(Path(args.bundle).resolve(), args.timeout)
+    except LinkError:
+        print(f"vigil swap: no answer from {args.connect} within {args.timeout} s (is the runtime started with "
+              "--control-endpoint?)", file=sys.stderr)
+        return 2
+    print(json.dumps(answer), flush=True)
+    return 0 if answer["kind"] == "swap" and answer.get("ok") else 1
 
 
 def _demo_parser(sub) -> None:

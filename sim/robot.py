@@ -4,6 +4,7 @@ Lockstep: each step sends the observation and waits for its action (deterministi
 evaluation).  Realtime: the robot keeps its own clock at `rate_hz`; an action that has not arrived by the
 end of the period is replaced by the safe action, as a real robot's watchdog would.  In both modes a
 robot that gets no usable action (dropped message, error reply, link down) applies the bundle's safe action.
+That contract is the driver's (`RobotLink.step`); this module adds the environment, faults and statistics.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from typing import Any
 import numpy as np
 
 from vigil.runtime.auth import ClientKeys
-from vigil.runtime.client import LinkError, RobotLink
+from vigil.runtime.client import LinkError, Reply, RobotLink
 from vigil.sim.envs import Environment, LinearEnv
 from vigil.sim.faults import Faults
 from vigil.sim.linear import oracle, rollout_cost
-from vigil.wire.protocol import Message
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class SimConfig:
     rate_hz: float = 0.0  # 0: the environment's own control rate (realtime pacing, and outage pacing)
     act_timeout_s: float = 1.0  # lockstep: how long to wait for an action before applying the safe one
     keys: ClientKeys | None = None  # CURVE keys for an authenticating runtime (runtime/auth.py)
+
+
+NO_FAULTS = Faults()
 
 
 @dataclass
@@ -64,7 +67,7 @@ class EpisodeStats:
         return d
 
 
-def run_episodes(env: Environment, cfg: SimConfig, faults: Faults = Faults(),
+def run_episodes(env: Environment, cfg: SimConfig, faults: Faults = NO_FAULTS,
                  on_step: Callable[[EpisodeStats], None] | None = None) -> list[EpisodeStats]:
     """Connect as `cfg.robot`, run `cfg.episodes` episodes of `cfg.steps` steps, say bye."""
     link = RobotLink(cfg.endpoint, cfg.robot, keys=cfg.keys)
@@ -88,8 +91,7 @@ def run_episodes(env: Environment, cfg: SimConfig, faults: Faults = Faults(),
                 if t == faults.disconnect_at:
                     obs, done = _outage(env, link, hello.safe_action, faults.disconnect_s, rate, cfg.steps, stats, obs)
                     continue
-                action = _exchange(link, faults.corrupt(obs, t, rng), faults, t, rng, cfg, rate,
-                                   hello.safe_action, stats)
+                action = _exchange(link, faults.corrupt(obs, t, rng), faults, t, rng, cfg, rate, stats)
                 obs, done = _apply(env, action, stats)
                 if on_step is not None:
                     on_step(stats)
@@ -114,48 +116,40 @@ def _apply(env: Environment, action: np.ndarray, stats: EpisodeStats):
 
 
 def _exchange(link: RobotLink, obs, faults: Faults, t: int, rng: np.random.Generator, cfg: SimConfig,
-              rate: float, safe: np.ndarray, stats: EpisodeStats) -> np.ndarray:
-    """Send one observation and return the action to apply (the safe one if none usable arrives)."""
+              rate: float, stats: EpisodeStats) -> np.ndarray:
+    """Send one observation and return the action to apply (the safe one if none usable arrives): realtime
+    waits for the rest of the period and sleeps out what is left of it; lockstep waits up to act_timeout_s."""
     t0 = time.perf_counter()
     if delay := faults.delay_s(t):
         time.sleep(delay)
-    seq = link.next_seq()
-    t_send = time.perf_counter()
-    if not faults.dropped(t, rng):
-        link.send(Message("obs", link.robot, seq, 0, obs))
     wait_until = t0 + (1.0 / rate if cfg.mode == "realtime" else cfg.act_timeout_s)
-    reply = None
-    while (left := wait_until - time.perf_counter()) > 0:
-        msg = link.recv(left)
-        if msg is None:
-            break
-        if msg.seq == seq and msg.kind in ("act", "error"):
-            reply, t_reply = msg, time.perf_counter()
-            break
-    if cfg.mode == "realtime":  # keep the robot's clock: sleep out the rest of the period
-        if (left := wait_until - time.perf_counter()) > 0:
-            time.sleep(left)
-    if reply is not None and reply.kind == "error" and reply.meta.get("code") == "no_session":
-        try:  # the runtime restarted: say hello again (same episode); this tick still gets the safe action
-            link.resume(timeout_s=min(1.0, cfg.act_timeout_s))
-            stats.resumed += 1
-        except LinkError:
-            pass
-    if reply is None or reply.kind == "error":
+    resumed, resume_s = link.resumed, min(1.0, cfg.act_timeout_s)
+    if faults.dropped(t, rng):  # lost on the way: the robot waits for an answer that cannot come
+        reply = link.await_reply(link.next_seq(), wait_until - time.perf_counter(), resume_s=resume_s)
+    else:
+        reply = link.step(obs, wait_until - time.perf_counter(), resume_s=resume_s)
+    if cfg.mode == "realtime" and (left := wait_until - time.perf_counter()) > 0:
+        time.sleep(left)  # keep the robot's clock
+    stats.resumed += link.resumed - resumed
+    _count(reply, stats)
+    return reply.action
+
+
+def _count(reply: Reply, stats: EpisodeStats) -> None:
+    """One tick's reply in the episode's statistics."""
+    if reply.fallback is not None:
         stats.robot_safe += 1
-        stats.errors += reply is not None
-        return safe
-    stats.latency_us.append((t_reply - t_send) * 1e6)
-    for monitor, level, _ in reply.meta.get("verdicts", []):
+        stats.errors += reply.message is not None  # the runtime answered with an error
+        return
+    stats.latency_us.append(reply.latency_s * 1e6)
+    for monitor, level, _ in reply.verdicts:
         key = f"{monitor}.{level}"
         stats.verdicts[key] = stats.verdicts.get(key, 0) + 1
-    stats.runtime_safe += bool(reply.meta.get("safe"))
-    plan = reply.meta.get("plan")
-    if plan is not None and plan != stats.last_plan:  # a chunk's actions share one plan: count it once
-        stats.last_plan = plan
-        for name, value in reply.meta.get("scores", {}).items():
+    stats.runtime_safe += reply.safe
+    if reply.plan is not None and reply.plan != stats.last_plan:  # a chunk's actions share one plan: count it once
+        stats.last_plan = reply.plan
+        for name, value in reply.scores.items():
             stats.scores.setdefault(name, []).append(float(value))
-    return np.asarray(reply.arrays["action"])
 
 
 def _outage(env: Environment, link: RobotLink, safe: np.ndarray, seconds: float, rate: float, max_steps: int,
@@ -169,7 +163,7 @@ def _outage(env: Environment, link: RobotLink, safe: np.ndarray, seconds: float,
             obs, done = _apply(env, safe, stats)
             stats.robot_safe += 1
         time.sleep(1.0 / rate)
-    for attempt in range(50):
+    for _ in range(50):
         try:
             link.reconnect(timeout_s=0.2)
             break
