@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vigil.runtime.cliargs import Command, client_keys, key_args, stop_on_signals
+from vigil.runtime.client import LinkError
 from vigil.runtime.config import add_flags, check_fields, config_from_args
+from vigil.sim.envs import make_env
 from vigil.sim.faults import Faults
-from vigil.sim.robot import SimConfig
+from vigil.sim.robot import SimConfig, run_episodes
 from vigil.sim.shifts import Shift
 
 FAULTS = "fault injection"
@@ -97,10 +99,6 @@ def _sim_parser(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from vigil.runtime.client import LinkError
-    from vigil.sim.envs import make_env
-    from vigil.sim.robot import run_episodes
-
     scenario = config_from_args(SimScenario, args)
     cfg = config_from_args(SimConfig, args, keys=client_keys(args, "sim"))
     shift, faults = scenario.shift(), scenario.faults()
