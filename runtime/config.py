@@ -1,21 +1,28 @@
-"""Runtime configuration: one frozen dataclass, read from TOML (`[serve]` table) and overridden by flags.
+"""Configuration: frozen dataclasses whose fields are both TOML keys and command-line flags.
 
-Every error names the key and what was expected.  Defaults are what a single robot on the same
-computer wants: loopback endpoints, lockstep, a deadline of one control period.
+Every `vigil` command has one (ServeConfig here, the others next to their commands). A field with a help
+text (`metadata={"help": ...}`) is a flag: `add_flags` adds it to a parser, `config_from_args` builds the
+dataclass from a TOML table and the flags given, and the dataclass's `__post_init__` validates with
+`check_fields`, so every error names the key and what was expected. Defaults are what a single robot on
+the same computer wants: loopback endpoints, lockstep, a deadline of one control period.
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import math
 import tomllib
+import types
 import urllib.parse
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 MODES = ("lockstep", "realtime")
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -25,25 +32,50 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ServeConfig:
     bundle: str = field(default="", metadata={"help": "policy bundle folder (policy.onnx + manifest.json)"})
-    robot_endpoint: str = field(default="tcp://127.0.0.1:5555", metadata={"help": "ZeroMQ endpoint the robot link (ROUTER) binds; robots connect a DEALER here"})
-    operator_endpoint: str = field(default="tcp://127.0.0.1:5556", metadata={"help": "ZeroMQ endpoint the operator stream (PUB) binds"})
-    store: str = field(default="vigil-alerts.db", metadata={"help": "SQLite file every alert is written to before it is published"})
-    mode: str = field(default="lockstep", metadata={"help": "lockstep: answer every observation in order; realtime: act on the freshest, drop stale ones"})
-    deadline_ms: float = field(default=0.0, metadata={"help": "longest receipt-to-decision time before the safe action is sent instead; 0 = one control period"})
-    link_timeout_s: float = field(default=0.5, metadata={"help": "silence from a robot longer than this is link loss: safe action and an alert"})
-    session_expiry_s: float = field(default=300.0, metadata={"help": "a robot silent this long is forgotten (its policy state and monitor windows too); its next message must be a new hello"})
-    heartbeat_s: float = field(default=0.1, metadata={"help": "interval robots are asked to send heartbeats at when they have nothing else to send"})
+    robot_endpoint: str = field(default="tcp://127.0.0.1:5555", metadata={
+        "help": "ZeroMQ endpoint the robot link (ROUTER) binds; robots connect a DEALER here"})
+    operator_endpoint: str = field(default="tcp://127.0.0.1:5556", metadata={
+        "help": "ZeroMQ endpoint the operator stream (PUB) binds"})
+    store: str = field(default="vigil-alerts.db", metadata={
+        "help": "SQLite file every alert is written to before it is published"})
+    mode: str = field(default="lockstep", metadata={
+        "help": "lockstep: answer every observation in order; realtime: act on the freshest, drop stale ones",
+        "choices": MODES})
+    deadline_ms: float = field(default=0.0, metadata={
+        "help": "longest receipt-to-decision time before the safe action is sent instead; 0 = one control period"})
+    link_timeout_s: float = field(default=0.5, metadata={
+        "help": "silence from a robot longer than this is link loss: safe action and an alert"})
+    session_expiry_s: float = field(default=300.0, metadata={
+        "help": "a robot silent this long is forgotten (its policy state and monitor windows too); its next "
+                "message must be a new hello"})
+    heartbeat_s: float = field(default=0.1, metadata={
+        "help": "interval robots are asked to send heartbeats at when they have nothing else to send"})
     telemetry_s: float = field(default=1.0, metadata={"help": "interval of telemetry messages on the operator stream"})
-    alert_repeat_s: float = field(default=5.0, metadata={"help": "a condition that persists is re-alerted at most this often (in between it is counted)"})
+    alert_repeat_s: float = field(default=5.0, metadata={
+        "help": "a condition that persists is re-alerted at most this often (in between it is counted)"})
     saturation_window: int = field(default=20, metadata={"help": "ticks over which the saturation monitor judges"})
-    busy_poll_us: float = field(default=0.0, metadata={"help": "spin on a non-blocking poll for this long after each message before blocking (0: always block); costs a core, saves wake-up latency"})
-    threads: int = field(default=1, metadata={"help": "onnxruntime intra-op threads (1 is fastest for small policies at batch 1)"})
-    request_interval_s: float = field(default=60.0, metadata={"help": "a task gets at most one data request per this many seconds (filed when the VFD monitor reaches alert; the alerts in between are not requests)"})
-    stream_hwm: int = field(default=10_000, metadata={"help": "operator-stream messages queued per subscriber; beyond that a slow subscriber loses messages (it sees the gap in alert ids and reads them back from the store)"})
-    control_endpoint: str = field(default="", metadata={"help": "ZeroMQ endpoint the control channel (ROUTER) binds, for `vigil swap` (hot-swapping the bundle); empty: no control channel"})
-    allow_remote: bool = field(default=False, metadata={"help": "permit binding endpoints that are not loopback without authentication (prints a warning; see docs/operator.md)"})
-    curve_secret: str = field(default="", metadata={"help": "the runtime's CURVE secret key file (NAME.key_secret from `vigil keys`): authentication and encryption on every endpoint; needs curve_allow"})
-    curve_allow: str = field(default="", metadata={"help": "folder of the client public key files (*.key) allowed to connect when curve_secret is set"})
+    busy_poll_us: float = field(default=0.0, metadata={
+        "help": "spin on a non-blocking poll for this long after each message before blocking (0: always block); "
+                "costs a core, saves wake-up latency"})
+    threads: int = field(default=1, metadata={
+        "help": "onnxruntime intra-op threads (1 is fastest for small policies at batch 1)"})
+    request_interval_s: float = field(default=60.0, metadata={
+        "help": "a task gets at most one data request per this many seconds (filed when the VFD monitor reaches "
+                "alert; the alerts in between are not requests)"})
+    stream_hwm: int = field(default=10_000, metadata={
+        "help": "operator-stream messages queued per subscriber; beyond that a slow subscriber loses messages (it "
+                "sees the gap in alert ids and reads them back from the store)"})
+    control_endpoint: str = field(default="", metadata={
+        "help": "ZeroMQ endpoint the control channel (ROUTER) binds, for `vigil swap` (hot-swapping the bundle); "
+                "empty: no control channel"})
+    allow_remote: bool = field(default=False, metadata={
+        "help": "permit binding endpoints that are not loopback without authentication (prints a warning; see "
+                "docs/operator.md)"})
+    curve_secret: str = field(default="", metadata={
+        "help": "the runtime's CURVE secret key file (NAME.key_secret from `vigil keys`): authentication and "
+                "encryption on every endpoint; needs curve_allow"})
+    curve_allow: str = field(default="", metadata={
+        "help": "folder of the client public key files (*.key) allowed to connect when curve_secret is set"})
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> ConfigError:
@@ -121,26 +153,25 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig:
     """Read `[serve]` from a TOML file (if given), then apply non-None overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        values.update(check_table(ServeConfig, read_toml(path).get("serve", {}), "serve"))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return ServeConfig(**values)
+    table = read_toml(path).get("serve", {}) if path is not None else None
+    return build_config(ServeConfig, overrides, table, "serve")
 
 
 def check_table(cls: type, table: Mapping[str, Any], section: str) -> dict[str, Any]:
     """Values of a TOML table for the frozen dataclass `cls`: every key must be a field, and its value of
-    the field default's type (ints are accepted for floats, bools never for numbers)."""
+    the field's type (ints are accepted for floats, bools never for numbers)."""
     known = {f.name: f for f in fields(cls)}
     out = {}
     for key, value in table.items():
         f = known.get(key)
         if f is None:
             raise ConfigError(f"config key '{section}.{key}' is unknown; expected one of {sorted(known)}")
-        expected = type(f.default)
+        expected = _value_type(cls, f)
         ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
+        if expected is tuple and isinstance(value, list):
+            value, ok = tuple(value), True
         if not ok:
             raise ConfigError(f"config key '{section}.{key}' must be a {expected.__name__}, got {value!r}")
         out[key] = value
@@ -150,3 +181,100 @@ def check_table(cls: type, table: Mapping[str, Any], section: str) -> dict[str, 
 def describe() -> list[tuple[str, Any, str]]:
     """(key, default, help) for every option, for --help and docs."""
     return [(f.name, f.default, f.metadata["help"]) for f in fields(ServeConfig)]
+
+
+# -- the same pattern for every command: flags from fields, one error style -----------------------------
+
+
+def check_fields(config: Any, rules: Iterable[tuple[str, bool, str]], section: str = "") -> None:
+    """The one error style of every config's `__post_init__`: the first rule (key, holds, expected) that
+    does not hold raises ConfigError "config key 'key' must be <expected>, got <value>"."""
+    for key, holds, expected in rules:
+        if not holds:
+            name = f"{section}.{key}" if section else key
+            raise ConfigError(f"config key {name!r} must be {expected}, got {getattr(config, key)!r}")
+
+
+def flag_fields(cls: type) -> list[Field]:
+    """The fields of the dataclass `cls` that are command-line flags: those with a help text. Others are
+    set by the command itself (a positional argument, loaded keys)."""
+    return [f for f in fields(cls) if "help" in f.metadata]
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per flag field of `cls` to `parser`.
+
+    The flag is --field-name, or metadata "flag" (plus "aliases"); its type is the field's (X, X | None,
+    tuple[X, ...] for one or more values); metadata "choices", "metavar" and "group" (the title of an
+    argument group) pass through; a field without a default is a required flag. A bool field is a switch to
+    the opposite of its default (--no-field-name when the default is True). Every flag defaults to None, so
+    that `config_from_args` tells a given flag from an absent one and the TOML table and the field's
+    default show through; the help states the field's default instead."""
+    hints = get_type_hints(cls)
+    groups: dict[str, Any] = {}
+    for f in flag_fields(cls):
+        meta = f.metadata
+        title = meta.get("group")
+        if title is not None and title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        target = parser if title is None else groups[title]
+        kind, many = _flag_type(hints[f.name])
+        required = f.default is MISSING and f.default_factory is MISSING
+        switch_off = kind is bool and f.default is True
+        stated = not (required or f.default is None or switch_off or "(default:" in meta["help"])
+        text = meta["help"] + (f" (default: {f.default!r})".replace("%", "%%") if stated else "")
+        name = meta.get("flag", ("--no-" if switch_off else "--") + f.name.replace("_", "-"))
+        names = [name, *meta.get("aliases", ())]
+        if kind is bool:
+            target.add_argument(*names, dest=f.name, action="store_const", const=not f.default, default=None,
+                                help=text)
+        else:
+            metavar = meta.get("metavar")
+            if metavar is None and "flag" in meta and "choices" not in meta:  # named as the flag, not the field
+                metavar = name.lstrip("-").replace("-", "_").upper()
+            target.add_argument(*names, dest=f.name, type=kind, nargs="+" if many else None, default=None,
+                                choices=meta.get("choices"), required=required, metavar=metavar, help=text)
+
+
+def flag_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of `cls` given on the command line (absent ones are None and left out)."""
+    values = {}
+    for f in flag_fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    return values
+
+
+def build_config(cls: type[T], values: Mapping[str, Any], table: Mapping[str, Any] | None = None,
+                 section: str = "") -> T:
+    """`cls` from its TOML table (if any; checked by check_table), overridden by the non-None `values`;
+    the dataclass validates itself."""
+    merged = check_table(cls, table, section) if table else {}
+    merged.update({k: v for k, v in values.items() if v is not None})
+    return cls(**merged)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, table: Mapping[str, Any] | None = None,
+                     section: str = "", **fixed: Any) -> T:
+    """`cls` from the flags `add_flags` added (over its TOML table, if any) and `fixed`: the fields that are
+    no flags, such as a positional argument."""
+    return build_config(cls, {**flag_values(cls, args), **fixed}, table, section)
+
+
+def _flag_type(hint: Any) -> tuple[type, bool]:
+    """(value type, many) of a field annotation: X, X | None, tuple[X, ...]."""
+    if get_origin(hint) in (Union, types.UnionType):
+        [inner] = [a for a in get_args(hint) if a is not type(None)]
+        return _flag_type(inner)
+    if get_origin(hint) is tuple:
+        return get_args(hint)[0], True
+    return hint, False
+
+
+def _value_type(cls: type, f: Field) -> type:
+    """The type a TOML value of field `f` must have: the default's, or the annotation's without None."""
+    if f.default is not MISSING and f.default is not None:
+        return type(f.default)
+    kind, many = _flag_type(get_type_hints(cls)[f.name])
+    return tuple if many else kind

@@ -9,6 +9,7 @@ That contract is the driver's (`RobotLink.step`); this module adds the environme
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 
 from vigil.runtime.auth import ClientKeys
 from vigil.runtime.client import LinkError, Reply, RobotLink
+from vigil.runtime.config import MODES, check_fields
 from vigil.sim.envs import Environment, LinearEnv
 from vigil.sim.faults import Faults
 from vigil.sim.linear import oracle, rollout_cost
@@ -25,15 +27,34 @@ from vigil.sim.linear import oracle, rollout_cost
 
 @dataclass(frozen=True)
 class SimConfig:
-    endpoint: str = "tcp://127.0.0.1:5555"
-    robot: str = "sim-0"
-    episodes: int = 1
-    steps: int = 200
-    seed: int = 0
-    mode: str = "lockstep"
-    rate_hz: float = 0.0  # 0: the environment's own control rate (realtime pacing, and outage pacing)
-    act_timeout_s: float = 1.0  # lockstep: how long to wait for an action before applying the safe one
-    keys: ClientKeys | None = None  # CURVE keys for an authenticating runtime (runtime/auth.py)
+    """The robot side of `vigil sim`; fields with a help text are its flags (runtime/config.py add_flags)."""
+
+    endpoint: str = field(default="tcp://127.0.0.1:5555", metadata={
+        "help": "runtime robot-link endpoint", "flag": "--connect"})
+    robot: str = field(default="sim-0", metadata={"help": "robot id announced in hello"})
+    episodes: int = field(default=1, metadata={"help": "number of episodes"})
+    steps: int = field(default=200, metadata={"help": "steps per episode (at most)"})
+    seed: int = field(default=0, metadata={"help": "seed of the first episode (episode i uses seed+i)"})
+    mode: str = field(default="lockstep", metadata={
+        "help": "lockstep waits for each action; realtime keeps the robot's own clock", "choices": MODES})
+    # 0: the environment's own control rate (realtime pacing, and outage pacing)
+    rate_hz: float = field(default=0.0, metadata={
+        "help": "control rate in Hz for realtime pacing and outages (0: the environment's own)", "flag": "--rate"})
+    # lockstep: how long to wait for an action before applying the safe one
+    act_timeout_s: float = field(default=1.0, metadata={
+        "help": "lockstep: seconds to wait for an action", "flag": "--act-timeout"})
+    keys: ClientKeys | None = None  # CURVE keys for an authenticating runtime (runtime/auth.py); no flag
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            ("endpoint", "://" in self.endpoint, "a ZeroMQ endpoint such as tcp://127.0.0.1:5555"),
+            ("robot", bool(self.robot), "a robot id"),
+            ("episodes", self.episodes >= 1, "an integer >= 1"),
+            ("steps", self.steps >= 1, "an integer >= 1"),
+            ("seed", self.seed >= 0, "an integer >= 0"),
+            ("mode", self.mode in MODES, f"one of {MODES}"),
+            ("rate_hz", 0 <= self.rate_hz < math.inf, "a finite number >= 0 (Hz; 0: the environment's own)"),
+            ("act_timeout_s", 0 < self.act_timeout_s < math.inf, "a finite number > 0 (seconds)")])
 
 
 NO_FAULTS = Faults()

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 from conftest import VIGIL, child_env, free_port, run_vigil
 
-from vigil.runtime.config import describe
+from vigil.runtime.config import ConfigError, add_flags, check_fields, config_from_args, describe
 from vigil.runtime.store import AlertStore
 from vigil.sim.linear import SYSTEMS, oracle
 from vigil.wire.protocol import Message
@@ -146,7 +150,8 @@ def test_serve_config_file_is_used(serve, lqr_bundle, tmp_path, links):
 def test_serve_reports_endpoint_in_use(serve, lqr_bundle, tmp_path):
     served = serve(lqr_bundle)
     r = run_vigil("serve", "--bundle", str(lqr_bundle), "--robot-endpoint", served.robot_endpoint,
-                  "--operator-endpoint", f"tcp://127.0.0.1:{free_port()}", "--store", str(tmp_path / "b.db"), timeout=60)
+                  "--operator-endpoint", f"tcp://127.0.0.1:{free_port()}", "--store", str(tmp_path / "b.db"),
+                  timeout=60)
     assert r.returncode == 2 and "in use" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert served.alive()
 
@@ -274,3 +279,87 @@ def test_demo_runs_end_to_end(tmp_path):
     assert ep["steps"] == 200 and ep["robot_safe"] > 0  # the outage: the robot held the safe action itself
     records = AlertStore(workdir / "alerts.db", readonly=True).since(0)
     assert any(r.monitor == "link" and r.severity == "stop" for r in records)
+
+
+# -- flags from config dataclasses (runtime/config.py) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """One field of every kind add_flags knows."""
+
+    out: str = field(metadata={"help": "required: no default"})
+    rate_hz: float = field(default=10.0, metadata={"help": "a renamed flag", "flag": "--rate"})
+    since: int | None = field(default=None, metadata={"help": "optional, absent by default"})
+    folders: tuple[str, ...] = field(default=(), metadata={"help": "one or more", "metavar": "DIR"})
+    mode: str = field(default="a", metadata={"help": "a choice", "choices": ("a", "b")})
+    verbose: bool = field(default=False, metadata={"help": "a switch on"})
+    progress: bool = field(default=True, metadata={"help": "a switch off"})
+    name: str = "fixed"  # no help: not a flag
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("rate_hz", 0 < self.rate_hz < math.inf, "a finite number > 0 (Hz)")], "example")
+
+
+def example_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="example")
+    add_flags(p, Example)
+    return p
+
+
+def test_flags_from_a_config_dataclass():
+    p = example_parser()
+    defaults = config_from_args(Example, p.parse_args(["--out", "o"]))
+    assert defaults == Example(out="o")
+    given = config_from_args(Example, p.parse_args(["--out", "o", "--rate", "2", "--since", "3", "--folders", "x",
+                                                    "y", "--mode", "b", "--verbose", "--no-progress"]), name="n")
+    assert given == Example("o", 2.0, 3, ("x", "y"), "b", True, False, "n")
+    text = p.format_help()
+    assert "--rate RATE" in text and "--folders DIR [DIR ...]" in text and "--name" not in text
+    assert "(default: 10.0)" in text and "(default: 'a')" in text and "(default: False)" in text
+    with pytest.raises(SystemExit):
+        p.parse_args([])  # --out is required
+
+
+def test_toml_table_under_flags_and_one_error_style():
+    p = example_parser()
+    table = {"mode": "b", "rate_hz": 4, "folders": ["f"]}  # an int for a float, a list for a tuple
+    config = config_from_args(Example, p.parse_args(["--out", "o", "--rate", "5"]), table, "example")
+    assert (config.mode, config.rate_hz, config.folders) == ("b", 5.0, ("f",))  # flags over the table
+    with pytest.raises(ConfigError, match=r"config key 'example.rate_hz' must be a finite number > 0 \(Hz\), got 0.0"):
+        config_from_args(Example, p.parse_args(["--out", "o", "--rate", "0"]))
+    with pytest.raises(ConfigError, match="'example.sinc' is unknown"):
+        config_from_args(Example, p.parse_args(["--out", "o"]), {"sinc": 1}, "example")
+    with pytest.raises(ConfigError, match="'example.since' must be a int"):
+        config_from_args(Example, p.parse_args(["--out", "o"]), {"since": "1"}, "example")
+
+
+@pytest.mark.parametrize("args, key", [
+    (["sim", "--episodes", "0"], "'episodes'"),
+    (["sim", "--drop", "1.5"], "'drop'"),
+    (["sim", "--noise-dims", "a,b"], "'noise_dims'"),
+    (["expert", "--demos", "d", "--lease-s", "0"], "'lease_s'"),
+    (["demo", "--rate", "nan"], "'rate_hz'"),
+    (["alerts", "--timeout", "-1"], "'timeout'"),
+    (["requests", "--since", "-1"], "'since'"),
+    (["swap", "--bundle", "b", "--timeout", "0"], "'timeout'"),
+    (["keys", "k", "--dir", ""], "'dir'"),
+    (["calibrate", "--bundle", "b", "--alert", "1"], "'alert'"),
+    (["demos", "record", "--out", "o", "--max-steps", "0"], "'max_steps'"),
+    (["bundle", "lqr", "--out", "o", "--learner", "irlqr", "--lam", "0"], "'lam'"),
+    (["train", "lqr", "--trials", "0"], "'trials'"),
+    (["train", "ppo", "--out", "o", "--envs", "0"], "'envs'"),
+])
+def test_config_errors_of_every_command(args, key):
+    r = run_vigil(*args)
+    command = " ".join(args[:2]) if args[0] == "train" else args[0]
+    assert r.returncode == 2 and r.stderr.startswith(f"vigil {command}: config key {key} must be"), r.stderr
+
+
+def test_a_command_whose_extra_is_missing_says_which_to_install():
+    code = ("import sys\n"
+            "sys.modules['scipy'] = None  # as on a base install: vigil[sim] brings scipy\n"
+            "from vigil.runtime.cli import main\n"
+            "sys.exit(main(['sim', '--help']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=child_env())
+    assert r.returncode == 2 and "vigil sim: needs vigil[sim]" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -29,7 +29,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -201,14 +201,18 @@ class SaveConfig:
     fresh minibatches and noise. Calibration as `vigil calibrate` (its episodes per task on nominal
     variants from calibration_seed on); 0 episodes skips it and the bundle has no monitor.vfd."""
 
-    steps: int = 2000
+    # fields with a help text are also flags of `vigil train save-round` (runtime/config.py add_flags)
+    steps: int = field(default=2000, metadata={"help": "fine-tuning optimiser steps"})
     lr: float = 0.0
     batch_size: int = 0
-    seed: int = -1
-    calibration_episodes: int = 10
-    calibration_seed: int = 40
-    calibration_max_steps: int = 500
-    calibration_all_episodes: bool = False
+    seed: int = field(default=-1, metadata={
+        "help": "seed of the round's minibatches and noise (-1: parent's + round)"})
+    calibration_episodes: int = field(default=10, metadata={
+        "help": "nominal calibration episodes per task (0: no calibration)"})
+    calibration_seed: int = field(default=40, metadata={"help": "seed of each task's first calibration episode"})
+    calibration_max_steps: int = field(default=500, metadata={"help": "steps per calibration episode, at most"})
+    calibration_all_episodes: bool = field(default=False, metadata={
+        "help": "calibrate on every rollout, not only the successful ones"})
 
     def check(self) -> SaveConfig:
         """Refuse values a round cannot use; errors name the key."""

