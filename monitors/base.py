@@ -42,7 +42,7 @@ class Tick(NamedTuple):
     action: np.ndarray  # clipped, what would be sent
     raw_action: np.ndarray  # before clipping
     scores: Mapping[str, float]  # scalar outputs of the policy graph (e.g. VFD)
-    compute_s: float  # receipt of the observation to decision
+    compute_s: float  # arrival of the observation (queueing included) to the decision
     plan: int = 0  # number of the plan the scores came from (chunked policies replan every k ticks)
     clipped: bool | None = None  # clipping changed the action (None: not known, compare action and raw_action)
 

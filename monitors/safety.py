@@ -109,7 +109,8 @@ class SaturationMonitor(Monitor):
 
 
 class DeadlineMonitor(Monitor):
-    """An action decided later than the deadline is stale: send the safe action instead."""
+    """An action decided later than the deadline after its observation arrived (queueing included) is stale:
+    send the safe action instead."""
 
     name = "deadline"
 
@@ -122,6 +123,7 @@ class DeadlineMonitor(Monitor):
                            f"decided in {tick.compute_s * 1e3:.2f} ms, deadline {self.deadline_s * 1e3:.2f} ms",
                            {"compute_ms": tick.compute_s * 1e3, "deadline_ms": self.deadline_s * 1e3})
         return self.ok()
+
 
 
 class LinkMonitor:

@@ -62,6 +62,10 @@ class ServeConfig:
     request_interval_s: float = field(default=60.0, metadata={
         "help": "a task gets at most one data request per this many seconds (filed when the VFD monitor reaches "
                 "alert; the alerts in between are not requests)"})
+    pipeline: int = field(default=8, metadata={
+        "help": "messages a robot may have waiting at the runtime when it declares no `pipeline` in hello; beyond "
+                "that its oldest waiting observation is dropped with an `overflow` error (robots are served in "
+                "turn, one message each per round)"})
     stream_hwm: int = field(default=10_000, metadata={
         "help": "operator-stream messages queued per subscriber; beyond that a slow subscriber loses messages (it "
                 "sees the gap in alert ids and reads them back from the store)"})
@@ -94,6 +98,8 @@ class ServeConfig:
             raise bad("saturation_window", "an integer >= 1")
         if self.threads < 1:
             raise bad("threads", "an integer >= 1")
+        if not 1 <= self.pipeline <= 256:
+            raise bad("pipeline", "an integer 1..256")
         if self.stream_hwm < 1:
             raise bad("stream_hwm", "an integer >= 1")
         for key in ("robot_endpoint", "operator_endpoint", "control_endpoint"):

@@ -28,9 +28,10 @@ from vigil.monitors.safety import LinkMonitor
 from vigil.policies.bundle import Policy, load_policy
 from vigil.runtime.alerts import Alerter, AlertHook
 from vigil.runtime.auth import ServerAuth
-from vigil.runtime.config import ConfigError, ServeConfig
+from vigil.runtime.config import ConfigError, ServeConfig, is_local
 from vigil.runtime.control import ControlChannel
 from vigil.runtime.hooks import Hook, Hooks
+from vigil.runtime.inbox import HARD_LIMIT, Inbox, Queued
 from vigil.runtime.learning import GainWorker, LearnerHook
 from vigil.runtime.outbox import Outbox
 from vigil.runtime.requests import Requester, RequestHook, RequestStore
@@ -48,12 +49,14 @@ from vigil.wire.protocol import (
     error,
     peek_seq,
 )
-from vigil.wire.transport import bound_endpoint, readable, recv_frames, send_frames
+from vigil.wire.transport import bound_endpoint, recv_frames, send_frames
 
 log = logging.getLogger("vigil.serve")
 MAX_BATCH = 256  # messages read per wake-up, so timers still run under a flood
 TIMER_S = 0.05  # the loop's timers run at least this often
+MAX_AGE_NS = 10**10  # a send time older than this is a clock that is not comparable after all: not used
 _NOBLOCK = int(zmq.NOBLOCK)
+_clock = time.perf_counter
 
 
 class Runtime:
@@ -106,6 +109,8 @@ class Runtime:
         if config.control_endpoint:
             self.control = ControlChannel(self.ctx, config.control_endpoint, self.auth, alerts, self.stream,
                                           self.counters, config.threads, self.wake)
+        self.inbox = Inbox(config.pipeline, config.mode == "realtime", self.counters)
+        self._local = is_local(config.robot_endpoint)  # robots on this computer: their clocks are ours
         self._handlers: dict[str, Callable[[bytes, Message, float], None]] = {
             "obs": self._on_obs, "hello": self._on_hello, "reset": self._on_reset,
             "heartbeat": self._on_heartbeat, "bye": self._on_bye, "error": self._on_robot_error,
@@ -148,8 +153,10 @@ class Runtime:
                 # Busy polling (opt-in) keeps the core and its caches hot between ticks: a robot computer
                 # with a core to spare trades it for latency. Otherwise block until a message or a timer.
                 now = time.monotonic()
-                spinning = spin_s > 0 and now - last_msg < spin_s
+                spinning = self.inbox or (spin_s > 0 and now - last_msg < spin_s)
                 events = poller.poll(0 if spinning else max(0, int((next_timers - now) * 1000)) + 1)
+                if self.inbox and not any(sock is self.link for sock, _ in events):
+                    self.serve_ready()  # another round for robots with messages still waiting
                 for sock, _ in events:
                     if sock is self.link:
                         self.serve_ready()
@@ -166,55 +173,55 @@ class Runtime:
         return self.counters
 
     def serve_ready(self) -> None:
-        """Read the messages waiting on the robot link and handle them (the loop calls this when the link is
-        readable; benchmarks call it directly to time the tick in process)."""
-        self._serve(self._receive())
+        """Read what is waiting on the robot link, then serve one round: a message from every robot with one
+        waiting (runtime/inbox.py). The loop calls this when the link is readable or the inbox is not empty;
+        benchmarks call it directly to time the tick in process."""
+        self._receive()
+        for item in self.inbox.round():
+            if self._woken:  # a worker finished (a gain, a bundle): adopt it before the next tick
+                self._on_wake()
+            self._handle(item)
 
-    def _receive(self) -> list[tuple[bytes, Message, float]]:
-        """Read what is waiting (the poll saw at least one message) and decode it; a malformed message is
-        answered with an `error` at once and goes no further."""
-        batch = []
-        link, by_identity, clock = self.link, self.by_identity, time.perf_counter
-        for i in range(MAX_BATCH):  # bounded even when every message is malformed, so timers still run
-            if i and not readable(link):
-                break
+    def _receive(self) -> None:
+        """Decode what is waiting into the inbox (a malformed message is answered with an `error` at once)
+        and date each message's arrival: the robot's send time when its clock is comparable with ours, else
+        the moment this read began."""
+        link, by_identity, inbox, counters = self.link, self.by_identity, self.inbox, self.counters
+        t_read, wall_read = _clock(), time.time_ns()
+        for _ in range(min(MAX_BATCH, 8 + 2 * len(self.sessions))):  # bounded, so a flood cannot starve the rest
             try:
                 frames = recv_frames(link, _NOBLOCK)
-            except zmq.Again:  # a spurious wake-up
+            except zmq.Again:
                 break
-            t_recv = clock()
-            self.counters["received"] += 1
+            counters["received"] += 1
             identity = frames[0]
             session = by_identity.get(identity)
             try:
-                batch.append((identity, decode(frames[1:], layout=session.layout if session else None), t_recv))
+                msg = decode(frames[1:], layout=session.layout if session else None)
             except ProtocolError as exc:
                 self._reject(identity, exc.code, exc.message, peek_seq(frames[1:]))
-        return batch
+                continue
+            t_arrival = t_read
+            if (session.clock_synced if session else self._local) and 0 < wall_read - msg.t_ns < MAX_AGE_NS:
+                t_arrival -= (wall_read - msg.t_ns) * 1e-9
+            pushed = inbox.put(Queued(identity, msg, t_arrival))
+            if pushed is not None:
+                depth = session.pipeline if session else self.config.pipeline
+                self._reject(pushed.identity, "overflow", f"{pushed.msg.kind} #{pushed.msg.seq} dropped: more than "
+                             f"{depth} messages waiting from this robot (its pipeline depth)", pushed.msg.seq)
 
-    def _serve(self, batch: list[tuple[bytes, Message, float]]) -> None:
-        if self.config.mode == "realtime" and len(batch) > 1:
-            batch = self._freshest(batch)
-        for identity, msg, t_recv in batch:
-            if self._woken:  # a worker finished (a gain, a bundle): adopt it before the next tick
-                self._on_wake()
-            try:
-                handler = self._handlers.get(msg.kind)
-                if handler is None:
-                    raise ProtocolError("bad_kind", f"kind {msg.kind!r} is not accepted from a robot")
-                handler(identity, msg, t_recv)
-            except ProtocolError as exc:
-                self._reject(identity, exc.code, exc.message, msg.seq)
-            except Exception as exc:  # a bug must not take the robot's controller down
-                log.exception("handler for %s failed", msg.kind)
-                self._reject(identity, "internal", f"{type(exc).__name__}: {exc}", msg.seq)
-
-    def _freshest(self, batch: list[tuple[bytes, Message, float]]) -> list[tuple[bytes, Message, float]]:
-        """Realtime mode: of several observations queued from one robot, only the newest is acted on."""
-        newest = {identity: i for i, (identity, msg, _) in enumerate(batch) if msg.kind == "obs"}
-        keep = [item for i, item in enumerate(batch) if item[1].kind != "obs" or newest[item[0]] == i]
-        self.counters["stale_dropped"] += len(batch) - len(keep)
-        return keep
+    def _handle(self, item: Queued) -> None:
+        identity, msg, t_arrival = item
+        try:
+            handler = self._handlers.get(msg.kind)
+            if handler is None:
+                raise ProtocolError("bad_kind", f"kind {msg.kind!r} is not accepted from a robot")
+            handler(identity, msg, t_arrival)
+        except ProtocolError as exc:
+            self._reject(identity, exc.code, exc.message, msg.seq)
+        except Exception as exc:  # a bug must not take the robot's controller down
+            log.exception("handler for %s failed", msg.kind)
+            self._reject(identity, "internal", f"{type(exc).__name__}: {exc}", msg.seq)
 
     # -- what a robot sends -----------------------------------------------------------------------------
 
@@ -235,10 +242,16 @@ class Runtime:
         if not robot:
             raise ProtocolError("bad_header", "hello must name the robot (header key 'robot')")
         declared = check_spec(msg.meta.get("spec"), self.manifest)
+        pipeline, synced = msg.meta.get("pipeline", self.config.pipeline), msg.meta.get("clock_synced", self._local)
+        if type(pipeline) is not int or not 1 <= pipeline <= HARD_LIMIT:
+            raise ProtocolError("bad_header", f"hello key 'pipeline' must be an integer 1..{HARD_LIMIT}")
+        if type(synced) is not bool:
+            raise ProtocolError("bad_header", "hello key 'clock_synced' must be a bool")
         session = self.sessions.get(robot)
         resumed = session is not None
         if session is not None:  # the robot reconnected: same policy state, new socket
             self.by_identity.pop(session.identity, None)
+            self.inbox.forget(session.identity)
             session.identity = identity
             session.layout = Layout(declared)
             self._touch(session)
@@ -248,12 +261,15 @@ class Runtime:
                               LinkMonitor(self.config.link_timeout_s, time.monotonic()), msg.meta, declared,
                               on_policy=lambda s: self.hooks.emit("on_policy", s))
             self.sessions[robot] = session
+        session.pipeline, session.clock_synced = pipeline, synced
+        self.inbox.set_depth(identity, pipeline)
         self.by_identity[identity] = session
         self.hooks.emit("on_hello", session, resumed)
         self._send(identity, encode(Message("hello", robot, msg.seq, 0, {}, {
             "policy": self.manifest.policy_id, "manifest": self.manifest.to_dict(), "mode": self.config.mode,
             "deadline_ms": self.deadline_s * 1e3, "heartbeat_s": self.config.heartbeat_s,
-            "link_timeout_s": self.config.link_timeout_s})))
+            "link_timeout_s": self.config.link_timeout_s, "pipeline": pipeline, "clock_synced": synced,
+            "session_expiry_s": self.config.session_expiry_s})))
 
     def _on_reset(self, identity: bytes, msg: Message, t_recv: float) -> None:
         session = self._session(identity, msg)
@@ -267,13 +283,21 @@ class Runtime:
         if session is not None:
             self._touch(session)
             self.hooks.emit("on_heartbeat", session, msg.seq)
-        self._send(identity, encode(Message("heartbeat", msg.robot, msg.seq)))
+        self._send(identity, encode(Message("heartbeat", self._robot_for(session, msg), msg.seq)))
 
     def _on_bye(self, identity: bytes, msg: Message, t_recv: float) -> None:
         session = self.by_identity.get(identity)
+        robot = self._robot_for(session, msg)
         if session is not None:
             self._forget(session, "disconnected")
-        self._send(identity, encode(Message("bye", msg.robot, msg.seq)))
+        self._send(identity, encode(Message("bye", robot, msg.seq)))
+
+    def _robot_for(self, session: Session | None, msg: Message) -> str:
+        """The robot id a reply carries: the session's; for a connection without one, what it sent, unless that
+        names a connected robot (another connection's: never echoed)."""
+        if session is not None:
+            return session.robot
+        return "" if msg.robot in self.sessions else msg.robot
 
     def _on_robot_error(self, identity: bytes, msg: Message, t_recv: float) -> None:
         """A robot reports a problem of its own: it becomes an operator alert."""
@@ -298,6 +322,7 @@ class Runtime:
     def _forget(self, session: Session, reason: str) -> None:
         del self.sessions[session.robot]
         self.by_identity.pop(session.identity, None)
+        self.inbox.forget(session.identity)
         self.hooks.emit("on_forget", session, reason)
 
     def _reject(self, identity: bytes, code: str, message: str, seq: int) -> None:

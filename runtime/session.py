@@ -52,8 +52,9 @@ class Decision(NamedTuple):
     plan: int  # number of the plan the scores belong to (0: none this episode)
     policy: str  # policy id that decided
     infer_s: float | None  # the policy step (onnxruntime, chunk queue, clipping)
-    decide_s: float  # receipt of the observation to the decision
-    t_recv: float = 0.0  # when the runtime read the observation (perf_counter)
+    queue_s: float  # arrival of the observation to the start of its tick (runtime/inbox.py: what arrival is)
+    decide_s: float  # start of the tick to the decision; the deadline is on queue_s + decide_s
+    t_arrival: float = 0.0  # when the observation arrived (perf_counter)
     failed: bool = False  # the policy raised: `action` is the safe action, `verdicts` says why
 
 
@@ -110,6 +111,8 @@ class Session:
         self.robot = robot
         self.identity = identity
         self.layout = Layout(tuple(declared))  # the robot's observation arrays as it declared them: fast decoding
+        self.clock_synced = False  # the robot's t_ns is on a clock comparable with ours (runtime/inbox.py)
+        self.pipeline = 1  # messages it may have waiting at the runtime (hello `pipeline`)
         self.info: dict[str, Any] = dict(info or {})  # hello's info, then the current episode's task/instruction/sim
         self.link = link
         self.counters: Counter = Counter()
@@ -126,7 +129,11 @@ class Session:
     # -- the tick ---------------------------------------------------------------------------------------
 
     def on_obs(self, arrays: Mapping[str, np.ndarray], seq: int, t_recv: float) -> Decision:
-        """Decide the action for one observation (already decoded and checked against the spec)."""
+        """Decide the action for one observation (already decoded and checked against the spec) received at
+        `t_recv` (perf_counter; its arrival as runtime/inbox.py dates it): the deadline counts from there,
+        queueing included."""
+        t_arrival = t_recv
+        t_start = _clock()
         agent = self.agent
         if self._offered is not None and agent.at_plan_boundary:
             self._switch()
@@ -135,8 +142,8 @@ class Session:
         except ProtocolError:  # the robot's mistake (e.g. no instruction sent yet): an error reply
             raise
         except Exception as exc:  # onnxruntime refused this input, a custom op raised...: never the robot's problem
-            return self._failed(exc, seq, t_recv)
-        tick = Tick(self.robot, seq, arrays, step.action, step.raw, step.scores, _clock() - t_recv, step.plan,
+            return self._failed(exc, seq, t_arrival, t_start)
+        tick = Tick(self.robot, seq, arrays, step.action, step.raw, step.scores, _clock() - t_arrival, step.plan,
                     step.clipped)
         judged = [m.update(tick) for m in self.monitors]
         verdicts = tuple(v for v in judged if v.level)
@@ -146,11 +153,12 @@ class Session:
                 safe = True
                 break
         decision = Decision(agent.safe_action if safe else step.action, safe, verdicts, judged, step.scores,
-                            step.plan, self.policy_id, step.infer_s, _clock() - t_recv, t_recv)
+                            step.plan, self.policy_id, step.infer_s, t_start - t_arrival, _clock() - t_start,
+                            t_arrival)
         self._answered(seq, safe)
         return decision
 
-    def _failed(self, exc: Exception, seq: int, t_recv: float) -> Decision:
+    def _failed(self, exc: Exception, seq: int, t_arrival: float, t_start: float) -> Decision:
         """The policy raised on this observation: the safe action at once, a stop verdict that says why; the next
         observation is tried afresh."""
         log.warning("policy %s raised for %s: %s", self.policy_id, self.robot, exc)
@@ -159,7 +167,7 @@ class Session:
         self.counters["policy_failed"] += 1
         self._answered(seq, True)
         return Decision(self.agent.safe_action, True, (verdict,), (verdict,), _NO_SCORES, 0, self.policy_id, None,
-                        _clock() - t_recv, t_recv, failed=True)
+                        t_start - t_arrival, _clock() - t_start, t_arrival, failed=True)
 
     def _answered(self, seq: int, safe: bool) -> None:
         self.last_seq = seq
@@ -175,7 +183,7 @@ class Session:
     def link_lost(self, verdict: Verdict) -> Decision:
         """The decision sent when the link is declared lost: the safe action for the last observation."""
         return Decision(self.agent.safe_action, True, (verdict,), (verdict,), _NO_SCORES, 0, self.policy_id, None,
-                        0.0, _clock())
+                        0.0, 0.0, _clock())
 
     # -- between ticks ----------------------------------------------------------------------------------
 
@@ -244,8 +252,8 @@ _ACTION_DESCS: dict[int, list[dict[str, Any]]] = {}
 def act_reply(robot: str, seq: int, decision: Decision) -> list:
     """The frames of the `act` reply to observation `seq` (docs/protocol.md §7.3): every act the runtime
     sends is built here. The header is one msgpack map in the envelope's order, then `policy`, `safe`,
-    `verdicts`, `infer_us` (absent when the policy was not consulted: link loss), and `scores` and `plan`
-    for policies that score their plans; the action is float32."""
+    `verdicts`, `infer_us`, `queue_us` and `decide_us` (absent when the policy was not consulted: link
+    loss), and `scores` and `plan` for policies that score their plans; the action is float32."""
     action = decision.action
     if action.dtype != np.float32 or not action.flags.c_contiguous:
         action = np.ascontiguousarray(action, np.float32)
@@ -261,6 +269,8 @@ def act_reply(robot: str, seq: int, decision: Decision) -> list:
               else []}
     if decision.infer_s is not None:
         header["infer_us"] = round(decision.infer_s * 1e6, 1)
+        header["queue_us"] = round(decision.queue_s * 1e6, 1)
+        header["decide_us"] = round(decision.decide_s * 1e6, 1)
     if decision.scores:  # e.g. the VFD of the plan this action came from, and which plan that was
         header["scores"] = decision.scores
         header["plan"] = decision.plan

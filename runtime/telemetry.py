@@ -3,8 +3,9 @@
 Events as they happen (`connected`, `link_restored`, `disconnected`, `expired`; other parts publish
 `gain`, `swapped`, `swap_refused`, `store_failing`, `store_ok`), and every `telemetry_s` one message with the
 runtime's counters, every hook's figures, and per robot its counters, episode, whether its link is lost now
-and the percentiles of its reply latency (receipt of the observation to the reply handed to ZeroMQ) over the
-ticks since the previous message. docs/protocol.md §12 lists the keys.
+the percentiles of its reply latency (arrival of the observation to the reply handed to ZeroMQ) and of its
+queue time (arrival to the start of the tick) over the ticks since the previous message. docs/protocol.md
+§12 lists the keys.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ class TelemetryHook(Hook):
         self._next = time.monotonic() + interval_s
 
     def on_hello(self, session: Session, resumed: bool) -> None:
-        session.state[self.name] = []  # reply latencies (us) since the last telemetry message
+        session.state[self.name] = ([], [])  # reply latencies and queue times (us) since the last telemetry message
         if not resumed:
             self.stream.event(session.robot, "connected", {"env": str(session.info.get("env", ""))})
 
     def on_decision(self, session: Session, obs: Message, decision: Decision) -> None:
-        session.state[self.name].append((_clock() - decision.t_recv) * 1e6)
+        state = session.state[self.name]
+        state[0].append((_clock() - decision.t_arrival) * 1e6)
+        state[1].append(decision.queue_s * 1e6)
 
     def on_link_restored(self, session: Session, outage_s: float) -> None:
         self.stream.event(session.robot, "link_restored", {"outage_s": outage_s})
@@ -56,11 +59,13 @@ class TelemetryHook(Hook):
         runtime = self.runtime
         robots: dict[str, Any] = {}
         for s in runtime.sessions.values():
-            latency = s.state.get(self.name) or [0.0]
-            p50, p99 = np.percentile(latency, [50, 99]).tolist()
+            latency, queue = s.state.get(self.name) or ([], [])
+            p50, p99 = np.percentile(latency or [0.0], [50, 99]).tolist()
+            q50, q99 = np.percentile(queue or [0.0], [50, 99]).tolist()
             robots[s.robot] = {**s.counters, "episode": s.episode, "link_lost_now": s.link.lost,
-                               "p50_us": p50, "p99_us": p99, **runtime.hooks.robot_stats(s)}
-            s.state[self.name] = []
+                               "p50_us": p50, "p99_us": p99, "queue_p50_us": q50, "queue_p99_us": q99,
+                               **runtime.hooks.robot_stats(s)}
+            s.state[self.name] = ([], [])
         self.stream.publish("telemetry", Message("telemetry", "", 0, 0, {}, {
             "policy": runtime.manifest.policy_id, "counters": dict(runtime.counters), "robots": robots,
             **runtime.hooks.stats()}))
