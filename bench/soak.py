@@ -15,8 +15,8 @@ in blocks, side by side.
 Results: the section between the `soak` markers of RELIABILITY.md, docs/figures/soak_latency.png,
 docs/figures/soak_rss.png and bench/out/soak.json -- unless --no-write.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/soak.py                          # make bench-soak (~17 min)
-    OMP_NUM_THREADS=1 .venv/bin/python bench/soak.py --ticks 3000 --curve-trips 2000 --no-write   # smoke
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.soak                          # make bench-soak (~17 min)
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.soak --ticks 3000 --curve-trips 2000 --no-write   # smoke
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -824,12 +823,10 @@ def _jsonable(x: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from latency import git_state, machine, write_section  # noqa: E402  (bench/ is not a package)
+    from bench.common import command_line, git_state, machine, write_section
 
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = "OMP_NUM_THREADS=1 " + shlex.join([os.path.relpath(sys.executable, ROOT) if os.path.isabs(
-        sys.executable) else sys.executable, "bench/soak.py", *sys.argv[1:]])
+    command = command_line(env="OMP_NUM_THREADS=1")
     t_start = time.monotonic()
     info: dict[str, Any] = {"other_processes": other_heavy()}
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
