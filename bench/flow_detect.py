@@ -490,10 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     runs = [Path(r) for r in args.runs.split(",")]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     run, t0 = run_info(), time.monotonic()
     if not args.report_only:
+        out.mkdir(parents=True, exist_ok=True)
         collect(runs, out, args)
+    if missing := [str(out / f"episodes-{r.name}.jsonl") for r in runs
+                   if not (out / f"episodes-{r.name}.jsonl").exists()]:
+        raise SystemExit(f"no episodes at {', '.join(missing)}: run the benchmark without --report-only first")
     eps_by_run = {str(r): [json.loads(x) for x in (out / f"episodes-{r.name}.jsonl").read_text().splitlines()]
                   for r in runs}
     dets = (*DETECTORS, *ABLATION)

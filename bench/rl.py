@@ -394,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             deploy_file.write_text(json.dumps(deploy_check("Hopper-v5", bundle, EVAL_EPISODES)) + "\n")
         write_raw(run_file, describe_run((time.perf_counter() - t0) / 60))
     results = collect(args.seeds)
+    if not results:
+        raise SystemExit(f"no finished runs in {RUNS}: run the benchmark without --report-only first")
     deploy = json.loads(deploy_file.read_text()) if deploy_file.exists() else None
     run = json.loads(run_file.read_text()) if run_file.exists() else None
     text = report(results, args.seeds, deploy, run)

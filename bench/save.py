@@ -515,9 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--rules: unknown {unknown}; expected some of {RULES}")
     tasks = args.tasks.split(",") if args.tasks else list(MT10_TASKS)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     run = run_info()
     if not args.report_only:
+        out.mkdir(parents=True, exist_ok=True)
         measure(args, sizes, rules, tasks, out)
     elif not (out / "results.jsonl").exists():
         raise SystemExit(f"no raw results in {out}: run the benchmark without --report-only first")
