@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -129,6 +130,15 @@ def written_by(run: dict[str, Any], *, seconds: float | None = None) -> str:
     m = run.get("machine", {})
     return (f"Written by `{run['command']}` on {run['started']}{took}; commit {run['git']}; "
             f"{m.get('CPU', '?')}, {m.get('cores', '?')} cores.")
+
+
+def free_port() -> int:
+    """A loopback tcp port free right now, for the benches that bind their own sockets (a runtime started
+    through vigil.runtime.launch binds port 0 itself and needs none). Cheap to import, unlike
+    vigil.sim.demo, which every latency child process paid for."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------------

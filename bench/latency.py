@@ -40,8 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import BENCHMARKS, command_line, git_state, machine, write_benchmarks
-from vigil.sim.demo import free_port
+from bench.common import BENCHMARKS, command_line, free_port, git_state, machine, write_benchmarks
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

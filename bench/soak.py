@@ -137,7 +137,7 @@ def export_bundle(folder: Path, seed: int, rate_hz: float) -> dict[str, Any]:
 
 
 def start_serve(bundle: Path, workdir: Path, name: str, extra: Sequence[str]) -> tuple[subprocess.Popen, str, str]:
-    from vigil.sim.demo import free_port
+    from bench.common import free_port
 
     robot_ep, op_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     args = [*VIGIL, "serve", "--bundle", str(bundle), "--robot-endpoint", robot_ep, "--operator-endpoint", op_ep,

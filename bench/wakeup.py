@@ -26,8 +26,7 @@ import numpy as np
 import zmq
 from tqdm import tqdm
 
-from bench.common import git_state, machine, write_benchmarks
-from vigil.sim.demo import free_port
+from bench.common import free_port, git_state, machine, write_benchmarks
 
 BEGIN, END = "<!-- wakeup:begin -->", "<!-- wakeup:end -->"
 PAYLOAD = b"x" * 100
