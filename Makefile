@@ -8,7 +8,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr bench-lqr-loop bench-rl bench-soak clean
+.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr \
+	bench-lqr-loop bench-rl bench-soak clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,13 +38,13 @@ $(OPENPI)/.installed:
 bench: bench-latency bench-wakeup bench-flow-latency
 
 bench-latency: $(STAMP) $(OPENPI)/.installed
-	$(BIN)/python bench/latency.py --openpi-python $(OPENPI)/bin/python
+	$(BIN)/python -m bench.latency --openpi-python $(OPENPI)/bin/python
 
 bench-wakeup: $(STAMP)
-	$(BIN)/python bench/wakeup.py
+	$(BIN)/python -m bench.wakeup
 
 bench-flow-latency: $(STAMP)
-	$(BIN)/python bench/flow_latency.py
+	$(BIN)/python -m bench.flow_latency
 
 # The flow ensemble's evaluation (issue 4): demos, 3 training seeds + shared-encoder + vision runs, VFD
 # calibration, success with the runtime in the loop, failure and shift detection against the baselines.
@@ -54,30 +55,30 @@ bench-flow: $(STAMP)
 # The SAVE experiment (issue 5): 10 seeds x 5 acquisition rules x 5 rounds; about 1.5 h on 2 cores;
 # resumable (outputs in bench-runs/save). Not part of `make bench`.
 bench-save: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python bench/save.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.save
 
 # IR-LQR against its baselines (issue 6): both systems, 40 trials x 200 steps, a 10^4-step horizon for the
 # growth exponent, a sweep of g1, g2. A few minutes on 2 cores, one process. Not part of `make bench`.
 bench-lqr: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python bench/lqr.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.lqr
 
 # The onboard IR-LQR learner with the simulator in the loop (issue 6 item 4): 10 trials of the same prior and
 # noise offline and through `vigil serve` + the sim robot (realtime, 20 Hz). About 2-3 minutes. Not in `make bench`.
 bench-lqr-loop: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python bench/lqr_loop.py --system aircraft-pitch
-	OMP_NUM_THREADS=1 $(BIN)/python bench/lqr_loop.py --system uav-2d
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.lqr_loop --system aircraft-pitch
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.lqr_loop --system uav-2d
 
-# The soak test (issue 8): 10 simulated robots (one process each) x 100 Hz against one `vigil serve` (realtime,
-# 10 ms deadline) for 10^6 ticks: latency over time, deadline misses, runtime RSS and CPU; then the CURVE cost on
-# the round trip. About 17 minutes; writes RELIABILITY.md. Not part of `make bench`.
 # BPO vs our PPO vs Stable-Baselines3 PPO (issue 7): 3 tasks x 3 algorithms x 3 seeds (100k steps on
 # InvertedPendulum, 200k on Hopper and HalfCheetah), two runs at a time; then the deployment check of the BPO
 # Hopper bundle over ZeroMQ. About 45 min on 2 idle cores; resumable (bench-runs/rl). Not part of `make bench`.
 bench-rl: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python bench/rl.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.rl
 
+# The soak test (issue 8): 10 simulated robots (one process each) x 100 Hz against one `vigil serve` (realtime,
+# 10 ms deadline) for 10^6 ticks: latency over time, deadline misses, runtime RSS and CPU; then the CURVE cost on
+# the round trip. About 17 minutes; writes RELIABILITY.md. Not part of `make bench`.
 bench-soak: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python bench/soak.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) $(OPENPI) .vigil-demo .pytest_cache

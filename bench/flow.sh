@@ -30,7 +30,7 @@ train mt10-shared-s0 configs/flow-mt10-shared.toml mt10-demos 0
 train vision-s0 configs/flow-vision.toml vision-demos 0
 
 first=${RUNS[0]}
-$PY bench/flow_success.py --bundle "$first/bundle" --demos "$FLOW/mt10-demos" --episodes 10
+$PY -m bench.flow_success --bundle "$first/bundle" --demos "$FLOW/mt10-demos" --episodes 10
 state=$(IFS=,; echo "${RUNS[*]}")
-$PY bench/flow_detect.py --out "$FLOW/detect" --runs "$state,$FLOW/mt10-shared-s0,$FLOW/vision-s0" \
+$PY -m bench.flow_detect --out "$FLOW/detect" --runs "$state,$FLOW/mt10-shared-s0,$FLOW/vision-s0" \
     --groups "state M=5:$state;shared encoder M=5:$FLOW/mt10-shared-s0;vision M=5:$FLOW/vision-s0"

@@ -6,7 +6,7 @@ the first noise sample, 4 of 8 actions per chunk, noise drawn per plan from a ge
 episode seed; tests/test_flow_export.py checks the graph against this torch code). At each of the first
 `--detect-plans` plans every detector scores the same observation:
 
-    vfd          one-way VFD of the bundle (PAPERS.md §1, the run's pair convention)
+    vfd          one-way VFD of the bundle (docs/algorithms.md, VFD; the run's pair convention)
     action_l2    mean L2 distance between members' final chunks, each from its own noise
     gu           sum over action elements of log variance across members from shared noise
     sample_var   trace of member 0's sample covariance over N noise draws (a single model's own spread)
@@ -32,18 +32,18 @@ statistic (failed episodes run longer). Reported per run (training seed), then m
 shift detection AUROC (each shift vs nominal), failure prediction AUROC (failed vs successful, pooled and
 per condition), TPR at the calibrated alert threshold within the detection window and the nominal
 episodes' false-alarm rate, detection time, and task-level Spearman/Pearson of early VFD with success.
-Episodes are cached in OUT/episodes-<run>.jsonl; --analyse-only re-reads them.
+Raw results: the episodes, cached in OUT/episodes-<run>.jsonl (and OUT/runs.jsonl, one line per collecting
+invocation); the section between the `flow-detect` markers of BENCHMARKS.md and the figures are rendered from
+them (`--report-only` renders them again without playing an episode).
 
-    .venv/bin/python bench/flow_detect.py --runs runs/mt10-s0,runs/mt10-s1,runs/mt10-s2 --out bench-runs/detect
+    .venv/bin/python -m bench.flow_detect --runs runs/mt10-s0,runs/mt10-s1,runs/mt10-s2 --out bench-runs/detect
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
-import sys
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -52,12 +52,21 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
+from bench.common import (
+    FIGURES,
+    ROOT,
+    command_line,
+    markers,
+    pyplot,
+    run_info,
+    save_figure,
+    utc_now,
+    write_benchmarks,
+    written_by,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-FIGURES = ROOT / "docs" / "figures"
-BEGIN, END = "<!-- flow-detect:begin -->", "<!-- flow-detect:end -->"
+NAME = "flow-detect"
+BEGIN, END = markers(NAME)
 DETECTORS = ("vfd", "action_l2", "gu", "sample_var", "random")
 ABLATION = ("vfd_M2", "vfd_M3", "vfd_M4", "vfd_anchor", "vfd_anchor_N2", "vfd_anchor_N1", "vfd_M3_anchor_N1")
 SHIFTS = ("positions", "physics", "noise", "heldout")  # the shifts the targets are about
@@ -216,6 +225,7 @@ def jobs_for(run: Path, episodes: int, calib: int, heldout_tasks: list[str], max
 
 
 def collect(runs: list[Path], out: Path, args) -> None:
+    """Play every run's missing episodes into OUT/episodes-<run>.jsonl; note the invocation in OUT/runs.jsonl."""
     from tqdm import tqdm
 
     from vigil.sim.metaworld_env import HELDOUT_INSTRUCTIONS
@@ -232,6 +242,7 @@ def collect(runs: list[Path], out: Path, args) -> None:
             for e in map(json.loads, f.read_text().splitlines())}
     jobs = [j for j in jobs if (Path(j.run).name, j.condition, j.task) not in done]
     total = sum(len(j.seeds) for j in jobs)
+    started, t0 = utc_now(), time.monotonic()
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker) as pool, \
             tqdm(total=total, desc="episodes") as bar:
@@ -250,6 +261,9 @@ def collect(runs: list[Path], out: Path, args) -> None:
                     fh.write(json.dumps(e) + "\n")
             bar.update(len(eps))
             bar.set_postfix(last=f"{job.condition}/{job.task}", ok=f"{np.mean([e['success'] for e in eps]):.0%}")
+    with open(out / "runs.jsonl", "a") as fh:
+        fh.write(json.dumps({"started": started, "minutes": (time.monotonic() - t0) / 60, "episodes": total,
+                             "execute": executed_per_plan(runs, []), "command": command_line()}) + "\n")
     if failed:
         raise SystemExit("some rollouts failed (the rest is kept; run again to retry them):\n" + "\n".join(failed))
     for f in files.values():
@@ -320,13 +334,13 @@ def _ms(values: list[float], fmt: str = "{:.2f}") -> str:
     return fmt.format(v.mean()) if len(v) == 1 else f"{fmt.format(v.mean())} ± {fmt.format(v.std(ddof=1))}"
 
 
-def report(results: dict[str, dict], groups: dict[str, list[str]], args, started: str, wall: float,
-           execute: int, rate_hz: float) -> str:
-    info = machine(None)
+def report(results: dict[str, dict], groups: dict[str, list[str]], args, run: dict, seconds: float,
+           rollouts: list[dict], execute: int, rate_hz: float) -> str:
+    """The section, from the analysed episodes of every run."""
+    episodes, minutes = sum(r["episodes"] for r in rollouts), sum(r["minutes"] for r in rollouts)
+    played = f"- Rollouts: {episodes} episodes in {minutes:.0f} min, {len(rollouts)} invocation(s)." if rollouts else ""
     lines = [BEGIN, "## Flow ensemble: failure and shift detection (VFD against baselines)", "",
-             f"Written by `bench/flow_detect.py` on {started} ({wall / 60:.0f} min of rollouts and analysis); "
-             f"commit {git_state()}; {info.get('CPU', '?')}, {info.get('cores', '?')} cores.",
-             f"- Command: `{' '.join(['.venv/bin/python', 'bench/flow_detect.py', *sys.argv[1:]])}`",
+             written_by(run, seconds=seconds), *([played] if played else []),
              f"- Per run: {args.episodes * 2} nominal and {args.episodes} episodes of each other condition per "
              f"task, {args.calibration_episodes} calibration episodes per task, {args.heldout_tasks} held-out tasks; "
              f"scores over the first {args.early_plans} plans ({args.early_plans * execute} steps, "
@@ -392,11 +406,8 @@ def roc_points(neg, pos):
 
 def plots(eps_by_run: dict[str, list[dict]], results: dict[str, dict], group: str, runs: list[str],
           early_plans: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The group's ROC curves and its task-level calibration, from the episodes."""
+    plt = pyplot()
     slug = group.lower().replace(" ", "-").replace("=", "")
     eps = [e for r in runs for e in eps_by_run[r]]  # pooled over runs for the picture; tables keep runs apart
     panels = [(c, "shift") for c in (*SHIFTS, "noise-constant")] + [("pooled", "failure")]
@@ -421,8 +432,7 @@ def plots(eps_by_run: dict[str, list[dict]], results: dict[str, dict], group: st
     axes[0].set_ylabel("true positive rate")
     fig.suptitle(f"{group}: ROC of early-window scores (first {early_plans} plans), runs pooled", fontsize=11)
     fig.tight_layout()
-    fig.savefig(FIGURES / f"flow_detect_roc_{slug}.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, FIGURES / f"flow_detect_roc_{slug}.png", dpi=100)
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in runs:
@@ -449,11 +459,18 @@ def plots(eps_by_run: dict[str, list[dict]], results: dict[str, dict], group: st
     b.set_title("failure rate by score decile")
     b.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(FIGURES / f"flow_detect_calibration_{slug}.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, FIGURES / f"flow_detect_calibration_{slug}.png", dpi=100)
 
 
-def main() -> None:
+def executed_per_plan(runs: list[Path], rollouts: list[dict]) -> int:
+    """Actions executed per plan (half the chunk): from the first run's provenance, or as the collection noted it."""
+    prov = runs[0] / "provenance.json"
+    if prov.exists():
+        return json.loads(prov.read_text()).get("config", {}).get("horizon", 8) // 2
+    return next((r["execute"] for r in reversed(rollouts) if "execute" in r), 4)
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", required=True, help="comma-separated `vigil train flow` output folders")
     ap.add_argument("--groups", help="label:run,run;label:run ... (default: one group of all runs)")
@@ -467,16 +484,19 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=3, help="the monitor's running mean, in plans")
     ap.add_argument("--alpha", type=float, default=0.10, help="alert false-alarm rate per plan")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--analyse-only", action="store_true", help="use the cached episodes only")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = ap.parse_args()
+    ap.add_argument("--report-only", "--analyse-only", dest="report_only", action="store_true",
+                    help="render from the cached episodes only; play none")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and figures alone")
+    args = ap.parse_args(argv)
     runs = [Path(r) for r in args.runs.split(",")]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.time()
-    if not args.analyse_only:
+    run, t0 = run_info(), time.monotonic()
+    if not args.report_only:
+        out.mkdir(parents=True, exist_ok=True)
         collect(runs, out, args)
+    if missing := [str(out / f"episodes-{r.name}.jsonl") for r in runs
+                   if not (out / f"episodes-{r.name}.jsonl").exists()]:
+        raise SystemExit(f"no episodes at {', '.join(missing)}: run the benchmark without --report-only first")
     eps_by_run = {str(r): [json.loads(x) for x in (out / f"episodes-{r.name}.jsonl").read_text().splitlines()]
                   for r in runs}
     dets = (*DETECTORS, *ABLATION)
@@ -487,17 +507,18 @@ def main() -> None:
                   for g in args.groups.split(";")}
     else:
         groups = {"all runs": [str(r) for r in runs]}
-    cfg = json.loads((runs[0] / "provenance.json").read_text())
-    execute = cfg.get("config", {}).get("horizon", 8) // 2
-    text = report(results, groups, args, started, time.time() - t0, execute, 80.0)
+    runs_file = out / "runs.jsonl"
+    rollouts = [json.loads(x) for x in runs_file.read_text().splitlines()] if runs_file.exists() else []
+    execute = executed_per_plan(runs, rollouts)
+    text = report(results, groups, args, run, time.monotonic() - t0, rollouts, execute, 80.0)
     print(text)
     if args.no_write:
-        return
-    FIGURES.mkdir(parents=True, exist_ok=True)
+        return 0
     for g, rs in groups.items():
         plots(eps_by_run, results, g, rs, args.early_plans)
     write_benchmarks(text, BEGIN, END)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,41 +1,39 @@
-"""onnxruntime cost of one `flow_ensemble` plan (training/flow_export.py) at batch 1: encode once, the 10
-Euler steps plus the 0.95 VFD point for every integrating member, one-way VFD over N noise samples, in one
-`session.run`. M = 1, 2, 3, 5, 8; full members versus a shared encoder; pair conventions "lower" versus
-"anchor"; N = 5 (the default), 2 and 1; default width (FlowConfig: hidden 256, depth 3, H 8). M = 1 at
-N = 1 is the plain policy (one member, 10 Euler steps, no score): the baseline every ratio is taken to. Untrained weights (the cost does
-not depend on their values). Session options as the runtime uses them (policies/bundle.py).
-Prints a table and rewrites the section between the `flow-latency` markers of BENCHMARKS.md.
+"""onnxruntime cost of one `flow_ensemble` plan (training/flow_export.py) at batch 1, for M = 1, 2, 3, 5, 8
+members, full members against a shared encoder, "lower" against "anchor" pairs, N = 5, 2 and 1 noise samples.
+M = 1 at N = 1 is the plain policy every ratio is taken to. Untrained weights, the runtime's session options.
 
-    .venv/bin/python bench/flow_latency.py [--threads 1] [--reps 300] [--no-write]     # make bench-flow-latency
+Raw results: bench/out/flow_latency.json; the section between the `flow-latency` markers of BENCHMARKS.md is
+rendered from them (`--report-only` renders it again without measuring).
+
+    .venv/bin/python -m bench.flow_latency [--threads 1] [--reps 300] [--no-write]    # make bench-flow-latency
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import statistics
-import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
-from vigil.policies.bundle import session_options
-from vigil.training.flow import Ensemble, FlowConfig
-from vigil.training.flow_export import export_onnx
+from bench.common import OUT, markers, read_raw, run_info, section, write_benchmarks, write_raw, written_by
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
-
-BEGIN, END = "<!-- flow-latency:begin -->", "<!-- flow-latency:end -->"
-
-TARGETS = "targets (issue 4 item 7): full M=5 <= 4x M=1; shared M=5 <= 1.5x M=1; a plan at M=5 < 1 ms"
+NAME = "flow-latency"
+RAW = OUT / "flow_latency.json"
+TARGETS = "Targets (issue 4 item 7): full M=5 <= 4x M=1; shared M=5 <= 1.5x M=1; a plan at M=5 < 1 ms."
 
 
-def plan_us(cfg: FlowConfig, threads: int, reps: int) -> float:
+def plan_us(cfg, threads: int, reps: int) -> float:
     """Median wall time of one session.run at batch 1, microseconds."""
+    import onnxruntime as ort
+
+    from vigil.policies.bundle import session_options
+    from vigil.training.flow import Ensemble
+    from vigil.training.flow_export import export_onnx
+
     sess = ort.InferenceSession(export_onnx(Ensemble(cfg).eval(), cfg), session_options(threads),
                                 providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
@@ -53,51 +51,74 @@ def plan_us(cfg: FlowConfig, threads: int, reps: int) -> float:
     return 1e6 * statistics.median(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=300)
-    ap.add_argument("--members", type=int, nargs="+", default=[1, 2, 3, 5, 8])
-    ap.add_argument("--samples", type=int, nargs="+", default=[5, 2, 1], help="VFD noise samples N per plan")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = ap.parse_args()
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every (variant, pairs, N) row at every M, and the plain policy, in one process."""
+    import onnxruntime as ort
+
+    from vigil.training.flow import FlowConfig
+
+    run = run_info()
     base = FlowConfig()
-    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    lines = ["| variant | pairs | N | " + " | ".join(f"M={m}" for m in args.members) + " |",
-             "|---|---|---:|" + "---:|" * len(args.members)]
     plain = plan_us(dataclasses.replace(base, members=1, vfd_samples=1), args.threads, args.reps)
+    rows = []
     for shared in (False, True):
         for pairs, n in [("lower", args.samples[0])] + [("anchor", n) for n in args.samples]:
-            row = {m: plan_us(dataclasses.replace(base, members=m, shared_encoder=shared, vfd_pairs=pairs,
-                                                  vfd_samples=n), args.threads, args.reps) for m in args.members}
-            cells = [f"{row[m]:.0f} ({row[m] / plain:.2f}x)" for m in args.members]
-            lines.append(f"| {'shared encoder' if shared else 'full members'} | {pairs} | {n} | " + " | ".join(cells) + " |")
-    info = machine(None)
-    text = "\n".join([
-        BEGIN,
+            us = {str(m): plan_us(dataclasses.replace(base, members=m, shared_encoder=shared, vfd_pairs=pairs,
+                                                      vfd_samples=n), args.threads, args.reps) for m in args.members}
+            rows.append({"variant": "shared encoder" if shared else "full members", "pairs": pairs, "N": n, "us": us})
+    return {"run": run, "onnxruntime": ort.__version__, "threads": args.threads, "reps": args.reps,
+            "members": list(args.members), "plain_us": plain, "rows": rows,
+            "config": {"euler_steps": base.euler_steps, "hidden": base.hidden, "depth": base.depth,
+                       "horizon": base.horizon}}
+
+
+def render(raw: dict[str, Any]) -> str:
+    """The section, from the raw results alone."""
+    members, plain, c = raw["members"], raw["plain_us"], raw["config"]
+    table = ["| variant | pairs | N | " + " | ".join(f"M={m}" for m in members) + " |",
+             "|---|---|---:|" + "---:|" * len(members)]
+    for row in raw["rows"]:
+        cells = [f"{row['us'][str(m)]:.0f} ({row['us'][str(m)] / plain:.2f}x)" for m in members]
+        table.append(f"| {row['variant']} | {row['pairs']} | {row['N']} | " + " | ".join(cells) + " |")
+    return section(NAME, [
         "## Cost of knowing: one flow-ensemble plan in onnxruntime",
         "",
-        f"Written by `bench/flow_latency.py` (`make bench-flow-latency`) on {started}; commit {git_state()}; "
-        f"{info.get('CPU', '?')}, {info.get('cores', '?')} cores. onnxruntime {ort.__version__}, {args.threads} "
-        f"intra-op thread(s), batch 1, median of {args.reps} plans. One plan = encode once, "
-        f"{base.euler_steps} Euler steps + the 0.95 VFD point for every integrating member, one-way VFD over "
-        f"N noise samples (column N), in one `session.run`; hidden {base.hidden}, depth {base.depth}, "
-        f"H {base.horizon}; untrained weights (the cost does not depend on them).",
+        written_by(raw["run"]),
+        f"- onnxruntime {raw['onnxruntime']}, {raw['threads']} intra-op thread(s), batch 1, median of {raw['reps']} "
+        f"plans; {c['euler_steps']} Euler steps, hidden {c['hidden']}, depth {c['depth']}, H {c['horizon']}; "
+        "untrained weights.",
         "",
         f"Median µs per plan (in brackets: ratio to the plain policy, one member at N = 1, {plain:.0f} µs, "
         "measured in the same run):",
         "",
-        *lines,
+        *table,
         "",
-        f"{TARGETS[0].upper()}{TARGETS[1:]}. `lower` (each unordered pair once, lower index integrating) "
-        "evaluates about M(M-1)/2 x N member-paths per step, `anchor` (member 0 integrates, every member is "
-        "evaluated on its path) M x N. FACTS.md's reference: a naive 10-step 256-wide member 155 µs, five 717 µs.",
-        END,
+        TARGETS,
     ])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--members", type=int, nargs="+", default=[1, 2, 3, 5, 8])
+    ap.add_argument("--samples", type=int, nargs="+", default=[5, 2, 1], help="VFD noise samples N per plan")
+    ap.add_argument("--report-only", action="store_true", help=f"render {RAW.name} again; measure nothing")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and bench/out alone")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    raw = read_raw(RAW) if args.report_only else measure(args)
+    text = render(raw)
     print(text)
     if not args.no_write:
-        write_benchmarks(text, BEGIN, END)
+        if not args.report_only:
+            write_raw(RAW, raw)
+        write_benchmarks(text, *markers(NAME))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

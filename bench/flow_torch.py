@@ -3,7 +3,7 @@ cost of one plan at batch 1 (encode once + the 10 Euler steps of the integrating
 with N = 5 noise samples) for M = 1, 2, 5, 8, full members versus a shared encoder, per VFD pair
 convention. These are torch numbers; the onnxruntime ones come with the export.
 
-    .venv/bin/python bench/flow_torch.py [--threads 1] [--train-steps 30]
+    .venv/bin/python -m bench.flow_torch [--threads 1] [--train-steps 30]
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ never competes with them for the two cores while they are timing.  Results: a ta
 section between the `latency` markers of BENCHMARKS.md, docs/figures/latency.png and
 bench/out/latency.json (raw latencies) -- the last three unless --no-write.
 
-    .venv/bin/python bench/latency.py --openpi-python .venv-openpi/bin/python    # make bench
-    .venv/bin/python bench/latency.py --quick --no-openpi --no-write              # smoke check
+    .venv/bin/python -m bench.latency --openpi-python .venv-openpi/bin/python    # make bench
+    .venv/bin/python -m bench.latency --quick --no-openpi --no-write              # smoke check
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import selectors
-import shlex
 import signal
 import subprocess
 import sys
@@ -42,11 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from vigil.sim.demo import free_port
+from bench.common import BENCHMARKS, command_line, free_port, git_state, machine, write_benchmarks
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 FIGURE = ROOT / "docs" / "figures" / "latency.png"
 RAW = HERE / "out" / "latency.json"
 BEGIN, END = "<!-- latency:begin -->", "<!-- latency:end -->"
@@ -344,7 +341,7 @@ class Bench:
         return json.loads(out.read_text())
 
     def role(self, role: str, *extra: str) -> list[str]:
-        return [sys.executable, str(Path(__file__).resolve()), "_role", role,
+        return [sys.executable, "-m", "bench.latency", "_role", role,
                 "--ticks", str(self.ticks), "--warmup", str(self.warmup), *extra]
 
     def endpoint(self, transport: str, name: str) -> str:
@@ -448,7 +445,7 @@ def vigil_variants(vigil_cmd: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def make_bundles(tmp: Path) -> dict[str, dict[str, Any]]:
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_role", "make-bundles", "--out",
+    proc = subprocess.run([sys.executable, "-m", "bench.latency", "_role", "make-bundles", "--out",
                            str(tmp / "bundles")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     if proc.returncode != 0:
         raise BenchError(f"could not write the bundles:\n{proc.stderr[-3000:]}")
@@ -547,70 +544,6 @@ def verdict_lines(verdicts: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def machine(openpi_versions: dict[str, str] | None) -> dict[str, str]:
-    import msgpack
-    import onnxruntime
-    import zmq
-
-    def lscpu(key: str) -> str:
-        try:
-            out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        m = re.search(rf"^{re.escape(key)}:\s*(.+)$", out, re.M)
-        return m.group(1).strip() if m else ""
-
-    cpu = lscpu("Model name")
-    if not cpu:
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = m.group(1).strip() if m else platform.processor() or "unknown"
-    family, model = lscpu("CPU family"), lscpu("Model")
-    hyper = lscpu("Hypervisor vendor")
-    try:
-        cmdline = Path("/proc/cmdline").read_text()
-    except OSError:
-        cmdline = ""
-    halt = re.search(r"guest_halt_poll_ns=(\d+)", cmdline)
-    cpu += (f" (family {family}, model {model})" if family else "") + (f", {hyper} guest" if hyper else "")
-    mem = re.search(r"MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text())
-    os_name = platform.system()
-    try:
-        os_name = re.search(r'^PRETTY_NAME="?([^"\n]+)', Path("/etc/os-release").read_text(), re.M).group(1)
-    except (OSError, AttributeError):
-        pass
-    info = {"CPU": cpu, "cores": str(os.cpu_count()),
-            "memory": f"{int(mem.group(1)) / 2**20:.1f} GiB" if mem else "unknown",
-            "OS": f"{os_name}, Linux {platform.release()}"
-                  + (f" (guest halt-polling {halt.group(1)} ns: an idle vCPU halts at once)" if halt else ""),
-            "vigil environment": f"Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, "
-                                 f"pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()}), numpy {np.__version__}, "
-                                 f"msgpack {msgpack.version and '.'.join(map(str, msgpack.version))}"}
-    if openpi_versions:
-        info["openpi environment"] = ", ".join(f"{k} {v}" for k, v in openpi_versions.items())
-    return info
-
-
-def git_state() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "runtime", "policies", "monitors"],
-                               capture_output=True, text=True, cwd=ROOT, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + (" (runtime/policies/monitors with uncommitted changes)" if dirty else "")
-
-
-def command_line(argv: Sequence[str]) -> str:
-    def rel(p: str) -> str:
-        try:
-            return os.path.relpath(p, ROOT) if os.path.isabs(p) else p
-        except ValueError:
-            return p
-
-    return shlex.join([rel(sys.executable), rel(str(Path(__file__).resolve())), *argv])
-
-
 def write_figure(results: list[Result], path: Path) -> None:
     import matplotlib
 
@@ -704,26 +637,6 @@ def section(args: argparse.Namespace, argv: Sequence[str], ticks: int, rounds: i
     if args.no_openpi:
         lines.insert(-1, "(c) was not measured in this run (`--no-openpi`).\n")
     return "\n".join(lines)
-
-
-def write_section(path: Path, text: str, begin: str, end: str, intro: str) -> None:
-    """Replace the section between `begin` and `end` in `path` (append it if absent; create the file with
-    `intro` if missing). Other sections of the file are left as they are."""
-    doc = path.read_text() if path.exists() else intro
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text, doc, count=1)
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(doc if doc.endswith("\n") else doc + "\n")
-
-
-def write_benchmarks(text: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace the section between `begin` and `end` in BENCHMARKS.md (append it if absent). Every bench
-    script writes its own section through this."""
-    write_section(BENCHMARKS, text, begin, end,
-                  "# Benchmarks\n\nMeasured, not estimated: each section below is written by the script it names "
-                  "and rewritten whenever that script runs.\n\n")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -830,7 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_write:
         return 0
     write_figure(results, FIGURE)
-    write_benchmarks(section(args, argv, ticks, rounds, warmup, results, rows, verdicts, info, started, wall_s))
+    write_benchmarks(section(args, argv, ticks, rounds, warmup, results, rows, verdicts, info, started, wall_s),
+                     BEGIN, END)
     RAW.parent.mkdir(parents=True, exist_ok=True)
     RAW.write_text(json.dumps({"started": started, "ticks": ticks, "rounds": rounds, "warmup": warmup, "machine": info,
                                "rows": [{"policy": r.policy, "transport": r.transport, "system": r.system,

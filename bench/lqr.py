@@ -1,7 +1,7 @@
-"""IR-LQR against its baselines on aircraft pitch and the 2-D UAV (issue 6; PAPERS.md §4; docs/lqr.md).
+"""IR-LQR against its baselines on aircraft pitch and the 2-D UAV (issue 6; docs/lqr.md, docs/algorithms.md).
 
 Every method runs on the same trials (one prior draw + one noise sequence each: common random numbers), so
-differences are paired. Sections of the output, all from one run:
+differences are paired. Parts of the output, all from one run:
 
     priors    how often the prior's own LQR destabilises the true system (1000 draws), absolute against
               relative perturbation: the aircraft pitfall of issue 6
@@ -11,47 +11,55 @@ differences are paired. Sections of the output, all from one run:
               T in [1e2, 1e4] (least squares on log-log of the mean curve)
     sweep     g1, g2 over 1e-5 .. 1: where the intrinsic reward starts to change the gain and the regret
 
-Results: the section between the `lqr` markers of BENCHMARKS.md, docs/figures/lqr_*.png and
-bench/out/lqr.json -- unless --no-write.
+Raw results: bench/out/lqr.json (with the regret bands the figures draw); the section between the `lqr`
+markers of BENCHMARKS.md and docs/figures/lqr_*.png are rendered from them (`--report-only` renders them
+again without measuring).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/lqr.py            # make bench-lqr (a few minutes on 2 cores)
-    OMP_NUM_THREADS=1 .venv/bin/python bench/lqr.py --quick --no-write      # smoke check
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.lqr            # make bench-lqr (a few minutes on 2 cores)
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.lqr --quick --no-write      # smoke check
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from bench.common import (
+    FIGURES,
+    OUT,
+    as_numbers,
+    markers,
+    pyplot,
+    raw_copy,
+    read_raw,
+    run_info,
+    save_figure,
+    section,
+    write_benchmarks,
+    write_raw,
+    written_by,
+)
 from vigil.sim.linear import SYSTEMS
 from vigil.training.lqr_study import (
     METHODS,
+    StudyConfig,
     StudyResult,
-    _jsonable,
     draw_prior,
     gain_gap,
     growth_exponent,
-    plot_regret,
     prior_destabilises,
     published,
     run_study,
     summarize,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
-
-ROOT = Path(__file__).resolve().parent.parent
-FIGURES = ROOT / "docs" / "figures"
-RAW = ROOT / "bench" / "out" / "lqr.json"
-BEGIN, END = "<!-- lqr:begin -->", "<!-- lqr:end -->"
+NAME = "lqr"
+RAW = OUT / "lqr.json"
 
 SYSTEM_NAMES = ("aircraft-pitch", "uav-2d")
 # The prior perturbation chosen per system after the `priors` section (docs/decisions.md 73): relative on
@@ -113,21 +121,118 @@ def sweep(name: str, relative: bool, trials: int, steps: int, seed: int, cec: St
     return rows
 
 
+def regret_bands(result: StudyResult, methods: Sequence[str], crn: bool = True) -> dict[str, Any]:
+    """What a regret figure draws: per method the median and IQR of the regret curves (a diverged trial counts
+    as +inf from its stop on) and the number of diverged trials."""
+    bands = {}
+    for m in methods:
+        curves = result.regret(m, crn)
+        curves = np.where(np.isnan(curves), np.inf, curves)
+        q1, med, q3 = np.percentile(curves, [25, 50, 75], axis=0)
+        bands[m] = {"median": short(med), "q1": short(q1), "q3": short(q3),
+                    "diverged": int(result.methods[m].diverged.sum())}
+    ir = result.config.irlqr
+    return {"system": result.config.system, "trials": result.config.trials, "J_star": result.J_star, "crn": crn,
+            "settings": f"lam {ir.lam:g}, g1 {ir.g1:g}, g2 {ir.g2:g}, prior "
+                        f"{'relative' if ir.relative_prior else 'absolute'} std {ir.prior_std:g}",
+            "methods": bands}
+
+
+def short(x: np.ndarray) -> list[float]:
+    """Six significant digits: enough for a figure, and a 10^4-step band stays small in the raw JSON."""
+    return [float(f"{v:.6g}") for v in x]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Measurement
+# ------------------------------------------------------------------------------------------------------
+
+def settings() -> dict[str, Any]:
+    """The published settings every method runs with (training/irlqr.py PUBLISHED, StudyConfig)."""
+    base = StudyConfig()
+    out: dict[str, Any] = {"pe_std": base.pe_std, "ts_beta": base.ts_beta}
+    for name in SYSTEM_NAMES:
+        ir = published(name).irlqr
+        out[name] = {"lam": ir.lam, "g1": ir.g1, "g2": ir.g2, "prior_std": ir.prior_std}
+    return out
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every part of the study; the raw results the section and the figures are rendered from."""
+    t0 = time.perf_counter()
+    data: dict[str, Any] = {
+        "run": run_info(env="OMP_NUM_THREADS=1"), "settings": settings(),
+        "sizes": {k: getattr(args, k) for k in ("trials", "steps", "long_trials", "long_steps", "sweep_trials",
+                                                 "prior_draws", "seed")},
+        "priors": prior_check(args.prior_draws, args.seed), "main": {}, "long": {}, "sweep": {},
+        "figures": {}}
+    results: dict[str, StudyResult] = {}
+    for name in SYSTEM_NAMES:
+        for relative in (False, True):
+            key = f"{name}/{mode(relative)}"
+            r = study(name, relative, args.trials, args.steps, args.seed)
+            results[key] = r
+            data["main"][key] = {"J_star": r.J_star, "prior_std": r.config.irlqr.prior_std,
+                                 "prior_unstable": int(r.prior_unstable.sum()), "rows": summarize(r),
+                                 "gain_gap": gain_gap(r)}
+            if CHOSEN_RELATIVE[name] == relative:
+                data["figures"][f"lqr_regret_{name}"] = regret_bands(r, METHODS)
+            print(f"main {key}: done", flush=True)
+    for name in SYSTEM_NAMES:
+        for relative in (False, True):
+            key = f"{name}/{mode(relative)}"
+            r = study(name, relative, args.long_trials, args.long_steps, args.seed + 1)
+            exps = {m: {"crn": growth_exponent(r.regret(m, True)), "J": growth_exponent(r.regret(m, False))}
+                    for m in r.methods}
+            data["long"][key] = {"J_star": r.J_star, "rows": summarize(r), "exponents": exps}
+            if CHOSEN_RELATIVE[name] == relative:
+                data["figures"][f"lqr_regret_long_{name}"] = {**regret_bands(r, list(r.methods)), "log": True}
+            print(f"long {key}: done", flush=True)
+    for name in SYSTEM_NAMES:
+        relative = CHOSEN_RELATIVE[name]
+        cec = results[f"{name}/{mode(relative)}"]
+        if args.sweep_trials != args.trials:
+            cec = study(name, relative, args.sweep_trials, args.steps, args.seed, methods=("cec",))
+        data["sweep"][name] = sweep(name, relative, args.sweep_trials, args.steps, args.seed, cec)
+    data["seconds"] = time.perf_counter() - t0
+    return data
+
+
 # ------------------------------------------------------------------------------------------------------
 # Figures
 # ------------------------------------------------------------------------------------------------------
 
+def plot_bands(fig_data: dict[str, Any], path: Path) -> None:
+    """Median regret curve and IQR band per method, from `regret_bands`."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for m, band in fig_data["methods"].items():
+        med, q1, q3 = (np.asarray(band[k], float) for k in ("median", "q1", "q3"))
+        t = np.arange(1, len(med) + 1)
+        nd = band["diverged"]
+        line, = ax.plot(t, med, label=m + (f" ({nd} diverged)" if nd else ""), lw=1.4)
+        ax.fill_between(t, q1, q3, color=line.get_color(), alpha=0.18, lw=0)
+    ax.set_xlabel("step T")
+    ax.set_ylabel(f"regret against {'the oracle on the same noise' if fig_data['crn'] else 'T J*'}")
+    if fig_data.get("log"):
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=max(1e-3, abs(fig_data["J_star"]) * 0.1))
+    ax.set_title(f"{fig_data['system']}: {fig_data['trials']} trials, median and IQR\n{fig_data['settings']}",
+                 fontsize=9)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+
+
 def plot_sweep(sweeps: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Heat maps over (g1, g2): the gain's gap to CEC's, and the paired regret difference."""
+    plt = pyplot()
     fig, axes = plt.subplots(len(sweeps), 2, figsize=(10, 4.2 * len(sweeps)), squeeze=False)
     k = len(SWEEP)
     for row, (name, rows) in zip(axes, sweeps.items()):
-        gap = np.array([r["gain_gap_median"] for r in rows]).reshape(k, k) * 100
-        diff = np.array([r["diff_median_vs_cec"] for r in rows]).reshape(k, k)
+        gap = np.array([r["gain_gap_median"] for r in rows], float).reshape(k, k) * 100
+        diff = np.array([r["diff_median_vs_cec"] for r in rows], float).reshape(k, k)
         for ax, data, title, fmt in ((row[0], np.log10(np.maximum(gap, 1e-6)), "log10 median gain gap to CEC (%)",
                                       "{:.2g}"),
                                      (row[1], diff, "median paired regret IR-LQR - CEC (same-noise)", "{:.3g}")):
@@ -145,16 +250,21 @@ def plot_sweep(sweeps: dict[str, list[dict]], path: Path) -> None:
             ax.set_title(f"{name}: {title}", fontsize=9)
             fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def plots(data: dict[str, Any]) -> None:
+    for stem, fig_data in data["figures"].items():
+        plot_bands(fig_data, FIGURES / f"{stem}.png")
+    plot_sweep(data["sweep"], FIGURES / "lqr_sweep.png")
 
 
 # ------------------------------------------------------------------------------------------------------
 # Text
 # ------------------------------------------------------------------------------------------------------
 
-def fmt(x: float, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and np.isnan(x)):
+def fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or np.isnan(x):
         return "–"
     if np.isinf(x):
         return "∞"
@@ -169,7 +279,7 @@ def fmt_ci(t) -> str:
     if t is None:
         return ""
     v, lo, hi = t
-    return "–" if np.isnan(v) else f"{fmt(v)} [{fmt(lo)}, {fmt(hi)}]"
+    return "–" if v is None or np.isnan(v) else f"{fmt(v)} [{fmt(lo)}, {fmt(hi)}]"
 
 
 def method_table(rows: list[dict]) -> list[str]:
@@ -178,7 +288,8 @@ def method_table(rows: list[dict]) -> list[str]:
            "Δmedian [95% CI] | update ms: median / p99 |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ms = "–" if np.isnan(r["update_ms_median"]) else f"{r['update_ms_median']:.2f} / {r['update_ms_p99']:.2f}"
+        med, p99 = r["update_ms_median"], r["update_ms_p99"]
+        ms = "–" if med is None or np.isnan(med) else f"{med:.2f} / {p99:.2f}"
         out.append(f"| {r['method']} | {r['diverged']}/{r['trials']} | {r['fallbacks']} ({r['guarded']}) | "
                    f"{fmt(r['regret_mean'])} | {fmt(r['regret_median'])} {fmt_iqr(r['regret_iqr'])} | "
                    f"{fmt(r['regret_crn_mean'])} | {fmt(r['regret_crn_median'])} {fmt_iqr(r['regret_crn_iqr'])} | "
@@ -193,53 +304,41 @@ def not_worse(row: dict) -> bool:
     return row["diff_mean"][1] <= 0 and row["diff_median"][1] <= 0
 
 
-def render(data: dict, args: argparse.Namespace, started: str, seconds: float) -> str:
-    info = data["machine"]
-    L = [BEGIN, "## IR-LQR: optimistic online LQR against its baselines (issue 6)", "",
-         f"Written by `bench/lqr.py` (`make bench-lqr`) on {started} in {seconds / 60:.1f} min; commit "
-         f"{data['git']}. Command: `{data['command']}`. Machine: {info['CPU']}, {info['cores']} cores, "
-         f"{info['OS']}; one process, OMP_NUM_THREADS=1.", "",
-         "Every method runs on the same trials: one prior draw (A0, B0) and one noise sequence per trial, shared "
-         "by all methods and by the oracle (common random numbers). *Regret vs T·J\\** is sum_t (cost_t − J*); "
-         "*vs same-noise oracle* subtracts the oracle's cost on the same noise instead (far smaller spread). "
-         "Mean over finished trials; median and IQR with a diverged trial (‖x‖ > 1e3, stopped there) counted as "
-         "+∞. Paired columns: IR-LQR minus the method on the same trials (both finished), 95% bootstrap "
-         "interval; negative favours IR-LQR. Settings (PAPERS.md §4): aircraft lam 20, g1 0.01, g2 0.001, "
-         "prior std 0.01; UAV lam 5, g1 = g2 = 0.01, prior std 0.1; CEC+PE noise std 0.1 (1+t)^−1/4; Thompson "
-         "beta 1e-3; OSLO mu = 0.01 σ_w²; log-det doubling epochs for every learner. `ir-lqr-noguard` is the "
-         "published fallback alone (keeps the previous gain even when the estimate says it is unstable). "
-         "Update ms: one gain recomputation (estimate, optimism, Riccati, guard) at an epoch boundary.", ""]
-    # priors
+def settings_line(data: dict[str, Any]) -> str:
+    st = data["settings"]
+    systems = "; ".join(f"{n} lam {st[n]['lam']:g}, g1 {st[n]['g1']:g}, g2 {st[n]['g2']:g}" for n in SYSTEM_NAMES)
+    return f"- Settings: {systems}; CEC+PE noise std {st['pe_std']:g}; Thompson beta {st['ts_beta']:g}."
+
+
+def render(data: dict[str, Any]) -> str:
+    """The section, from the raw results alone."""
+    z = data["sizes"]
+    L = ["## IR-LQR: optimistic online LQR against its baselines (issue 6)", "",
+         written_by(data["run"], seconds=data["seconds"]), settings_line(data), ""]
     L += ["### The prior: absolute or relative perturbation", "",
-          f"Fraction of {args.prior_draws} prior draws whose LQR destabilises the true system "
+          f"Fraction of {z['prior_draws']} prior draws whose LQR destabilises the true system "
           "(absolute: A0 = A + std·e; relative: A0 = A ⊙ (1 + std·e), structural zeros kept; same for B):", "",
           "| system | mode | std 0.001 | std 0.01 | std 0.1 |", "|---|---|---:|---:|---:|"]
     for name in SYSTEM_NAMES:
         for m in ("absolute", "relative"):
             vals = {r["std"]: r["destabilising"] for r in data["priors"] if r["system"] == name and r["mode"] == m}
             L.append(f"| {name} | {m} | " + " | ".join(f"{vals[s]:.1%}" for s in (0.001, 0.01, 0.1)) + " |")
-    L += ["", data["prior_text"], ""]
-    # main tables
+    L.append("")
     for name in SYSTEM_NAMES:
         for relative in (False, True):
-            key = f"{name}/{mode(relative)}"
-            d = data["main"][key]
+            d = data["main"][f"{name}/{mode(relative)}"]
             chosen = " — **the chosen prior**" if CHOSEN_RELATIVE[name] == relative else ""
-            L += [f"### {name}, {mode(relative)} prior std {d['prior_std']:g}: {args.trials} trials × {args.steps} "
+            L += [f"### {name}, {mode(relative)} prior std {d['prior_std']:g}: {z['trials']} trials × {z['steps']} "
                   f"steps{chosen}", "",
                   f"J* = {d['J_star']:.4g}; the prior's LQR destabilises the true system in {d['prior_unstable']} of "
-                  f"{args.trials} trials; median relative gap ‖K_IR − K_CEC‖/‖K_CEC‖ at the end: "
+                  f"{z['trials']} trials; median relative gap ‖K_IR − K_CEC‖/‖K_CEC‖ at the end: "
                   f"{d['gain_gap']:.2%}.", ""]
             L += method_table(d["rows"]) + [""]
     L += ["Regret curves (same-noise oracle, median and IQR band, chosen prior): "
           + ", ".join(f"`docs/figures/lqr_regret_{n}.png`" for n in SYSTEM_NAMES) + ".", ""]
-    # long horizon
-    L += [f"### Long horizon: {args.long_trials} trials × {args.long_steps} steps", "",
-          "Growth exponent: slope of log(mean cumulative regret) against log T at 20 log-spaced T in "
-          "[1e2, 1e4] (T where the mean is not positive left out). Against the same-noise oracle, and "
-          "against T·J* for reference (the latter carries the oracle's own √T noise).", "",
+    L += [f"### Long horizon: {z['long_trials']} trials × {z['long_steps']} steps", "",
           "| system | prior | method | diverged | fallbacks (guarded) | exponent vs same-noise oracle | "
-          f"exponent vs T·J* | regret vs oracle at T = {args.long_steps}: mean | median |",
+          f"exponent vs T·J* | regret vs oracle at T = {z['long_steps']}: mean | median |",
           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for key, d in data["long"].items():
         name, m = key.split("/")
@@ -252,8 +351,7 @@ def render(data: dict, args: argparse.Namespace, started: str, seconds: float) -
                      f"{fmt(r['regret_crn_median'])} |")
     L += ["", "Curves on log axes: " + ", ".join(f"`docs/figures/lqr_regret_long_{n}.png`" for n in SYSTEM_NAMES)
           + ".", ""]
-    # sweep
-    L += [f"### Sweep of g1, g2 ({args.sweep_trials} trials × {args.steps} steps, chosen prior; paired "
+    L += [f"### Sweep of g1, g2 ({z['sweep_trials']} trials × {z['steps']} steps, chosen prior; paired "
           "against CEC on the same trials)", "",
           "Cell: median gap ‖K_IR − K_CEC‖/‖K_CEC‖ at the end / median paired same-noise regret IR-LQR − CEC / "
           "fallbacks (guarded) summed over trials. Heat maps: `docs/figures/lqr_sweep.png`.", ""]
@@ -270,13 +368,32 @@ def render(data: dict, args: argparse.Namespace, started: str, seconds: float) -
                              f"{r['fallbacks']} ({r['guarded']}){div}")
             L.append(f"| {g1:g} | " + " | ".join(cells) + " |")
         L.append("")
-    L += [data["sweep_text"], ""]
-    # targets
-    L += ["### Targets (issue 6)", ""] + [f"- {line}" for line in data["targets"]] + ["", END]
-    return "\n".join(L)
+    L += sweep_lines(data) + [""]
+    L += ["### Targets (issue 6)", ""] + [f"- {line}" for line in assess(data)] + [""]
+    return section(NAME, L)
 
 
-def assess(data: dict) -> list[str]:
+def sweep_lines(data: dict[str, Any]) -> list[str]:
+    """Per system: the published cell, the first cell whose gain moves by more than 1%, the best and worst."""
+    lines = []
+    for name, rows in data["sweep"].items():
+        changed = [r for r in rows if r["gain_gap_median"] > 0.01]
+        first = min(changed, key=lambda r: (r["g1"] + r["g2"])) if changed else None
+        best = min(rows, key=lambda r: r["diff_median_vs_cec"])
+        worst = max(rows, key=lambda r: r["diff_median_vs_cec"])
+        g1, g2 = data["settings"][name]["g1"], data["settings"][name]["g2"]
+        pub = next(r for r in rows if r["g1"] == g1 and r["g2"] == g2)
+        moved = (f"by more than 1% first at g1 = {first['g1']:g}, g2 = {first['g2']:g} ({first['gain_gap_median']:.1%})"
+                 if first else "by more than 1% nowhere")
+        lines.append(f"- {name}: at the published (g1, g2) the gain ends {pub['gain_gap_median']:.2%} from CEC's "
+                     f"(Δmedian {fmt(pub['diff_median_vs_cec'], 2)}); the gain moves {moved}; best cell g1 = "
+                     f"{best['g1']:g}, g2 = {best['g2']:g} (Δmedian {fmt(best['diff_median_vs_cec'], 2)}); worst g1 = "
+                     f"{worst['g1']:g}, g2 = {worst['g2']:g} (Δmedian {fmt(worst['diff_median_vs_cec'], 2)}, "
+                     f"{worst['fallbacks']} fallbacks).")
+    return lines
+
+
+def assess(data: dict[str, Any]) -> list[str]:
     """The issue's four targets, met or not, with the numbers."""
     lines = []
     div = {k: next(r["diverged"] for r in d["rows"] if r["method"] == "ir-lqr")
@@ -298,7 +415,8 @@ def assess(data: dict) -> list[str]:
         worse = [f"{m} (Δmean {fmt_ci(r['diff_mean'])}, Δmedian {fmt_ci(r['diff_median'])})"
                  for m, ok, r in verdicts if not ok]
         lines.append(f"IR-LQR's mean and median regret at most every baseline's within spread on {name} "
-                     f"({mode(CHOSEN_RELATIVE[name])} prior, T = {data['steps']}): **{'met' if met else 'not met'}**"
+                     f"({mode(CHOSEN_RELATIVE[name])} prior, T = {data['sizes']['steps']}): "
+                     f"**{'met' if met else 'not met'}**"
                      + (f"; significantly worse than {'; '.join(worse)}" if worse else "") + ".")
     for name in SYSTEM_NAMES:
         e = data["long"][f"{name}/{mode(CHOSEN_RELATIVE[name])}"]["exponents"]["ir-lqr"]["crn"]
@@ -325,6 +443,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--prior-draws", type=int, default=1000, help="prior draws of the prior check")
     p.add_argument("--seed", type=int, default=0, help="seed of every trial's prior and noise")
     p.add_argument("--quick", action="store_true", help="smoke check: few trials, short horizons")
+    p.add_argument("--report-only", action="store_true", help=f"render {RAW.name} again; measure nothing")
     p.add_argument("--no-write", action="store_true", help="print only: no BENCHMARKS.md, figures or raw JSON")
     args = p.parse_args(argv)
     if args.quick:
@@ -334,90 +453,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    t0 = time.perf_counter()
-    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = " ".join(["OMP_NUM_THREADS=1", ".venv/bin/python", "bench/lqr.py", *argv])
-    data: dict = {"command": command, "git": git_state(),
-                  "machine": machine(None), "steps": args.steps, "priors": prior_check(args.prior_draws, args.seed),
-                  "main": {}, "long": {}, "sweep": {}}
-    results: dict[str, StudyResult] = {}
-    for name in SYSTEM_NAMES:
-        for relative in (False, True):
-            key = f"{name}/{mode(relative)}"
-            r = study(name, relative, args.trials, args.steps, args.seed)
-            results[key] = r
-            data["main"][key] = {"J_star": r.J_star, "prior_std": r.config.irlqr.prior_std,
-                                 "prior_unstable": int(r.prior_unstable.sum()), "rows": summarize(r),
-                                 "gain_gap": gain_gap(r)}
-            print(f"main {key}: done", flush=True)
-    for name in SYSTEM_NAMES:
-        for relative in (False, True):
-            key = f"{name}/{mode(relative)}"
-            r = study(name, relative, args.long_trials, args.long_steps, args.seed + 1)
-            exps = {m: {"crn": growth_exponent(r.regret(m, True)), "J": growth_exponent(r.regret(m, False))}
-                    for m in r.methods}
-            data["long"][key] = {"J_star": r.J_star, "rows": summarize(r), "exponents": exps}
-            if CHOSEN_RELATIVE[name] == relative and not args.no_write:
-                plot_regret(r, FIGURES / f"lqr_regret_long_{name}.png", crn=True, log=True)
-            print(f"long {key}: done", flush=True)
-    for name in SYSTEM_NAMES:
-        relative = CHOSEN_RELATIVE[name]
-        cec = results[f"{name}/{mode(relative)}"]
-        if args.sweep_trials != args.trials:
-            cec = study(name, relative, args.sweep_trials, args.steps, args.seed, methods=("cec",))
-        data["sweep"][name] = sweep(name, relative, args.sweep_trials, args.steps, args.seed, cec)
-        if not args.no_write:
-            plot_regret(results[f"{name}/{mode(relative)}"], FIGURES / f"lqr_regret_{name}.png", crn=True,
-                        methods=METHODS)
-    data["prior_text"] = prior_text(data)
-    data["sweep_text"] = sweep_text(data)
-    data["targets"] = assess(data)
-    seconds = time.perf_counter() - t0
-    text = render(data, args, started, seconds)
+    if args.report_only:
+        data = as_numbers(read_raw(RAW))
+    else:
+        data = as_numbers(raw_copy(measure(args)))  # rendered exactly as --report-only will render it
+    text = render(data)
     print(text)
     if not args.no_write:
-        plot_sweep(data["sweep"], FIGURES / "lqr_sweep.png")
-        write_benchmarks(text, BEGIN, END)
-        RAW.parent.mkdir(parents=True, exist_ok=True)
-        RAW.write_text(json.dumps(_jsonable(data), indent=1))
+        if not args.report_only:
+            write_raw(RAW, data)
+        plots(data)
+        write_benchmarks(text, *markers(NAME))
     return 0
 
 
-def prior_text(data: dict) -> str:
-    """The measured reason for the prior choice (numbers from this run)."""
-    p = {(r["system"], r["mode"], r["std"]): r["destabilising"] for r in data["priors"]}
-    return (f"On aircraft pitch B ≈ [0.013, 0.001, 0.0014] after zero-order hold, so the published absolute std "
-            f"0.01 is as large as B: {p[('aircraft-pitch', 'absolute', 0.01)]:.0%} of such priors give an LQR "
-            f"that destabilises the aircraft (even an absolute 0.001 does in "
-            f"{p[('aircraft-pitch', 'absolute', 0.001)]:.0%}: the optimal closed loop has a pole at 0.993, so "
-            f"small errors in A matter too). A relative perturbation of 1% per coefficient does in "
-            f"{p[('aircraft-pitch', 'relative', 0.01)]:.0%}. **Choice: relative (1%) on aircraft pitch** — it is "
-            f"what a physical model with uncertain coefficients looks like, and it leaves a minority of "
-            f"destabilising priors for the guard to face; the published absolute prior is reported beside it. "
-            f"**UAV: the published absolute 0.1** ({p[('uav-2d', 'absolute', 0.1)]:.1%} destabilising; relative "
-            f"0.1: {p[('uav-2d', 'relative', 0.1)]:.1%}).")
-
-
-def sweep_text(data: dict) -> str:
-    parts = []
-    for name, rows in data["sweep"].items():
-        changed = [r for r in rows if r["gain_gap_median"] > 0.01]
-        first = min(changed, key=lambda r: (r["g1"] + r["g2"])) if changed else None
-        best = min(rows, key=lambda r: r["diff_median_vs_cec"])
-        worst = max(rows, key=lambda r: r["diff_median_vs_cec"])
-        pub = next(r for r in rows if r["g1"] == 0.01 and r["g2"] == (0.001 if name == "aircraft-pitch" else 0.01))
-        parts.append(
-            f"{name}: at the published (g1, g2) the gain ends {pub['gain_gap_median']:.2%} from CEC's "
-            f"(median paired regret difference {fmt(pub['diff_median_vs_cec'], 2)}). "
-            + (f"The gain moves by more than 1% first at g1 = {first['g1']:g}, g2 = {first['g2']:g} "
-               f"({first['gain_gap_median']:.1%}); " if first else "The gain never moves by more than 1%; ")
-            + f"the best cell is g1 = {best['g1']:g}, g2 = {best['g2']:g} (Δmedian {fmt(best['diff_median_vs_cec'], 2)}), "
-            f"the worst g1 = {worst['g1']:g}, g2 = {worst['g2']:g} (Δmedian {fmt(worst['diff_median_vs_cec'], 2)}, "
-            f"{worst['fallbacks']} fallbacks).")
-    return " ".join(parts)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -14,55 +14,63 @@ of both side by side and their paired difference, gain swaps, fallbacks and stab
 operator stream, the learner's update time off the hot path and how many ticks each new gain took to be
 adopted, and the loop's tick latency.
 
-Results: the section between the `lqr-loop` markers of BENCHMARKS.md, docs/figures/lqr_loop_regret.png and
-bench/out/lqr_loop.json -- unless --no-write.
+Raw results: bench/out/lqr_loop_<system>.json; the section between the `lqr-loop-<system>` markers of
+BENCHMARKS.md and docs/figures/lqr_loop_regret_<system>.png are rendered from them (`--report-only` renders
+them again without measuring).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/lqr_loop.py           # make bench-lqr-loop (about a minute)
-    OMP_NUM_THREADS=1 .venv/bin/python bench/lqr_loop.py --trials 3 --no-write   # smoke check
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.lqr_loop           # make bench-lqr-loop (about a minute)
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.lqr_loop --trials 3 --no-write   # smoke check
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
 
+from bench.common import (
+    FIGURES,
+    OUT,
+    as_numbers,
+    markers,
+    pyplot,
+    raw_copy,
+    read_raw,
+    run_info,
+    save_figure,
+    section,
+    write_benchmarks,
+    write_raw,
+    written_by,
+)
 from vigil.policies.irlqr import dlqr_cross
+from vigil.runtime.launch import LaunchError, start_serve
 from vigil.runtime.stream import subscribe
-from vigil.sim.demo import free_port
 from vigil.sim.envs import LinearEnv
 from vigil.sim.linear import SYSTEMS, stage_cost
 from vigil.sim.robot import SimConfig, run_episodes
 from vigil.training.irlqr import IRLQR, PUBLISHED, LearnerSpec
 from vigil.training.lqr import export_prior_lqr, prior_of
 from vigil.training.lqr_baselines import Oracle
-from vigil.training.lqr_study import _jsonable, paired_interval, run_trial
+from vigil.training.lqr_study import paired_interval, run_trial
 from vigil.wire.protocol import STREAM_KINDS, decode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
 
-ROOT = Path(__file__).resolve().parent.parent
-FIGURES = ROOT / "docs" / "figures"
-RAW = ROOT / "bench" / "out" / "lqr_loop_{system}.json"
+def raw_path(system: str) -> Path:
+    return OUT / f"lqr_loop_{system}.json"
 
 
-def markers(system: str) -> tuple[str, str]:
+def section_name(system: str) -> str:
     """One BENCHMARKS.md section per system."""
-    return f"<!-- lqr-loop-{system}:begin -->", f"<!-- lqr-loop-{system}:end -->"
+    return f"lqr-loop-{system}"
 
-VIGIL = [sys.executable, "-m", "vigil.runtime.cli"]
+
 NOISE_SEED = 1000  # trial i plays noise seed NOISE_SEED + i (the prior is seed + i)
 
 
@@ -110,13 +118,9 @@ def offline(system, spec: LearnerSpec, noise: np.ndarray) -> dict:
 
 def in_the_loop(system_name: str, bundle: Path, noise_seed: int, steps: int, workdir: Path, mode: str) -> dict:
     """`vigil serve` with the bundle, the sim robot over tcp, the operator stream watched throughout."""
-    robot_ep, op_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    args = [*VIGIL, "serve", "--bundle", str(bundle), "--robot-endpoint", robot_ep, "--operator-endpoint", op_ep,
-            "--store", str(workdir / "alerts.db"), "--telemetry-s", "0.2", "--log-level", "WARNING", "--mode", mode]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with open(workdir / "serve.out", "w") as out, open(workdir / "serve.err", "w") as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err, env=env)
-    sub = subscribe(zmq.Context.instance(), op_ep)
+    served = start_serve(bundle, workdir, env={"OMP_NUM_THREADS": "1"}, telemetry_s=0.2, log_level="WARNING",
+                         mode=mode)
+    sub = subscribe(zmq.Context.instance(), served.operator_endpoint)
     events: list[tuple[str, dict, str]] = []
 
     def pump(timeout_ms: int) -> bool:
@@ -129,26 +133,24 @@ def in_the_loop(system_name: str, bundle: Path, noise_seed: int, steps: int, wor
 
     try:
         deadline = time.monotonic() + 60
-        while not any(t == "telemetry" for t, _, _ in events):  # the runtime is up and we are subscribed
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vigil serve did not start: {(workdir / 'serve.err').read_text()[-2000:]}")
+        while not any(t == "telemetry" for t, _, _ in events):  # subscribed: the stream reaches us
+            if not served.alive() or time.monotonic() > deadline:
+                raise LaunchError(f"no telemetry from vigil serve\n{served.log()}")
             pump(200)
         env_ = LinearEnv(SYSTEMS[system_name](), horizon=steps)
         cumulative: list[float] = []
-        stats = run_episodes(env_, SimConfig(robot_ep, "sim-0", 1, steps, noise_seed, mode),
+        stats = run_episodes(env_, SimConfig(served.robot_endpoint, "sim-0", 1, steps, noise_seed, mode),
                              on_step=lambda s: cumulative.append(s.cost))[0]
         while not any(m.get("event") == "disconnected" for t, m, _ in events if t == "telemetry"):
             if not pump(5000):
                 break
         while pump(100):
             pass
+        counters = served.stop(timeout_s=30)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        if served.alive():
+            served.kill()
         sub.close(linger=0)
-    lines = [ln for ln in (workdir / "serve.out").read_text().splitlines() if ln.strip()]
-    counters = json.loads(lines[-1]) if lines else {}
     gains = [m["values"] for t, m, _ in events if t == "telemetry" and m.get("event") == "gain"]
     alerts = [m for t, m, _ in events if t.startswith("alert.")]
     costs = np.diff(np.concatenate([[0.0], cumulative]))
@@ -163,7 +165,9 @@ def in_the_loop(system_name: str, bundle: Path, noise_seed: int, steps: int, wor
             "oracle_cost": stats.oracle_cost}
 
 
-def run(args: argparse.Namespace) -> dict:
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every trial offline and in the loop; the raw results the section and the figure are rendered from."""
+    run, t0 = run_info(env="OMP_NUM_THREADS=1"), time.monotonic()
     system = SYSTEMS[args.system]()
     config = PUBLISHED[args.system]
     relative = (args.system == "aircraft-pitch") if args.prior is None else args.prior == "relative"
@@ -188,9 +192,11 @@ def run(args: argparse.Namespace) -> dict:
             r_off = np.sum(off["costs"] - off["oracle"])
             r_lag = np.sum(off["lag1"] - off["oracle"])
             r_loop = np.sum(loop["costs"] - off["oracle"])
-            print(f"trial {i}: regret offline {r_off:10.4g}  offline, onboard schedule {r_lag:10.4g}  loop {r_loop:10.4g}  epochs {off['epochs']}/{loop['epochs']}"
-                  f"  fallbacks {off['fallbacks']}/{loop['fallbacks']}  safe {loop['runtime_safe']}", flush=True)
-    return {"system": args.system, "steps": args.steps, "trials": trials, "mode": args.mode, "prior": "relative" if relative else "absolute",
+            print(f"trial {i}: regret offline {r_off:10.4g}  offline, onboard schedule {r_lag:10.4g}  "
+                  f"loop {r_loop:10.4g}  epochs {off['epochs']}/{loop['epochs']}  "
+                  f"fallbacks {off['fallbacks']}/{loop['fallbacks']}  safe {loop['runtime_safe']}", flush=True)
+    return {"run": run, "seconds": time.monotonic() - t0, "system": args.system, "steps": args.steps,
+            "seed": args.seed, "trials": trials, "mode": args.mode, "prior": "relative" if relative else "absolute",
             "prior_std": std, "config": {k: getattr(config, k) for k in ("lam", "g1", "g2", "fallback_ratio",
                                                                          "epoch_factor", "stability_guard")}}
 
@@ -202,7 +208,7 @@ def curves(data: dict, which: str) -> np.ndarray:
     for t in data["trials"]:
         oracle = t["offline"]["oracle"]
         costs = t["loop"]["costs"] if which == "loop" else t["offline"][{"offline": "costs"}.get(which, which)]
-        out.append(np.cumsum(costs - oracle))
+        out.append(np.cumsum(np.asarray(costs, float) - np.asarray(oracle, float)))
     return np.array(out)
 
 
@@ -225,8 +231,10 @@ def summary(data: dict) -> dict:
         "diff_mean": paired_interval(d, np.mean, rng), "diff_median": paired_interval(d, np.median, rng),
         "regret_lag1": {"mean": float(lag.mean()), "median": float(np.median(lag)),
                         "iqr": np.percentile(lag, [25, 75]).tolist()},
-        "lag_diff_mean": paired_interval(lag - off, np.mean, rng), "lag_diff_median": paired_interval(lag - off, np.median, rng),
-        "loop_vs_lag_rel": [float(v) for v in np.percentile(np.abs(loop - lag) / np.maximum(np.abs(lag), 1e-9), [50, 100])],
+        "lag_diff_mean": paired_interval(lag - off, np.mean, rng),
+        "lag_diff_median": paired_interval(lag - off, np.median, rng),
+        "loop_vs_lag_rel": [float(v) for v in np.percentile(np.abs(loop - lag) / np.maximum(np.abs(lag), 1e-9),
+                                                            [50, 100])],
         "loop_vs_lag_within_1pct": int((np.abs(loop - lag) <= 0.01 * np.maximum(np.abs(lag), 1e-9)).sum()),
         "rel_diff_median": float(np.median(rel)), "rel_diff_max": float(rel.max()),
         "within_1pct": int((rel <= 0.01).sum()),
@@ -246,12 +254,9 @@ def summary(data: dict) -> dict:
     }
 
 
-def plot(data: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(data: dict[str, Any], path: Path) -> None:
+    """Median and IQR of the regret curves: offline, offline on the onboard schedule, loop, the prior's LQR."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     t = np.arange(1, data["steps"] + 1)
     for which, label, style in (("offline", "IR-LQR offline (training learner)", "-"),
@@ -271,76 +276,63 @@ def plot(data: dict, path: Path) -> None:
                  f"prior {data['prior']} std {data['prior_std']:g}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def render(data: dict, s: dict, args: argparse.Namespace, started: str, seconds: float) -> str:
-    m = machine(None)
-    c = data["config"]
-    begin, end = markers(data["system"])
-    lines = [begin, f"## IR-LQR on board, {data['system']}: the simulator in the loop against the offline learner "
-             "(issue 6 item 4)", "",
-             f"Written by `bench/lqr_loop.py` (`make bench-lqr-loop`) on {started} in {seconds:.0f} s; commit "
-             f"{git_state()}. Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/lqr_loop.py"
-             f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`. Machine: {m.get('CPU', '')}, "
-             f"{m.get('cores', '')} cores; a CPU-heavy benchmark may have shared the machine.", "",
-             f"{data['system']}, {len(data['trials'])} trials × {data['steps']} steps. Trial i: prior "
-             f"`vigil bundle lqr --system {data['system']} --learner irlqr --prior {data['prior']} --prior-std "
-             f"{data['prior_std']:g} --seed {args.seed}+i`, noise = the sim robot's sequence for seed "
-             f"{NOISE_SEED + args.seed}+i (`LinearEnv.reset`), the same in both runs (checked: the robot's "
-             f"same-noise oracle cost equals the offline one). Settings: lam {c['lam']:g}, g1 {c['g1']:g}, "
-             f"g2 {c['g2']:g}, guard on. *Offline*: the training learner as the study runs it, adopting each new "
-             f"gain before the next action. *Loop*: `vigil serve` (child process) + the sim robot ({data['mode']}"
-             f"{', at the system rate' if data['mode'] == 'realtime' else ''}) over tcp; the runtime learns from "
-             f"the float32 observations and actions on the wire, computes each gain on its worker thread and adopts "
-             f"it between ticks -- never before acting, so one tick later than offline at best. *Offline, onboard "
-             f"schedule*: the training learner in process with exactly that (float32, adopt one tick later), to "
-             f"separate the schedule's effect from the runtime's. Regret is against the oracle LQR on the same noise.",
+def ci(t: Sequence[float]) -> str:
+    """A paired difference and its 95% interval."""
+    return f"{fmt(t[0])} [{fmt(t[1])}, {fmt(t[2])}]"
+
+
+def med_iqr(r: dict[str, Any]) -> str:
+    return f"{fmt(r['median'])} [{fmt(r['iqr'][0])}, {fmt(r['iqr'][1])}]"
+
+
+def render(data: dict[str, Any]) -> str:
+    """The section, from the raw results alone."""
+    s, c, system, seed, n = summary(data), data["config"], data["system"], data["seed"], len(data["trials"])
+    lines = [f"## IR-LQR on board, {system}: the simulator in the loop against the offline learner (issue 6 item 4)",
+             "",
+             written_by(data["run"], seconds=data["seconds"]),
+             f"- {n} trials × {data['steps']} steps; trial i: prior `vigil bundle lqr --system {system} --learner "
+             f"irlqr --prior {data['prior']} --prior-std {data['prior_std']:g} --seed {seed}+i`, noise seed "
+             f"{NOISE_SEED + seed}+i; lam {c['lam']:g}, g1 {c['g1']:g}, g2 {c['g2']:g}, guard "
+             f"{'on' if c['stability_guard'] else 'off'}; the sim robot in {data['mode']} mode over tcp.",
              "",
              "| | offline | offline, onboard schedule | loop | loop − offline, paired [95% CI] | "
              "schedule − offline, paired [95% CI] |",
              "|---|---:|---:|---:|---:|---:|",
              f"| final regret: mean | {fmt(s['regret_offline']['mean'])} | {fmt(s['regret_lag1']['mean'])} | "
-             f"{fmt(s['regret_loop']['mean'])} | {fmt(s['diff_mean'][0])} [{fmt(s['diff_mean'][1])}, "
-             f"{fmt(s['diff_mean'][2])}] | {fmt(s['lag_diff_mean'][0])} [{fmt(s['lag_diff_mean'][1])}, "
-             f"{fmt(s['lag_diff_mean'][2])}] |",
-             f"| median [IQR] | {fmt(s['regret_offline']['median'])} [{fmt(s['regret_offline']['iqr'][0])}, "
-             f"{fmt(s['regret_offline']['iqr'][1])}] | {fmt(s['regret_lag1']['median'])} "
-             f"[{fmt(s['regret_lag1']['iqr'][0])}, {fmt(s['regret_lag1']['iqr'][1])}] | "
-             f"{fmt(s['regret_loop']['median'])} "
-             f"[{fmt(s['regret_loop']['iqr'][0])}, {fmt(s['regret_loop']['iqr'][1])}] | "
-             f"{fmt(s['diff_median'][0])} [{fmt(s['diff_median'][1])}, {fmt(s['diff_median'][2])}] | "
-             f"{fmt(s['lag_diff_median'][0])} [{fmt(s['lag_diff_median'][1])}, {fmt(s['lag_diff_median'][2])}] |",
+             f"{fmt(s['regret_loop']['mean'])} | {ci(s['diff_mean'])} | {ci(s['lag_diff_mean'])} |",
+             f"| median [IQR] | {med_iqr(s['regret_offline'])} | {med_iqr(s['regret_lag1'])} | "
+             f"{med_iqr(s['regret_loop'])} | {ci(s['diff_median'])} | {ci(s['lag_diff_median'])} |",
              f"| epochs (gain swaps), all trials | {s['epochs'][0]} | | {s['epochs'][1]} | | |",
              f"| fallbacks (guarded) | {s['fallbacks'][0]} ({s['guarded'][0]}) | | {s['fallbacks'][1]} "
              f"({s['guarded'][1]}) | | |", "",
-             f"Per trial, the loop against the offline learner on the onboard schedule: |difference| / |regret| "
+             f"- Per trial, the loop against the offline learner on the onboard schedule: |difference| / |regret| "
              f"median {s['loop_vs_lag_rel'][0]:.2g}, max {s['loop_vs_lag_rel'][1]:.2g}; "
-             f"{s['loop_vs_lag_within_1pct']} of {len(data['trials'])} trials within 1%. Against the offline "
-             f"learner as studied: median {s['rel_diff_median']:.2%}, max {s['rel_diff_max']:.2%} (adopting a gain "
-             f"one tick later is enough to change a trial's regret that much on this system). The prior's fixed "
-             f"LQR on the same noise: regret mean {fmt(s['regret_prior']['mean'])}, median "
-             f"{fmt(s['regret_prior']['median'])}.", "",
-             f"On the operator stream (loop): {s['epochs'][1]} `gain` telemetry events, {s['fallback_alerts']} "
+             f"{s['loop_vs_lag_within_1pct']} of {n} trials within 1%. Against the offline learner as studied: "
+             f"median {s['rel_diff_median']:.2%}, max {s['rel_diff_max']:.2%}.",
+             f"- The prior's fixed LQR on the same noise: regret mean {fmt(s['regret_prior']['mean'])}, median "
+             f"{fmt(s['regret_prior']['median'])}.",
+             f"- On the operator stream (loop): {s['epochs'][1]} `gain` telemetry events, {s['fallback_alerts']} "
              f"stored `learner` warn alerts (one per fallback), {s['stability_stops']} `stability` stop alerts; "
              f"safe actions sent by the runtime {s['runtime_safe']}, applied by the robot on its own "
              f"{s['robot_safe']}."]
     if s["update_ms"]:
-        lines += ["", f"Learner update off the hot path (one gain computation on the worker thread): median "
-                      f"{s['update_ms']['median']:.2f} ms, p99 {s['update_ms']['p99']:.2f} ms, max "
-                      f"{s['update_ms']['max']:.2f} ms; {s['delay_ticks']['one']} of {s['delay_ticks']['n']} gains were "
-                      f"first used at the tick after their snapshot (max {s['delay_ticks']['max']} ticks later). "
-                      f"Tick latency seen by the robot (obs sent to act received, every tick of every trial): p50 "
-                      f"{s['latency_us']['p50']:.0f} µs, p99 {s['latency_us']['p99']:.0f} µs, max "
-                      f"{s['latency_us']['max']:.0f} µs."]
-    lines += ["", f"Regret curves (median and IQR band): `docs/figures/lqr_loop_regret_{data['system']}.png`.", end]
-    return "\n".join(lines)
+        lines += [f"- Learner update off the hot path (one gain computation on the worker thread): median "
+                  f"{s['update_ms']['median']:.2f} ms, p99 {s['update_ms']['p99']:.2f} ms, max "
+                  f"{s['update_ms']['max']:.2f} ms; {s['delay_ticks']['one']} of {s['delay_ticks']['n']} gains were "
+                  f"first used at the tick after their snapshot (max {s['delay_ticks']['max']} ticks later).",
+                  f"- Tick latency seen by the robot (obs sent to act received, every tick of every trial): p50 "
+                  f"{s['latency_us']['p50']:.0f} µs, p99 {s['latency_us']['p99']:.0f} µs, max "
+                  f"{s['latency_us']['max']:.0f} µs."]
+    lines += ["", f"Regret curves (median and IQR band): `docs/figures/lqr_loop_regret_{system}.png`."]
+    return section(section_name(system), lines)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -355,26 +347,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("realtime", "lockstep"), default="realtime",
                    help="realtime: the robot keeps the system's own rate (20 Hz aircraft), so each gain is adopted "
                         "at the next tick; lockstep: as fast as round trips go, gains land a few ticks later")
+    p.add_argument("--report-only", action="store_true", help="render the system's raw results again; measure nothing")
     p.add_argument("--no-write", action="store_true", help="print only: no BENCHMARKS.md, figure or raw JSON")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.monotonic()
-    data = run(args)
-    s = summary(data)
-    text = render(data, s, args, started, time.monotonic() - t0)
+    raw = raw_path(args.system)
+    # a fresh run goes through JSON too, so it renders exactly what --report-only renders later
+    data = as_numbers(read_raw(raw)["data"] if args.report_only else raw_copy(measure(args)))
+    text = render(data)
     print(text)
     if not args.no_write:
+        if not args.report_only:
+            write_raw(raw, {"data": data, "summary": summary(data)})
         plot(data, FIGURES / f"lqr_loop_regret_{args.system}.png")
-        raw = Path(str(RAW).format(system=args.system))
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        raw.write_text(json.dumps(_jsonable({"summary": s, "data": data}), indent=1))
-        write_benchmarks(text, *markers(args.system))
+        write_benchmarks(text, *markers(section_name(args.system)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -18,17 +18,18 @@ Deployment (item 3): the BPO Hopper-v5 bundle of seed 0, in process through onnx
 `vigil serve` + `vigil sim --env Hopper-v5` (child processes, ZeroMQ over tcp), on the same seeds, lockstep
 and realtime at the environment's 125 Hz.
 
-Two runs at a time (one per core, one torch thread each); resumable (bench-runs/rl/ENV/ALGO-sSEED/result.json).
-Results: the `rl` section of BENCHMARKS.md, docs/figures/rl_curves.png, bench/out/rl.json.
+Two runs at a time (one per core, one torch thread each); resumable. Raw results: one result.json per run
+(bench-runs/rl/ENV/ALGO-sSEED/), deploy.json and run.json (the invocation) in bench-runs/rl, gathered into
+bench/out/rl.json; the `rl` section of BENCHMARKS.md and docs/figures/rl_curves.png are rendered from them
+(`--report-only` renders them again from the finished runs without training).
 
-    .venv/bin/python bench/rl.py                  # make bench-rl
-    .venv/bin/python bench/rl.py --report-only    # re-write the table from the finished runs
+    .venv/bin/python -m bench.rl                  # make bench-rl
+    .venv/bin/python -m bench.rl --report-only    # re-write the section from the finished runs
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -39,17 +40,26 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
+from bench.common import (
+    BENCH_RUNS,
+    FIGURES,
+    OUT,
+    markers,
+    pyplot,
+    run_info,
+    save_figure,
+    section,
+    write_benchmarks,
+    write_raw,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-RUNS = ROOT / "bench-runs" / "rl"
-FIGURES = ROOT / "docs" / "figures"
-RAW = ROOT / "bench" / "out" / "rl.json"
-BEGIN, END = "<!-- rl:begin -->", "<!-- rl:end -->"
+NAME = "rl"
+RUNS = BENCH_RUNS / "rl"
+RAW = OUT / "rl.json"
 
 BUDGET = {"InvertedPendulum-v5": 100_000, "Hopper-v5": 200_000, "HalfCheetah-v5": 200_000}
 ALGOS = ("bpo", "ppo", "sb3-ppo")
@@ -177,27 +187,20 @@ def job(env_id: str, algo: str, seed: int, steps: int) -> dict:
 
 def deploy_check(env_id: str, bundle: Path, episodes: int) -> dict:
     """The bundle in process (onnxruntime) and served (`vigil serve` + `vigil sim`), same reset seeds."""
-    from vigil.sim.demo import free_port
+    from vigil.runtime.launch import serving
 
     local = evaluate(env_id, bundle_act(bundle), episodes)
-    vigil = [str(Path(sys.executable).parent / "vigil")]
     out = {"in_process": local}
     with tempfile.TemporaryDirectory(prefix="vigil-rl-") as tmp:
         for mode in ("lockstep", "realtime"):
-            robot_ep, op_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-            serve = subprocess.Popen([*vigil, "serve", "--bundle", str(bundle), "--robot-endpoint", robot_ep,
-                                      "--operator-endpoint", op_ep, "--store", f"{tmp}/{mode}.db",
-                                      "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            try:
+            with serving(bundle, Path(tmp) / mode, log_level="WARNING") as served:
                 summary = Path(tmp) / f"{mode}.json"
-                subprocess.run([*vigil, "sim", "--connect", robot_ep, "--env", env_id, "--robot", f"hopper-{mode}",
-                                "--episodes", str(episodes), "--steps", str(MAX_STEPS), "--seed", str(EVAL_SEED),
-                                "--mode", mode, "--act-timeout", "5", "--summary", str(summary)], check=True,
+                subprocess.run([sys.executable, "-m", "vigil.runtime.cli", "sim", "--connect", served.robot_endpoint,
+                                "--env", env_id, "--robot", f"hopper-{mode}", "--episodes", str(episodes),
+                                "--steps", str(MAX_STEPS), "--seed", str(EVAL_SEED), "--mode", mode,
+                                "--act-timeout", "5", "--summary", str(summary)], check=True,
                                stdout=subprocess.DEVNULL, timeout=1800)
                 out[mode] = json.loads(summary.read_text())
-            finally:
-                serve.terminate()
-                serve.wait(timeout=30)
     return out
 
 
@@ -210,11 +213,8 @@ def _ms(xs) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Learning curves: mean over seeds and min-max band, per task and algorithm."""
+    plt = pyplot()
     envs = [e for e in BUDGET if e in results]
     fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.8), dpi=100, squeeze=False)
     for ax, env_id in zip(axes[0], envs):
@@ -222,7 +222,7 @@ def plot(results: dict, path: Path) -> None:
             runs = results[env_id].get(algo, [])
             if not runs:
                 continue
-            curves = np.array([r["curve"] for r in runs], float)
+            curves = np.array([[np.nan if v is None else v for v in r["curve"]] for r in runs], float)
             # carry the last value over rollouts in which no episode ended (long episodes late in training)
             for c in curves:
                 for i in range(1, len(c)):
@@ -239,38 +239,48 @@ def plot(results: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("mean over seeds (line) and min-max (band)", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
-def report(results: dict, seeds: int, deploy: dict | None, wall_min: float | None) -> str:
+def describe_run(minutes: float | None) -> dict[str, Any]:
+    """The invocation that trained the runs: when, commit, machine, library versions, the shared settings."""
+    import dataclasses
+
     import stable_baselines3
     import torch
 
     from vigil.training.rl import RLConfig
 
-    cfg = RLConfig()
-    info = machine(None)
-    lines = [BEGIN, "## BPO vs PPO vs Stable-Baselines3 PPO (issue 7)", "",
-             f"`make bench-rl` (bench/rl.py), {datetime.date.today()}, commit {git_state()}; {info['CPU']}, "
-             f"{info['cores']} cores, {info['memory']}; torch {torch.__version__} (CPU), stable-baselines3 "
-             f"{stable_baselines3.__version__}.",
-             "Two runs at a time, one torch thread each" + (f"; {wall_min:.0f} min in all." if wall_min else "."),
-             "",
-             f"Budget: {', '.join(f'{e} {n // 1000}k' for e, n in BUDGET.items())} environment steps per run, "
-             f"{seeds} seeds (0..{seeds - 1}) per algorithm. Far below the papers' 10^6: what 2 cores allow; "
-             "Hopper and HalfCheetah are still climbing at the end (see the curves).",
-             f"Shared: actor and critic 256x256 ReLU, log std init 0, rollout {cfg.rollout_steps} steps x "
-             f"{cfg.num_envs} env, minibatch {cfg.minibatch}, {cfg.epochs} epochs, Adam {cfg.lr}, gamma {cfg.gamma}, "
-             f"lambda {cfg.gae_lambda}, grad clip {cfg.max_grad_norm}, observation and reward normalisation. "
-             f"BPO: eps {cfg.eps}, lam {cfg.lam}, median critic (log-cosh). PPO: clip {cfg.clip}, advantages "
-             "normalised per minibatch (ours and SB3's). SB3: stable_baselines3.PPO with these settings on "
-             "VecNormalize.",
-             f"Final return: the deterministic policy on {EVAL_EPISODES} evaluation episodes (reset seeds "
-             f"{EVAL_SEED}..{EVAL_SEED + EVAL_EPISODES - 1}), mean per run; the table gives mean ± std over seeds. "
-             "Ours are evaluated through the exported bundle on onnxruntime.",
-             "Time: training wall time per 10^5 environment steps (rollouts, updates and logging), mean over seeds.",
+    cfg = dataclasses.asdict(RLConfig())
+    return {**run_info(env="OMP_NUM_THREADS=1"), "minutes": minutes, "torch": torch.__version__,
+            "stable_baselines3": stable_baselines3.__version__,
+            "config": {k: cfg[k] for k in ("rollout_steps", "num_envs", "minibatch", "epochs", "lr", "gamma",
+                                           "gae_lambda", "max_grad_norm", "eps", "lam", "clip")}}
+
+
+def report(results: dict, seeds: int, deploy: dict | None, run: dict[str, Any] | None) -> str:
+    """The section, from the runs' results, the deployment check and the invocation (`describe_run`; the
+    current code's when None)."""
+    run = run or describe_run(None)
+    cfg, m = run["config"], run["machine"]
+    took = f"; {run['minutes']:.0f} min in all" if run.get("minutes") else ""
+    lines = ["## BPO vs PPO vs Stable-Baselines3 PPO (issue 7)", "",
+             f"Written by `{run['command']}` on {run['started']}; commit {run['git']}; "
+             f"{m['CPU']}, {m['cores']} cores, {m['memory']}; torch {run['torch']} (CPU), stable-baselines3 "
+             f"{run['stable_baselines3']}.",
+             f"- Two runs at a time, one torch thread each{took}.",
+             f"- Budget: {', '.join(f'{e} {n // 1000}k' for e, n in BUDGET.items())} environment steps per run, "
+             f"{seeds} seeds (0..{seeds - 1}) per algorithm.",
+             f"- Shared: actor and critic 256x256 ReLU, log std init 0, rollout {cfg['rollout_steps']} steps x "
+             f"{cfg['num_envs']} env, minibatch {cfg['minibatch']}, {cfg['epochs']} epochs, Adam {cfg['lr']}, "
+             f"gamma {cfg['gamma']}, lambda {cfg['gae_lambda']}, grad clip {cfg['max_grad_norm']}, observation and "
+             f"reward normalisation. BPO: eps {cfg['eps']}, lam {cfg['lam']}, median critic (log-cosh). PPO: clip "
+             f"{cfg['clip']}, advantages normalised per minibatch (ours and SB3's). SB3: stable_baselines3.PPO "
+             "with these settings on VecNormalize.",
+             f"- Final return: the deterministic policy on {EVAL_EPISODES} evaluation episodes (reset seeds "
+             f"{EVAL_SEED}..{EVAL_SEED + EVAL_EPISODES - 1}), mean per run, then mean ± std over seeds; ours through "
+             "the exported bundle on onnxruntime. Time: training wall time per 10^5 environment steps, mean over "
+             "seeds.",
              "",
              "| task | algorithm | final return (mean ± std over seeds) | per seed | last training rollouts | "
              "s per 10^5 steps |",
@@ -286,7 +296,7 @@ def report(results: dict, seeds: int, deploy: dict | None, wall_min: float | Non
                 continue
             final = [float(np.mean(r["eval"])) for r in runs]
             finals[algo] = np.asarray(final)
-            tail = [float(np.nanmean(r["curve"][-5:])) for r in runs]
+            tail = [float(np.nanmean([np.nan if v is None else v for v in r["curve"][-5:]])) for r in runs]
             per_1e5 = [r["seconds"] / r["steps"] * 1e5 for r in runs]
             lines.append(f"| {env_id} | {algo} | {_ms(final)} | {', '.join(f'{x:.0f}' for x in final)} | "
                          f"{_ms(tail)} | {np.mean(per_1e5):.0f} |")
@@ -321,8 +331,7 @@ def report(results: dict, seeds: int, deploy: dict | None, wall_min: float | Non
             same = all(abs(e["reward"] - x) <= 1e-4 * max(1.0, abs(x)) for e, x in zip(deploy["lockstep"], loc))
             lines += ["", f"Lockstep episodes equal to the in-process ones, episode by episode: {same}."]
         lines.append("")
-    lines.append(END)
-    return "\n".join(lines)
+    return section(NAME, lines)
 
 
 def collect(seeds: int) -> dict:
@@ -336,14 +345,37 @@ def collect(seeds: int) -> dict:
     return results
 
 
+def train(envs: list[str], seeds: int, workers: int) -> None:
+    """Every missing run, two at a time (a finished run's result.json is kept: resumable)."""
+    from tqdm import tqdm
+
+    # longest first, so the two workers finish together
+    jobs = sorted(((e, a, s, BUDGET[e]) for e in envs for a in ALGOS for s in range(seeds)), key=lambda j: -j[3])
+    with ProcessPoolExecutor(workers) as pool:
+        futures = {pool.submit(job, *j): j for j in jobs}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="bench-rl runs"):
+            e, a, s, _ = futures[fut]
+            res = fut.result()
+            tqdm.write(f"{e} {a} seed {s}: final {np.mean(res['eval']):.1f} ({res['seconds']:.0f} s)")
+
+
+def reevaluate() -> None:
+    """Evaluate the finished runs' bundles again (ours), after a change to evaluate()."""
+    for f in sorted(RUNS.glob("*/*/result.json")):
+        res = json.loads(f.read_text())
+        if res.get("bundle"):
+            res["eval"] = evaluate(res["env"], bundle_act(Path(res["bundle"])))
+            f.write_text(json.dumps(res) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--envs", default=",".join(BUDGET), help="comma-separated subset of " + ", ".join(BUDGET))
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--no-deploy", action="store_true")
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="render the finished runs again; train nothing")
+    ap.add_argument("--no-deploy", action="store_true", help="skip the deployment check over ZeroMQ")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md, figure, raw alone")
     ap.add_argument("--reevaluate", action="store_true",
                     help="evaluate the finished runs' bundles again (ours; after a change to evaluate())")
     args = ap.parse_args(argv)
@@ -351,42 +383,27 @@ def main(argv: list[str] | None = None) -> int:
     for e in envs:
         if e not in BUDGET:
             ap.error(f"--envs: unknown task {e!r}; expected one of {', '.join(BUDGET)}")
-    t0 = time.perf_counter()
-    if not args.report_only:
-        from tqdm import tqdm
-
-        # longest first, so the two workers finish together
-        jobs = sorted(((e, a, s, BUDGET[e]) for e in envs for a in ALGOS for s in range(args.seeds)),
-                      key=lambda j: -j[3])
-        with ProcessPoolExecutor(args.workers) as pool:
-            futures = {pool.submit(job, *j): j for j in jobs}
-            for fut in tqdm(as_completed(futures), total=len(futures), desc="bench-rl runs"):
-                e, a, s, _ = futures[fut]
-                res = fut.result()
-                tqdm.write(f"{e} {a} seed {s}: final {np.mean(res['eval']):.1f} ({res['seconds']:.0f} s)")
-    if args.reevaluate:
-        for f in sorted(RUNS.glob("*/*/result.json")):
-            res = json.loads(f.read_text())
-            if res.get("bundle"):
-                res["eval"] = evaluate(res["env"], bundle_act(Path(res["bundle"])))
-                f.write_text(json.dumps(res) + "\n")
-    wall_min = None if args.report_only else (time.perf_counter() - t0) / 60
-    results = collect(args.seeds)
-    deploy = None
+    run_file, deploy_file = RUNS / "run.json", RUNS / "deploy.json"
     bundle = RUNS / "Hopper-v5" / "bpo-s0" / "bundle"
-    deploy_file = RUNS / "deploy.json"
-    if deploy_file.exists():
-        deploy = json.loads(deploy_file.read_text())
-    elif not args.no_deploy and bundle.exists():
-        deploy = deploy_check("Hopper-v5", bundle, EVAL_EPISODES)
-        deploy_file.write_text(json.dumps(deploy) + "\n")
-    text = report(results, args.seeds, deploy, wall_min)
+    if not args.report_only:
+        t0 = time.perf_counter()
+        train(envs, args.seeds, args.workers)
+        if args.reevaluate:
+            reevaluate()
+        if not args.no_deploy and bundle.exists() and not deploy_file.exists():
+            deploy_file.write_text(json.dumps(deploy_check("Hopper-v5", bundle, EVAL_EPISODES)) + "\n")
+        write_raw(run_file, describe_run((time.perf_counter() - t0) / 60))
+    results = collect(args.seeds)
+    if not results:
+        raise SystemExit(f"no finished runs in {RUNS}: run the benchmark without --report-only first")
+    deploy = json.loads(deploy_file.read_text()) if deploy_file.exists() else None
+    run = json.loads(run_file.read_text()) if run_file.exists() else None
+    text = report(results, args.seeds, deploy, run)
     print(text)
     if not args.no_write:
+        write_raw(RAW, {"run": run, "results": results, "deploy": deploy})
         plot(results, FIGURES / "rl_curves.png")
-        RAW.parent.mkdir(parents=True, exist_ok=True)
-        RAW.write_text(json.dumps({"results": results, "deploy": deploy}, default=float) + "\n")
-        write_benchmarks(text, BEGIN, END)
+        write_benchmarks(text, *markers(NAME))
     return 0
 
 

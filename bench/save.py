@@ -1,5 +1,5 @@
-"""The SAVE experiment (issue 5 item 5, PAPERS.md §2): which acquisition of expert demonstrations makes a
-multitask flow policy succeed with the fewest of them?
+"""The SAVE experiment (issue 5 item 5; docs/save.md, docs/algorithms.md): which acquisition of expert
+demonstrations makes a multitask flow policy succeed with the fewest of them?
 
 Per seed: pretrain a small flow ensemble on `pretrain` demonstrations per MT10 task (drawn at random from a
 pool of expert demonstrations), then `rounds` rounds of `budget` demonstrations acquired from the rest of
@@ -14,41 +14,52 @@ Rules (training/save.py `acquire`):
   action_l2  the same rule with the Action-L2 score (spread of the members' sampled chunks);
   uniform    tasks uniformly, a random candidate inside the task;
   random     candidates uniformly from the whole pool.
-  save_rollout  the save rule with each candidate scored by the mean VFD of the policy's own first `rollout_plans` plans, played from the candidate's
-             reset: what the onboard monitor sees in deployment, instead of the initial observation only.
+  save_rollout  the save rule with each candidate scored by the mean VFD of the policy's own first
+             `rollout_plans` plans, played from the candidate's reset: what the onboard monitor sees in
+             deployment, instead of the initial observation only.
 
 Variants: Meta-World has 50 per task. Variants 0..`pool_variants`-1 have expert demonstrations (the
 pretraining sets and the candidate pool); evaluation plays variants from `pool_variants` on.
 
-Outputs (bench-runs/save, resumable: finished (seed, rule) chains are kept): demos/ (the pool),
-results.jsonl (one line per evaluation), pretrained-s<seed>.pt; then the section between the `save`
-markers of BENCHMARKS.md and docs/figures/save_curves.png, save_tasks.png, unless --no-write (`--section`
-names another section and its figures).
+Raw results (bench-runs/save, resumable: finished (seed, rule) chains are kept): demos/ (the pool),
+results.jsonl (one line per evaluation), runs.jsonl (one line per invocation), diagnosis.json,
+pretrained-s<seed>.pt. The section between the `save` markers of BENCHMARKS.md and docs/figures/save_curves.png,
+save_tasks.png are rendered from them (`--report-only` renders them again without training; `--section` names
+another section and its figures).
 
     make bench-save                       # the sizes below, about 1.5 h on 2 cores
-    .venv/bin/python bench/save.py --seeds 2 --rounds 2 --eval-variants 3   # a quick look
+    .venv/bin/python -m bench.save --seeds 2 --rounds 2 --eval-variants 3   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import multiprocessing as mp
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
+from bench.common import (
+    BENCH_RUNS,
+    FIGURES,
+    ROOT,
+    markers,
+    pyplot,
+    run_info,
+    save_figure,
+    section,
+    utc_now,
+    write_benchmarks,
+    written_by,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-FIGURES = ROOT / "docs" / "figures"
 RULE_OF = {"save": ("save", "vfd"), "action_l2": ("save", "action_l2"), "uniform": ("uniform", None),
            "random": ("random", None), "save_rollout": ("save", "rollout")}  # name -> (acquire rule, score)
 RULES = tuple(RULE_OF)
@@ -262,9 +273,8 @@ def diagnosis_text(diag: dict[str, dict], records: list[dict], tasks: list[str])
     seeds = sorted(int(s) for s in diag if int(s) in pre)
     if not seeds:
         return []
-    lines = ["Does the score point at the tasks that fail? Spearman correlation over tasks of u_T (the mean score "
-             "of a task's candidates under the pretrained ensemble) with the task's pretrained failure rate, "
-             f"mean ± std over {len(seeds)} seeds (positive is what the rule needs):", "",
+    lines = ["Spearman correlation over tasks of u_T (the mean score of a task's candidates under the pretrained "
+             f"ensemble) with the task's pretrained failure rate, mean ± std over {len(seeds)} seeds:", "",
              "| score | Spearman(u_T, failure) |", "|---|---:|"]
     for name in ("vfd", "action_l2", "rollout"):
         rho = [spearmanr([diag[str(s)][name][t] for t in tasks], [1 - pre[s][t] for t in tasks]).statistic
@@ -298,9 +308,11 @@ def curves(records: list[dict], rules: list[str], seeds: list[int]) -> dict[str,
                             for s in seeds]) for rule in rules}
 
 
-def report(records: list[dict], sizes: Sizes, rules: list[str], tasks: list[str], started: str,
-           runs: list[dict], target: float | None, diagnosis: list[str] = (), section: str = "save"
+def report(records: list[dict], sizes: Sizes, rules: list[str], tasks: list[str], run: dict,
+           runs: list[dict], target_given: float | None, diagnosis: list[str] = (), section_name: str = "save"
            ) -> tuple[str, dict]:
+    """The section and the figures' data, from the evaluation records (results.jsonl), the invocations
+    (runs.jsonl) and the scores' task rankings (diagnosis.json)."""
     seeds = sorted({r["seed"] for r in records if r["rule"] == "pretrained"
                     and sizes.first_seed <= r["seed"] < sizes.first_seed + sizes.seeds})
     seeds = [s for s in seeds if all(any(r["seed"] == s and r["rule"] == rule and r["round"] == sizes.rounds
@@ -308,6 +320,7 @@ def report(records: list[dict], sizes: Sizes, rules: list[str], tasks: list[str]
     cur = curves(records, rules, seeds)
     xs = np.arange(sizes.rounds + 1) * sizes.budget
     means = {rule: c.mean(0) for rule, c in cur.items()}
+    target = target_given
     if target is None:  # the highest success every rule's mean curve reaches
         target = float(min(m.max() for m in means.values()))
     auc = {rule: c[:, 1:].mean(1) for rule, c in cur.items()}  # mean success over the rounds, per seed
@@ -340,9 +353,7 @@ def report(records: list[dict], sizes: Sizes, rules: list[str], tasks: list[str]
     for t in sorted(tasks, key=lambda t: pre[t]):
         task_rows.append(f"| {t} | {pre[t]:.0%} | " + " | ".join(f"{got[r][t]:.1f} / {fin[r][t]:.0%}" for r in rules)
                          + " |")
-    info = machine(None)
     train_s = np.mean([r["train_s"] for r in records if r["round"] > 0])
-    command = " ".join([".venv/bin/python", "bench/save.py", *sys.argv[1:]])
     verdict = []
     for rule in [r for r in ("save", "save_rollout") if r in rules and "uniform" in rules]:
         change = to_target[rule] / base - 1 if np.isfinite(base) and base > 0 else float("nan")
@@ -352,33 +363,26 @@ def report(records: list[dict], sizes: Sizes, rules: list[str], tasks: list[str]
                        f"uniform, and fewer than every baseline), `{rule}`: {change:+.0%} demonstrations against "
                        f"uniform ({'met' if change <= -0.22 else 'not met'}); fewer than every baseline: "
                        f"{'yes' if beats_all else 'no'}.")
-    text = "\n".join([
-        f"<!-- {section}:begin -->",
+    invocations = "; ".join(f"`{r['command'] or 'default'}` {r['minutes']:.0f} min" for r in runs)
+    text = section(section_name, [
         "## SAVE: success against expert demonstrations, by acquisition rule"
-        + (f" ({section.removeprefix('save-')}: seeds {seeds[0]}..{seeds[-1]})" if section != "save" else ""),
+        + (f" ({section_name.removeprefix('save-')}: seeds {seeds[0]}..{seeds[-1]})" if section_name != "save" else ""),
         "",
-        f"Written by `bench/save.py` on {started}; commit {git_state()}; {info.get('CPU', '?')}, "
-        f"{info.get('cores', '?')} cores. The runs took {sum(r['minutes'] for r in runs):.0f} min in "
-        f"{len(runs)} invocation(s) (" + "; ".join(f"`{r['command'] or 'default'}` {r['minutes']:.0f} min"
-                                                   for r in runs) + "), the machine shared with other work.",
-        f"- Command: `make bench-save` (`OMP_NUM_THREADS=1 .venv/bin/python bench/save.py`, resumable); this "
-        f"report: `{command}`.",
+        written_by(run),
+        f"- Runs: {sum(r['minutes'] for r in runs):.0f} min in {len(runs)} invocation(s) of `make bench-save` "
+        f"(`OMP_NUM_THREADS=1 .venv/bin/python -m bench.save`, resumable) with these arguments: {invocations}.",
         f"- Sizes: {len(seeds)} seeds x {len(rules)} rules x {sizes.rounds} rounds of {sizes.budget} "
         f"demonstrations, after {sizes.pretrain} pretraining demonstrations per task ({n_pre} in all) on "
         f"{len(tasks)} MT10 tasks. Candidate pool: the other successful expert demonstrations of variants "
         f"0..{sizes.pool_variants - 1} (about {sizes.pool_variants - sizes.pretrain} per task). Ensemble: "
         f"{sizes.members} members, {sizes.hidden}x{sizes.depth} MLPs, lr {sizes.lr:g}, batch {sizes.batch_size}, "
-        f"{sizes.pretrain_steps} pretraining steps, {sizes.round_steps} steps per round (half old, half "
-        f"acquired data per minibatch, warm start); {train_s:.0f} s per round on average (scoring and "
-        f"fine-tuning; the evaluation after it not counted).",
+        f"{sizes.pretrain_steps} pretraining steps, {sizes.round_steps} steps per round; {train_s:.0f} s per round "
+        "on average (scoring and fine-tuning).",
         f"- Evaluation after every round: {sizes.eval_variants} held-out variants per task "
-        f"({50 - sizes.eval_variants}..49, no demonstration uses them), {len(tasks) * sizes.eval_variants} "
-        f"episodes of at most {sizes.max_steps} steps, member 0's plans with seeded noise; every rule of a seed "
-        f"starts from the same pretrained ensemble and meets the same episodes, so differences are paired.",
-        f"- Success: mean ± std over seeds. AUC: mean success over rounds 1..{sizes.rounds}, per seed; its "
-        f"difference to uniform is paired (mean ± standard error). Demonstrations to the target: where the "
-        f"mean curve first reaches {target:.0%} (the highest success every rule's mean curve reaches), linearly "
-        f"interpolated between rounds; acquired after pretraining / total.",
+        f"({50 - sizes.eval_variants}..49), {len(tasks) * sizes.eval_variants} episodes of at most "
+        f"{sizes.max_steps} steps.",
+        f"- Target success: {target:.0%}" + (" (the highest success every rule's mean curve reaches)."
+                                           if target_given is None else " (given)."),
         "",
         *rows,
         "",
@@ -389,20 +393,15 @@ def report(records: list[dict], sizes: Sizes, rules: list[str], tasks: list[str]
         "",
         *diagnosis,
         *([""] if diagnosis else []),
-        f"![success against demonstrations]({(FIGURES / f'{section}_curves.png').relative_to(ROOT)})",
-        f"![demonstrations per task]({(FIGURES / f'{section}_tasks.png').relative_to(ROOT)})",
-        f"<!-- {section}:end -->",
+        f"![success against demonstrations]({(FIGURES / f'{section_name}_curves.png').relative_to(ROOT)})",
+        f"![demonstrations per task]({(FIGURES / f'{section_name}_tasks.png').relative_to(ROOT)})",
     ])
     return text, {"cur": cur, "xs": xs, "n_pre": n_pre, "target": target, "pre": pre, "got": got, "tasks": tasks}
 
 
-def plots(data: dict, rules: list[str], section: str = "save") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    FIGURES.mkdir(parents=True, exist_ok=True)
+def plots(data: dict, rules: list[str], section_name: str = "save") -> None:
+    """Success against acquired demonstrations per rule, and where each rule's demonstrations went."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for rule in rules:
         c = data["cur"][rule]
@@ -415,8 +414,7 @@ def plots(data: dict, rules: list[str], section: str = "save") -> None:
     ax.set_title(f"SAVE vs baselines: mean ± standard error over {len(c)} seeds")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(FIGURES / f"{section}_curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, FIGURES / f"{section_name}_curves.png")
     tasks = sorted(data["tasks"], key=lambda t: data["pre"][t])
     fig, ax = plt.subplots(figsize=(9, 4))
     x = np.arange(len(tasks))
@@ -428,29 +426,87 @@ def plots(data: dict, rules: list[str], section: str = "save") -> None:
     ax.set_xlabel("task (pretrained success)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(FIGURES / f"{section}_tasks.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, FIGURES / f"{section_name}_tasks.png")
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 
-def main() -> None:
+def measure(args: argparse.Namespace, sizes: Sizes, rules: list[str], tasks: list[str], out: Path) -> None:
+    """Every missing (seed, rule) chain into results.jsonl, the invocation into runs.jsonl, the scores' task
+    rankings into diagnosis.json."""
+    from tqdm import tqdm
+
+    from vigil.training.train_flow import ensure_encoder
+
+    (out / "sizes.json").write_text(json.dumps(asdict(sizes), indent=1))
+    results = out / "results.jsonl"
+    started, t0 = utc_now(), time.time()
+    record_pool(out / "demos", tasks, sizes.pool_variants)
+    ensure_encoder(out / "encoder")  # once, before the workers load it
+    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    have = {(r["seed"], r["rule"]) for r in done if r["round"] == sizes.rounds}
+    evaluated = {r["seed"] for r in done if r["rule"] == "pretrained"}
+    todo = {s: [rule for rule in rules if (s, rule) not in have]
+            for s in range(sizes.first_seed, sizes.first_seed + sizes.seeds)}
+    todo = {s: missing for s, missing in todo.items() if missing}
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(str(out / "demos"),)) as pool, tqdm(total=len(todo), desc="seeds") as bar:
+        futures = {pool.submit(run_seed, s, sizes, tasks, str(out), missing, s not in evaluated): s
+                   for s, missing in todo.items()}
+        for fut in as_completed(futures):
+            recs = fut.result()
+            with open(results, "a") as fh:  # a seed's records land together: a resumed run redoes its rules
+                fh.writelines(json.dumps(r) + "\n" for r in recs)
+            bar.update()
+            last = {r["rule"]: r["success"] for r in recs if r["round"] == sizes.rounds}
+            bar.set_postfix(seed=futures[fut], **{k: f"{v:.0%}" for k, v in last.items()})
+    if todo:  # what this invocation ran, for the report's account of the time it took
+        with open(out / "runs.jsonl", "a") as fh:
+            fh.write(json.dumps({"started": started, "minutes": (time.time() - t0) / 60, "command": " ".join(
+                sys.argv[1:]), "ran": {str(k): v for k, v in todo.items()}}) + "\n")
+    latest = latest_records(out)
+    diag_file = out / "diagnosis.json"  # the scores' task rankings, once per pretrained seed
+    diag = json.loads(diag_file.read_text()) if diag_file.exists() else {}
+    in_range = range(sizes.first_seed, sizes.first_seed + sizes.seeds)
+    missing = sorted({r["seed"] for r in latest if r["rule"] == "pretrained" and r["seed"] in in_range
+                      and str(r["seed"]) not in diag})
+    if missing:
+        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(str(out / "demos"),)) as pool:
+            futures = {s: pool.submit(diagnose_seed, s, sizes, tasks, str(out)) for s in missing}
+            diag.update({str(s): f.result() for s, f in futures.items()})
+        diag_file.write_text(json.dumps(diag, indent=1))
+
+
+def latest_records(out: Path) -> list[dict]:
+    """The evaluation records; a seed run twice (an interrupted run redone) counts once: its last records."""
+    latest = {}
+    for line in (out / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        latest[(r["seed"], r["rule"], r["round"])] = r
+    return list(latest.values())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Sizes):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     ap.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of {RULES}")
     ap.add_argument("--tasks", help="comma-separated (default MT10)")
-    ap.add_argument("--out", default=str(ROOT / "bench-runs" / "save"))
+    ap.add_argument("--out", default=str(BENCH_RUNS / "save"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--section", default="save", help="BENCHMARKS.md section and figure names (save-confirm: a "
                     "confirmation on fresh seeds, --first-seed 10 --rules uniform,save_rollout)")
     ap.add_argument("--target", type=float, help="target success (default: the highest every rule reaches)")
-    ap.add_argument("--report-only", action="store_true", help="no new runs: report what results.jsonl holds")
+    ap.add_argument("--report-only", action="store_true", help="no new runs: render what results.jsonl holds")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and figures alone")
-    args = ap.parse_args()
-    from tqdm import tqdm
-
+    args = ap.parse_args(argv)
     from vigil.sim.metaworld_env import MT10_TASKS
 
     sizes = Sizes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes)})
@@ -459,63 +515,24 @@ def main() -> None:
         raise SystemExit(f"--rules: unknown {unknown}; expected some of {RULES}")
     tasks = args.tasks.split(",") if args.tasks else list(MT10_TASKS)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sizes.json").write_text(json.dumps(asdict(sizes), indent=1))
-    results = out / "results.jsonl"
-    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.time()
+    run = run_info()
     if not args.report_only:
-        from vigil.training.train_flow import ensure_encoder
-
-        record_pool(out / "demos", tasks, sizes.pool_variants)
-        ensure_encoder(out / "encoder")  # once, before the workers load it
-        done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-        have = {(r["seed"], r["rule"]) for r in done if r["round"] == sizes.rounds}
-        evaluated = {r["seed"] for r in done if r["rule"] == "pretrained"}
-        todo = {s: [rule for rule in rules if (s, rule) not in have]
-                for s in range(sizes.first_seed, sizes.first_seed + sizes.seeds)}
-        todo = {s: missing for s, missing in todo.items() if missing}
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(str(out / "demos"),)) as pool, tqdm(total=len(todo), desc="seeds") as bar:
-            futures = {pool.submit(run_seed, s, sizes, tasks, str(out), missing, s not in evaluated): s
-                       for s, missing in todo.items()}
-            for fut in as_completed(futures):
-                recs = fut.result()
-                with open(results, "a") as fh:  # a seed's records land together: a resumed run redoes its rules
-                    fh.writelines(json.dumps(r) + "\n" for r in recs)
-                bar.update()
-                last = {r["rule"]: r["success"] for r in recs if r["round"] == sizes.rounds}
-                bar.set_postfix(seed=futures[fut], **{k: f"{v:.0%}" for k, v in last.items()})
-        if todo:  # what this invocation ran, for the report's account of the time it took
-            with open(out / "runs.jsonl", "a") as fh:
-                fh.write(json.dumps({"started": started, "minutes": (time.time() - t0) / 60, "command": " ".join(
-                    sys.argv[1:]), "ran": {str(k): v for k, v in todo.items()}}) + "\n")
-    records = [json.loads(line) for line in results.read_text().splitlines()]
-    # a seed run twice (an interrupted run redone) counts once: its last records
-    latest = {}
-    for r in records:
-        latest[(r["seed"], r["rule"], r["round"])] = r
+        out.mkdir(parents=True, exist_ok=True)
+        measure(args, sizes, rules, tasks, out)
+    elif not (out / "results.jsonl").exists():
+        raise SystemExit(f"no raw results in {out}: run the benchmark without --report-only first")
+    latest = latest_records(out)
     in_range = range(sizes.first_seed, sizes.first_seed + sizes.seeds)
-    diag_file = out / "diagnosis.json"  # the scores' task rankings, once per pretrained seed
-    diag = json.loads(diag_file.read_text()) if diag_file.exists() else {}
-    missing = sorted({r["seed"] for r in latest.values() if r["rule"] == "pretrained" and r["seed"] in in_range
-                      and str(r["seed"]) not in diag})
-    if missing and not args.report_only:
-        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(str(out / "demos"),)) as pool:
-            futures = {s: pool.submit(diagnose_seed, s, sizes, tasks, str(out)) for s in missing}
-            diag.update({str(s): f.result() for s, f in futures.items()})
-        diag_file.write_text(json.dumps(diag, indent=1))
-    diagnosis = diagnosis_text({k: v for k, v in diag.items() if int(k) in in_range}, list(latest.values()), tasks)
-    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()] if (out / "runs.jsonl").exists() else []
-    text, data = report(list(latest.values()), sizes, rules, tasks, started, runs, args.target, diagnosis, args.section)
+    diag = json.loads((out / "diagnosis.json").read_text()) if (out / "diagnosis.json").exists() else {}
+    diagnosis = diagnosis_text({k: v for k, v in diag.items() if int(k) in in_range}, latest, tasks)
+    text, data = report(latest, sizes, rules, tasks, run, read_jsonl(out / "runs.jsonl"), args.target, diagnosis,
+                        args.section)
     print(text)
-    if args.no_write:
-        return
-    plots(data, rules, args.section)
-    write_benchmarks(text, f"<!-- {args.section}:begin -->", f"<!-- {args.section}:end -->")
+    if not args.no_write:
+        plots(data, rules, args.section)
+        write_benchmarks(text, *markers(args.section))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

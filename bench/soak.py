@@ -21,9 +21,9 @@ bench/out/soak_misses.jsonl; the section between the `soak` markers of RELIABILI
 docs/figures/soak_latency.png and docs/figures/soak_rss.png, are rendered from them (`render_file`,
 `--report-only`, which measures nothing).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/soak.py                          # make bench-soak (~17 min)
-    OMP_NUM_THREADS=1 .venv/bin/python bench/soak.py --ticks 3000 --curve-trips 2000 --no-write   # smoke
-    OMP_NUM_THREADS=1 .venv/bin/python bench/soak.py --report-only           # the report again, from bench/out
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.soak                          # make bench-soak (~17 min)
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.soak --ticks 3000 --curve-trips 2000 --no-write   # smoke
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.soak --report-only           # the report again, from bench/out
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -146,7 +145,7 @@ def export_bundle(folder: Path, seed: int, rate_hz: float) -> dict[str, Any]:
 
 
 def start_serve(bundle: Path, workdir: Path, name: str, extra: Sequence[str]) -> tuple[subprocess.Popen, str, str]:
-    from vigil.sim.demo import free_port
+    from bench.common import free_port
 
     robot_ep, op_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     args = [*VIGIL, "serve", "--bundle", str(bundle), "--robot-endpoint", robot_ep, "--operator-endpoint", op_ep,
@@ -963,12 +962,10 @@ def _jsonable(x: Any) -> Any:
 
 def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run the soak (and the CURVE comparison): the raw results, as JSON types, and every miss, classified."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from latency import git_state, machine  # noqa: E402  (bench/ is not a package)
+    from bench.common import command_line, git_state, machine
 
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = "OMP_NUM_THREADS=1 " + shlex.join([os.path.relpath(sys.executable, ROOT) if os.path.isabs(
-        sys.executable) else sys.executable, "bench/soak.py", *sys.argv[1:]])
+    command = command_line(env="OMP_NUM_THREADS=1")
     t_start = time.monotonic()
     info: dict[str, Any] = {"other_processes": other_heavy()}
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
@@ -1016,8 +1013,7 @@ def write_raw(results: dict[str, Any], misses: list[dict[str, Any]], folder: Pat
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from latency import write_section  # noqa: E402  (bench/ is not a package)
+    from bench.common import write_section
 
     raw = Path(args.out) / RAW.name
     if args.report_only:  # the section and figures again, from the raw results; nothing is measured

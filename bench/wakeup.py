@@ -9,7 +9,7 @@ Two measurements, both written between the `wakeup` markers of BENCHMARKS.md:
    network: decode, validate, agent.act with onnxruntime, monitors, encode, send), run back to back
    ("hot") and after the process slept 0.2 ms and 5 ms, as it does between the ticks of a robot.
 
-    .venv/bin/python bench/wakeup.py            # part of `make bench`
+    .venv/bin/python -m bench.wakeup            # part of `make bench`
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import datetime
 import multiprocessing as mp
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,10 +26,7 @@ import numpy as np
 import zmq
 from tqdm import tqdm
 
-from vigil.sim.demo import free_port
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import git_state, machine, write_benchmarks  # noqa: E402  (bench/ is not a package)
+from bench.common import free_port, git_state, machine, write_benchmarks
 
 BEGIN, END = "<!-- wakeup:begin -->", "<!-- wakeup:end -->"
 PAYLOAD = b"x" * 100

@@ -1,6 +1,7 @@
 """VFD monitor: is the flow-matching ensemble out of its depth?
 
-The policy graph returns a velocity-field-disagreement score with every plan (PAPERS.md §1).  The monitor
+The policy graph returns a velocity-field-disagreement score with every plan
+(docs/algorithms.md#vfd-velocity-field-disagreement).  The monitor
 keeps a short running mean of the scores of the current episode and compares it with thresholds that were
 calibrated conformally on successful nominal rollouts (monitors/conformal.py), stored in the bundle's
 manifest under `monitor.vfd`:

@@ -1,4 +1,6 @@
-"""IR-LQR: optimistic online LQR by intrinsic rewards (PAPERS.md §4) -- the one implementation, numpy only.
+"""IR-LQR: optimistic online LQR by intrinsic rewards -- the one implementation, numpy only.
+
+The method: docs/algorithms.md#ir-lqr-optimistic-online-lqr-by-intrinsic-rewards.
 
 The runtime runs it on board (runtime/learning.py) and the offline study re-exports it
 (`vigil.training.irlqr`), so the controller that is studied is the controller that flies. This module
@@ -7,8 +9,8 @@ equation with a cross term is solved here by a structure-preserving doubling ite
 it against python-control on random systems.
 
 The system x' = A x + B u + w is unknown; the learner starts from a prior (A0, B0) and acts with a linear
-gain, u = -K x (the sign convention of `vigil.sim.linear` and of `linear_gain` bundles; PAPERS.md writes
-u = K x). With z = [x; u] it keeps
+gain, u = -K x (the sign convention of `vigil.sim.linear` and of `linear_gain` bundles; the method is often
+written with u = K x). With z = [x; u] it keeps
 
     V_t = lam I + sum z z^T,     S_t = sum x_next z^T,     [A_hat B_hat] = (lam [A0 B0] + S_t) V_t^{-1}
 
@@ -54,7 +56,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class IRLQRConfig:
-    """IR-LQR's settings. Defaults are the UAV's published ones (PAPERS.md §4)."""
+    """IR-LQR's settings. Defaults are the UAV's published ones
+    (docs/algorithms.md#ir-lqr-optimistic-online-lqr-by-intrinsic-rewards)."""
 
     lam: float = 5.0                 # ridge weight of the prior (V_0 = lam I)
     g1: float = 0.01                 # optimism: O = (g1 + g2 sqrt(||V||_2)) V^{-1}

@@ -1,4 +1,5 @@
-"""Linear systems x' = A x + B u + w from PAPERS.md §4, with the optimal controller of the true system.
+"""Linear systems x' = A x + B u + w of the IR-LQR study, with the optimal controller of the true system
+(docs/algorithms.md#ir-lqr-optimistic-online-lqr-by-intrinsic-rewards).
 
 The oracle here uses scipy's DARE directly: it is the independent reference against which the exported
 LQR bundle (computed with python-control in `vigil.training.lqr`) is judged.

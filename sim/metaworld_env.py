@@ -25,8 +25,8 @@ never terminates (plain Meta-World).  `truncated` is True at `max_steps`.  An ep
 runs to the time limit still counts.
 
 Rendering: off-screen with `MUJOCO_GL=egl` (set here if unset, before mujoco is imported), without
-shadows, reflections or multisampling (CPU rendering with Mesa llvmpipe is ~10x faster that way, see
-FACTS.md), and flipped upright (the `corner` camera renders upside down).
+shadows, reflections or multisampling (CPU rendering with Mesa llvmpipe is ~10x faster that way), and
+flipped upright (the `corner` camera renders upside down).
 
 Distribution shifts (`sim.shifts.Shift`: object and goal positions outside the training range, friction,
 mass) are applied by `reset`; set `env.shift` (or pass `shift=`) and the next reset plays the shifted

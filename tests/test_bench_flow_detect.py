@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import flow_detect as fd  # noqa: E402
+import bench.flow_detect as fd
 
 
 def test_auroc_counts_ties_half_and_matches_the_pairwise_definition():
@@ -63,7 +59,8 @@ def tiny_run(tmp_path_factory, encoder_bundle):
     return run
 
 
-@pytest.mark.parametrize("condition,task", [("positions", "reach-v3"), ("noise", "push-v3"), ("heldout", "door-close-v3")])
+@pytest.mark.parametrize("condition,task", [("positions", "reach-v3"), ("noise", "push-v3"),
+                                            ("heldout", "door-close-v3")])
 def test_rollout_scores_every_detector_in_the_windows(tiny_run, condition, task):
     job = fd.Job(str(tiny_run), condition, task, (20, 21), max_steps=16, detect_plans=3, ablation_plans=2,
                  noise_dims=(0, 1, 2) if condition == "noise" else None)

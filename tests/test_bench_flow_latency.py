@@ -1,4 +1,4 @@
-"""bench/flow_latency.py runs and prints its table (smoke check; the figures live in BENCHMARKS.md)."""
+"""bench.flow_latency runs and prints its table (smoke check; the figures live in BENCHMARKS.md)."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_flow_latency_benchmark_smoke():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "flow_latency.py"), "--members", "1", "2",
+    out = subprocess.run([sys.executable, "-m", "bench.flow_latency", "--members", "1", "2",
                           "--samples", "2", "1", "--reps", "3", "--no-write"], capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr

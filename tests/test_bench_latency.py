@@ -1,4 +1,4 @@
-"""Smoke test of bench/latency.py: it runs end to end and prints the vigil rows (timings are not judged)."""
+"""Smoke test of bench.latency: it runs end to end and prints the vigil rows (timings are not judged)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_latency_benchmark_quick_smoke():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "latency.py"), "--quick", "--no-openpi", "--no-write"],
+    proc = subprocess.run([sys.executable, "-m", "bench.latency", "--quick", "--no-openpi", "--no-write"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

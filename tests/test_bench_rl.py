@@ -4,8 +4,6 @@ same evaluation as ours, and the report's verdicts on hand-made results."""
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +11,7 @@ import pytest
 pytest.importorskip("stable_baselines3")
 pytest.importorskip("mujoco")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import rl as bench_rl  # noqa: E402
+import bench.rl as bench_rl  # noqa: E402  (after the skips: it needs them)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,6 +15,7 @@ from conftest import assert_lqr_action, gain_of, graph_bundle, manifest_of, recv
 from onnx import helper
 
 from vigil.runtime.store import AlertStore
+from vigil.sim.faults import Faults
 from vigil.wire.protocol import Message, ProtocolError
 
 X = np.array([0.05, -0.01, 0.08], np.float32)
@@ -315,3 +316,27 @@ def test_chunked_policy_clipping_and_saturation_through_the_runtime(serve, chunk
         link.close()
     records = wait_until(lambda: len(stored(served, "saturation")) == 2 and stored(served, "saturation"))
     assert [(r.robot, r.severity) for r in records] == [("chunky", "warn"), ("chunky", "alert")]
+
+
+# -- fault injection in the simulator (sim/faults.py), unit ------------------------------------------------
+
+
+def test_faults_corrupt_drop_delay_and_validation():
+    f = Faults(obs_noise=0.1, drop=1.0, delay_ms=20, start=2, stop=4)
+    obs = {"state": np.ones(3, np.float32), "count": np.array([7], np.int32)}
+    rng = np.random.default_rng(0)
+    assert f.corrupt(obs, 1, rng) is obs and not f.dropped(1, rng) and f.delay_s(1) == 0.0  # before the window
+    noisy = f.corrupt(obs, 2, rng)
+    assert noisy["state"].dtype == np.float32 and not np.array_equal(noisy["state"], obs["state"])
+    assert np.abs(noisy["state"] - 1).max() < 1.0  # std 0.1
+    np.testing.assert_array_equal(noisy["count"], obs["count"])  # integers are left alone
+    assert f.dropped(3, rng) and f.delay_s(3) == pytest.approx(0.02)
+    assert not f.dropped(4, rng) and f.corrupt(obs, 4, rng) is obs  # the window is [start, stop)
+    assert "observation noise" in f.describe() and "dropped" in f.describe() and Faults().describe() == "none"
+    half = Faults(drop=0.5)
+    rng = np.random.default_rng(1)
+    drops = [half.dropped(t, rng) for t in range(2000)]
+    assert 800 < sum(drops) < 1200
+    for bad in [dict(obs_noise=-1), dict(drop=1.5), dict(drop=-0.1), dict(delay_ms=-1), dict(disconnect_s=-1)]:
+        with pytest.raises(ValueError):
+            Faults(**bad)

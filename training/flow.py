@@ -1,4 +1,6 @@
-"""Flow-matching action-chunk policy ensemble and the VFD uncertainty score (PAPERS.md §1), in torch.
+"""Flow-matching action-chunk policy ensemble and the VFD uncertainty score, in torch.
+
+The method: docs/algorithms.md#vfd-velocity-field-disagreement.
 
 One file, CleanRL style: the hyperparameters are `FlowConfig`, the model is `Ensemble`, training is
 `train_ensemble`, and every score is a plain function of (ensemble, obs, instr, noise) -> (B,) tensor.
@@ -17,7 +19,7 @@ split in two so the work that depends only on the observation and instruction ru
     v       = velocity(context, x_t, t) (M, ..., H*m)    every integration step
 `encode` = MLP over [normalised obs, instruction embedding] followed by a per-member linear projection
 that is the velocity head's context input; the head's first layer adds it to linear maps of x_t and of
-Fourier features of t. `shared_encoder=True` is the cheaper variant of PAPERS.md: one encoder MLP
+Fourier features of t. `shared_encoder=True` is the method's cheaper variant: one encoder MLP
 (leading axis 1, broadcast) and M velocity heads (each with its own context projection).
 
 Vision configuration (cfg.image_size > 0). The observation is then a mapping {"state": (B, obs_dim) float,
@@ -68,7 +70,7 @@ class FlowConfig:
     runtime replan often (every k <= 8 steps). 16 (Diffusion Policy's default) is the alternative to
     measure if closed-loop success suffers from jitter between chunks.
     members = 5 is a placeholder: the default will be chosen by measurement (VFD quality vs plan cost,
-    issue 4 item 7); PAPERS.md reports M = 2 in the reference and more in ablations.
+    issue 4 item 7); the reference setting is M = 2 (docs/algorithms.md#vfd-velocity-field-disagreement).
     """
 
     obs_dim: int = 39
@@ -79,7 +81,7 @@ class FlowConfig:
     depth: int = 3                 # hidden layers of the encoder MLP and of the velocity head
     time_features: int = 16        # Fourier features of t (sin and cos of time_features // 2 frequencies)
     members: int = 5
-    shared_encoder: bool = False   # True: one encoder, M velocity heads (PAPERS.md's cheaper variant)
+    shared_encoder: bool = False   # True: one encoder, M velocity heads (the cheaper variant)
     euler_steps: int = 10
     vfd_samples: int = 1           # N noise samples per VFD score (1 scores as well as 5: decision 71)
     vfd_pairs: str = "anchor"      # which members integrate for one-way VFD, see member_pairs() (decision 71)
@@ -528,7 +530,8 @@ def plan(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor,
 
 @torch.no_grad()
 def vfd_one_way(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor, pairs: str | None = None) -> Tensor:
-    """One-way VFD (PAPERS.md §1), the acquisition score. noise (N, B, H, m) -> (B,).
+    """One-way VFD, the acquisition score (docs/algorithms.md#vfd-velocity-field-disagreement).
+    noise (N, B, H, m) -> (B,).
 
     For each pair (A, B) of `member_pairs(M, pairs or cfg.vfd_pairs)`: A integrates from each of the N
     noise samples on the grid of `vfd_grid`; score = mean over samples of

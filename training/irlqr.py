@@ -28,7 +28,7 @@ from vigil.policies.irlqr import (
 __all__ = ["IRLQR", "GainUpdate", "IRLQRConfig", "LearnerSpec", "PUBLISHED", "compute_gain", "dare", "dlqr_cross",
            "is_stabilising", "optimism", "ridge_estimate", "spectral_radius", "sym"]
 
-# The published settings of PAPERS.md §4, per system.
+# The published settings per system (docs/algorithms.md#ir-lqr-optimistic-online-lqr-by-intrinsic-rewards).
 PUBLISHED = {
     "aircraft-pitch": IRLQRConfig(lam=20.0, g1=0.01, g2=0.001, prior_std=0.01),
     "uav-2d": IRLQRConfig(lam=5.0, g1=0.01, g2=0.01, prior_std=0.1),

@@ -1,4 +1,5 @@
-"""Baselines for IR-LQR (PAPERS.md §4), on IR-LQR's own machinery so that only the gain rule differs.
+"""Baselines for IR-LQR (docs/algorithms.md#ir-lqr-optimistic-online-lqr-by-intrinsic-rewards),
+on IR-LQR's own machinery so that only the gain rule differs.
 
 Every learner here is an `IRLQR` subclass: the same ridge estimate centred on the prior, the same log-det
 doubling epochs, the same one-transition-at-a-time interface. What changes is `compute` (the gain of a new

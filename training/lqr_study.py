@@ -56,8 +56,9 @@ class StudyConfig:
 
 
 def published(system: str, **overrides) -> StudyConfig:
-    """The published settings of PAPERS.md §4 for one system; keyword overrides of StudyConfig fields, and of
-    IRLQRConfig fields (lam, g1, g2, prior_std, relative_prior, stability_guard, ...)."""
+    """The published settings for one system (docs/algorithms.md#ir-lqr-optimistic-online-lqr-by-intrinsic-rewards);
+    keyword overrides of StudyConfig fields, and of IRLQRConfig fields (lam, g1, g2, prior_std,
+    relative_prior, stability_guard, ...)."""
     ir_fields = set(IRLQRConfig.__dataclass_fields__)
     ir = replace(PUBLISHED[system], **{k: v for k, v in overrides.items() if k in ir_fields})
     return StudyConfig(system=system, irlqr=ir, **{k: v for k, v in overrides.items() if k not in ir_fields})
@@ -69,7 +70,7 @@ def published(system: str, **overrides) -> StudyConfig:
 
 def draw_prior(system: LinearSystem, std: float, relative: bool,
                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(A0, B0) = truth + Gaussian noise. Absolute: std per entry (PAPERS.md §4). Relative: each entry
+    """(A0, B0) = truth + Gaussian noise. Absolute: std per entry (as published). Relative: each entry
     times (1 + std e), e ~ N(0, 1): every coefficient known to within `std` of itself, structural zeros
     kept (aircraft pitch's B is ~0.013 after ZOH, so an absolute std of 0.01 is as large as B itself)."""
     eA, eB = rng.standard_normal(system.A.shape), rng.standard_normal(system.B.shape)

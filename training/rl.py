@@ -1,7 +1,7 @@
 """`vigil train bpo|ppo`: on-policy actor-critic for gymnasium control tasks, CleanRL style, one file.
 
-BPO (Bounded Policy Optimization, ../shared/PAPERS.md §3) and PPO share everything here but the policy
-loss (training/rl_losses.py), so a comparison of the two measures the loss and nothing else:
+BPO (Bounded Policy Optimization, docs/algorithms.md#bpo-bounded-policy-optimization) and PPO share everything here but
+the policy loss (training/rl_losses.py), so a comparison of the two measures the loss and nothing else:
 
 - K vectorised environments (gymnasium SyncVectorEnv, autoreset in the SAME step: the observation returned
   after an episode's end is already the next episode's first one, the true final observation is in
@@ -42,7 +42,8 @@ from vigil.training.rl_losses import bpo_target, logcosh_loss, ppo_clip_loss, tv
 
 @dataclass(frozen=True)
 class RLConfig:
-    """Hyperparameters: PAPERS.md §3 MuJoCo defaults. BPO and PPO runs differ in `loss` only."""
+    """Hyperparameters: BPO's MuJoCo defaults (docs/algorithms.md#bpo-bounded-policy-optimization).
+    BPO and PPO runs differ in `loss` only."""
 
     loss: Literal["bpo", "ppo"] = "bpo"
     env: str = "InvertedPendulum-v5"

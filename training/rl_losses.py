@@ -1,4 +1,6 @@
-"""The policy and critic losses of training/rl.py, as pure functions of tensors (../shared/PAPERS.md §3).
+"""The policy and critic losses of training/rl.py, as pure functions of tensors.
+
+The method: docs/algorithms.md#bpo-bounded-policy-optimization.
 
 BPO and PPO share the rollout, GAE, normalisation, networks and the critic losses; they differ only in
 the policy loss:

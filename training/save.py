@@ -1,4 +1,6 @@
-"""SAVE: uncertainty-guided acquisition of demonstrations and fine-tuning rounds (PAPERS.md §2).
+"""SAVE: uncertainty-guided acquisition of demonstrations and fine-tuning rounds.
+
+The method: docs/algorithms.md#save-uncertainty-guided-acquisition-of-demonstrations.
 
 One file, CleanRL style, in three parts:
 
@@ -111,7 +113,7 @@ def by_task(tasks: Sequence[str], scores: Sequence[float]) -> tuple[dict[str, np
 
 def candidate_scores(ensemble, candidates: Sequence, encoder, score: str = "vfd", samples: int | None = None,
                      seed: int = 0, batch: int = 256) -> np.ndarray:
-    """Each candidate demonstration's uncertainty at its initial observation (PAPERS.md §2 step 1): what
+    """Each candidate demonstration's uncertainty at its initial observation (SAVE's step 1): what
     the policy thinks before the expert shows anything. candidates: Episodes (training/demos.py: task,
     instruction, observations with "state" and, for vision ensembles, "image"); encoder: the onboard
     InstructionEncoder (anything with `embed`). score: "vfd" (one-way, the ensemble's pair convention),
@@ -258,7 +260,7 @@ def concat_data(parts: Sequence[tuple]) -> tuple:
 
 def replay_groups(n_old: int, n_acquired: int) -> np.ndarray:
     """The group label of each example of old + acquired data: 0 old, 1 acquired. `train_ensemble` draws an
-    equal share of each group into every minibatch: half old, half acquired (PAPERS.md §2 step 5)."""
+    equal share of each group into every minibatch: half old, half acquired (SAVE's step 5)."""
     return np.concatenate([np.zeros(n_old, np.int64), np.ones(n_acquired, np.int64)])
 
 
