@@ -32,12 +32,14 @@ import numpy as np
 import zmq
 
 from vigil.runtime.auth import ClientKeys
-from vigil.wire.protocol import CONTROL_KINDS, ROBOT_KINDS, ArraySpec, Message, ProtocolError, decode, encode
-from vigil.wire.transport import send_frames
+from vigil.wire.protocol import CONTROL_KINDS, ROBOT_KINDS, ArraySpec, Layout, Message, ProtocolError, decode, encode
+from vigil.wire.transport import recv_frames, send_frames
 
 SEND_QUEUE = 32  # messages a DEALER holds while the runtime is unreachable; more are not sent (send() -> False)
 RECENT_OBS = 256  # observations whose send time is kept, to time replies that arrive after their deadline
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+_POLLIN = int(zmq.POLLIN)
+_zmq_poll = zmq.zmq_poll  # the compiled poll, without zmq.Poller's bookkeeping (one socket here)
 
 
 class LinkError(RuntimeError):
@@ -124,6 +126,8 @@ class RobotLink:
         self.link_lost = 0   # the runtime's link-loss acts: it heard nothing from us for link_timeout_s
         self.heartbeats = 0  # heartbeats sent by heartbeat_if_idle
         self.runtime_bye: str | None = None  # the runtime said it is stopping (its reason); cleared by hello
+        self._act_layout: Layout | None = None  # the `act` arrays of the policy we were introduced to
+        self._pollset: list = []
 
     def connect(self) -> None:
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -137,6 +141,7 @@ class RobotLink:
         self.sock.connect(self.endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
+        self._pollset = [(self.sock, _POLLIN)]
 
     def close(self) -> None:
         if self.sock is not None:
@@ -165,9 +170,13 @@ class RobotLink:
     def recv(self, timeout_s: float | None) -> Message | None:
         """Next message from the runtime, or None after `timeout_s`."""
         assert self.sock is not None, "connect() first"
-        if not self.poller.poll(None if timeout_s is None else max(0, int(timeout_s * 1000))):
+        if not _zmq_poll(self._pollset, -1 if timeout_s is None else max(0, int(timeout_s * 1000))):
             return None
-        return decode(self.sock.recv_multipart(copy=True), kinds=ROBOT_KINDS)
+        return self._read()
+
+    def _read(self) -> Message:
+        """Decode the message waiting (an `act` of the expected shape takes the precompiled path)."""
+        return decode(recv_frames(self.sock), kinds=ROBOT_KINDS, layout=self._act_layout)
 
     def request(self, msg: Message, timeout_s: float = 2.0) -> Message:
         """Send and wait for the reply with the same seq (anything else that arrives meanwhile is taken in
@@ -200,6 +209,7 @@ class RobotLink:
         m = reply.meta
         safe = np.asarray(m["manifest"]["safe_action"], np.float32)
         safe.setflags(write=False)  # handed to the robot as is, tick after tick
+        self._act_layout = Layout((ArraySpec("action", "float32", tuple(m["manifest"]["action"]["shape"])),))
         self.hello_reply = Hello(str(m["policy"]), m["manifest"], str(m["mode"]), float(m["deadline_ms"]),
                                  float(m["heartbeat_s"]), safe)
         self.runtime_bye = None
@@ -323,7 +333,7 @@ class RobotLink:
             if not self._poll(until):
                 break
             try:
-                msg = decode(self.sock.recv_multipart(copy=True), kinds=ROBOT_KINDS)
+                msg = self._read()
             except ProtocolError:  # a runtime would never send this; it cannot be ours
                 continue
             received = time.perf_counter()
@@ -371,17 +381,17 @@ class RobotLink:
         milliseconds, so the last fraction of one is slept)."""
         assert self.sock is not None
         while (ms := int((left := until - time.perf_counter()) * 1000)) > 0:
-            if self.poller.poll(ms):
+            if _zmq_poll(self._pollset, ms):
                 return True
         if left > 0:
             time.sleep(left)
-        return bool(self.poller.poll(0))
+        return bool(_zmq_poll(self._pollset, 0))
 
     def _drain(self) -> None:
         """Take in everything already waiting, without blocking."""
-        while self.sock is not None and self.poller.poll(0):
+        while self.sock is not None and _zmq_poll(self._pollset, 0):
             try:
-                msg = decode(self.sock.recv_multipart(copy=True), kinds=ROBOT_KINDS)
+                msg = self._read()
             except ProtocolError:
                 continue
             self._take_in(msg, time.perf_counter())

@@ -47,7 +47,7 @@ def test_every_miss_gets_one_cause(record, cause):
 
 def test_short_soak_writes_raw_results_and_the_report_renders_from_them(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--robots", "2", "--ticks", "400",
+    proc = subprocess.run([sys.executable, "-m", "bench.soak", "--robots", "2", "--ticks", "400",
                            "--curve-trips", "0", "--warmup-ticks", "50", "--bin-s", "1", "--no-progress",
                            "--raw-only", "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300,
