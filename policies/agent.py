@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from vigil.policies.bundle import Policy
+from vigil.policies.bundle import Plan, Policy
 from vigil.policies.chunks import ActionChunkQueue
 
 _clock = time.perf_counter
@@ -36,6 +36,7 @@ class Agent:
         self.inputs: dict[str, np.ndarray] = {}  # this robot's own graph inputs, e.g. its learnt `gain`
         self.instruction: str | None = None
         self.plans = 0
+        self._prefilled: float | None = None  # a batch-made plan's inference time, until its tick
 
     def _use(self, policy: Policy) -> None:
         self.policy = policy
@@ -68,6 +69,7 @@ class Agent:
         self.queue.clear()
         self._scores = {}
         self.plans = 0
+        self._prefilled = None
         self.episode = self.policy.episode_inputs(instruction)
         self.instruction = instruction
         if seed is not None:
@@ -77,17 +79,30 @@ class Agent:
         t0 = _clock()
         queue = self.queue
         replanned = queue.needs_plan()
+        infer_s = 0.0
         if replanned:
-            extra = self.policy.plan_inputs(self.rng) if self._plan_inputs else None
-            if extra or self.episode or self.inputs:
-                extra = {**self.episode, **self.inputs, **(extra or {})}
-            plan = self.policy.infer(obs, extra)
-            queue.push(plan.actions)
-            self._scores = plan.scores
-            self.plans += 1
+            self.planned(self.policy.infer(obs, self.plan_extra()))
+        elif self._prefilled is not None:  # planned together with other robots' (`planned`): this is its tick
+            replanned, infer_s, self._prefilled = True, self._prefilled, None
         raw = queue.pop()
         action, clipped = self._clip(raw)
-        return Step(action, raw, self._scores, replanned, _clock() - t0, self.plans, clipped)
+        return Step(action, raw, self._scores, replanned, _clock() - t0 + infer_s, self.plans, clipped)
+
+    def plan_extra(self) -> dict[str, np.ndarray] | None:
+        """The graph inputs besides the observation for the next plan: the episode's (instruction), this
+        robot's own (e.g. its gain) and fresh per-plan draws (noise, from this robot's generator)."""
+        extra = self.policy.plan_inputs(self.rng) if self._plan_inputs else None
+        if extra or self.episode or self.inputs:
+            extra = {**self.episode, **self.inputs, **(extra or {})}
+        return extra
+
+    def planned(self, plan: Plan, infer_s: float | None = None) -> None:
+        """Take a plan made for this robot's next observation. With `infer_s` (the plan was made in a batch with
+        other robots' before the tick), the next `act` uses it and reports that time as its inference."""
+        self.queue.push(plan.actions)
+        self._scores = plan.scores
+        self.plans += 1
+        self._prefilled = infer_s
 
     def _clip(self, raw: np.ndarray) -> tuple[np.ndarray, bool]:
         """The action within the manifest's bounds, and whether clipping changed it."""

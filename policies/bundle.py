@@ -81,6 +81,9 @@ class Policy:
                       for k, n in manifest.normalisation.items()}
         self._chunk_shape = (manifest.chunk_length, manifest.action.shape[0])
         self._run = _fast_run(self.session)
+        # graph inputs with a free leading (batch) axis: feeds of several robots can be stacked along it
+        self.batch_inputs = frozenset(i.name for i in self.session.get_inputs()
+                                      if i.shape and not isinstance(i.shape[0], int))
 
     def feed(self, obs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Graph inputs for one observation: normalised where the manifest says, with a batch axis of 1."""
@@ -114,6 +117,35 @@ class Policy:
             return Plan(actions, _NO_SCORES)
         scores = {name: float(np.asarray(v).reshape(-1)[0]) for name, v in zip(self._fetch[1:], outputs[1:])}
         return Plan(actions, scores)
+
+
+    def can_batch(self, feed: Mapping[str, np.ndarray]) -> bool:
+        """Whether this feed (one robot's, batch 1) can be stacked with others' into one call."""
+        return all(k in self.batch_inputs and v.shape[:1] == (1,) for k, v in feed.items())
+
+    def infer_batch(self, obs: list[Mapping[str, np.ndarray]],
+                    extras: list[Mapping[str, np.ndarray] | None]) -> list[Plan]:
+        """Several robots' plans in one onnxruntime call: their feeds stacked along the batch axis (each must
+        pass `can_batch`, with the same inputs). Plan i is robot i's, as `infer` would have made it."""
+        feeds = []
+        for o, extra in zip(obs, extras):
+            feed = self.feed(o)
+            if extra:
+                feed.update(extra)
+            feeds.append(feed)
+        self._check_batch(feeds)
+        keys = feeds[0].keys()
+        if any(f.keys() != keys or not self.can_batch(f) for f in feeds):
+            raise ValueError("feeds of a batch must have the same inputs, each with a batch axis of 1")
+        outputs = self._run(self._fetch, {k: np.concatenate([f[k] for f in feeds]) for k in keys}, None)
+        actions = np.asarray(outputs[0], dtype=np.float32).reshape((len(feeds), *self._chunk_shape))
+        scores = [np.asarray(v).reshape(len(feeds), -1)[:, 0].tolist() for v in outputs[1:]]
+        names = self._fetch[1:]
+        return [Plan(actions[i], {name: float(col[i]) for name, col in zip(names, scores)} if names else _NO_SCORES)
+                for i in range(len(feeds))]
+
+    def _check_batch(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        """Kind-specific checks of a batch's feeds (the flow ensemble needs an instruction in each)."""
 
 
 class LinearGainPolicy(Policy):
@@ -191,9 +223,17 @@ class FlowEnsemblePolicy(Policy):
 
     def infer(self, obs: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None = None) -> Plan:
         if not extra or self.instruction_input not in extra:
-            raise ProtocolError("no_instruction", "this policy is language-conditioned: send reset with an "
-                                "'instruction' before observations")
+            raise _no_instruction()
         return super().infer(obs, extra)
+
+    def _check_batch(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        if any(self.instruction_input not in f for f in feeds):
+            raise _no_instruction()
+
+
+def _no_instruction() -> ProtocolError:
+    return ProtocolError("no_instruction", "this policy is language-conditioned: send reset with an "
+                         "'instruction' before observations")
 
 
 POLICY_KINDS: dict[str, type[Policy]] = {"linear_gain": LinearGainPolicy, "gaussian": GaussianPolicy,

@@ -66,6 +66,9 @@ class ServeConfig:
         "help": "messages a robot may have waiting at the runtime when it declares no `pipeline` in hello; beyond "
                 "that its oldest waiting observation is dropped with an `overflow` error (robots are served in "
                 "turn, one message each per round)"})
+    batch_plans: int = field(default=1, metadata={
+        "help": "plan the waiting observations of up to this many robots in one onnxruntime call when the graph "
+                "takes a batch (1: each robot's tick plans alone, reproducible whatever the other robots do)"})
     stream_hwm: int = field(default=10_000, metadata={
         "help": "operator-stream messages queued per subscriber; beyond that a slow subscriber loses messages (it "
                 "sees the gap in alert ids and reads them back from the store)"})
@@ -98,6 +101,8 @@ class ServeConfig:
             raise bad("saturation_window", "an integer >= 1")
         if self.threads < 1:
             raise bad("threads", "an integer >= 1")
+        if not 1 <= self.batch_plans <= 256:
+            raise bad("batch_plans", "an integer 1..256")
         if not 1 <= self.pipeline <= 256:
             raise bad("pipeline", "an integer 1..256")
         if self.stream_hwm < 1:

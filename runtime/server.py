@@ -35,7 +35,7 @@ from vigil.runtime.inbox import HARD_LIMIT, Inbox, Queued
 from vigil.runtime.learning import GainWorker, LearnerHook
 from vigil.runtime.outbox import Outbox
 from vigil.runtime.requests import Requester, RequestHook, RequestStore
-from vigil.runtime.session import Session, act_reply, check_spec, standard_monitors
+from vigil.runtime.session import Session, act_reply, check_spec, plan_together, standard_monitors
 from vigil.runtime.store import AlertStore
 from vigil.runtime.stream import OperatorStream
 from vigil.runtime.telemetry import TelemetryHook
@@ -177,10 +177,20 @@ class Runtime:
         waiting (runtime/inbox.py). The loop calls this when the link is readable or the inbox is not empty;
         benchmarks call it directly to time the tick in process."""
         self._receive()
-        for item in self.inbox.round():
+        items = self.inbox.round()
+        if self.config.batch_plans > 1 and len(items) > 1:
+            self._plan_together(items)
+        for item in items:
             if self._woken:  # a worker finished (a gain, a bundle): adopt it before the next tick
                 self._on_wake()
             self._handle(item)
+
+    def _plan_together(self, items: list[Queued]) -> None:
+        """Several robots' observations in this round: plan them in one onnxruntime call (`--batch-plans`)."""
+        ready = [(s, q.msg.arrays) for q in items
+                 if q.msg.kind == "obs" and (s := self.by_identity.get(q.identity)) is not None]
+        if len(ready) > 1:
+            self.counters["planned_together"] += plan_together(ready, self.config.batch_plans)
 
     def _receive(self) -> None:
         """Decode what is waiting into the inbox (a malformed message is answered with an `error` at once)

@@ -180,6 +180,13 @@ class Session:
         """Require exactly the policy's observation arrays (ProtocolError naming what is wrong)."""
         check_arrays(_Obs(arrays), self.observation)
 
+    def wants_plan(self) -> bool:
+        """Whether this robot's next observation starts a new plan (an offered policy is taken first, as
+        `on_obs` would)."""
+        if self._offered is not None and self.agent.at_plan_boundary:
+            self._switch()
+        return self.agent.at_plan_boundary
+
     def link_lost(self, verdict: Verdict) -> Decision:
         """The decision sent when the link is declared lost: the safe action for the last observation."""
         return Decision(self.agent.safe_action, True, (verdict,), (verdict,), _NO_SCORES, 0, self.policy_id, None,
@@ -240,6 +247,38 @@ class _Obs(NamedTuple):
 
     arrays: Mapping[str, np.ndarray]
     kind: str = "obs"
+
+
+def plan_together(ready: Sequence[tuple[Session, Mapping[str, np.ndarray]]], max_batch: int) -> int:
+    """Make the plans of several robots whose observations are waiting in one onnxruntime call per policy
+    (at most `max_batch` robots each), where the graph takes a batch: a small network costs about the same
+    for a few rows as for one. Each robot's plan is its own (its observation, instruction, gain and noise
+    from its own generator); its tick then takes it instead of planning. A batch that cannot be made (inputs
+    without a batch axis, a policy that raises, a robot without an instruction) is left to the robots'
+    own ticks. Returns the number of robots planned together."""
+    groups: dict[int, list[tuple[Session, Mapping[str, np.ndarray]]]] = {}
+    for session, arrays in ready:
+        if session.wants_plan():
+            groups.setdefault(id(session.policy), []).append((session, arrays))
+    done = 0
+    for group in groups.values():
+        for i in range(0, len(group), max_batch):
+            chunk = group[i:i + max_batch]
+            if len(chunk) < 2:
+                continue
+            try:
+                for session, arrays in chunk:
+                    session.check(arrays)
+                t0 = _clock()
+                plans = chunk[0][0].policy.infer_batch([a for _, a in chunk],
+                                                       [s.agent.plan_extra() for s, _ in chunk])
+                infer_s = _clock() - t0
+            except Exception:  # noqa: BLE001 - each robot's own tick plans, and reports, as usual
+                continue
+            for (session, _), plan in zip(chunk, plans):
+                session.agent.planned(plan, infer_s)
+            done += len(chunk)
+    return done
 
 
 # -- the act reply ----------------------------------------------------------------------------------------

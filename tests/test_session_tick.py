@@ -121,3 +121,26 @@ def test_check_spec_returns_the_declared_arrays_or_refuses():
     with pytest.raises(ProtocolError) as err:
         check_spec({"observation": "state"}, manifest)
     assert err.value.code == "bad_spec"
+
+
+def test_plan_together_gives_each_robot_its_own_plan(lqr_bundle):
+    """Three robots' observations planned in one onnxruntime call: each gets -K x of its own state, and its
+    tick reports the plan as its own (a real linear_gain bundle; its graph takes a batch)."""
+    from conftest import assert_lqr_action, gain_of
+
+    from vigil.policies.bundle import load_policy
+    from vigil.runtime.session import plan_together
+
+    policy = load_policy(lqr_bundle)
+    spec = policy.manifest.observation[0]
+    sessions = [Session(f"r{i}", b"%d" % i, policy, standard_monitors(1.0, 3), LinkMonitor(0.5, time.monotonic()),
+                        {}, (spec,)) for i in range(3)]
+    states = [np.array([0.01 * i, -0.02, 0.03 * i], np.float32) for i in range(3)]
+    assert plan_together([(s, {"state": x}) for s, x in zip(sessions, states)], max_batch=8) == 3
+    K = gain_of(lqr_bundle)
+    for s, x in zip(sessions, states):
+        d = s.on_obs({"state": x}, 1, time.perf_counter())
+        assert_lqr_action(d.action, K, x)
+        assert d.plan == 1 and d.infer_s > 0
+    # a batch of one is not worth a call: left to the robot's own tick
+    assert plan_together([(sessions[0], {"state": states[0]})], max_batch=8) == 0
