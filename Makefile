@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: demo test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr \
+.PHONY: demo lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr \
 	bench-lqr-loop bench-rl bench-soak clean
 
 $(BIN)/python:
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: $(STAMP)
 	$(BIN)/vigil demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

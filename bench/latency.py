@@ -85,7 +85,8 @@ def role_make_bundles(out: str) -> None:
         manifest = json.loads((out_dir / name / "manifest.json").read_text())
         (graph_input,) = manifest["onnx"]["inputs"]
         info[name] = {"bundle": str(out_dir / name), "onnx": str(out_dir / name / manifest["onnx"]["file"]),
-                      "input": graph_input, "output": manifest["onnx"]["action"], "policy_id": manifest.get("policy_id", name),
+                      "input": graph_input, "output": manifest["onnx"]["action"],
+                      "policy_id": manifest.get("policy_id", name),
                       "obs_dim": manifest["observation"][0]["shape"][0], "act_dim": manifest["action"]["shape"][0]}
     print(json.dumps(info), flush=True)
 

@@ -240,7 +240,8 @@ POLICY_KINDS: dict[str, type[Policy]] = {"linear_gain": LinearGainPolicy, "gauss
                                          "flow_ensemble": FlowEnsemblePolicy}
 
 
-def load_policy(folder: str | Path, threads: int = 1, prefer_gpu: bool = True, previous: Policy | None = None) -> Policy:
+def load_policy(folder: str | Path, threads: int = 1, prefer_gpu: bool = True,
+                previous: Policy | None = None) -> Policy:
     """Read and verify a bundle folder and start its onnxruntime session. `previous`: the policy this one
     replaces (hot swap); parts that are byte-identical (the instruction encoder) are shared, not reloaded."""
     folder = Path(folder)

@@ -342,7 +342,8 @@ class LearnerSpec:
     def from_dict(cls, d: Any, n: int, m: int) -> LearnerSpec:
         """Validate a block for a policy with n states and m actions. Raises LearnerError naming the key."""
         if not isinstance(d, Mapping):
-            raise LearnerError(f"manifest key 'learner' must be a map {{kind, A0, B0, Q, R, lam, g1, g2, ...}}, got {d!r}")
+            raise LearnerError("manifest key 'learner' must be a map {kind, A0, B0, Q, R, lam, g1, g2, ...}, "
+                               f"got {d!r}")
         kind = d.get("kind")
         if kind not in LEARNER_KINDS:
             raise LearnerError(f"manifest key 'learner.kind' must be one of {LEARNER_KINDS}, got {kind!r}")
@@ -378,7 +379,8 @@ class LearnerSpec:
         try:
             spec.learner()
         except (ValueError, np.linalg.LinAlgError) as exc:
-            raise LearnerError(f"manifest key 'learner': the prior (A0, B0) has no LQR gain under (Q, R): {exc}") from None
+            raise LearnerError(f"manifest key 'learner': the prior (A0, B0) has no LQR gain under (Q, R): "
+                               f"{exc}") from None
         return spec
 
     def to_dict(self) -> dict[str, Any]:

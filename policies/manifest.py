@@ -129,7 +129,8 @@ class Manifest:
         shapes = {s.name: s.shape for s in observation}
         for key, n in (d.get("normalisation") or {}).items():
             if key not in names:
-                raise ManifestError(f"manifest key 'normalisation.{key}' must name an observation array ({sorted(names)})")
+                raise ManifestError(f"manifest key 'normalisation.{key}' must name an observation array "
+                                    f"({sorted(names)})")
             size = shapes[key][-1] if shapes[key] else 1
             for part in ("mean", "std"):
                 v = n.get(part) if isinstance(n, dict) else None

@@ -141,7 +141,8 @@ class RequestRecord:
     def to_json(self) -> dict[str, Any]:
         """Everything but the arrays (their names, dtypes and shapes instead), for `vigil requests --json`."""
         return {**self.to_meta(), "robot": self.robot, "t_ns": self.t_ns, "state": self.state(),
-                "observation": {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in self.observation.items()},
+                "observation": {k: {"dtype": str(v.dtype), "shape": list(v.shape)}
+                                for k, v in self.observation.items()},
                 "claimed_by": self.claimed_by, "claimed_t_ns": self.claimed_t_ns,
                 "lease_until_ns": self.lease_until_ns, "attempts": self.attempts, "resolved_by": self.resolved_by,
                 "resolved_t_ns": self.resolved_t_ns, "dataset": self.dataset, "demo": self.demo,

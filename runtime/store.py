@@ -84,7 +84,8 @@ class AlertStore:
     def since(self, after_id: int = 0, limit: int = 10_000) -> list[AlertRecord]:
         """Alerts with id > after_id, oldest first."""
         rows = self.db.execute(
-            "SELECT id, t_ns, robot, severity, monitor, reason, vals, count FROM alerts WHERE id > ? ORDER BY id LIMIT ?",
+            "SELECT id, t_ns, robot, severity, monitor, reason, vals, count FROM alerts WHERE id > ? "
+            "ORDER BY id LIMIT ?",
             (after_id, limit)).fetchall()
         return [AlertRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7]) for r in rows]
 

@@ -88,7 +88,8 @@ class GymEnv(Environment):
             raise ValueError(f"{env_id}: only Box observation and action spaces are supported")
         self.observation_spec = (ArraySpec("state", "float32", tuple(obs_space.shape)),)
         self.action_spec = ArraySpec("action", "float32", tuple(act_space.shape),
-                                     tuple(act_space.low.astype(float).ravel()), tuple(act_space.high.astype(float).ravel()))
+                                     tuple(act_space.low.astype(float).ravel()),
+                                     tuple(act_space.high.astype(float).ravel()))
         self.control_rate_hz = float(self.env.metadata.get("render_fps") or 50)
 
     def reset(self, seed: int | None = None) -> Mapping[str, np.ndarray]:

@@ -23,7 +23,8 @@ class Faults:
 
     def __post_init__(self) -> None:
         if self.obs_noise < 0 or not 0 <= self.drop <= 1 or self.delay_ms < 0 or self.disconnect_s < 0:
-            raise ValueError(f"invalid faults {self}: need obs_noise >= 0, 0 <= drop <= 1, delay_ms >= 0, disconnect_s >= 0")
+            raise ValueError(f"invalid faults {self}: need obs_noise >= 0, 0 <= drop <= 1, delay_ms >= 0, "
+                             "disconnect_s >= 0")
 
     def active(self, step: int) -> bool:
         return self.start <= step < self.stop

@@ -53,7 +53,7 @@ if platform.system() == "Linux":
 import numpy as np
 
 from vigil.sim.envs import Environment, StepResult
-from vigil.sim.shifts import Shift, shift_positions
+from vigil.sim.shifts import NO_SHIFT, Shift, shift_positions
 from vigil.wire.protocol import ArraySpec
 
 MT10_TASKS: tuple[str, ...] = (
@@ -206,7 +206,7 @@ class MetaWorldEnv(Environment):
     """One Meta-World task, seen as a robot sees it (see the module docstring)."""
 
     def __init__(self, task: str, camera: bool = False, image_size: int = 64, max_steps: int = 500,
-                 hold_steps: int = 10, shift: Shift = Shift()):
+                 hold_steps: int = 10, shift: Shift = NO_SHIFT):
         if task not in ALL_INSTRUCTIONS:
             raise ValueError(f"unknown Meta-World task {task!r}; known: {', '.join(sorted(ALL_INSTRUCTIONS))}")
         if max_steps < 1 or hold_steps < 0 or image_size < 1:
@@ -265,7 +265,8 @@ class MetaWorldEnv(Environment):
     def step(self, action: np.ndarray) -> StepResult:
         a = np.asarray(action, np.float32).reshape(ACTION_DIM)
         if self.t >= self.max_steps:
-            raise RuntimeError(f"{self.task}: step after the episode was truncated at {self.max_steps} steps; reset first")
+            raise RuntimeError(f"{self.task}: step after the episode was truncated at {self.max_steps} steps; "
+                               "reset first")
         obs, reward, _, _, info = self.env.step(a)
         self.t += 1
         success = float(info.get("success", 0.0))

@@ -50,6 +50,9 @@ class Shift:
         return ", ".join(parts) or "none"
 
 
+NO_SHIFT = Shift()  # the world as trained
+
+
 def shift_positions(rand_vec: np.ndarray, low: np.ndarray, high: np.ndarray, amount: float) -> np.ndarray:
     """The variant vector with its position blocks moved `amount` x (range width) past the nearer boundary
     (see the module docstring). rand_vec, low, high: (3k,) of k xyz blocks. Unchanged if amount is 0 or no

@@ -263,7 +263,8 @@ def test_training_on_synthetic_multitask_data(one_torch_thread):
     idx = torch.arange(0, len(obs), 8)  # 96 training inputs, 32 per task
     B, N = len(idx), cfg.vfd_samples
     o_id, i_id = obs[idx], instr[idx]
-    mse = (sample(ens, o_id, i_id, torch.randn(B, cfg.horizon, cfg.action_dim, generator=g)) - chunks[idx]).square().mean()
+    noise = torch.randn(B, cfg.horizon, cfg.action_dim, generator=g)
+    mse = (sample(ens, o_id, i_id, noise) - chunks[idx]).square().mean()
     assert mse < 0.25 * chunks.var()
 
     z = torch.randn(N, B, cfg.horizon, cfg.action_dim, generator=g)

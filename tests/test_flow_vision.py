@@ -290,7 +290,7 @@ def test_manifest_and_agent(bundle):
     agent = Agent(policy)
     agent.reset(instruction=INSTRUCTION, seed=0)
     obs, _ = observation(1)
-    for t in range(3):
+    for _ in range(3):
         step = agent.act({"state": obs["state"][0].numpy(), "image": obs["image"][0].numpy()})
         assert step.action.shape == (4,) and np.isfinite(step.scores["vfd"]) and step.scores["vfd"] > 0
 

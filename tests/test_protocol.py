@@ -461,7 +461,8 @@ def test_replies_carry_the_whole_envelope(live):
         spec = {"observation": [s.to_dict() for s in obs_spec], "action": act_spec.to_dict()}
         requests = [Message("hello", "envelope-bot", 1, 0, {}, {"spec": spec}),
                     Message("reset", "envelope-bot", 2), Message("obs", "envelope-bot", 3, 0, {"state": GOOD_STATE}),
-                    Message("heartbeat", "envelope-bot", 4), Message("obs", "envelope-bot", 5, 0, {"state": -GOOD_STATE}),
+                    Message("heartbeat", "envelope-bot", 4),
+                    Message("obs", "envelope-bot", 5, 0, {"state": -GOOD_STATE}),
                     Message("bye", "envelope-bot", 6)]
         kinds = []
         for req in requests:

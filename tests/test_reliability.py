@@ -118,7 +118,7 @@ def test_runtime_killed_and_restarted_while_robots_keep_trying(tmp_path, unsure_
         before_kill = {k: set(v) for k, v in seen.items()}
         time.sleep(1.0)  # the robots are on their own for a while
         second = start_serve(tmp_path / "second", unsure_pitch, **flags)
-        for summary, proc in robots:
+        for _summary, proc in robots:
             assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
         published_ids(sub, seen, 200)
         counters = second.stop()

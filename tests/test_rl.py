@@ -137,7 +137,7 @@ def test_rollout_sees_the_final_observation_of_a_truncated_episode():
     envs = gym.vector.SyncVectorEnv([lambda: gym.make("InvertedPendulum-v5", max_episode_steps=3)] * 2,
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     obs, _ = envs.reset(seed=0)
-    for step in range(3):
+    for _ in range(3):
         prev = obs
         obs, _, term, trunc, info = envs.step(np.zeros((2, 1), np.float32))
     assert trunc.all() and not term.any()

@@ -152,7 +152,8 @@ class DemoWriter:
             success=episode.succeeded, success_step=episode.success_step, source=episode.source,
             file=f"episodes/{episode.task}/{episode_id}.npz",
             created=datetime.now(UTC).isoformat(timespec="milliseconds"),
-            observations={k: {"dtype": str(v.dtype), "shape": list(v.shape[1:])} for k, v in episode.observations.items()},
+            observations={k: {"dtype": str(v.dtype), "shape": list(v.shape[1:])}
+                          for k, v in episode.observations.items()},
             meta=dict(episode.meta))
         line = json.dumps(info.to_json(), separators=(",", ":"))
         arrays = {f"obs_{k}": np.ascontiguousarray(v) for k, v in episode.observations.items()}

@@ -57,7 +57,7 @@ STATE, IMAGE = "state", "image"  # observation names (sim/metaworld_env.py, trai
 IMAGE_CONVS = ((8, 4), (4, 2))
 MIN_IMAGE_SIZE = 20  # the smallest square image both convolutions fit on (gives a 1 x 1 map)
 
-Observation = Union[Tensor, np.ndarray, Mapping[str, Tensor | np.ndarray]]
+Observation = Union[Tensor, np.ndarray, Mapping[str, Tensor | np.ndarray]]  # noqa: UP007 (a runtime alias)
 
 
 @dataclass(frozen=True)

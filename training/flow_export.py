@@ -158,7 +158,8 @@ def export_onnx(ensemble: Ensemble, cfg: FlowConfig) -> bytes:
         torch.onnx.export(module, example, buf, input_names=names,
                           output_names=["action", "vfd"], opset_version=OPSET, dynamo=False,
                           do_constant_folding=True,
-                          dynamic_axes={**{k: {0: "batch"} for k in names}, "action": {0: "batch"}, "vfd": {0: "batch"}})
+                          dynamic_axes={**{k: {0: "batch"} for k in names}, "action": {0: "batch"},
+                                        "vfd": {0: "batch"}})
     return buf.getvalue()
 
 
@@ -179,7 +180,8 @@ def export_flow_ensemble(folder: str | Path, ensemble: Ensemble, cfg: FlowConfig
     """
     for f in _STRUCTURE:
         if getattr(cfg, f) != getattr(ensemble.cfg, f):
-            raise ValueError(f"cfg.{f} = {getattr(cfg, f)!r} but the ensemble was built with {getattr(ensemble.cfg, f)!r}")
+            raise ValueError(f"cfg.{f} = {getattr(cfg, f)!r} but the ensemble was built with "
+                             f"{getattr(ensemble.cfg, f)!r}")
     H, m = cfg.horizon, cfg.action_dim
     if len(action_low) != m or len(action_high) != m:
         raise ValueError(f"action_low/high must have {m} numbers each, got {len(action_low)} and {len(action_high)}")

@@ -349,7 +349,8 @@ def run(config: str | Path | FlowConfig, demos_dir: str | Path, out_dir: str | P
     per_task: dict[str, dict] = {}
     obs, instr, chunks = dataset_tensors(demos, cfg, encoder, tasks, stats=per_task)
     n_steps = len(chunks)
-    log(f"data: {n_steps} steps{' (with camera images)' if cfg.vision else ''} from {sum(s['episodes'] for s in per_task.values())} successful episodes of "
+    episodes = sum(s["episodes"] for s in per_task.values())
+    log(f"data: {n_steps} steps{' (with camera images)' if cfg.vision else ''} from {episodes} successful episodes of "
         f"{len(per_task)} task(s) in {demos.folder}")
     provenance = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
