@@ -416,6 +416,16 @@ def test_s1_a_message_failing_validation_is_answered_as_soon_as_it_is_read(main)
     assert code(replies[0]) == "not_finite"
 
 
+@pytest.mark.parametrize("header", [b"\xc1garbage", b"", pack({"v": 1, "kind": "obs", "seq": 7})[:-3]],
+                         ids=["garbage", "empty", "truncated"])
+def test_s1_an_unreadable_header_is_answered_with_seq_0(main, header):
+    """"An error for a header that is not even valid msgpack carries seq 0"."""
+    r = main.robot()
+    r.send_raw([header])
+    reply = r.recv()
+    assert code(reply) == "bad_header" and reply.seq == 0
+
+
 def test_s1_a_connection_that_reuses_a_connected_routing_id_gets_no_reply_at_all(main):
     """"a connection that sets the routing id of a peer already connected is ignored inside libzmq: its messages
     never reach the runtime, it gets no reply at all (not even an error), for as long as that connection lasts,
@@ -688,6 +698,23 @@ def test_s5_1_the_default_depth_is_the_runtimes_pipeline(main, realtime):
     replies = [r.recv() for _ in seqs]
     assert [m.seq for m in replies if code(m) == "overflow"] == seqs[:2]
     assert [m.seq for m in replies if m.kind == "act"] == seqs[2:]
+
+
+def test_s5_1_the_default_depth_applies_without_a_session_and_before_the_hello_is_handled(main):
+    """The default depth "also applies to connections without a session and to messages read before the hello is
+    handled"."""
+    stranger = main.robot()
+    with main.frozen():
+        seqs = [stranger.send("obs", {"state": X}) for _ in range(10)]
+    replies = [stranger.recv() for _ in seqs]
+    assert [m.seq for m in replies if code(m) == "overflow"] == seqs[:2]
+    assert [m.seq for m in replies if code(m) == "no_session"] == seqs[2:]
+    early = main.robot("s5-early")
+    with main.frozen():  # read in one go with its hello: queued under the default depth of 8, not under 2
+        hello = early.send("hello", spec=SPEC, pipeline=2)
+        seqs = [early.send("obs", {"state": X}) for _ in range(5)]
+    replies = [early.recv() for _ in range(6)]
+    assert [(m.kind, m.seq) for m in replies] == [("hello", hello)] + [("act", s) for s in seqs]
 
 
 def test_s5_1_other_kinds_are_never_pushed_out(main):
@@ -979,6 +1006,18 @@ def test_s7_6_a_robots_error_report_gets_no_reply(main):
     assert code(main.robot("s7-6-stranger").ask("error", code="x", message="y")) == "no_session"
 
 
+def test_s7_6_a_robots_report_becomes_a_warn_alert_truncated_to_500_characters(main):
+    """A robot's report "becomes a warn alert from monitor robot (robot reported <code>: <message>, truncated to 500
+    characters)"."""
+    since = main.mark()
+    r = main.robot("s7-6-long", hello=True)
+    r.send("error", code="log_full", message="x" * 1000)
+    alert = main.find(lambda t, m: m.kind == "alert" and m.robot == "s7-6-long", since)
+    assert (alert.meta["monitor"], alert.meta["severity"]) == ("robot", "warn")
+    reason = alert.meta["reason"]
+    assert reason.startswith("robot reported log_full: xxx") and len(reason) == 500
+
+
 def test_s7_7_bye_reply_robot_id_and_a_fresh_session_after(main):
     """bye "ends the session of its connection ... answers kind: bye with the same seq (also when there was no
     session, and then ends nothing)", with the robot id rule of heartbeat; "A later hello starts a fresh session"."""
@@ -1080,6 +1119,20 @@ def test_s9_4_a_robot_that_says_its_clock_is_not_synced_is_dated_on_receipt(main
     assert reply.meta["safe"] is False and reply.meta["queue_us"] < 5e6
 
 
+def test_s9_4_messages_read_before_the_hello_is_handled_use_the_default(realtime):
+    """"Messages read before the connection's hello was handled (in the same batch) are dated with the runtime's
+    default for clock_synced" (false on this runtime's non-local endpoint), afterwards with the declared one."""
+    r = realtime.robot("s9-4-early")
+    with realtime.frozen():
+        r.send("hello", spec=SPEC, clock_synced=True)
+        early = r.send("obs", {"state": X}, t_ns=time.time_ns() - 8 * 10**9)
+    assert r.recv().meta["clock_synced"] is True
+    reply = r.reply_to(early)
+    assert reply.meta["safe"] is False and reply.meta["queue_us"] < 5e6  # dated when read
+    late = old_obs(r, 8.0)
+    assert late.meta["safe"] is True and late.meta["queue_us"] >= 7.9e6  # dated from its t_ns
+
+
 def test_s9_4_queueing_before_the_runtime_reads_counts_for_a_synced_clock(main):
     """With clocks synced, the time an observation waited before the runtime read it is in queue_us."""
     r = main.robot("s9-4-waited", hello=True)
@@ -1108,10 +1161,12 @@ def test_s10_link_loss_act(timers):
     """The link-loss act: `robot` the robot id, the safe action, safe, a link stop verdict, seq of the last
     observation acted on, "no infer_us, queue_us or decide_us", and the whole envelope."""
     r = timers.robot("s10-silent", hello=True)
+    t_sent = time.monotonic()  # the runtime heard from us after this
     acted = r.act()
     assert acted.kind == "act" and acted.meta["safe"] is False
     raw = r.recv_raw()
     assert raw is not None
+    assert 0.4 < time.monotonic() - t_sent < 0.4 + 5.0  # after the link timeout (the upper bound: a busy machine)
     header = msgpack.unpackb(raw[0], raw=False)
     assert ENVELOPE <= set(header) and header["kind"] == "act" and header["robot"] == "s10-silent"
     assert header["seq"] == acted.seq and header["safe"] is True
