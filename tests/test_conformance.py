@@ -986,7 +986,8 @@ def test_s7_4_reset_answers_the_runtimes_episode_count(main):
 
 def test_s7_5_heartbeat_reply_robot_id(main):
     """"The reply's robot is the session's robot id; from a connection without a session, the robot the heartbeat
-    carried, unless that names a robot that has a session (another connection's): then \"\"."""
+    carried, unless that names a robot that has a session (another connection's): then \"\"" (and the two answers
+    differ, as the document says: a stranger learns whether a guessed id is connected)."""
     owner = main.robot("s7-5-owner", hello=True)
     assert owner.ask("heartbeat", robot="someone").robot == "s7-5-owner"
     stranger = main.robot()
