@@ -31,20 +31,24 @@ Statements already checked by other modules are not repeated here:
 - §6 no handler answers `internal`, whatever it is sent: test_fuzz.py (every handler, mutated messages, 10^5
   messages in the slow test). `internal` itself needs a runtime bug: no conforming test can provoke it
 - §7.1 the hello reply carries the manifest and policy id: test_session.py::test_hello_reply_carries_the_manifest;
-  refusals (shape, dtype, name, extra array, action shape): test_session.py::test_hello_refused_when_spec_...;
+  refusals (shape, dtype, name, extra array, action shape):
+  test_session.py::test_hello_refused_when_spec_does_not_match_bundle;
   a second connection with the same robot id takes the session over:
   test_session.py::test_same_robot_id_on_a_second_socket_takes_the_session_over; a new socket resumes the
   session (reconnect counted, link_restored): test_session.py::test_reconnect_with_new_socket_resumes_session;
-  the action dtype is not compared, actions are float32: test_session.py::test_action_dtype_is_not_compared_...;
-  after a runtime restart the driver resumes on no_session: test_client.py::test_step_resumes_the_session_...,
+  the action dtype is not compared, actions are float32:
+  test_session.py::test_action_dtype_is_not_compared_and_actions_are_float32; after a runtime restart the
+  driver resumes on no_session: test_client.py::test_step_resumes_the_session_after_the_runtime_restarts,
   test_reliability.py::test_runtime_killed_and_restarted_while_robots_keep_trying
 - §7.3 scores and plan of scored (chunked) policies: test_swap.py, test_session_tick.py; clipping to the
-  manifest's bounds and one action per act from a chunk: test_faults.py::test_chunked_policy_clipping_and_...
+  manifest's bounds and one action per act from a chunk:
+  test_faults.py::test_chunked_policy_clipping_and_saturation_through_the_runtime
 - §7.4 reset numbers episodes: test_session.py::test_reset_and_heartbeat_replies; `no_instruction` for a
   language-conditioned policy: test_flow_export.py; `sim` recipes in data requests: test_requests.py
 - §7.6 a robot's error report becomes a `warn` alert from monitor `robot`:
   test_session.py::test_robot_reported_error_becomes_alert
-- §7.7 bye ends the session (disconnected event, no link alert): test_faults.py::test_bye_ends_the_session_...;
+- §7.7 bye ends the session (disconnected event, no link alert):
+  test_faults.py::test_bye_ends_the_session_without_link_alert;
   the runtime's own bye when it stops: test_session.py::test_runtime_says_bye_when_it_stops
 - §8 rejections bump errors / error.<code> and raise a `protocol` alert: test_protocol.py::test_error_counters_on_exit
 - §9.2 realtime acts on the freshest of one read, other kinds never discarded:
@@ -54,7 +58,13 @@ Statements already checked by other modules are not repeated here:
   test_faults.py::test_default_deadline_is_one_control_period
 - §10 link loss: the unsolicited safe act and one `stop` alert per outage, a second outage is a new loss, traffic
   ends it: test_faults.py::test_link_loss_sends_safe_action_and_alerts, ::test_link_loss_before_first_observation;
-  heartbeats, resets and rejected messages count as traffic: test_faults.py::test_any_traffic_keeps_the_link_alive
+  heartbeats, resets and rejected messages count as traffic: test_faults.py::test_any_traffic_keeps_the_link_alive;
+  a robot's heartbeats keep an idle link (reference driver):
+  test_client.py::test_heartbeats_keep_an_idle_link_alive_and_a_silent_one_gets_the_link_loss_act
+- §10 the check interval, min(50 ms, link_timeout_s / 4), and "timers run between rounds" (§5.1) describe the loop;
+  the tests bound link loss from both sides (after link_timeout_s, well before a busy machine's 5 s), no closer
+- §7.1 "two robots must never use the same id", "use one connection per robot id", §4 the C++ notes and §11 are
+  requirements on drivers, not on the runtime: the driver author's kit is tested against them (test_s11_...)
 - §12 operator stream (alerts stored before published, ids, deduplication, data requests, swap): test_alerts.py,
   test_store.py, test_requests.py, test_reliability.py, test_swap.py, test_client.py; §12.1 control channel:
   test_fuzz.py::test_control_channel_*, test_client.py::test_control_link_swaps_and_reports_a_refusal
