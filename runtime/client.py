@@ -64,6 +64,10 @@ class Hello:
     deadline_ms: float
     heartbeat_s: float
     safe_action: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    link_timeout_s: float = 0.0
+    pipeline: int = 0  # messages we may have waiting at the runtime (0: a runtime that does not say)
+    clock_synced: bool = False  # the runtime dates our observations from our t_ns
+    session_expiry_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,8 @@ class RobotLink:
 
     def hello(self, observation: tuple[ArraySpec, ...], action: ArraySpec, timeout_s: float = 5.0,
               **info: Any) -> Hello:
-        """Connect (if needed) and introduce the robot; raises LinkError if the runtime refuses."""
+        """Connect (if needed) and introduce the robot; raises LinkError if the runtime refuses. `info` goes into
+        the hello as it is: e.g. `env`, and the protocol's `pipeline` and `clock_synced` (docs/protocol.md §7.1)."""
         if self.sock is None:
             self.connect()
         self._spec = {"observation": [s.to_dict() for s in observation], "action": action.to_dict()}
@@ -211,7 +216,9 @@ class RobotLink:
         safe.setflags(write=False)  # handed to the robot as is, tick after tick
         self._act_layout = Layout((ArraySpec("action", "float32", tuple(m["manifest"]["action"]["shape"])),))
         self.hello_reply = Hello(str(m["policy"]), m["manifest"], str(m["mode"]), float(m["deadline_ms"]),
-                                 float(m["heartbeat_s"]), safe)
+                                 float(m["heartbeat_s"]), safe, float(m.get("link_timeout_s", 0.0)),
+                                 int(m.get("pipeline", 0)), bool(m.get("clock_synced", False)),
+                                 float(m.get("session_expiry_s", 0.0)))
         self.runtime_bye = None
         return self.hello_reply
 

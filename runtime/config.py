@@ -42,7 +42,8 @@ class ServeConfig:
         "help": "lockstep: answer every observation in order; realtime: act on the freshest, drop stale ones",
         "choices": MODES})
     deadline_ms: float = field(default=0.0, metadata={
-        "help": "longest receipt-to-decision time before the safe action is sent instead; 0 = one control period"})
+        "help": "longest time from an observation's arrival (queueing included) to its decision before the safe "
+                "action is sent instead; 0 = one control period"})
     link_timeout_s: float = field(default=0.5, metadata={
         "help": "silence from a robot longer than this is link loss: safe action and an alert"})
     session_expiry_s: float = field(default=300.0, metadata={

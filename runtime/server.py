@@ -257,6 +257,9 @@ class Runtime:
             raise ProtocolError("bad_header", f"hello key 'pipeline' must be an integer 1..{HARD_LIMIT}")
         if type(synced) is not bool:
             raise ProtocolError("bad_header", "hello key 'clock_synced' must be a bool")
+        previous = self.by_identity.get(identity)
+        if previous is not None and previous.robot != robot:  # one connection, one robot: the first one leaves
+            self._forget(previous, "disconnected")
         session = self.sessions.get(robot)
         resumed = session is not None
         if session is not None:  # the robot reconnected: same policy state, new socket
@@ -302,12 +305,11 @@ class Runtime:
             self._forget(session, "disconnected")
         self._send(identity, encode(Message("bye", robot, msg.seq)))
 
-    def _robot_for(self, session: Session | None, msg: Message) -> str:
-        """The robot id a reply carries: the session's; for a connection without one, what it sent, unless that
-        names a connected robot (another connection's: never echoed)."""
-        if session is not None:
-            return session.robot
-        return "" if msg.robot in self.sessions else msg.robot
+    @staticmethod
+    def _robot_for(session: Session | None, msg: Message) -> str:
+        """The robot id a reply carries: the session's; none for a connection without one, which is never told a
+        robot id (not even whether the one it sent is connected)."""
+        return session.robot if session is not None else ""
 
     def _on_robot_error(self, identity: bytes, msg: Message, t_recv: float) -> None:
         """A robot reports a problem of its own: it becomes an operator alert."""

@@ -58,9 +58,12 @@ OBS_SPEC = pitch_specs()[0]
 GOOD_SPEC = {"observation": [s.to_dict() for s in pitch_specs()[0]], "action": pitch_specs()[1].to_dict()}
 SAFE_ACTION = np.zeros(1, np.float32)  # the pitch bundle's safe action
 # Which error codes each handler may answer a message that `decode` accepted with (besides its own reply kind).
-HANDLER_CODES = {"hello": {"bad_header", "bad_spec", "refused"}, "obs": {"no_session", "bad_shape", "bad_dtype"},
+# `overflow`: a flooding connection's oldest waiting obs is dropped past its pipeline depth (any kind past 256).
+HANDLER_CODES = {"hello": {"bad_header", "bad_spec", "refused"},
+                 "obs": {"no_session", "bad_shape", "bad_dtype", "overflow"},
                  "reset": {"no_session", "bad_header"}, "heartbeat": set(), "bye": set(), "act": {"bad_kind"},
                  "error": {"no_session"}}
+HANDLER_CODES = {kind: codes | {"overflow"} for kind, codes in HANDLER_CODES.items()}
 
 
 def runtime_flags() -> dict[str, Any]:
@@ -147,8 +150,8 @@ def check_reply(e: Expect, reply: Message, K: np.ndarray, session: bool | None =
         assert reply.robot == m.robot and isinstance(reply.meta["policy"], str), reply.meta
     elif m.kind == "reset":
         assert type(reply.meta["episode"]) is int and reply.meta["episode"] >= 1, reply.meta
-    elif m.kind in ("heartbeat", "bye"):  # a connection without a session is never told another robot's id
-        assert reply.robot == m.robot or (reply.robot == "" and session is not True), (m.robot, reply.robot)
+    elif m.kind in ("heartbeat", "bye"):  # the session's robot id; a connection without one is told none
+        assert reply.robot == "" if session is False else True, (m.robot, reply.robot)
 
 
 def fits(e: Expect, reply: Message, K: np.ndarray, session: bool | None) -> AssertionError | None:
@@ -234,7 +237,7 @@ class Dealer:
         while True:
             assert self.sock.poll(REPLY_TIMEOUT_MS), f"no answer to the sentinel within {REPLY_TIMEOUT_MS} ms"
             reply = read_reply(self.sock.recv_multipart())
-            if reply.kind == "heartbeat" and reply.robot == SENTINEL and reply.seq == seq:
+            if reply.kind == "heartbeat" and reply.seq == seq:  # (its robot id: the session's, or none)
                 return replies
             replies.append(reply)
 

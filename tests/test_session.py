@@ -65,7 +65,7 @@ def test_reset_and_heartbeat_replies(serve, lqr_bundle, links):
     stranger = links(served.robot_endpoint, "stranger", hello=False)
     seq = stranger.next_seq()
     reply = stranger.request(Message("heartbeat", "stranger", seq))
-    assert reply.kind == "heartbeat" and reply.seq == seq and reply.robot == "stranger"
+    assert reply.kind == "heartbeat" and reply.seq == seq and reply.robot == ""  # no session: no robot id
 
 
 def test_reconnect_with_new_socket_resumes_session(serve, lqr_bundle, links, subscriber):
