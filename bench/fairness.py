@@ -12,6 +12,8 @@ fresh runtime every round):
     none        no flooder
     flood       one flooder that declares no `pipeline` in hello (the runtime's default depth, 8)
     flood256    one flooder that declares `pipeline` 256, the maximum: its queue is never trimmed below that
+    flood-tmpfs the flooder, with the runtime's alert store on tmpfs (/dev/shm): the flood makes the runtime file
+                alerts (the flooder's `deadline` and `protocol` verdicts), each an fsync in the loop; here free
     flood-nice  the flooder at nice 19: the same flood, but its own CPU use no longer competes with the runtime
                 and the robots (as when the flooding robot runs on a computer of its own)
     hog         no flooder, but a process that burns a core: CPU contention alone, without the flood
@@ -26,10 +28,12 @@ start, not process starts. The first `--warmup-s` of each round are not counted 
 first telemetry message, 1 s after it starts, stalls it once for 10-40 ms on this machine); misses in them are
 reported apart.
 
-Measured per well-behaved robot: round trip (send to receipt, `perf_counter`) percentiles, ticks without a usable
-action by the deadline (`Reply.fallback`), `deadline` verdicts from the runtime, the `queue_us` and `decide_us`
-of its act replies; for the flooder: observations sent, acts and errors (`overflow`) received, its CPU; the
-runtime's counters (`served.stop()`: stale and overflow drops) and CPU; the machine's CPU.
+Measured per well-behaved robot: round trip (send to receipt of the observation's answer, `perf_counter`; late
+answers at their latency) percentiles, ticks without a usable action by the deadline (`Reply.fallback`),
+`deadline` verdicts from the runtime, the `queue_us` and `decide_us` of its answers, its CPU and its time waiting
+for one (schedstat); for the flooder: observations sent, acts and errors (`overflow`) received, its CPU; the
+runtime's counters (`served.stop()`: stale and overflow drops), CPU and time waiting for a CPU; the machine's
+CPU (steal and iowait included) and, from a probe thread, how long an fsync next to the alert store takes.
 
 Measurement and report are separate: raw results go to bench/out/fairness.json; the section between the
 `fairness` markers of BENCHMARKS.md and docs/figures/fairness.png are rendered from that file alone
@@ -46,6 +50,7 @@ import argparse
 import math
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,14 +88,18 @@ CONDITIONS: dict[str, dict[str, Any]] = {
     "none": {"extra": None, "old": False, "label": "without flooder"},
     "flood": {"extra": "flooder", "old": False, "pipeline": None, "label": "flooder, default pipeline"},
     "flood256": {"extra": "flooder", "old": False, "pipeline": 256, "label": "flooder, pipeline 256"},
+    "flood-tmpfs": {"extra": "flooder", "old": False, "pipeline": None, "store": "tmpfs",
+                    "label": "flooder, alert store on tmpfs"},
     "flood-nice": {"extra": "flooder-nice", "old": False, "pipeline": None, "label": "flooder at nice 19"},
     "hog": {"extra": "hog", "old": False, "label": "CPU hog, no flooder"},
     "old-none": {"extra": None, "old": True, "label": "old runtime, without flooder"},
     "old-flood": {"extra": "flooder", "old": True, "pipeline": None, "label": "old runtime, flooder"},
 }
 EXTRAS = ("flooder", "flooder-nice", "hog")
-DEFAULT_REALTIME = "none,flood,flood-nice,hog,old-none,old-flood"  # the depth never binds in realtime (docstring)
-DEFAULT_LOCKSTEP = "none,flood,flood256,flood-nice,old-none,old-flood"
+DEFAULT_REALTIME = "none,flood,flood-tmpfs,flood-nice,hog,old-none,old-flood"  # no flood256: see the docstring
+DEFAULT_LOCKSTEP = "none,flood,flood256,flood-tmpfs,flood-nice,old-none,old-flood"
+TMPFS = Path("/dev/shm")
+FSYNC_EVERY_S = 0.1  # the disk probe: one 4 KiB write + fsync next to the runtime's store this often
 
 
 def baseline(condition: str, present: Sequence[str]) -> str:
@@ -113,9 +122,53 @@ def proc_cpu_s(pid: int) -> float:
 
 def system_busy() -> tuple[float, float]:
     """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    vals = machine_jiffies()
     idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
     return float(sum(vals) - idle), float(sum(vals))
+
+
+def machine_jiffies() -> list[int]:
+    """user, nice, system, idle, iowait, irq, softirq, steal, ... of the whole machine (/proc/stat)."""
+    return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+
+
+def machine_shares(j0: list[int], j1: list[int]) -> dict[str, float]:
+    """What the machine's CPU time went to between two samples, in % of all of it (both cores)."""
+    d = [b - a for a, b in zip(j0, j1)]
+    total = max(1, sum(d))
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    return {n: 100 * d[i] / total for i, n in enumerate(names) if i < len(d)}
+
+
+class FsyncProbe:
+    """A thread that writes 4 KiB and fsyncs it in `folder` every FSYNC_EVERY_S: how long the disk under the
+    runtime's alert store (SQLite, synchronous=FULL: one fsync per alert, in the loop) takes to sync right now."""
+
+    def __init__(self, folder: Path):
+        import threading
+
+        self.path = folder / "fsync-probe"
+        self.ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fsync-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            block = b"\0" * 4096
+            while not self._stop.wait(FSYNC_EVERY_S):
+                os.write(fd, block)
+                t = time.perf_counter()
+                os.fsync(fd)
+                self.ms.append((time.perf_counter() - t) * 1e3)
+        finally:
+            os.close(fd)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return pct(self.ms)
 
 
 def loadavg() -> list[str]:
@@ -271,9 +324,11 @@ def run_robot(link, t0: float, spec: dict[str, Any]) -> dict[str, Any]:
         reply = link.step({"state": x.astype(np.float32)}, deadline_s)
         t_send[k], late[k] = sent - t0, sent - next_t
         index[reply.seq] = k
-        for lr in reply.late:  # an earlier tick's answer, after its deadline: how late it was
+        for lr in reply.late:  # an earlier tick's answer, after its deadline: how late it was, and why
             if lr.latency_s is not None and (j := index.get(lr.seq)) is not None and np.isnan(answer[j]):
                 answer[j] = lr.latency_s * 1e6
+                queue[j] = lr.message.meta.get("queue_us", np.nan)
+                decide[j] = lr.message.meta.get("decide_us", np.nan)
         if reply.latency_s is not None:
             answer[k] = reply.latency_s * 1e6
         meta = reply.meta
@@ -455,14 +510,29 @@ def expect(conn, proc, what: str, timeout_s: float):
 
 def one_round(fleet: Fleet, args: argparse.Namespace, bundle: Path, workdir: Path, mode: str, condition: str,
               rng: np.random.Generator, old_path: Path | None) -> dict[str, Any]:
+    """A fresh runtime, the robots (and the condition's extra process) on it for warm-up + duration, its counters."""
+    cond = CONDITIONS[condition]
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmpfs = cond.get("store") == "tmpfs"
+    store_dir = Path(tempfile.mkdtemp(prefix="fairness-store-", dir=TMPFS)) if tmpfs else workdir
+    probe = FsyncProbe(store_dir)
+    try:
+        return {**drive(fleet, args, bundle, workdir, store_dir, mode, condition, rng, old_path, probe),
+                "store_on": "tmpfs" if tmpfs else "disk"}
+    finally:
+        probe.stop()
+        if tmpfs:
+            shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def drive(fleet: Fleet, args: argparse.Namespace, bundle: Path, workdir: Path, store_dir: Path, mode: str,
+          condition: str, rng: np.random.Generator, old_path: Path | None, probe: FsyncProbe) -> dict[str, Any]:
     from vigil.runtime.launch import start_serve
 
     cond = CONDITIONS[condition]
-    env = {"OMP_NUM_THREADS": "1"}
-    if cond["old"]:
-        env["PYTHONPATH"] = str(old_path)
+    env = {"OMP_NUM_THREADS": "1", **({"PYTHONPATH": str(old_path)} if cond["old"] else {})}
     served = start_serve(bundle, workdir, env=env, mode=mode, deadline_ms=f"{args.deadline_ms:g}",
-                         log_level="WARNING")
+                         log_level="WARNING", store=str(store_dir / "alerts.db"))
     ep = served.robot_endpoint
     extra = cond["extra"]
     members = list(fleet.robots) + ([fleet.extra(extra)] if extra else [])
@@ -480,9 +550,11 @@ def one_round(fleet: Fleet, args: argparse.Namespace, bundle: Path, workdir: Pat
             conn.send(("go", t0))
         time.sleep(max(0.0, t0 - time.monotonic()))
         pid = served.proc.pid
-        cpu0, busy0, sched0 = proc_cpu_s(pid), system_busy(), process_schedstat(pid)
+        cpu0, busy0, sched0, jif0, n_sync = (proc_cpu_s(pid), system_busy(), process_schedstat(pid),
+                                             machine_jiffies(), len(probe.ms))
         time.sleep(max(0.0, t0 + args.warmup_s + args.duration_s - time.monotonic()))
-        cpu1, busy1, sched1 = proc_cpu_s(pid), system_busy(), process_schedstat(pid)
+        cpu1, busy1, sched1, jif1 = proc_cpu_s(pid), system_busy(), process_schedstat(pid), machine_jiffies()
+        fsync = pct(probe.ms[n_sync:])
         window = time.monotonic() - t0
         results = [expect(conn, p, "done", 30 + args.duration_s) for conn, p in members]
     except BaseException:
@@ -506,7 +578,8 @@ def one_round(fleet: Fleet, args: argparse.Namespace, bundle: Path, workdir: Pat
             "hog": other if extra == "hog" else None, "counters": counters,
             "runtime_cpu_s": cpu1 - cpu0, "window_s": window,
             "runtime_sched": {k: sched1[k] - sched0[k] for k in sched0},
-            "machine_busy_pct": 100 * (busy1[0] - busy0[0]) / max(1.0, busy1[1] - busy0[1]), "loadavg": loadavg()}
+            "machine_busy_pct": 100 * (busy1[0] - busy0[0]) / max(1.0, busy1[1] - busy0[1]),
+            "machine_shares": machine_shares(jif0, jif1), "fsync_ms": fsync, "loadavg": loadavg()}
 
 
 def schedule(args: argparse.Namespace) -> list[tuple[int, str, str]]:
@@ -595,7 +668,7 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "p99_per_round": [pct(np.concatenate([round_trips(r) for r in rd["robots"]]))["p99"] for rd in rounds],
         "p99_per_robot": [pct(np.concatenate([round_trips(r) for r in robots if r["robot"] == name]))["p99"]
                           for name in names],
-        "misses": int(((flags & MISS) > 0).sum()), "no_reply": int(((flags & NEVER) > 0).sum()),
+        "misses": int(((flags & MISS) > 0).sum()), "never": int((((flags & MISS) > 0) & (rtt == math.inf)).sum()),
         "deadline_verdicts": int(((flags & DEADLINE) > 0).sum()), "any_miss": int((flags > 0).sum()),
         "slips": sum(r["slips"] for r in robots), "warmup_misses": sum(r["warmup_misses"] for r in robots),
         "late_send_p99_max": max(arr([r["late_send_us"]["p99"] for r in robots], 0.0)),
@@ -606,6 +679,10 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "robots_wait_us_per_tick": 1e6 * sum(r["runqueue_wait_s"] for r in robots) / max(1, ticks_all),
         "robots_nivcsw_per_tick": sum(r["nivcsw"] for r in robots) / max(1, ticks_all),
         "machine_busy_pct": float(np.mean([rd["machine_busy_pct"] for rd in rounds])),
+        "steal_pct": float(np.mean([rd["machine_shares"].get("steal", 0.0) for rd in rounds])),
+        "iowait_pct": float(np.mean([rd["machine_shares"].get("iowait", 0.0) for rd in rounds])),
+        "fsync_p50_ms": float(np.median(arr([rd["fsync_ms"]["p50"] for rd in rounds]))),
+        "fsync_max_ms": float(np.max(arr([rd["fsync_ms"]["max"] for rd in rounds]))),
         "counters": {k: sum(int(rd["counters"].get(k, 0) or 0) for rd in rounds)
                      for k in ("received", "ticks", "stale_dropped", "overflow_dropped", "errors")},
         "cdf": rtt,
@@ -666,14 +743,16 @@ def verdict(mode: str, c: str, s: dict[str, Any], base: dict[str, Any]) -> str:
     ok = "**met**" if s["met"] else "**not met**"
     why = []
     if not s["within_noise"]:
-        why.append(f"p99 {num(s['excess_us'])} µs above the noise band, {num(s['ratio_p99'], '.2f')}x the p99 "
-                   "without")
+        why.append(f"p99 unbounded: {s['never'] / s['ticks']:.1%} of the ticks were never answered"
+                   if s["rtt_us"]["p99"] == math.inf else
+                   f"p99 {num(s['excess_us'])} µs above the noise band, {num(s['ratio_p99'], '.2f')}x the p99 without")
     if s["any_miss"]:
-        why.append(f"{s['any_miss']} missed ticks of {s['ticks']:,}")
+        why.append(f"{s['any_miss']} missed ticks, {s['any_miss'] / s['ticks']:.2%}, against "
+                   f"{base['any_miss'] / base['ticks']:.2%} without")
     return (f"- {mode}, {CONDITIONS[c]['label']}: well-behaved p99 {num(s['rtt_us']['p99'])} µs against "
             f"{num(base['rtt_us']['p99'])} µs without (noise band, the worst round without: "
-            f"{num(s['noise_band_us'])} µs); missed ticks {s['any_miss']} (without: {base['any_miss']}): target "
-            f"{ok}" + (f" ({'; '.join(why)})." if why else "."))
+            f"{num(s['noise_band_us'])} µs); missed ticks {s['any_miss']:,} of {s['ticks']:,} (without: "
+            f"{base['any_miss']:,} of {base['ticks']:,}): target {ok}" + (f" ({'; '.join(why)})." if why else "."))
 
 
 def table(summ: dict[str, dict[str, Any]]) -> list[str]:
@@ -691,8 +770,8 @@ def table(summ: dict[str, dict[str, Any]]) -> list[str]:
     row("p99 per robot, min–max (µs)", lambda s: f"{num(min(s['p99_per_robot']))}–{num(max(s['p99_per_robot']))}")
     row("**p99 / p99 without** (same runtime)", lambda s: f"**{num(s['ratio_p99'], '.2f')}**"
         if "ratio_p99" in s else "1")
-    row("no usable action by the deadline (robot) / of which no reply ever", lambda s: f"{s['misses']} / "
-        f"{s['no_reply']}")
+    row("no usable action by the deadline (robot) / of which never answered", lambda s: f"{s['misses']} / "
+        f"{s['never']}")
     row("`deadline` verdicts (runtime)", lambda s: str(s["deadline_verdicts"]))
     row("missed ticks in the warm-up (not counted above)", lambda s: str(s["warmup_misses"]))
     row("`queue_us` p50 / p99 / max", lambda s: " / ".join(num(s["queue_us"][k]) for k in ("p50", "p99", "max")))
@@ -701,8 +780,9 @@ def table(summ: dict[str, dict[str, Any]]) -> list[str]:
         f"{num(s['late_send_p99_max'])}; {s['slips']}")
     row("flooder: observations sent (per s)", lambda s: f"{s['flooder']['sent']:,} "
         f"({s['flooder']['sent_per_s']:,.0f})", "flooder")
-    row("flooder: acts / `overflow` errors / other errors", lambda s: f"{s['flooder']['acts']:,} / "
-        f"{s['flooder']['overflow']:,} / {s['flooder']['other_errors']:,}", "flooder")
+    row("flooder: acts (of which `deadline`) / `overflow` errors / other errors", lambda s:
+        f"{s['flooder']['acts']:,} ({s['flooder']['deadline_verdicts']:,}) / {s['flooder']['overflow']:,} / "
+        f"{s['flooder']['other_errors']:,}", "flooder")
     row("flooder: its acts' `queue_us`, median p50 / max (ms)", lambda s:
         f"{num(s['flooder']['queue_p50_us'] / 1e3, '.1f')} / {num(s['flooder']['queue_max_us'] / 1e3, '.1f')}",
         "flooder")
@@ -716,7 +796,10 @@ def table(summ: dict[str, dict[str, Any]]) -> list[str]:
     row("waiting for a CPU: runtime loop thread (% of the time); robots (µs per tick)", lambda s:
         f"{s['runtime_wait_pct']:.0f}%; {s['robots_wait_us_per_tick']:.0f}")
     row("robots: involuntary context switches per tick", lambda s: f"{s['robots_nivcsw_per_tick']:.2f}")
-    row("machine busy (both cores, everything on it)", lambda s: f"{s['machine_busy_pct']:.0f}%")
+    row("machine busy (both cores, everything on it); of which steal / iowait", lambda s:
+        f"{s['machine_busy_pct']:.0f}%; {s['steal_pct']:.1f}% / {s['iowait_pct']:.1f}%")
+    row("fsync of 4 KiB next to the alert store, median p50 / max (ms)", lambda s:
+        f"{num(s['fsync_p50_ms'], '.2f')} / {num(s['fsync_max_ms'], '.1f')}")
     return lines
 
 
@@ -814,7 +897,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--robots", type=int, default=4, help="well-behaved robots, one process each")
     p.add_argument("--rate", type=float, default=100.0, help="their control rate (Hz); also the bundle's")
     p.add_argument("--deadline-ms", type=float, default=10.0, help="the runtime's deadline and the robots' wait")
-    p.add_argument("--duration-s", type=float, default=5.0, help="measured seconds per round")
+    p.add_argument("--duration-s", type=float, default=4.0, help="measured seconds per round")
     p.add_argument("--warmup-s", type=float, default=1.2,
                    help="seconds per round before measuring: past the runtime's first telemetry message, 1 s after "
                         "its start, whose first np.percentile imports numpy.ma (a one-off stall of 10-40 ms)")
