@@ -13,7 +13,7 @@ fresh runtime every round):
     flood       one flooder that declares no `pipeline` in hello (the runtime's default depth, 8)
     flood256    one flooder that declares `pipeline` 256, the maximum: its queue is never trimmed below that
     flood-tmpfs the flooder, with the runtime's alert store on tmpfs (/dev/shm): the flood makes the runtime file
-                alerts (the flooder's `deadline` and `protocol` verdicts), each an fsync in the loop; here free
+                alerts (the flooder's and, once they miss, the robots' verdicts), each an fsync in its loop; here free
     flood-nice  the flooder at nice 19: the same flood, but its own CPU use no longer competes with the runtime
                 and the robots (as when the flooding robot runs on a computer of its own)
     hog         no flooder, but a process that burns a core: CPU contention alone, without the flood
@@ -33,7 +33,7 @@ answers at their latency) percentiles, ticks without a usable action by the dead
 `deadline` verdicts from the runtime, the `queue_us` and `decide_us` of its answers, its CPU and its time waiting
 for one (schedstat); for the flooder: observations sent, acts and errors (`overflow`) received, its CPU; the
 runtime's counters (`served.stop()`: stale and overflow drops), CPU and time waiting for a CPU; the machine's
-CPU (steal and iowait included) and, from a probe thread, how long an fsync next to the alert store takes.
+CPU (steal and iowait included), and the alerts the runtime filed (each a synchronous commit in its loop).
 
 Measurement and report are separate: raw results go to bench/out/fairness.json; the section between the
 `fairness` markers of BENCHMARKS.md and docs/figures/fairness.png are rendered from that file alone
@@ -99,7 +99,6 @@ EXTRAS = ("flooder", "flooder-nice", "hog")
 DEFAULT_REALTIME = "none,flood,flood-tmpfs,flood-nice,hog,old-none,old-flood"  # no flood256: see the docstring
 DEFAULT_LOCKSTEP = "none,flood,flood256,flood-tmpfs,flood-nice,old-none,old-flood"
 TMPFS = Path("/dev/shm")
-FSYNC_EVERY_S = 0.1  # the disk probe: one 4 KiB write + fsync next to the runtime's store this often
 
 
 def baseline(condition: str, present: Sequence[str]) -> str:
@@ -138,37 +137,6 @@ def machine_shares(j0: list[int], j1: list[int]) -> dict[str, float]:
     total = max(1, sum(d))
     names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
     return {n: 100 * d[i] / total for i, n in enumerate(names) if i < len(d)}
-
-
-class FsyncProbe:
-    """A thread that writes 4 KiB and fsyncs it in `folder` every FSYNC_EVERY_S: how long the disk under the
-    runtime's alert store (SQLite, synchronous=FULL: one fsync per alert, in the loop) takes to sync right now."""
-
-    def __init__(self, folder: Path):
-        import threading
-
-        self.path = folder / "fsync-probe"
-        self.ms: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fsync-probe", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            block = b"\0" * 4096
-            while not self._stop.wait(FSYNC_EVERY_S):
-                os.write(fd, block)
-                t = time.perf_counter()
-                os.fsync(fd)
-                self.ms.append((time.perf_counter() - t) * 1e3)
-        finally:
-            os.close(fd)
-
-    def stop(self) -> dict[str, float]:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        return pct(self.ms)
 
 
 def loadavg() -> list[str]:
@@ -515,18 +483,16 @@ def one_round(fleet: Fleet, args: argparse.Namespace, bundle: Path, workdir: Pat
     workdir.mkdir(parents=True, exist_ok=True)
     tmpfs = cond.get("store") == "tmpfs"
     store_dir = Path(tempfile.mkdtemp(prefix="fairness-store-", dir=TMPFS)) if tmpfs else workdir
-    probe = FsyncProbe(store_dir)
     try:
-        return {**drive(fleet, args, bundle, workdir, store_dir, mode, condition, rng, old_path, probe),
+        return {**drive(fleet, args, bundle, workdir, store_dir, mode, condition, rng, old_path),
                 "store_on": "tmpfs" if tmpfs else "disk"}
     finally:
-        probe.stop()
         if tmpfs:
             shutil.rmtree(store_dir, ignore_errors=True)
 
 
 def drive(fleet: Fleet, args: argparse.Namespace, bundle: Path, workdir: Path, store_dir: Path, mode: str,
-          condition: str, rng: np.random.Generator, old_path: Path | None, probe: FsyncProbe) -> dict[str, Any]:
+          condition: str, rng: np.random.Generator, old_path: Path | None) -> dict[str, Any]:
     from vigil.runtime.launch import start_serve
 
     cond = CONDITIONS[condition]
@@ -550,17 +516,16 @@ def drive(fleet: Fleet, args: argparse.Namespace, bundle: Path, workdir: Path, s
             conn.send(("go", t0))
         time.sleep(max(0.0, t0 - time.monotonic()))
         pid = served.proc.pid
-        cpu0, busy0, sched0, jif0, n_sync = (proc_cpu_s(pid), system_busy(), process_schedstat(pid),
-                                             machine_jiffies(), len(probe.ms))
+        cpu0, busy0, sched0, jif0 = proc_cpu_s(pid), system_busy(), process_schedstat(pid), machine_jiffies()
         time.sleep(max(0.0, t0 + args.warmup_s + args.duration_s - time.monotonic()))
         cpu1, busy1, sched1, jif1 = proc_cpu_s(pid), system_busy(), process_schedstat(pid), machine_jiffies()
-        fsync = pct(probe.ms[n_sync:])
         window = time.monotonic() - t0
         results = [expect(conn, p, "done", 30 + args.duration_s) for conn, p in members]
     except BaseException:
         served.kill()
         raise
     counters = served.stop()
+    alerts = filed_alerts(store_dir / "alerts.db")
     robots = []
     for i, r in enumerate(results[:len(fleet.robots)]):
         keep = r["t_send"] >= args.warmup_s
@@ -579,7 +544,23 @@ def drive(fleet: Fleet, args: argparse.Namespace, bundle: Path, workdir: Path, s
             "runtime_cpu_s": cpu1 - cpu0, "window_s": window,
             "runtime_sched": {k: sched1[k] - sched0[k] for k in sched0},
             "machine_busy_pct": 100 * (busy1[0] - busy0[0]) / max(1.0, busy1[1] - busy0[1]),
-            "machine_shares": machine_shares(jif0, jif1), "fsync_ms": fsync, "loadavg": loadavg()}
+            "machine_shares": machine_shares(jif0, jif1), "alerts": alerts, "loadavg": loadavg()}
+
+
+def filed_alerts(db: Path) -> dict[str, int]:
+    """Alerts the runtime filed in its store, by "robot/monitor": each was one synchronous commit (fsync) in
+    its loop (runtime/alerts.py, runtime/store.py)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = con.execute("SELECT robot, monitor, COUNT(*) FROM alerts GROUP BY robot, monitor").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        return {"error": str(exc)}  # type: ignore[dict-item]
+    return {f"{robot}/{monitor}": int(n) for robot, monitor, n in rows}
 
 
 def schedule(args: argparse.Namespace) -> list[tuple[int, str, str]]:
@@ -680,9 +661,12 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "robots_nivcsw_per_tick": sum(r["nivcsw"] for r in robots) / max(1, ticks_all),
         "machine_busy_pct": float(np.mean([rd["machine_busy_pct"] for rd in rounds])),
         "steal_pct": float(np.mean([rd["machine_shares"].get("steal", 0.0) for rd in rounds])),
+        "steal_max_pct": float(max(rd["machine_shares"].get("steal", 0.0) for rd in rounds)),
+        "alerts_flooder": sum(n for rd in rounds for k, n in rd["alerts"].items()
+                              if isinstance(n, int) and k.startswith("flooder")) / len(rounds),
+        "alerts_robots": sum(n for rd in rounds for k, n in rd["alerts"].items()
+                             if isinstance(n, int) and k.startswith("robot-")) / len(rounds),
         "iowait_pct": float(np.mean([rd["machine_shares"].get("iowait", 0.0) for rd in rounds])),
-        "fsync_p50_ms": float(np.median(arr([rd["fsync_ms"]["p50"] for rd in rounds]))),
-        "fsync_max_ms": float(np.max(arr([rd["fsync_ms"]["max"] for rd in rounds]))),
         "counters": {k: sum(int(rd["counters"].get(k, 0) or 0) for rd in rounds)
                      for k in ("received", "ticks", "stale_dropped", "overflow_dropped", "errors")},
         "cdf": rtt,
@@ -796,10 +780,10 @@ def table(summ: dict[str, dict[str, Any]]) -> list[str]:
     row("waiting for a CPU: runtime loop thread (% of the time); robots (µs per tick)", lambda s:
         f"{s['runtime_wait_pct']:.0f}%; {s['robots_wait_us_per_tick']:.0f}")
     row("robots: involuntary context switches per tick", lambda s: f"{s['robots_nivcsw_per_tick']:.2f}")
-    row("machine busy (both cores, everything on it); of which steal / iowait", lambda s:
-        f"{s['machine_busy_pct']:.0f}%; {s['steal_pct']:.1f}% / {s['iowait_pct']:.1f}%")
-    row("fsync of 4 KiB next to the alert store, median p50 / max (ms)", lambda s:
-        f"{num(s['fsync_p50_ms'], '.2f')} / {num(s['fsync_max_ms'], '.1f')}")
+    row("runtime: alerts filed per round, each an fsync in its loop: flooder's / robots'", lambda s:
+        f"{s['alerts_flooder']:.0f} / {s['alerts_robots']:.0f}")
+    row("machine busy (both cores, all on it); steal, mean (worst round); iowait", lambda s:
+        f"{s['machine_busy_pct']:.0f}%; {s['steal_pct']:.1f}% ({s['steal_max_pct']:.0f}%); {s['iowait_pct']:.1f}%")
     return lines
 
 

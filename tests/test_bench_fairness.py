@@ -1,4 +1,4 @@
-"""bench/fairness.py: a very short run (2 robots, the flooder, realtime and lockstep) goes end to end through a
+"""bench/fairness.py: a very short run (2 robots; realtime without, lockstep with the flooder) goes end to end through a
 real `vigil serve`, writes complete raw results, and the report and figure are rendered from the raw file alone.
 Timings are not judged."""
 
@@ -18,15 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_short_run_writes_raw_results_and_the_report_renders_from_them(tmp_path):
     raw_path = tmp_path / "fairness.json"
     proc = subprocess.run([sys.executable, "-m", "bench.fairness", "--robots", "2", "--duration-s", "0.8",
-                           "--warmup-s", "0.2", "--repeats", "1", "--realtime", "none,flood", "--lockstep", "flood",
+                           "--warmup-s", "0.2", "--repeats", "1", "--realtime", "none", "--lockstep", "flood",
                            "--no-progress", "--raw-only", "--out", str(raw_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     raw = read_raw(raw_path)
     rounds = raw["rounds"]
-    assert [(r["mode"], r["condition"]) for r in rounds] == [("realtime", "none"), ("realtime", "flood"),
-                                                             ("lockstep", "flood")]
+    assert [(r["mode"], r["condition"]) for r in rounds] == [("realtime", "none"), ("lockstep", "flood")]
     for r in rounds:
         assert len(r["robots"]) == 2
         for robot in r["robots"]:
@@ -37,11 +36,11 @@ def test_short_run_writes_raw_results_and_the_report_renders_from_them(tmp_path)
         assert r["counters"]["stopped_by"] == "SIGINT" and r["counters"]["ticks"] > 0
         assert r["window_s"] > 0.9 and r["runtime_cpu_s"] >= 0
     assert rounds[0]["flooder"] is None
-    for r in rounds[1:]:
-        f = r["flooder"]
-        assert f["sent"] > 100 and f["acts"] > 0 and f["pipeline"] is None
-    assert rounds[2]["flooder"]["errors"].get("overflow", 0) > 0  # lockstep: beyond the default depth of 8
-    assert rounds[2]["counters"]["overflow_dropped"] > 0
+    f = rounds[1]["flooder"]
+    assert f["sent"] > 100 and f["acts"] > 0 and f["pipeline"] is None
+    assert f["errors"].get("overflow", 0) > 0  # lockstep: beyond the default depth of 8
+    assert rounds[1]["counters"]["overflow_dropped"] > 0
+    assert all(isinstance(n, int) for r in rounds for n in r["alerts"].values())
     text = fairness.render(raw)  # nothing re-run: the report from the file alone
     assert text.startswith(fairness.BEGIN) and text.endswith(fairness.END)
     assert "### Realtime" in text and "### Lockstep" in text and "Verdict against the target" in text
