@@ -845,6 +845,7 @@ def plot(raw: dict[str, Any], path: Path = FIGURE) -> Path:
     modes = [md for md in ("realtime", "lockstep") if summ.get(md)]
     fig, axes = plt.subplots(2, len(modes), figsize=(5.6 * len(modes), 6.6), squeeze=False)
     styles = {"none": ("k", "-"), "flood": ("C3", "-"), "flood256": ("C1", "--"), "flood-nice": ("C2", "--"),
+              "flood-tmpfs": ("C5", "-."),
               "hog": ("C4", ":"), "old-none": ("0.6", ":"), "old-flood": ("C0", "-.")}
     for j, mode in enumerate(modes):
         top, bottom = axes[0][j], axes[1][j]
@@ -865,7 +866,7 @@ def plot(raw: dict[str, Any], path: Path = FIGURE) -> Path:
             ax.grid(alpha=0.3, which="both", lw=0.4)
         top.set_title(f"{mode}: {a.robots} well-behaved robots × {a.rate:g} Hz", fontsize=9)
         top.set_ylabel("CDF of the round trip")
-        top.legend(fontsize=6.5, loc="upper left")
+        top.legend(fontsize=6.5, loc="lower right")
         bottom.set_yscale("log")
         bottom.set_ylabel("1 − CDF (the tail)")
         bottom.set_xlabel(f"round trip (µs), late answers included; red: the {a.deadline_ms:g} ms deadline")
