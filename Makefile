@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
 .PHONY: demo lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr \
-	bench-lqr-loop bench-rl bench-soak clean
+	bench-lqr-loop bench-rl bench-soak bench-fairness clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -82,6 +82,12 @@ bench-rl: $(STAMP)
 # the round trip. About 17 minutes; writes RELIABILITY.md. Not part of `make bench`.
 bench-soak: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.soak
+
+# Fairness under a flood (issue 23): 4 robots x 100 Hz beside one robot that floods the runtime, with and without it
+# (and the runtime before fair serving), realtime and lockstep, interleaved rounds. About 5 minutes; writes its section
+# of BENCHMARKS.md and docs/figures/fairness.png. Not part of `make bench`.
+bench-fairness: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.fairness
 
 clean:
 	rm -rf $(VENV) $(OPENPI) .vigil-demo .pytest_cache
