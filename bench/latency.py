@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import BENCHMARKS, command_line, free_port, git_state, machine, write_benchmarks
+from bench.common import BENCHMARKS, command_line, git_state, machine, write_benchmarks
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -181,6 +181,8 @@ def role_vigil_client(a: argparse.Namespace) -> None:
                        ArraySpec("action", "float32", (a.act_dim,)), timeout_s=30.0)
     bad = {"not_act": 0, "safe": 0}
     infer_us: list[float] = []  # the runtime's own agent.act time, reported in every act reply
+    queue_us: list[float] = []  # arrival (the robot's send: same computer) to the start of the runtime's tick
+    decide_us: list[float] = []  # the start of the tick to the decision
 
     def step(obs: np.ndarray) -> None:
         reply = link.act({"state": obs})
@@ -188,7 +190,10 @@ def role_vigil_client(a: argparse.Namespace) -> None:
             bad["not_act"] += 1
         elif reply.meta.get("safe"):
             bad["safe"] += 1
-        infer_us.append(reply.meta.get("infer_us", float("nan")))
+        meta = reply.meta
+        infer_us.append(meta.get("infer_us", float("nan")))
+        queue_us.append(meta.get("queue_us", float("nan")))
+        decide_us.append(meta.get("decide_us", float("nan")))
 
     lat = _timed(step, observations, a.ticks, a.warmup)
     link.bye()
@@ -204,9 +209,14 @@ def role_vigil_client(a: argparse.Namespace) -> None:
     sub.close()
     # One value per telemetry interval (1 s by default) that ended during the run; the first includes the
     # warm-up. A run shorter than an interval has none.
+    def p50(values: list[float]) -> float | None:
+        timed = np.asarray(values[a.warmup:], float)
+        return float(np.nanmedian(timed)) if timed.size and not np.isnan(timed).all() else None
+
     _write(a.out, lat, policy=hello.policy, mode=hello.mode,
            server_tick_us_p50=float(np.median(server_p50s)) if server_p50s else None,
-           server_infer_us_p50=float(np.nanmedian(infer_us[a.warmup:])) if len(infer_us) > a.warmup else None, **bad)
+           server_infer_us_p50=p50(infer_us), server_queue_us_p50=p50(queue_us),
+           server_decide_us_p50=p50(decide_us), **bad)
 
 
 ROLES = {"ort-client": role_ort_client, "echo-server": role_echo_server, "echo-client": role_echo_client,
@@ -346,7 +356,7 @@ class Bench:
                 "--ticks", str(self.ticks), "--warmup", str(self.warmup), *extra]
 
     def endpoint(self, transport: str, name: str) -> str:
-        return f"tcp://127.0.0.1:{free_port()}" if transport == "tcp" else f"ipc://{self.tmp}/{name}.ipc"
+        return "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{self.tmp}/{name}.ipc"
 
     def result(self, policy: str, transport: str, system: str, data: dict[str, Any]) -> Result:
         lat = np.asarray(data.pop("latencies_ns"), np.float64) / 1e3
@@ -374,24 +384,27 @@ class Bench:
         return self.result(policy, transport, ECHO, data)
 
     def vigil(self, policy: str, transport: str, system: str, extra_args: Sequence[str]) -> Result:
+        from vigil.runtime.launch import LaunchError, start_serve
+
         b = self.bundles[policy]
         name = f"{re.sub(r'[^A-Za-z0-9]+', '-', system)}-{policy}-{transport}"
         robot_ep, operator_ep = self.endpoint(transport, name + "-robot"), self.endpoint(transport, name + "-op")
-        server = self.kids.start([*self.vigil_cmd, "serve", "--bundle", b["bundle"], "--robot-endpoint", robot_ep,
-                                  "--operator-endpoint", operator_ep, "--store", str(self.tmp / f"{name}.db"),
-                                  "--log-level", "WARNING", *extra_args], name + "-server")
+        flags = dict(zip([a.lstrip("-").replace("-", "_") for a in extra_args[::2]], extra_args[1::2]))
+        served = start_serve(b["bundle"], self.tmp / name, robot_endpoint=robot_ep, operator_endpoint=operator_ep,
+                             log_level="WARNING", **flags)
         try:
-            data = self.client(self.role("vigil-client", "--endpoint", robot_ep, "--operator", operator_ep,
-                                         "--act-dim", str(b["act_dim"]),
+            data = self.client(self.role("vigil-client", "--endpoint", served.robot_endpoint,
+                                         "--operator", served.operator_endpoint, "--act-dim", str(b["act_dim"]),
                                          "--obs", str(self.obs_files[policy])), name)
-            if server.poll() is not None:
-                raise BenchError(f"vigil serve exited during the run:\n{self.kids.log_tail(server)}")
+            if not served.alive():
+                raise BenchError(f"vigil serve exited during the run:\n{served.log()}")
         finally:
-            out = self.kids.stop(server)
-        try:
-            data["server_counters"] = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            data["server_counters"] = {}
+            try:
+                data_counters = served.stop()
+            except LaunchError:
+                served.kill()
+                data_counters = {}
+        data["server_counters"] = data_counters
         if data.get("not_act") or data.get("safe"):
             print(f"warning: {system} {policy} {transport}: {data['not_act']} replies were not actions, "
                   f"{data['safe']} were the safe action", file=sys.stderr)
@@ -421,7 +434,7 @@ def pool(parts: list[Result]) -> Result:
     for key in ("not_act", "safe"):
         if key in extra:
             extra[key] = sum(p.extra.get(key, 0) for p in parts)
-    for key in ("server_infer_us_p50", "server_tick_us_p50"):
+    for key in ("server_infer_us_p50", "server_tick_us_p50", "server_queue_us_p50", "server_decide_us_p50"):
         values = [p.extra[key] for p in parts if p.extra.get(key) is not None]
         extra[key] = float(np.median(values)) if values else None
     return Result(first.policy, first.transport, first.system, np.concatenate([p.latencies_us for p in parts]), extra)
@@ -508,14 +521,16 @@ HEADER = ["policy", "transport", "system", "p50 µs", "p50 of each run", "p99 µ
 
 
 def breakdown_table(results: list[Result]) -> str:
-    lines = ["| policy | transport | system | round trip µs | runtime tick µs | of which agent.act µs | rest µs |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| policy | transport | system | round trip µs | runtime: arrival to reply µs | queue µs | "
+             "tick µs | of which agent.act µs | rest µs |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if not r.system.startswith("vigil"):
             continue
         trip, tick = r.stats()["p50"], r.extra.get("server_tick_us_p50")
         rest = None if tick is None else trip - tick
         lines.append(f"| {r.policy} | {r.transport} | {r.system} | {fmt(trip)} | {fmt(tick)} | "
+                     f"{fmt(r.extra.get('server_queue_us_p50'), 1)} | {fmt(r.extra.get('server_decide_us_p50'), 1)} | "
                      f"{fmt(r.extra.get('server_infer_us_p50'), 1)} | {fmt(rest)} |")
     return "\n".join(lines)
 
@@ -737,6 +752,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(rows))
     print()
     print("\n".join(verdict_lines(verdicts)))
+    print()
+    print(breakdown_table(results))
     for r in results:
         if r.extra.get("not_act") or r.extra.get("safe"):
             print(f"note: {r.system} {r.policy} {r.transport}: {r.extra.get('not_act')} non-action replies, "

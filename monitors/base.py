@@ -59,7 +59,8 @@ class Monitor(ABC):
         """Forget per-episode state (called on `reset`)."""
 
     def ok(self) -> Verdict:
-        ok = self.__dict__.get("_ok")
-        if ok is None:  # verdicts are immutable: build the all-clear once per monitor
-            ok = self.__dict__["_ok"] = Verdict(self.name, Level.OK)
-        return ok
+        try:
+            return self._ok
+        except AttributeError:  # verdicts are immutable: build the all-clear once per monitor
+            self._ok: Verdict = Verdict(self.name, Level.OK)
+            return self._ok
