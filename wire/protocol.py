@@ -189,8 +189,11 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, kinds: frozen
     if type(t_ns) is not int or not 0 <= t_ns < _I63:
         raise ProtocolError("bad_header", "t_ns must be a non-negative 64-bit integer")
     descs = get("arrays", ())
-    extra = header.keys() - ENVELOPE
-    meta = {k: header[k] for k in extra} if extra else _EMPTY
+    if len(header) == 6 and "arrays" in header and "t_ns" in header and "seq" in header and "robot" in header:
+        meta = _EMPTY  # the envelope and nothing else (the common case: spares building a set)
+    else:
+        extra = header.keys() - ENVELOPE
+        meta = {k: header[k] for k in extra} if extra else _EMPTY
     if not descs:
         if descs != () and type(descs) is not list:
             raise ProtocolError("bad_header", "arrays must be a list of {name, dtype, shape}")
