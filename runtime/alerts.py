@@ -155,8 +155,7 @@ class AlertHook(Hook):
         self.alerter.forget(session.robot)
 
     def on_timer(self, now: float) -> None:
-        if self.alerter.outbox.pending:
-            self.alerter.outbox.retry()
+        self.alerter.outbox.retry()  # file what waits, or publish what the writer thread has stored
 
     def on_store_change(self, error: str | None) -> None:
         """The store refuses records (disk full, read-only, locked) or takes them again. Held records are filed,

@@ -92,16 +92,17 @@ class Runtime:
         except (OSError, sqlite3.Error) as exc:  # nothing could be stored, so nothing acknowledged: no start
             raise ConfigError(f"config key 'store' must be a writable SQLite file, got {config.store!r}: "
                               f"{exc}") from None
-        # alerts and data requests reach the store in the order they happened (one outbox for both)
-        outbox = Outbox()
-        alerts = AlertHook(Alerter(self.store, self.stream, config.alert_repeat_s, outbox), self.stream,
-                           config.store, self.counters)
-        outbox.on_change = alerts.on_store_change
-        requester = Requester(self.requests, self.stream, outbox, config.request_interval_s)
         self._wake_r, self._wake_w = os.pipe()  # workers write a byte here when they finish: the loop wakes
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._woken = False
+        # Alerts and data requests reach the store in the order they happened (one outbox for both), committed
+        # on the outbox's writer thread and published by the loop once stored (runtime/outbox.py).
+        self.outbox = Outbox(wake=self.wake)
+        alerts = AlertHook(Alerter(self.store, self.stream, config.alert_repeat_s, self.outbox), self.stream,
+                           config.store, self.counters)
+        self.outbox.on_change = alerts.on_store_change
+        requester = Requester(self.requests, self.stream, self.outbox, config.request_interval_s)
         self.hooks = Hooks([alerts, RequestHook(requester, self.counters),
                             LearnerHook(GainWorker(on_done=self.wake), alerts, self.stream, self.counters),
                             TelemetryHook(self, self.stream, config.telemetry_s), *hooks], self.counters)
@@ -173,17 +174,23 @@ class Runtime:
         return self.counters
 
     def serve_ready(self) -> None:
-        """Read what is waiting on the robot link, then serve one round: a message from every robot with one
-        waiting (runtime/inbox.py). The loop calls this when the link is readable or the inbox is not empty;
+        """Read what is waiting on the robot link, then serve in rounds, a message from every robot with one
+        waiting per round (runtime/inbox.py), as many messages as were read (at least one round): the inbox
+        does not grow while the runtime keeps up, and one robot's burst waits behind the others' next
+        message, not ahead of it. The loop calls this when the link is readable or the inbox is not empty;
         benchmarks call it directly to time the tick in process."""
-        self._receive()
-        items = self.inbox.round()
-        if self.config.batch_plans > 1 and len(items) > 1:
-            self._plan_together(items)
-        for item in items:
-            if self._woken:  # a worker finished (a gain, a bundle): adopt it before the next tick
-                self._on_wake()
-            self._handle(item)
+        budget = self._receive()
+        while True:
+            items = self.inbox.round()
+            if self.config.batch_plans > 1 and len(items) > 1:
+                self._plan_together(items)
+            for item in items:
+                if self._woken:  # a worker finished (a gain, a bundle): adopt it before the next tick
+                    self._on_wake()
+                self._handle(item)
+            budget -= len(items)
+            if budget <= 0 or not self.inbox:
+                return
 
     def _plan_together(self, items: list[Queued]) -> None:
         """Several robots' observations in this round: plan them in one onnxruntime call (`--batch-plans`)."""
@@ -192,12 +199,13 @@ class Runtime:
         if len(ready) > 1:
             self.counters["planned_together"] += plan_together(ready, self.config.batch_plans)
 
-    def _receive(self) -> None:
+    def _receive(self) -> int:
         """Decode what is waiting into the inbox (a malformed message is answered with an `error` at once)
         and date each message's arrival: the robot's send time when its clock is comparable with ours, else
-        the moment this read began."""
+        the moment this read began. Returns how many messages were read."""
         link, by_identity, inbox, counters = self.link, self.by_identity, self.inbox, self.counters
         t_read, wall_read = _clock(), time.time_ns()
+        read = 0
         for i in range(min(MAX_BATCH, 8 + 2 * len(self.sessions))):  # bounded: a flood cannot starve the rest
             if i and not readable(link):  # (cheaper than a read that fails; the poll vouched for the first)
                 break
@@ -205,6 +213,7 @@ class Runtime:
                 frames = recv_frames(link, _NOBLOCK)
             except zmq.Again:  # a spurious wake-up
                 break
+            read += 1
             counters["received"] += 1
             identity = frames[0]
             session = by_identity.get(identity)
@@ -221,6 +230,7 @@ class Runtime:
                 depth = session.pipeline if session else self.config.pipeline
                 self._reject(pushed.identity, "overflow", f"{pushed.msg.kind} #{pushed.msg.seq} dropped: more than "
                              f"{depth} messages waiting from this robot (its pipeline depth)", pushed.msg.seq)
+        return read
 
     def _handle(self, item: Queued) -> None:
         identity, msg, t_arrival = item
@@ -401,6 +411,7 @@ class Runtime:
         for session in self.sessions.values():  # robots learn at once that they are on their own
             self._send(session.identity, encode(Message("bye", session.robot, session.last_seq, 0, {},
                                                         {"reason": "runtime stopping"})))
+        self.outbox.close()  # what is waiting is stored (and published) before the last telemetry
         for hook in self.hooks.hooks:
             if isinstance(hook, TelemetryHook):
                 hook.publish()

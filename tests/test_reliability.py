@@ -242,8 +242,8 @@ def test_slow_subscriber_loses_stream_messages_but_no_alert(serve, lqr_bundle, l
             time.sleep(0.001)
     assert link.heartbeat(timeout_s=30).kind == "heartbeat"
     out.go.set()
-    stored = AlertStore(served.store, readonly=True).since(0)
-    assert len(stored) == n
+    # the store's writer thread commits behind the loop: every alert is stored (then published) in time
+    wait_until(lambda: len(AlertStore(served.store, readonly=True).since(0)) == n, timeout_s=60)
     wait_until(lambda: view.last_id == n, timeout_s=60)
     stop.set()
     follower.join(timeout=5)
@@ -276,7 +276,7 @@ def test_store_that_refuses_writes_is_announced_and_the_loop_goes_on(serve, lqr_
     for i in range(5):
         note(i)
     assert link.heartbeat().kind == "heartbeat"
-    assert len(AlertStore(served.store, readonly=True).since(0)) == 5
+    wait_until(lambda: len(AlertStore(served.store, readonly=True).since(0)) == 5)  # (the writer thread's commits)
     pid = served.proc.pid
     soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
     resource.prlimit(pid, resource.RLIMIT_FSIZE, (_file_sizes(served.store), hard))
@@ -294,6 +294,7 @@ def test_store_that_refuses_writes_is_announced_and_the_loop_goes_on(serve, lqr_
     finally:
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))  # space again
     sub.wait_for(lambda t, m: m.kind == "alert" and m.meta["monitor"] == "store" and t == "alert.warn")
+    wait_until(lambda: len(AlertStore(served.store, readonly=True).since(0)) == 15)
     records = AlertStore(served.store, readonly=True).since(0)
     assert [r.reason for r in records] == [f"robot reported n{i}: note" for i in range(15)]
     wait_until(lambda: sub.pump(50) or {m.meta["id"] for _, m in sub.seen if m.kind == "alert"} >= set(range(1, 16)))

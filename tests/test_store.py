@@ -174,6 +174,7 @@ def test_locked_store_keeps_serving_and_files_the_alert_once_free(serve, lqr_bun
             reply = link.act({"state": x})
             assert reply.kind == "act" and reply.meta["safe"] is False
         sub.wait_for(lambda t, m: m.kind == "telemetry" and m.meta.get("alerts", {}).get("pending") == 1)
+        sub.wait_for(lambda t, m: m.kind == "alert" and m.meta["monitor"] == "store")  # (the writer's busy timeout)
         notices = [(t, m) for t, m in sub.seen if m.kind == "alert"]
         assert [(t, m.meta["id"], m.meta["monitor"], m.meta["stored"]) for t, m in notices] == [
             ("alert.alert", 0, "store", False)]
