@@ -34,8 +34,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -144,45 +142,26 @@ def export_bundle(folder: Path, seed: int, rate_hz: float) -> dict[str, Any]:
     return {"obs_dim": obs_dim, "act_dim": len(low), "hidden": cfg.hidden, "parameters": int(params)}
 
 
-def start_serve(bundle: Path, workdir: Path, name: str, extra: Sequence[str]) -> tuple[subprocess.Popen, str, str]:
-    from bench.common import free_port
+def start_serve(bundle: Path, workdir: Path, name: str, extra: Sequence[str]) -> tuple[Any, str, str]:
+    """`vigil serve` with `extra` flags (runtime/launch.py: free ports, waits for the ready line); returns the
+    Served handle and its robot and operator endpoints."""
+    from vigil.runtime.launch import start_serve as launch
 
-    robot_ep, op_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    args = [*VIGIL, "serve", "--bundle", str(bundle), "--robot-endpoint", robot_ep, "--operator-endpoint", op_ep,
-            "--store", str(workdir / f"{name}.db"), "--log-level", "WARNING", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with open(workdir / f"{name}.out", "w") as out, open(workdir / f"{name}.err", "w") as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err, env=env)
-    return proc, robot_ep, op_ep
+    flags = dict(zip([a.lstrip("-").replace("-", "_") for a in extra[::2]], extra[1::2]))
+    served = launch(bundle, workdir / name, store=str(workdir / f"{name}.db"), log_level="WARNING",
+                    env={"OMP_NUM_THREADS": "1"}, **flags)
+    return served, served.robot_endpoint, served.operator_endpoint
 
 
-def stop_serve(proc: subprocess.Popen, workdir: Path, name: str) -> dict[str, Any]:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+def stop_serve(served: Any, workdir: Path, name: str) -> dict[str, Any]:
+    """SIGINT and the runtime's counters (its `stopped` line); {} if it had to be killed."""
+    from vigil.runtime.launch import LaunchError
+
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    lines = [ln for ln in (workdir / f"{name}.out").read_text().splitlines() if ln.strip()]
-    try:
-        return json.loads(lines[-1]) if lines else {}
-    except json.JSONDecodeError:
-        return {"unparsed": lines[-1]}
-
-
-def wait_port(endpoint: str, proc: subprocess.Popen, err: Path, timeout_s: float = 60) -> None:
-    host, port = endpoint.rpartition("/")[2].rsplit(":", 1)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vigil serve exited ({proc.returncode}): {err.read_text()[-2000:]}")
-        try:
-            with socket.create_connection((host, int(port)), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"vigil serve did not bind {endpoint} within {timeout_s} s")
+        return served.stop(timeout_s=30)
+    except LaunchError as exc:
+        served.kill()
+        return {"unparsed": str(exc)[-500:]}
 
 
 # -- the robot (one process each) ----------------------------------------------------------------------
@@ -408,8 +387,8 @@ def soak(args: argparse.Namespace, bundle: Path, workdir: Path) -> dict[str, Any
     try:
         deadline = time.monotonic() + 60
         while not telemetry:  # the runtime is up and we are subscribed
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vigil serve did not start: {(workdir / 'soak.err').read_text()[-2000:]}")
+            if not proc.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"vigil serve did not start: {proc.log()[-2000:]}")
             pump(200)
         for i in range(n):
             p = ctx.Process(target=robot_main, name=f"soak-robot-{i}", args=(
@@ -428,7 +407,7 @@ def soak(args: argparse.Namespace, bundle: Path, workdir: Path) -> dict[str, Any
         t0 = time.monotonic() + 0.2  # well within the link timeout after the robots' last heartbeat
         start.value = t0
         go.set()
-        pid, cpu0 = proc.pid, proc_cpu_s(proc.pid)
+        pid, cpu0 = proc.proc.pid, proc_cpu_s(proc.proc.pid)
         rss.append({"t": 0.0, "ticks": 0, "cpu_s": 0.0, **proc_status(pid)})
         next_sample = t0 + args.rss_every_s
         bar = tqdm(total=per_robot * n, unit="tick", unit_scale=True, smoothing=0.05, disable=args.no_progress,
@@ -477,7 +456,7 @@ def soak(args: argparse.Namespace, bundle: Path, workdir: Path) -> dict[str, Any
             "counters": counters, "wall_s": wall, "per_robot": per_robot,
             "system_busy": (busy1[0] - busy0[0]) / max(1.0, busy1[1] - busy0[1]),
             "load_start": load_start, "load_end": Path("/proc/loadavg").read_text().split()[:3],
-            "serve_stderr": (workdir / "soak.err").read_text()[-3000:]}
+            "serve_stderr": proc.err.read_text()[-3000:]}
 
 
 # -- CURVE: the cost of encryption on the round trip ---------------------------------------------------
@@ -527,8 +506,6 @@ def curve_cost(args: argparse.Namespace, bundle: Path, workdir: Path) -> dict[st
     obs_spec, act_spec = (ArraySpec("state", "float32", (OBS_DIM,)),), ArraySpec("action", "float32", (ACT_DIM,))
     links = {}
     try:
-        wait_port(plain_ep, plain, workdir / "plain.err")
-        wait_port(auth_ep, auth, workdir / "curve.err")
         keys = ClientKeys.load(keys_dir / "clients" / "robot.key_secret", keys_dir / "server" / "runtime.key")
         links["plain"] = RobotLink(plain_ep, "pingpong-plain")
         links["curve"] = RobotLink(auth_ep, "pingpong-curve", keys=keys)
@@ -582,7 +559,6 @@ def curve_refuses_unkeyed(bundle: Path, workdir: Path) -> bool | None:
     proc, ep, _ = start_serve(bundle, workdir, "curve-check", [
         "--curve-secret", str(keys_dir / "server" / "runtime.key_secret"), "--curve-allow", str(keys_dir / "clients")])
     try:
-        wait_port(ep, proc, workdir / "curve-check.err")
         link = RobotLink(ep, "no-keys")
         try:
             link.hello((ArraySpec("state", "float32", (OBS_DIM,)),), ArraySpec("action", "float32", (ACT_DIM,)),

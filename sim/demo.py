@@ -12,21 +12,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from vigil.runtime.launch import LaunchError, start_serve
 from vigil.runtime.store import AlertStore
 from vigil.training.lqr import export_lqr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pump(proc: subprocess.Popen, prefix: str) -> threading.Thread:
@@ -48,17 +42,15 @@ def run_demo(workdir: Path, steps: int = 400, rate_hz: float = 100.0, outage_s: 
     manifest = export_lqr("aircraft-pitch", bundle)
     print(f"[demo] bundle {manifest.policy_id} -> {bundle}", flush=True)
 
-    robot_ep, op_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     vigil = [sys.executable, "-m", "vigil.runtime.cli"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    link_timeout = min(0.25, outage_s / 2)
-    serve = subprocess.Popen([*vigil, "serve", "--bundle", str(bundle), "--robot-endpoint", robot_ep,
-                              "--operator-endpoint", op_ep, "--store", str(store), "--mode", "realtime",
-                              "--link-timeout-s", str(link_timeout), "--log-level", "WARNING"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    served = start_serve(bundle, workdir / "serve", store=str(store), mode="realtime",
+                         link_timeout_s=min(0.25, outage_s / 2), log_level="WARNING")
+    robot_ep, op_ep = served.robot_endpoint, served.operator_endpoint
+    print(f"[demo] vigil serve: robots on {robot_ep}, operator stream on {op_ep}", flush=True)
     alerts = subprocess.Popen([*vigil, "alerts", "--connect", op_ep, "--store", str(store)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    pumps = [_pump(serve, "[serve] "), _pump(alerts, "[alerts]")]
+    pumps = [_pump(alerts, "[alerts]")]
     time.sleep(0.5)  # let the alert view subscribe before anything happens
     sim = subprocess.run([*vigil, "sim", "--connect", robot_ep, "--system", "aircraft-pitch", "--steps", str(steps),
                           "--mode", "realtime", "--rate", str(rate_hz), "--disconnect-at", str(steps // 2),
@@ -67,9 +59,14 @@ def run_demo(workdir: Path, steps: int = 400, rate_hz: float = 100.0, outage_s: 
     for line in sim.stdout.splitlines():
         print(f"[sim]    {line}", flush=True)
     time.sleep(0.3)  # last alerts reach the view
-    for proc in (serve, alerts):
-        proc.send_signal(signal.SIGINT)
-    codes = [proc.wait(timeout=10) for proc in (serve, alerts)]
+    try:
+        served.stop(timeout_s=10)
+        codes = [0]
+    except LaunchError as exc:
+        print(f"[demo] {exc}", flush=True)
+        codes = [1]
+    alerts.send_signal(signal.SIGINT)
+    codes.append(alerts.wait(timeout=10))
     for t in pumps:
         t.join(timeout=2)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +25,6 @@ import zmq
 
 from vigil.runtime import launch
 from vigil.runtime.client import RobotLink
-from vigil.sim.demo import free_port
 from vigil.wire.protocol import STREAM_KINDS, ArraySpec, Message, decode
 
 VIGIL = [sys.executable, "-m", "vigil.runtime.cli"]
@@ -33,6 +33,14 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+
+
+def free_port() -> int:
+    """A port free right now (for the few endpoints a test must know before the runtime starts; a runtime's
+    own endpoints bind port 0 and are read from its ready line)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tcp_endpoint() -> str:
