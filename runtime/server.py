@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,21 +25,17 @@ import zmq
 from vigil.monitors.base import Level, Verdict
 from vigil.monitors.safety import LinkMonitor
 from vigil.policies.bundle import Policy, load_policy
-from vigil.runtime.alerts import Alerter, AlertHook
 from vigil.runtime.auth import ServerAuth
-from vigil.runtime.config import ConfigError, ServeConfig, is_local
+from vigil.runtime.config import ServeConfig, is_local
 from vigil.runtime.control import ControlChannel
 from vigil.runtime.hooks import Hook, Hooks
-from vigil.runtime.inbox import HARD_LIMIT, Inbox, Queued
+from vigil.runtime.inbox import Inbox, Queued
 from vigil.runtime.learning import GainWorker, LearnerHook
-from vigil.runtime.outbox import Outbox
-from vigil.runtime.requests import Requester, RequestHook, RequestStore
-from vigil.runtime.session import Session, act_reply, check_spec, plan_together, standard_monitors
-from vigil.runtime.store import AlertStore
-from vigil.runtime.stream import OperatorStream
+from vigil.runtime.link import LinkSocket
+from vigil.runtime.reporting import Reporting
+from vigil.runtime.session import Session, act_reply, check_spec, hello_options, plan_together, standard_monitors
 from vigil.runtime.telemetry import TelemetryHook
 from vigil.wire.protocol import (
-    DEFAULT_LIMITS,
     Layout,
     Message,
     ProtocolError,
@@ -49,7 +44,6 @@ from vigil.wire.protocol import (
     error,
     peek_seq,
 )
-from vigil.wire.transport import bound_endpoint, readable, recv_frames, send_frames
 
 log = logging.getLogger("vigil.serve")
 MAX_BATCH = 256  # messages read per wake-up, so timers still run under a flood
@@ -75,35 +69,14 @@ class Runtime:
         self._monitors = standard_monitors(self.deadline_s, config.saturation_window)
         # CURVE on every endpoint when configured (runtime/auth.py): only allow-listed client keys get in
         self.auth = ServerAuth(self.ctx, config.curve_secret, config.curve_allow) if config.authenticated else None
-        self.link = self.ctx.socket(zmq.ROUTER)
-        if self.auth is not None:
-            self.auth.apply(self.link)
-        self.link.setsockopt(zmq.LINGER, 0)
-        self.link.setsockopt(zmq.IPV6, 1)  # accept tcp://[::1]:port as well as IPv4
-        # Frames far beyond the protocol limits never reach Python: libzmq drops such a peer. Messages
-        # between the protocol limit and this cap still get a proper `too_large` error reply.
-        self.link.setsockopt(zmq.MAXMSGSIZE, 4 * DEFAULT_LIMITS.max_total_bytes)
-        self.link.bind(config.robot_endpoint)
-        self.robot_endpoint = bound_endpoint(self.link)
-        self.stream = OperatorStream(self.ctx, config.operator_endpoint, self.auth, config.stream_hwm)
-        try:
-            self.store = AlertStore(config.store)
-            self.requests = RequestStore(config.store)
-        except (OSError, sqlite3.Error) as exc:  # nothing could be stored, so nothing acknowledged: no start
-            raise ConfigError(f"config key 'store' must be a writable SQLite file, got {config.store!r}: "
-                              f"{exc}") from None
+        self.link = LinkSocket(self.ctx, config.robot_endpoint, self.auth, self.counters)
         self._wake_r, self._wake_w = os.pipe()  # workers write a byte here when they finish: the loop wakes
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._woken = False
-        # Alerts and data requests reach the store in the order they happened (one outbox for both), committed
-        # on the outbox's writer thread and published by the loop once stored (runtime/outbox.py).
-        self.outbox = Outbox(wake=self.wake)
-        alerts = AlertHook(Alerter(self.store, self.stream, config.alert_repeat_s, self.outbox), self.stream,
-                           config.store, self.counters)
-        self.outbox.on_change = alerts.on_store_change
-        requester = Requester(self.requests, self.stream, self.outbox, config.request_interval_s)
-        self.hooks = Hooks([alerts, RequestHook(requester, self.counters),
+        self.reporting = Reporting.open(self.ctx, config, self.auth, self.counters, self.wake)
+        self.stream, alerts = self.reporting.stream, self.reporting.alerts
+        self.hooks = Hooks([alerts, self.reporting.request_hook,
                             LearnerHook(GainWorker(on_done=self.wake), alerts, self.stream, self.counters),
                             TelemetryHook(self, self.stream, config.telemetry_s), *hooks], self.counters)
         self.control = None
@@ -123,7 +96,7 @@ class Runtime:
 
     def endpoints(self) -> dict[str, str]:
         """The endpoints as bound (a port 0 in the configuration is the real port here)."""
-        return {"robot_endpoint": self.robot_endpoint, "operator_endpoint": self.stream.endpoint,
+        return {"robot_endpoint": self.link.endpoint, "operator_endpoint": self.stream.endpoint,
                 "control_endpoint": self.control.endpoint if self.control is not None else ""}
 
     def wake(self) -> None:
@@ -139,13 +112,13 @@ class Runtime:
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> Counter:
         """Serve until `should_stop()` is true (checked at least every 50 ms). Returns the counters."""
         poller = zmq.Poller()
-        poller.register(self.link, zmq.POLLIN)
+        poller.register(self.link.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         if self.control is not None:
             poller.register(self.control.sock, zmq.POLLIN)
         spin_s = self.config.busy_poll_us / 1e6
         log.info("serving %s on %s (%s mode), operator stream on %s", self.manifest.policy_id,
-                 self.robot_endpoint, self.config.mode, self.stream.endpoint)
+                 self.link.endpoint, self.config.mode, self.stream.endpoint)
         gc.collect()
         gc.freeze()  # what start-up built lives as long as the runtime: the collector need not look at it again
         last_msg = next_timers = time.monotonic()
@@ -156,10 +129,10 @@ class Runtime:
                 now = time.monotonic()
                 spinning = self.inbox or (spin_s > 0 and now - last_msg < spin_s)
                 events = poller.poll(0 if spinning else max(0, int((next_timers - now) * 1000)) + 1)
-                if self.inbox and not any(sock is self.link for sock, _ in events):
+                if self.inbox and not any(sock is self.link.sock for sock, _ in events):
                     self.serve_ready()  # another round for robots with messages still waiting
                 for sock, _ in events:
-                    if sock is self.link:
+                    if sock is self.link.sock:
                         self.serve_ready()
                         last_msg = time.monotonic()
                     elif sock == self._wake_r:
@@ -203,18 +176,10 @@ class Runtime:
         """Decode what is waiting into the inbox (a malformed message is answered with an `error` at once)
         and date each message's arrival: the robot's send time when its clock is comparable with ours, else
         the moment this read began. Returns how many messages were read."""
-        link, by_identity, inbox, counters = self.link, self.by_identity, self.inbox, self.counters
+        by_identity, inbox = self.by_identity, self.inbox
         t_read, wall_read = _clock(), time.time_ns()
-        read = 0
-        for i in range(min(MAX_BATCH, 8 + 2 * len(self.sessions))):  # bounded: a flood cannot starve the rest
-            if i and not readable(link):  # (cheaper than a read that fails; the poll vouched for the first)
-                break
-            try:
-                frames = recv_frames(link, _NOBLOCK)
-            except zmq.Again:  # a spurious wake-up
-                break
-            read += 1
-            counters["received"] += 1
+        messages = self.link.read(min(MAX_BATCH, 8 + 2 * len(self.sessions)))  # bounded: a flood cannot starve us
+        for frames in messages:
             identity = frames[0]
             session = by_identity.get(identity)
             try:
@@ -230,7 +195,7 @@ class Runtime:
                 depth = session.pipeline if session else self.config.pipeline
                 self._reject(pushed.identity, "overflow", f"{pushed.msg.kind} #{pushed.msg.seq} dropped: more than "
                              f"{depth} messages waiting from this robot (its pipeline depth)", pushed.msg.seq)
-        return read
+        return len(messages)
 
     def _handle(self, item: Queued) -> None:
         identity, msg, t_arrival = item
@@ -264,11 +229,7 @@ class Runtime:
         if not robot:
             raise ProtocolError("bad_header", "hello must name the robot (header key 'robot')")
         declared = check_spec(msg.meta.get("spec"), self.manifest)
-        pipeline, synced = msg.meta.get("pipeline", self.config.pipeline), msg.meta.get("clock_synced", self._local)
-        if type(pipeline) is not int or not 1 <= pipeline <= HARD_LIMIT:
-            raise ProtocolError("bad_header", f"hello key 'pipeline' must be an integer 1..{HARD_LIMIT}")
-        if type(synced) is not bool:
-            raise ProtocolError("bad_header", "hello key 'clock_synced' must be a bool")
+        pipeline, synced = hello_options(msg.meta, self.config.pipeline, self._local)
         previous = self.by_identity.get(identity)
         if previous is not None and previous.robot != robot:  # one connection, one robot: the first one leaves
             self._forget(previous, "disconnected")
@@ -362,11 +323,7 @@ class Runtime:
                             Verdict("protocol", Level.WARN, f"rejected message: {code}", {"code": code}))
 
     def _send(self, identity: bytes, frames: list) -> None:
-        try:
-            send_frames(self.link, [identity, *frames])
-        except zmq.ZMQError as exc:  # peer vanished; nothing else to do for it
-            self.counters["send_failed"] += 1
-            log.debug("send to %r failed: %s", identity, exc)
+        self.link.send(identity, frames)
 
     # -- between messages -------------------------------------------------------------------------------
 
@@ -411,7 +368,7 @@ class Runtime:
         for session in self.sessions.values():  # robots learn at once that they are on their own
             self._send(session.identity, encode(Message("bye", session.robot, session.last_seq, 0, {},
                                                         {"reason": "runtime stopping"})))
-        self.outbox.close()  # what is waiting is stored (and published) before the last telemetry
+        self.reporting.flush()  # what is waiting is stored (and published) before the last telemetry
         for hook in self.hooks.hooks:
             if isinstance(hook, TelemetryHook):
                 hook.publish()
@@ -419,9 +376,7 @@ class Runtime:
         self.link.close()
         if self.control is not None:
             self.control.close()
-        self.stream.close()
-        self.store.close()
-        self.requests.close()
+        self.reporting.close()
         if self.auth is not None:
             self.auth.close()
         os.close(self._wake_r)

@@ -30,6 +30,7 @@ from vigil.monitors.vfd import VFDMonitor
 from vigil.policies.agent import Agent
 from vigil.policies.bundle import Policy
 from vigil.policies.manifest import Manifest
+from vigil.runtime.inbox import HARD_LIMIT
 from vigil.wire.protocol import ArraySpec, Layout, ProtocolError, check_arrays
 
 log = logging.getLogger("vigil.session")
@@ -100,6 +101,16 @@ def check_spec(spec: Any, manifest: Manifest) -> tuple[ArraySpec, ...]:
         raise ProtocolError("refused", f"policy acts in {list(manifest.action.shape)}, robot declares "
                             f"{list(act.shape)}")
     return specs
+
+
+def hello_options(meta: Mapping[str, Any], pipeline: int, clock_synced: bool) -> tuple[int, bool]:
+    """The robot's `pipeline` depth and `clock_synced` from its hello (docs/protocol.md §7.1), else the defaults."""
+    depth, synced = meta.get("pipeline", pipeline), meta.get("clock_synced", clock_synced)
+    if type(depth) is not int or not 1 <= depth <= HARD_LIMIT:
+        raise ProtocolError("bad_header", f"hello key 'pipeline' must be an integer 1..{HARD_LIMIT}")
+    if type(synced) is not bool:
+        raise ProtocolError("bad_header", "hello key 'clock_synced' must be a bool")
+    return depth, synced
 
 
 class Session:
