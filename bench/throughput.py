@@ -1,0 +1,865 @@
+"""Throughput: how many robots at 100 Hz one `vigil serve` serves with zero runtime-side deadline verdicts, and what
+planning the ready observations of several robots in one onnxruntime call (`--batch-plans`) changes.
+
+One `vigil serve` (realtime mode, `--deadline-ms 10`, a fresh one per step, its alert store on disk as shipped)
+serves one of two bundles, both written for the run as bench/latency.py writes them: `linear_gain`, the
+aircraft-pitch LQR (3 floats in, 1 out; `export_lqr`), and `gaussian`, a 39-256-256-4 ReLU MLP (random weights,
+100 Hz; `export_gaussian`). A configuration is a bundle and the runtime's `--batch-plans` (1: every robot's
+tick plans alone; 16: the waiting observations of up to 16 robots are planned in one call).
+
+The load generator plays N robots at 100 Hz each from one process (`--generators`, default 1: on a 2-core
+machine the runtime keeps the other core). `RobotLink.step` blocks per robot, so the generator is asynchronous:
+one DEALER per robot (each says hello and reset), observations sent on a fixed schedule (robot i at phase i/N of
+the period: evenly staggered), every reply read as it comes and decoded with `vigil.wire.protocol.decode`.
+It waits on an epoll of the sockets' ZMQ_FDs (`zmq_poll` over 160 sockets costs ~200 µs a call here): a socket
+is drained until `Again` when its FD is readable, and its events are checked after every send, since a send
+may take in a waiting message's signal. The epoll is itself waited on with `select`, whose timeout has
+microsecond resolution, so the generator neither spins nor reads a reply a millisecond late.
+
+Measured per observation (after `--warmup-s`; the runtime's start-up and first telemetry message are left out):
+the round trip (`perf_counter` before the send to the receipt of its `act`; a late act counts at its latency,
+an observation never answered as ∞), a robot-side miss (no `act` before the robot's next period: later than
+its scheduled send + 10 ms, or none, or an `error`), whether the act carries a `deadline` verdict (the runtime's
+own judgement: arrival, dated from the robot's send, to decision over 10 ms), and the act's `queue_us` +
+`decide_us` (the time the deadline is on). Per step: the runtime's CPU and its loop thread's wait for a CPU
+(/proc), its counters at exit (`served.stop()`: ticks, `stale_dropped`, `planned_together`), the generator's
+own lateness (actual send against schedule) and CPU, so that a saturated generator is not blamed on the
+runtime, and the machine's CPU (steal included).
+
+N goes up in steps (`--steps`), the configurations interleaved at each N (so a drift of the machine's load falls
+on all of them alike); a configuration stops going up after a step where more than `--stop-miss-pct` of the
+observations missed. Raw results go to bench/out/throughput.json; the section between the `throughput` markers
+of BENCHMARKS.md and docs/figures/throughput.png are rendered from that file alone (`render`, `--report-only`).
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.throughput                  # make bench-throughput (~5 min)
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.throughput --steps 5,20 --duration-s 2 --no-write   # smoke
+    .venv/bin/python -m bench.throughput --report-only                      # the section again, from bench/out
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import multiprocessing as mp
+import os
+import select
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import (
+    BENCHMARKS,
+    BENCHMARKS_INTRO,
+    FIGURES,
+    OUT,
+    ROOT,
+    markers,
+    pyplot,
+    raw_copy,
+    read_raw,
+    run_info,
+    save_figure,
+    write_raw,
+    write_section,
+    written_by,
+)
+from bench.fairness import (
+    filed_alerts,
+    loadavg,
+    machine_jiffies,
+    machine_shares,
+    other_processes,
+    proc_cpu_s,
+    process_schedstat,
+    schedstat,
+)
+
+NAME = "throughput"
+RAW = OUT / "throughput.json"
+FIGURE = FIGURES / "throughput.png"
+BEGIN, END = markers(NAME)
+
+BUNDLES = {"linear_gain": {"obs_dim": 3, "act_dim": 1, "about": "aircraft-pitch LQR, 3 floats in, 1 out"},
+           "gaussian": {"obs_dim": 39, "act_dim": 4, "about": "MLP 39→256→256→4, random weights"}}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "linear_gain": {"bundle": "linear_gain", "batch_plans": 1, "label": "linear_gain"},
+    "gaussian": {"bundle": "gaussian", "batch_plans": 1, "label": "gaussian"},
+    "gaussian-batch16": {"bundle": "gaussian", "batch_plans": 16, "label": "gaussian, --batch-plans 16"},
+    "linear_gain-batch16": {"bundle": "linear_gain", "batch_plans": 16, "label": "linear_gain, --batch-plans 16"},
+}
+DEFAULT_CONFIGS = "linear_gain,gaussian,gaussian-batch16"
+DEFAULT_STEPS = "5,10,20,40,60,80,100,120,160"
+MISS, DEADLINE, NEVER, ERROR, SAFE = 1, 2, 4, 8, 16  # per-observation flags
+SEQ0 = 3  # a robot's observation seqs start here (1: hello, 2: reset)
+SEND_STALL_US = 500  # an encode + send that took longer than this: the generator was descheduled in between
+KEPT_SCHEDULE_US = 1000.0  # the generator kept its schedule: p99 of its send lateness at most a tenth of a period
+OBS_POOL = 1024  # distinct observations the robots cycle through
+
+
+# -- the load generator (a child process, alive across steps) -------------------------------------------------
+
+def generator(conn, index: int, cpus: list[int] | None) -> None:
+    """Plays the robots it is given, step after step. ("play", endpoint, spec) -> connects, hello and reset for
+    every robot, ("ready", pid); heartbeats until ("go", t0); the schedule; ("done", result). ("quit",) ends it.
+    `cpus`: the cores it (and its ZeroMQ I/O thread, started after) may run on."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    import zmq
+
+    ctx = zmq.Context(io_threads=1)
+    try:
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "quit":
+                return
+            _, endpoint, spec = cmd
+            try:
+                conn.send(("done", play(ctx, conn, endpoint, spec)))
+            except Exception:
+                conn.send(("error", f"generator {index}: {traceback.format_exc()}"))
+    finally:
+        ctx.term()
+
+
+def play(ctx, conn, endpoint: str, spec: dict[str, Any]) -> dict[str, Any]:
+    import zmq
+
+    from vigil.wire.protocol import ROBOT_KINDS, ArraySpec, Layout, Message, ProtocolError, decode, encode
+    from vigil.wire.transport import readable, recv_frames, send_frames
+
+    robots = sorted(spec["robots"], key=lambda r: r[1])  # [index, phase_s], by phase: the schedule is monotone
+    n, rate = len(robots), float(spec["rate"])
+    period = 1.0 / rate
+    rounds = int(math.ceil((spec["warmup_s"] + spec["duration_s"]) * rate))
+    total = n * rounds
+    names = [f"robot-{i:03d}" for i, _ in robots]
+    obs_spec = ArraySpec("state", "float32", (spec["obs_dim"],))
+    act_spec = ArraySpec("action", "float32", (spec["act_dim"],))
+    layout = Layout((act_spec,))
+    rng = np.random.default_rng(spec["seed"])
+    pool = list((spec["obs_scale"] * rng.standard_normal((OBS_POOL, spec["obs_dim"]))).astype(np.float32))
+    offsets = [int(o) for o in rng.integers(0, OBS_POOL, n)]
+
+    socks = []
+    for _ in range(n):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(endpoint)
+        socks.append(s)
+    try:
+        hello = {"spec": {"observation": [obs_spec.to_dict()], "action": act_spec.to_dict()}, "env": NAME}
+        handshake(socks, [Message("hello", name, 1, 0, {}, hello) for name in names])
+        handshake(socks, [Message("reset", name, 2, 0, {}, {"episode": 0}) for name in names])
+        conn.send(("ready", os.getpid()))
+        hb = 10
+        while not conn.poll(0.05):  # keep the sessions alive while the other generators get ready
+            for j, s in enumerate(socks):
+                send_frames(s, encode(Message("heartbeat", names[j], hb)))
+                while readable(s):
+                    recv_frames(s)
+            hb += 1
+        go = conn.recv()
+        if go[0] != "go":
+            raise RuntimeError(f"expected go, got {go[0]}")
+        t0 = float(go[1])
+
+        clock = time.perf_counter
+        phases = np.asarray([p for _, p in robots])
+        base = t0 - time.monotonic() + clock()  # t0 is on the monotonic clock; the schedule runs on perf_counter
+        sched = (base + np.add.outer(np.arange(rounds) * period, phases).ravel()).tolist()
+        t_first = base + spec["warmup_s"]  # the first measured send
+        end = sched[-1] + 2 * period  # answers after this count as never
+        sent = [0.0] * total
+        recv = [0.0] * total
+        runtime_us = [-1.0] * total
+        flags = bytearray(total)
+        verdicts: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        counts = {"acts": 0, "extra_acts": 0, "other": 0, "bad": 0}
+        send_s = [0.0] * total
+        fd_index = {}
+        ep = select.epoll()
+        for j, s in enumerate(socks):
+            fd = s.getsockopt(zmq.FD)
+            fd_index[fd] = j
+            ep.register(fd, select.EPOLLIN)
+        epfd = ep.fileno()
+        again = zmq.Again
+
+        def drain(j: int) -> None:
+            s = socks[j]
+            while True:
+                try:
+                    frames = recv_frames(s, zmq.NOBLOCK)
+                except again:
+                    return
+                t = clock()
+                try:
+                    msg = decode(frames, kinds=ROBOT_KINDS, layout=layout)
+                except ProtocolError:
+                    counts["bad"] += 1
+                    continue
+                kind = msg.kind
+                m = (msg.seq - SEQ0) * n + j
+                if kind == "act":
+                    meta = msg.meta
+                    for v in meta.get("verdicts", ()):
+                        verdicts[v[0]] = verdicts.get(v[0], 0) + 1
+                    if 0 <= m < total and not recv[m]:
+                        counts["acts"] += 1
+                        recv[m] = t
+                        f = SAFE if meta.get("safe") else 0
+                        if any(v[0] == "deadline" for v in meta.get("verdicts", ())):
+                            f |= DEADLINE
+                        flags[m] |= f
+                        if "queue_us" in meta:
+                            runtime_us[m] = meta["queue_us"] + meta["decide_us"]
+                    else:  # a link-loss act for an earlier observation
+                        counts["extra_acts"] += 1
+                elif kind == "error":
+                    code = str(msg.meta.get("code", "?"))
+                    errors[code] = errors.get(code, 0) + 1
+                    if 0 <= m < total:
+                        flags[m] |= ERROR
+                else:
+                    counts["other"] += 1
+
+        gc.collect()
+        gc.disable()  # no collector pauses in the schedule
+        m, cpu0, sched0, lag_wait = 0, None, None, 0
+        try:
+            while True:
+                now = clock()
+                while m < total and sched[m] <= now:
+                    j = m % n
+                    r = m // n
+                    if cpu0 is None and sched[m] >= t_first:
+                        cpu0, sched0 = time.process_time(), schedstat()
+                    obs = pool[(offsets[j] + r) % OBS_POOL]
+                    t = sent[m] = clock()  # t_ns, from which the runtime dates the arrival, is taken in encode
+                    send_frames(socks[j], encode(Message("obs", names[j], SEQ0 + r, 0, {"state": obs})))
+                    send_s[m] = clock() - t  # long: descheduled between dating and sending
+                    m += 1
+                    if readable(socks[j]):  # the send may have taken in the signal of a waiting reply
+                        drain(j)
+                    now = clock()
+                for fd, _ in ep.poll(0):
+                    drain(fd_index[fd])
+                wait = (sched[m] if m < total else end) - clock()
+                if wait > 0:
+                    select.select([epfd], [], [], wait)
+                elif m >= total:
+                    break
+                else:
+                    lag_wait += 1
+        finally:
+            gc.enable()
+            ep.close()
+        cpu = time.process_time() - cpu0 if cpu0 is not None else 0.0
+        sched_wait = np.subtract(schedstat(), sched0).tolist() if sched0 is not None else [0.0, 0.0]
+        window = sched[-1] - t_first
+    finally:
+        for s in socks:
+            s.close(linger=0)
+
+    sched_a, sent_a, recv_a = np.asarray(sched), np.asarray(sent), np.asarray(recv)
+    fl = np.frombuffer(bytes(flags), np.uint8).copy()
+    answered = recv_a > 0
+    fl[~answered] |= NEVER
+    fl[~answered | (recv_a > sched_a + period) | ((fl & ERROR) > 0)] |= MISS
+    rtt = np.where(answered, (recv_a - sent_a) * 1e6, -1.0)
+    keep = sched_a >= t_first
+    return {"robots": [int(i) for i, _ in robots], "n": n, "rounds": rounds,
+            "robot_of": np.tile(np.arange(n, dtype=np.int32), rounds)[keep],
+            "rtt_us": np.round(rtt[keep]).astype(np.int64), "runtime_us": np.round(np.asarray(runtime_us)[keep]),
+            "flags": fl[keep], "late_us": np.round((sent_a - sched_a)[keep] * 1e6).astype(np.int64),
+            "warmup": {"obs": int((~keep).sum()), "misses": int(((fl[~keep] & MISS) > 0).sum()),
+                       "deadline": int(((fl[~keep] & DEADLINE) > 0).sum())},
+            "verdicts": verdicts, "errors": errors, **counts, "cpu_s": cpu, "window_s": window,
+            "send_us": np.round(np.asarray(send_s)[keep] * 1e6).astype(np.int64), "on_cpu_s": sched_wait[0],
+            "runqueue_wait_s": sched_wait[1], "behind": lag_wait}
+
+
+def handshake(socks: list, msgs: list, timeout_s: float = 30.0) -> None:
+    """Send one message on every socket at once and wait for each one's answer (same seq); an `error` answer
+    raises."""
+    import zmq
+
+    from vigil.wire.protocol import ROBOT_KINDS, decode, encode
+    from vigil.wire.transport import recv_frames, send_frames
+
+    for s, msg in zip(socks, msgs):
+        send_frames(s, encode(msg))
+    waiting = dict(enumerate(socks))
+    deadline = time.monotonic() + timeout_s
+    while waiting:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(waiting)} of {len(socks)} robots got no answer to {msgs[0].kind} "
+                               f"within {timeout_s} s")
+        for s, _ in zmq.zmq_poll([(s, zmq.POLLIN) for s in waiting.values()], 100):
+            j = next(k for k, v in waiting.items() if v is s)
+            reply = decode(recv_frames(s), kinds=ROBOT_KINDS)
+            if reply.kind == "error":
+                raise RuntimeError(f"{msgs[j].robot}: {msgs[j].kind} refused: {dict(reply.meta)}")
+            if reply.seq == msgs[j].seq:
+                del waiting[j]
+
+
+class Generators:
+    """The generator processes, alive across steps (each step's robots are dealt to them in turn)."""
+
+    def __init__(self, count: int, pin: bool):
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        cores = sorted(os.sched_getaffinity(0))
+        # pinned: generator i on the i-th core from the end, so the runtime always has the others to itself
+        self.cpus = [[cores[-1 - i]] if pin and len(cores) > count else None for i in range(count)]
+        for i in range(count):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=generator, args=(child, i, self.cpus[i]), name=f"throughput-generator-{i}",
+                            daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def close(self) -> None:
+        for conn, p in zip(self.conns, self.procs):
+            try:
+                conn.send(("quit",))
+            except (OSError, BrokenPipeError):
+                pass
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+
+
+def expect(conn, proc, what: str, timeout_s: float):
+    if not conn.poll(timeout_s):
+        raise RuntimeError(f"{proc.name}: no {what} within {timeout_s} s (alive: {proc.is_alive()})")
+    msg = conn.recv()
+    if msg[0] == "error":
+        raise RuntimeError(msg[1])
+    if msg[0] != what:
+        raise RuntimeError(f"{proc.name}: expected {what}, got {msg[0]}")
+    return msg[1]
+
+
+# -- bundles and steps -----------------------------------------------------------------------------------------
+
+def export_bundles(folder: Path, names: set[str]) -> dict[str, dict[str, Any]]:
+    """The bundles of bench/latency.py that `names` asks for: the aircraft-pitch LQR (`linear_gain`) and the
+    39-256-256-4 MLP at 100 Hz (`gaussian`, torch seed 0)."""
+    import json
+
+    if "linear_gain" in names:
+        from vigil.training.lqr import export_lqr
+
+        export_lqr("aircraft-pitch", folder / "linear_gain")
+    if "gaussian" in names:
+        import torch
+
+        from vigil.training.export import export_gaussian
+
+        torch.manual_seed(0)
+        actor = torch.nn.Sequential(torch.nn.Linear(39, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                    torch.nn.ReLU(), torch.nn.Linear(256, 4))
+        export_gaussian(folder / "gaussian", "bench-mlp-256x256", actor, 39, [-1.0] * 4, [1.0] * 4,
+                        control_rate_hz=100)
+    out = {}
+    for name, b in BUNDLES.items():
+        if name not in names:
+            continue
+        manifest = json.loads((folder / name / "manifest.json").read_text())
+        out[name] = {**b, "policy_id": manifest.get("policy_id", name),
+                     "control_rate_hz": manifest.get("control_rate_hz"),
+                     "obs_shape": manifest["observation"][0]["shape"], "act_shape": manifest["action"]["shape"]}
+    return out
+
+
+def one_step(gens: Generators, args: argparse.Namespace, bundles: Path, workdir: Path, config: str, n: int,
+             seed: int) -> dict[str, Any]:
+    """A fresh runtime, N robots on it for warm-up + duration, its counters; the generators' results merged."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    store_dir = Path(tempfile.mkdtemp(prefix="throughput-store-", dir=args.store_dir)) if args.store_dir else workdir
+    try:
+        return drive(gens, args, bundles, workdir, store_dir, config, n, seed)
+    finally:
+        if args.store_dir:
+            shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def drive(gens: Generators, args: argparse.Namespace, bundles: Path, workdir: Path, store_dir: Path, config: str,
+          n: int, seed: int) -> dict[str, Any]:
+    from vigil.runtime.launch import start_serve
+
+    cfg = CONFIGS[config]
+    b = BUNDLES[cfg["bundle"]]
+    served = start_serve(bundles / cfg["bundle"], workdir, env={"OMP_NUM_THREADS": "1"}, mode="realtime",
+                         deadline_ms=f"{args.deadline_ms:g}", log_level="WARNING", store=str(store_dir / "alerts.db"),
+                         batch_plans=cfg["batch_plans"] if cfg["batch_plans"] > 1 else None)
+    period = 1.0 / args.rate
+    g = len(gens.conns)
+    members = list(zip(gens.conns, gens.procs))
+    try:
+        for k, (conn, _) in enumerate(members):
+            robots = [[i, i * period / n] for i in range(k, n, g)]
+            conn.send(("play", served.robot_endpoint, {
+                "robots": robots, "rate": args.rate, "warmup_s": args.warmup_s, "duration_s": args.duration_s,
+                "obs_dim": b["obs_dim"], "act_dim": b["act_dim"], "obs_scale": 0.5, "seed": seed + k}))
+        for conn, p in members:
+            expect(conn, p, "ready", 60)
+        t0 = time.monotonic() + 0.2
+        for conn, _ in members:
+            conn.send(("go", t0))
+        pid = served.proc.pid
+        time.sleep(max(0.0, t0 + args.warmup_s - time.monotonic()))
+        cpu0, sched0, jif0, all0 = proc_cpu_s(pid), process_schedstat(pid), machine_jiffies(), all_cpu()
+        w0 = time.monotonic()
+        time.sleep(max(0.0, t0 + args.warmup_s + args.duration_s - time.monotonic()))
+        cpu1, sched1, jif1, all1 = proc_cpu_s(pid), process_schedstat(pid), machine_jiffies(), all_cpu()
+        window = time.monotonic() - w0
+        others = busiest(all0, all1, window, {pid, os.getpid(), *(p.pid for p in gens.procs)})
+        parts = [expect(conn, p, "done", 60 + args.duration_s) for conn, p in members]
+    except BaseException:
+        served.kill()
+        raise
+    counters = served.stop()
+    alerts = filed_alerts(store_dir / "alerts.db")
+    merged: dict[str, Any] = {}
+    for key in ("rtt_us", "runtime_us", "flags", "late_us", "send_us"):
+        merged[key] = np.concatenate([p[key] for p in parts])
+    merged["robot"] = np.concatenate([np.asarray(p["robots"], np.int32)[p["robot_of"]] for p in parts])
+    gens_out = [{k: p[k] for k in ("n", "cpu_s", "window_s", "on_cpu_s", "runqueue_wait_s", "behind", "acts",
+                                   "extra_acts", "other", "bad", "warmup")} for p in parts]
+    return {"config": config, "n": n, **merged, "verdicts": add_counts(p["verdicts"] for p in parts),
+            "errors": add_counts(p["errors"] for p in parts), "generators": gens_out, "counters": counters,
+            "alerts": alerts, "runtime_cpu_s": cpu1 - cpu0, "window_s": window, "others": others,
+            "runtime_sched": {k: sched1[k] - sched0[k] for k in sched0}, "machine_shares": machine_shares(jif0, jif1),
+            "cores": len(os.sched_getaffinity(0)), "loadavg": loadavg()}
+
+
+def all_cpu() -> dict[int, tuple[float, str]]:
+    """CPU seconds so far and name of every process (from /proc/PID/stat)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            head, _, rest = (d / "stat").read_text().rpartition(")")
+            fields = rest.split()
+            out[int(d.name)] = ((int(fields[11]) + int(fields[12])) / tick, head.partition("(")[2])
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def busiest(before: dict[int, tuple[float, str]], after: dict[int, tuple[float, str]], window: float,
+            ours: set[int], top: int = 4) -> list[list]:
+    """The processes besides the runtime, the generators and this one that used the most CPU in the window:
+    [% of a core, pid, name, command line (cut)]."""
+    rows = []
+    for pid, (cpu, name) in after.items():
+        used = cpu - before.get(pid, (0.0, ""))[0] if pid in before else cpu
+        if pid in ours or used <= 0.02 * window:
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            cmd = ""
+        rows.append([100 * used / window, pid, name, (cmd or name)[:90]])
+    return sorted(rows, reverse=True)[:top]
+
+
+def add_counts(counts) -> dict[str, int]:
+    """Counters by name, summed over the generators."""
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    configs = [c for c in args.configs.split(",") if c]
+    steps = [int(s) for s in args.steps.split(",") if s]
+    info = run_info(env="OMP_NUM_THREADS=1")
+    t_start = time.monotonic()
+    result: dict[str, Any] = {"run": info, "args": vars(args), "other_processes": other_processes(),
+                              "loadavg_start": loadavg(), "steps": [], "stopped": {}}
+    rng = np.random.default_rng(args.seed)
+    plan = [(n, c) for n in steps for c in configs]
+    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
+        tmp_path = Path(tmp)
+        gens = Generators(args.generators, not args.no_pin)  # they start while the bundles are exported
+        result["generator_cpus"] = gens.cpus
+        try:
+            result["bundles"] = export_bundles(tmp_path / "bundles", {CONFIGS[c]["bundle"] for c in configs})
+            bar = tqdm(plan, unit="step", disable=args.no_progress, desc=f"throughput {len(configs)} configurations")
+            for k, (n, config) in enumerate(bar):
+                if config in result["stopped"]:
+                    continue
+                bar.set_postfix_str(f"{config} N={n}", refresh=True)
+                step = one_step(gens, args, tmp_path / "bundles", tmp_path / f"step{k}", config, n,
+                                int(rng.integers(2**31)))
+                step = raw_copy({**step, "index": k})
+                result["steps"].append(step)
+                s = summarise(step, args.rate)
+                bar.write(f"{config:20s} N={n:4d}: deadline {s['deadline']:5d}, misses {s['misses']:5d} "
+                          f"({s['miss_pct']:.2f}%), p50/p99 {num(s['rtt']['p50'])}/{num(s['rtt']['p99'])} us, runtime "
+                          f"{s['runtime_cpu_pct']:.0f}% CPU, generator {s['gen_cpu_pct']:.0f}% CPU lateness p99 "
+                          f"{num(s['late']['p99'])} us, machine {s['machine_busy_pct']:.0f}% busy")
+                if s["miss_pct"] > args.stop_miss_pct:
+                    result["stopped"][config] = n
+        finally:
+            gens.close()
+    result["seconds"] = time.monotonic() - t_start
+    result["loadavg_end"] = loadavg()
+    return result
+
+
+# -- analysis (from the raw results alone) ---------------------------------------------------------------------
+
+def pct(x: Any) -> dict[str, float]:
+    """Order-statistic percentiles (an ∞, an observation never answered, sorts last)."""
+    x = np.asarray(x, float)
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return {"n": 0, "p50": math.nan, "p99": math.nan, "p999": math.nan, "max": math.nan}
+    p50, p99, p999 = np.percentile(x, [50, 99, 99.9], method="inverted_cdf")
+    return {"n": int(len(x)), "p50": float(p50), "p99": float(p99), "p999": float(p999), "max": float(x.max())}
+
+
+def summarise(step: dict[str, Any], rate: float) -> dict[str, Any]:
+    """The figures of one step."""
+    flags = np.asarray(step["flags"], int)
+    rtt = np.asarray(step["rtt_us"], float)
+    rtt[rtt < 0] = math.inf
+    runtime = np.asarray(step["runtime_us"], float)
+    runtime[runtime < 0] = math.nan
+    obs = len(flags)
+    gens = step["generators"]
+    window = step["window_s"]
+    gen_window = sum(g["window_s"] for g in gens)
+    robots = np.asarray(step["robot"], int)
+    missed = (flags & MISS) > 0
+    deadline = (flags & DEADLINE) > 0
+    stalled = np.asarray(step["send_us"]) > SEND_STALL_US
+    per_robot = np.bincount(robots[missed], minlength=step["n"]) if obs else np.zeros(step["n"], int)
+    c = step["counters"]
+    late = pct(step["late_us"])
+    shares = step["machine_shares"]
+    busy = 100 - shares.get("idle", 0.0) - shares.get("iowait", 0.0)  # % of all cores
+    runtime_cpu = 100 * step["runtime_cpu_s"] / window
+    gen_cpu = sum(100 * g["cpu_s"] / g["window_s"] for g in gens if g["window_s"] > 0)  # % of one core, all together
+    return {
+        "n": step["n"], "obs": obs, "expected": int(round(step["n"] * rate * (window if window else 0))),
+        "deadline": int(deadline.sum()), "misses": int(missed.sum()), "send_stalls": int(stalled.sum()),
+        "deadline_stalled": int((deadline & stalled).sum()),
+        "runtime_cpu_per_act_us": 1e6 * step["runtime_cpu_s"] / max(1, int((np.asarray(step["rtt_us"]) >= 0).sum())),
+        "miss_pct": 100 * missed.mean() if obs else math.nan,
+        "deadline_pct": 100 * ((flags & DEADLINE) > 0).mean() if obs else math.nan,
+        "never": int(((flags & NEVER) > 0).sum()), "errors": int(((flags & ERROR) > 0).sum()),
+        "robots_missing": int((per_robot > 0).sum()), "rtt": pct(rtt), "runtime": pct(runtime), "late": late,
+        "warmup_deadline": sum(g["warmup"]["deadline"] for g in gens),
+        "warmup_misses": sum(g["warmup"]["misses"] for g in gens),
+        "kept_schedule": bool(late["p99"] <= KEPT_SCHEDULE_US),
+        "gen_cpu_pct": gen_cpu,
+        "gen_wait_pct": 100 * sum(g["runqueue_wait_s"] for g in gens) / gen_window if gen_window > 0 else math.nan,
+        "runtime_cpu_pct": runtime_cpu,
+        "runtime_wait_pct": 100 * step["runtime_sched"]["main_wait_s"] / window,
+        "machine_busy_pct": busy,
+        "rest_cpu_pct": busy * step["cores"] - runtime_cpu - gen_cpu,
+        "alerts": sum(v for v in step["alerts"].values() if isinstance(v, int)),
+        "steal_pct": shares.get("steal", 0.0),
+        "ticks": int(c.get("ticks", 0) or 0), "stale_dropped": int(c.get("stale_dropped", 0) or 0),
+        "planned_together": int(c.get("planned_together", 0) or 0),
+        "verdicts": step["verdicts"], "error_codes": step["errors"],
+    }
+
+
+def analyse(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{config: {"steps": [summary by N], "best": largest N with zero deadline verdicts, "next": the first step above it
+    that had some, "clean_below": every smaller N clean too}}."""
+    rate = raw["args"]["rate"]
+    out: dict[str, dict[str, Any]] = {}
+    for config in [c for c in raw["args"]["configs"].split(",") if c]:
+        steps = sorted((summarise(s, rate) for s in raw["steps"] if s["config"] == config), key=lambda s: s["n"])
+        clean = [s for s in steps if s["deadline"] == 0]
+        best = clean[-1]["n"] if clean else None
+        above = [s for s in steps if best is None or s["n"] > best]
+        out[config] = {"steps": steps, "best": best, "next": above[0] if above else None,
+                       "clean_below": all(s["deadline"] == 0 for s in steps if best is not None and s["n"] < best),
+                       "dirty_below": [s["n"] for s in steps if best is not None and s["n"] < best and s["deadline"]],
+                       "stopped": raw["stopped"].get(config)}
+    return out
+
+
+def limit(s: dict[str, Any]) -> str:
+    """What limited a step that had deadline verdicts: a generator short of CPU itself, the runtime's core, the
+    machine's two cores (the runtime's loop waiting for a CPU), or none of them (isolated stalls)."""
+    gen = (f"the generator {'kept' if s['kept_schedule'] else 'did not keep'} its schedule (send lateness p99 "
+           f"{num(s['late']['p99'])} µs, {s['gen_cpu_pct']:.0f}% CPU, waiting for a CPU {s['gen_wait_pct']:.0f}% of "
+           "the time)")
+    if not s["kept_schedule"] and s["gen_cpu_pct"] >= 85:
+        return f"the generator, short of CPU: {gen}"
+    if s["runtime_cpu_pct"] >= 85:
+        return f"the runtime's CPU ({s['runtime_cpu_pct']:.0f}% of a core); {gen}"
+    if s["machine_busy_pct"] >= 90:
+        return (f"the machine: both cores {s['machine_busy_pct']:.0f}% busy (runtime {s['runtime_cpu_pct']:.0f}% of "
+                f"a core, its loop waiting for a CPU {s['runtime_wait_pct']:.0f}% of the time; everything else on the "
+                f"machine {s['rest_cpu_pct']:.0f}% of a core); {gen}")
+    return (f"isolated stalls: neither the runtime's CPU ({s['runtime_cpu_pct']:.0f}%) nor the machine "
+            f"({s['machine_busy_pct']:.0f}% busy) saturated; {gen}")
+
+
+# -- the report ------------------------------------------------------------------------------------------------
+
+def num(x: Any, spec: str = ".0f") -> str:
+    if x is None:
+        return "–"
+    x = float(x)
+    return "∞" if x == math.inf else "–" if not math.isfinite(x) else format(x, spec)
+
+
+def table(summ: dict[str, dict[str, Any]]) -> list[str]:
+    head = ["configuration", "N", "observations measured", "**`deadline` verdicts (runtime)**",
+            "robot-side misses (%)", "round trip p50 / p99 / max (µs)", "runtime: arrival to decision p99 (µs)",
+            "runtime CPU % (its loop waiting for a CPU %); CPU µs per act", "runtime: ticks / `stale_dropped` / "
+            "`planned_together`",
+            "alerts filed", "generator: send lateness p50 / p99 (µs); CPU %, waiting %", "generator kept schedule",
+            "machine: busy %, the rest of it (% of a core), steal %"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 3) + "---|---:|"]
+    for config, a in summ.items():
+        for s in a["steps"]:
+            together = (f"{s['planned_together']:,} ({100 * s['planned_together'] / max(1, s['ticks']):.0f}%)"
+                        if CONFIGS[config]["batch_plans"] > 1 else "–")
+            lines.append("| " + " | ".join([
+                CONFIGS[config]["label"], str(s["n"]), f"{s['obs']:,}",
+                f"**{s['deadline']:,}**" + (f" ({s['deadline_pct']:.2f}%; {s['deadline_stalled']:,} send-stalled)"
+                                            if s["deadline"] else ""),
+                f"{s['misses']:,} ({s['miss_pct']:.2f})", " / ".join(num(s["rtt"][k]) for k in ("p50", "p99", "max")),
+                num(s["runtime"]["p99"]),
+                f"{s['runtime_cpu_pct']:.0f} ({s['runtime_wait_pct']:.0f}); {num(s['runtime_cpu_per_act_us'])}",
+                f"{s['ticks']:,} / {s['stale_dropped']:,} / {together}", str(s["alerts"]),
+                f"{num(s['late']['p50'])} / {num(s['late']['p99'])}; {s['gen_cpu_pct']:.0f}, {s['gen_wait_pct']:.0f}",
+                "yes" if s["kept_schedule"] else "**no**",
+                f"{s['machine_busy_pct']:.0f}, {s['rest_cpu_pct']:.0f}, {s['steal_pct']:.1f}"]) + " |")
+    return lines
+
+
+def conclusion(config: str, a: dict[str, Any], rate: float) -> str:
+    label = CONFIGS[config]["label"]
+    if a["best"] is None:
+        first = a["steps"][0] if a["steps"] else None
+        return (f"- {label}: **no N tested ran without a runtime deadline verdict**"
+                + (f" (N = {first['n']}: {first['deadline']:,}; limited by {limit(first)})." if first else "."))
+    line = f"- {label}: **{a['best']} robots at {rate:g} Hz with zero runtime deadline verdicts**"
+    nxt = a["next"]
+    if nxt is None:
+        line += " (the largest N tested)"
+    else:
+        line += (f"; at N = {nxt['n']}: {nxt['deadline']:,} verdicts ({nxt['deadline_pct']:.2f}% of the "
+                 f"observations), {nxt['miss_pct']:.2f}% robot-side misses, p99 {num(nxt['rtt']['p99'])} µs; "
+                 f"limited by {limit(nxt)}")
+    if a["dirty_below"]:
+        line += f" (but a smaller N had verdicts: N = {', '.join(map(str, a['dirty_below']))})"
+    if a["stopped"] is not None:
+        line += f"; not run above N = {a['stopped']} (more than the stop threshold of the observations missed)"
+    return line + "."
+
+
+def setup(raw: dict[str, Any]) -> str:
+    """The setup paragraph of the section."""
+    a = argparse.Namespace(**raw["args"])
+    cores = raw["run"]["machine"].get("cores", "?")
+    served = []
+    for name, b in raw["bundles"].items():
+        rate = num(b["control_rate_hz"], "g")
+        served.append(f"`{name}` ({b['about']}; " + (f"{rate} Hz" if rate == f"{a.rate:g}" else
+                                                     f"the bundle says {rate} Hz, served at {a.rate:g} Hz all the same")
+                      + ")")
+    pins = raw.get("generator_cpus") or []
+    pinned = (f", pinned to core {', '.join(str(c[0]) for c in pins)} so that the runtime keeps the other"
+              if pins and all(pins) else "")
+    return (f"**Setup.** One `vigil serve` per step (a fresh one every step; `--mode realtime --deadline-ms "
+            f"{a.deadline_ms:g}`, its alert store " + (f"under {a.store_dir}" if a.store_dir else "on disk, as shipped")
+            + f") serving {' or '.join(served)}, the bundles of the latency section; `--batch-plans 16` lets the "
+            "runtime plan the waiting observations of up to 16 robots in one onnxruntime call. "
+            f"**{a.generators} load-generator process{'es' if a.generators > 1 else ''}** (on {cores} cores{pinned}) "
+            f"play{'s' if a.generators == 1 else ''} N robots at {a.rate:g} Hz: one DEALER per robot (hello, reset), "
+            f"an observation per robot every {1e3 / a.rate:g} ms on a fixed schedule, the robots' phases evenly "
+            "staggered over the period, replies read as they come (an epoll of the sockets' ZMQ_FDs, waited on with "
+            "microsecond timeouts) and every one decoded. "
+            f"{a.duration_s:g} s measured per step after {a.warmup_s:g} s of warm-up; the configurations interleaved "
+            "at each N; a configuration goes no higher after a step in which more than "
+            f"{a.stop_miss_pct:g}% of the observations missed. *Round trip*: send to receipt of the observation's "
+            "`act`, late acts at their latency, an observation never answered as ∞. *Robot-side miss*: no `act` before "
+            f"the robot's next period (its scheduled send + {1e3 / a.rate:g} ms). *`deadline` verdicts*: acts whose "
+            f"`verdicts` carry the runtime's deadline monitor (arrival, dated from the robot's send, to decision over "
+            f"{a.deadline_ms:g} ms: the runtime sent the safe action). *Arrival to decision*: the acts' `queue_us` + "
+            f"`decide_us`. *Generator kept schedule*: its send lateness p99 at most {KEPT_SCHEDULE_US:g} µs. "
+            f"*Send-stalled*: verdicts on observations whose encode + send took over {SEND_STALL_US} µs (the generator "
+            "was descheduled after dating the observation, which the runtime counts as queueing). *CPU µs per act*: "
+            "the runtime's CPU (all its threads) over the acts it sent in the window. *Machine*: both cores, "
+            "everything on them; *the rest of it*: all but the runtime and the generator, in % of one core.")
+
+
+def render(raw: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section, from the raw results alone."""
+    a = argparse.Namespace(**raw["args"])
+    summ = analyse(raw)
+    run = raw["run"]
+    m = run["machine"]
+    lines = [BEGIN, "## Throughput: robots at 100 Hz one runtime serves", "",
+             written_by(run, seconds=raw["seconds"]) + f" (`make bench-throughput`). Memory {m.get('memory', '?')}; "
+             f"{m.get('OS', '?')}; {m.get('vigil environment', '')}. Load average {' '.join(raw['loadavg_start'])} "
+             f"at the start, {' '.join(raw['loadavg_end'])} at the end"
+             + (f"; other processes busy at the start: {'; '.join(raw['other_processes'])}."
+                if raw["other_processes"] else "; no other busy process at the start."), "",
+             setup(raw), "",
+             *table(summ), "", f"Largest N with zero runtime `deadline` verdicts (of N = {a.steps}):", ""]
+    lines += [conclusion(c, s, a.rate) for c, s in summ.items()]
+    batched = [c for c in summ if CONFIGS[c]["batch_plans"] > 1]
+    for c in batched:
+        tot = sum(s["planned_together"] for s in summ[c]["steps"])
+        ticks = sum(s["ticks"] for s in summ[c]["steps"])
+        lines.append(f"- {CONFIGS[c]['label']}: {tot:,} of {ticks:,} ticks ({100 * tot / max(1, ticks):.1f}%) were "
+                     "planned together with another robot's (the runtime's `planned_together` counter, all steps).")
+    worst: dict[str, float] = {}
+    for step in raw["steps"]:
+        for cpu, _, _, cmd in step.get("others", []):
+            worst[cmd] = max(worst.get(cmd, 0.0), cpu)
+    if worst:
+        top = sorted(worst.items(), key=lambda kv: -kv[1])[:4]
+        lines += ["", "Other processes busiest in the measured windows (the most each used in one step, % of a core): "
+                  + "; ".join(f"{cpu:.0f}% `{cmd}`" for cmd, cpu in top) + "."]
+    lines += ["", f"![p99 round trip, misses and runtime CPU against N]({FIGURE.relative_to(ROOT).as_posix()})", "",
+              "Raw results: `bench/out/throughput.json` (every measured observation's round trip, arrival-to-decision "
+              "time, send lateness and flags, per step); `--report-only` renders this section and the figure again "
+              "from it.", END]
+    return "\n".join(lines)
+
+
+def plot(raw: dict[str, Any], path: Path = FIGURE) -> Path:
+    """p99 round trip, misses and deadline verdicts, and the runtime's CPU against N, per configuration."""
+    plt = pyplot()
+    summ = analyse(raw)
+    a = argparse.Namespace(**raw["args"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    for k, (config, an) in enumerate(summ.items()):
+        steps = an["steps"]
+        if not steps:
+            continue
+        n = [s["n"] for s in steps]
+        color = f"C{k}"
+        label = CONFIGS[config]["label"]
+        p99 = [s["rtt"]["p99"] if math.isfinite(s["rtt"]["p99"]) else np.nan for s in steps]
+        axes[0].plot(n, p99, "o-", color=color, label=label)
+        axes[1].plot(n, [s["miss_pct"] for s in steps], "o-", color=color, label=f"{label}: robot-side misses")
+        axes[1].plot(n, [s["deadline_pct"] for s in steps], "x--", color=color, label=f"{label}: `deadline` verdicts")
+        axes[2].plot(n, [s["runtime_cpu_pct"] for s in steps], "o-", color=color, label=f"{label}: runtime")
+        axes[2].plot(n, [s["gen_cpu_pct"] for s in steps], "x:", color=color, label=f"{label}: generator")
+        if an["best"] is not None:
+            best = next(s for s in steps if s["n"] == an["best"])
+            axes[0].plot([best["n"]], [best["rtt"]["p99"]], "*", ms=14, color=color, mec="k")
+    axes[0].axhline(a.deadline_ms * 1e3, color="r", lw=0.8)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("round trip p99 (µs; ∞ not drawn)")
+    axes[0].set_title(f"p99 round trip (red: the {a.deadline_ms:g} ms deadline; ★ largest N without a verdict)",
+                      fontsize=8.5)
+    axes[1].set_yscale("symlog", linthresh=0.01)
+    axes[1].set_ylabel("% of the observations")
+    axes[1].set_title("robot-side misses (o) and runtime `deadline` verdicts (x)", fontsize=8.5)
+    axes[2].set_ylabel("% of one core")
+    axes[2].set_title("CPU over the measured window", fontsize=8.5)
+    for ax in axes:
+        ax.set_xlabel(f"robots at {a.rate:g} Hz (N)")
+        ax.grid(alpha=0.3, which="both", lw=0.4)
+        ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def write_section_after_latency(text: str, path: Path = BENCHMARKS) -> None:
+    """The section between its markers; the first time, right after the latency section's end marker."""
+    doc = path.read_text() if path.exists() else ""
+    after = markers("latency")[1]
+    if BEGIN not in doc and after in doc:
+        path.write_text(doc.replace(after, f"{after}\n\n{text}", 1))
+    else:
+        write_section(path, text, BEGIN, END, BENCHMARKS_INTRO)
+
+
+# -- entry point -----------------------------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", default=DEFAULT_STEPS, help="the numbers of robots N, in increasing order")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"configurations (of {', '.join(CONFIGS)})")
+    p.add_argument("--rate", type=float, default=100.0, help="each robot's control rate (Hz)")
+    p.add_argument("--deadline-ms", type=float, default=10.0, help="the runtime's deadline (--deadline-ms)")
+    p.add_argument("--duration-s", type=float, default=4.0, help="measured seconds per step")
+    p.add_argument("--warmup-s", type=float, default=1.2,
+                   help="seconds per step before measuring: past the runtime's first telemetry message, 1 s after "
+                        "its start (a one-off stall of 10-40 ms)")
+    p.add_argument("--generators", type=int, default=1, help="load-generator processes")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin the generators to the last cores (pinned, the runtime keeps the other cores)")
+    p.add_argument("--stop-miss-pct", type=float, default=20.0,
+                   help="a configuration goes no higher after a step where more than this % of observations missed")
+    p.add_argument("--store-dir", default="",
+                   help="put the runtime's alert store in a folder of this directory (e.g. /dev/shm: no fsync "
+                        "cost), a diagnostic; default: the step's work folder on disk, as shipped")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RAW), help="the raw results file")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-write", action="store_true", help="print the section only: no raw file, figure or markdown")
+    p.add_argument("--raw-only", action="store_true", help="write the raw file only (and print the section)")
+    p.add_argument("--report-only", action="store_true", help="measure nothing: render from the raw file")
+    args = p.parse_args(argv)
+    for c in filter(None, args.configs.split(",")):
+        if c not in CONFIGS:
+            p.error(f"unknown configuration {c!r}")
+    steps = [int(s) for s in args.steps.split(",") if s]
+    if not steps or steps != sorted(steps) or steps[0] < 1:
+        p.error("--steps must be positive and increasing")
+    if args.generators < 1:
+        p.error("--generators must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    raw_path = Path(args.out)
+    if args.report_only:
+        raw = read_raw(raw_path)
+    else:
+        raw = measure(args)
+        if not args.no_write:
+            write_raw(raw_path, raw)
+            print(f"wrote {raw_path}")
+    text = render(raw)
+    print(text)
+    if args.no_write or args.raw_only:
+        return 0
+    figure = plot(raw)
+    write_section_after_latency(text)
+    print(f"wrote BENCHMARKS.md ({NAME} section), {figure.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
