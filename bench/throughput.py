@@ -26,10 +26,11 @@ own judgement: arrival, dated from the robot's send, to decision over 10 ms), an
 own lateness (actual send against schedule) and CPU, so that a saturated generator is not blamed on the
 runtime, and the machine's CPU (steal included).
 
-N goes up in steps (`--steps`), the configurations interleaved at each N (so a drift of the machine's load falls
-on all of them alike); a configuration stops going up after a step where more than `--stop-miss-pct` of the
-observations missed. Raw results go to bench/out/throughput.json; the section between the `throughput` markers
-of BENCHMARKS.md and docs/figures/throughput.png are rendered from that file alone (`render`, `--report-only`).
+N goes up in steps (`--steps`), each configuration run `--repeats` times at each N (a fresh runtime each time,
+pooled), the configurations interleaved (so a drift of the machine's load falls on all of them alike); a
+configuration stops going up after a step where more than `--stop-miss-pct` of the observations missed. Raw
+results go to bench/out/throughput.json; the section between the `throughput` markers of BENCHMARKS.md and
+docs/figures/throughput.png are rendered from that file alone (`render`, `--report-only`).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.throughput                  # make bench-throughput (~5 min)
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.throughput --steps 5,20 --duration-s 2 --no-write   # smoke
@@ -96,7 +97,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "linear_gain-batch16": {"bundle": "linear_gain", "batch_plans": 16, "label": "linear_gain, --batch-plans 16"},
 }
 DEFAULT_CONFIGS = "linear_gain,gaussian,gaussian-batch16"
-DEFAULT_STEPS = "5,10,20,40,60,80,100,120,160"
+DEFAULT_STEPS = "5,10,15,20,25,30,40,60"
 MISS, DEADLINE, NEVER, ERROR, SAFE = 1, 2, 4, 8, 16  # per-observation flags
 SEQ0 = 3  # a robot's observation seqs start here (1: hello, 2: reset)
 SEND_STALL_US = 500  # an encode + send that took longer than this: the generator was descheduled in between
@@ -499,7 +500,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"run": info, "args": vars(args), "other_processes": other_processes(),
                               "loadavg_start": loadavg(), "steps": [], "stopped": {}}
     rng = np.random.default_rng(args.seed)
-    plan = [(n, c) for n in steps for c in configs]
+    plan = [(n, rep, c) for n in steps for rep in range(args.repeats)
+            for c in (configs if rep % 2 == 0 else configs[::-1])]  # the order reversed every other repeat
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         tmp_path = Path(tmp)
         gens = Generators(args.generators, not args.no_pin)  # they start while the bundles are exported
@@ -507,20 +509,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         try:
             result["bundles"] = export_bundles(tmp_path / "bundles", {CONFIGS[c]["bundle"] for c in configs})
             bar = tqdm(plan, unit="step", disable=args.no_progress, desc=f"throughput {len(configs)} configurations")
-            for k, (n, config) in enumerate(bar):
-                if config in result["stopped"]:
+            for k, (n, repeat, config) in enumerate(bar):
+                if n > result["stopped"].get(config, n):
                     continue
-                bar.set_postfix_str(f"{config} N={n}", refresh=True)
+                bar.set_postfix_str(f"{config} N={n} repeat {repeat}", refresh=True)
                 step = one_step(gens, args, tmp_path / "bundles", tmp_path / f"step{k}", config, n,
                                 int(rng.integers(2**31)))
-                step = raw_copy({**step, "index": k})
+                step = raw_copy({**step, "index": k, "repeat": repeat})
                 result["steps"].append(step)
-                s = summarise(step, args.rate)
-                bar.write(f"{config:20s} N={n:4d}: deadline {s['deadline']:5d}, misses {s['misses']:5d} "
+                s = summarise([step], args.rate)
+                bar.write(f"{config:20s} N={n:4d} #{repeat}: deadline {s['deadline']:5d}, misses {s['misses']:5d} "
                           f"({s['miss_pct']:.2f}%), p50/p99 {num(s['rtt']['p50'])}/{num(s['rtt']['p99'])} us, runtime "
                           f"{s['runtime_cpu_pct']:.0f}% CPU, generator {s['gen_cpu_pct']:.0f}% CPU lateness p99 "
                           f"{num(s['late']['p99'])} us, machine {s['machine_busy_pct']:.0f}% busy")
-                if s["miss_pct"] > args.stop_miss_pct:
+                if s["miss_pct"] > args.stop_miss_pct:  # its other repeats at this N still run, no higher N
                     result["stopped"][config] = n
         finally:
             gens.close()
@@ -541,51 +543,54 @@ def pct(x: Any) -> dict[str, float]:
     return {"n": int(len(x)), "p50": float(p50), "p99": float(p99), "p999": float(p999), "max": float(x.max())}
 
 
-def summarise(step: dict[str, Any], rate: float) -> dict[str, Any]:
-    """The figures of one step."""
-    flags = np.asarray(step["flags"], int)
-    rtt = np.asarray(step["rtt_us"], float)
+def summarise(steps: list[dict[str, Any]], rate: float) -> dict[str, Any]:
+    """The figures of one configuration at one N: its repeats pooled (observations together, CPU over the summed
+    windows)."""
+    cat = lambda key: np.concatenate([np.asarray(s[key]) for s in steps])  # noqa: E731
+    flags = cat("flags").astype(int)
+    rtt = cat("rtt_us").astype(float)
     rtt[rtt < 0] = math.inf
-    runtime = np.asarray(step["runtime_us"], float)
+    runtime = cat("runtime_us").astype(float)
     runtime[runtime < 0] = math.nan
     obs = len(flags)
-    gens = step["generators"]
-    window = step["window_s"]
-    gen_window = sum(g["window_s"] for g in gens)
-    robots = np.asarray(step["robot"], int)
+    gens = [g for s in steps for g in s["generators"]]
+    window = sum(s["window_s"] for s in steps)
+    gen_window = sum(s["window_s"] for s in steps)  # the generators run side by side: their CPU adds up
     missed = (flags & MISS) > 0
     deadline = (flags & DEADLINE) > 0
-    stalled = np.asarray(step["send_us"]) > SEND_STALL_US
-    per_robot = np.bincount(robots[missed], minlength=step["n"]) if obs else np.zeros(step["n"], int)
-    c = step["counters"]
-    late = pct(step["late_us"])
-    shares = step["machine_shares"]
-    busy = 100 - shares.get("idle", 0.0) - shares.get("iowait", 0.0)  # % of all cores
-    runtime_cpu = 100 * step["runtime_cpu_s"] / window
-    gen_cpu = sum(100 * g["cpu_s"] / g["window_s"] for g in gens if g["window_s"] > 0)  # % of one core, all together
+    stalled = cat("send_us") > SEND_STALL_US
+    late = pct(cat("late_us"))
+    busy = [100 - s["machine_shares"].get("idle", 0.0) - s["machine_shares"].get("iowait", 0.0) for s in steps]
+    machine_busy = float(np.average(busy, weights=[s["window_s"] for s in steps]))  # % of all cores
+    runtime_cpu_s = sum(s["runtime_cpu_s"] for s in steps)
+    runtime_cpu = 100 * runtime_cpu_s / window
+    gen_cpu = 100 * sum(g["cpu_s"] for g in gens) / gen_window
+    counters = lambda key: sum(int(s["counters"].get(key, 0) or 0) for s in steps)  # noqa: E731
     return {
-        "n": step["n"], "obs": obs, "expected": int(round(step["n"] * rate * (window if window else 0))),
-        "deadline": int(deadline.sum()), "misses": int(missed.sum()), "send_stalls": int(stalled.sum()),
+        "n": steps[0]["n"], "repeats": len(steps), "obs": obs,
+        "deadline": int(deadline.sum()), "deadline_per_repeat": [int(((np.asarray(s["flags"]) & DEADLINE) > 0).sum())
+                                                                for s in steps],
+        "misses": int(missed.sum()), "send_stalls": int(stalled.sum()),
         "deadline_stalled": int((deadline & stalled).sum()),
-        "runtime_cpu_per_act_us": 1e6 * step["runtime_cpu_s"] / max(1, int((np.asarray(step["rtt_us"]) >= 0).sum())),
+        "runtime_cpu_per_act_us": 1e6 * runtime_cpu_s / max(1, int(np.isfinite(rtt).sum())),
         "miss_pct": 100 * missed.mean() if obs else math.nan,
-        "deadline_pct": 100 * ((flags & DEADLINE) > 0).mean() if obs else math.nan,
+        "deadline_pct": 100 * deadline.mean() if obs else math.nan,
         "never": int(((flags & NEVER) > 0).sum()), "errors": int(((flags & ERROR) > 0).sum()),
-        "robots_missing": int((per_robot > 0).sum()), "rtt": pct(rtt), "runtime": pct(runtime), "late": late,
+        "rtt": pct(rtt), "runtime": pct(runtime), "late": late,
         "warmup_deadline": sum(g["warmup"]["deadline"] for g in gens),
         "warmup_misses": sum(g["warmup"]["misses"] for g in gens),
         "kept_schedule": bool(late["p99"] <= KEPT_SCHEDULE_US),
         "gen_cpu_pct": gen_cpu,
-        "gen_wait_pct": 100 * sum(g["runqueue_wait_s"] for g in gens) / gen_window if gen_window > 0 else math.nan,
+        "gen_wait_pct": 100 * sum(g["runqueue_wait_s"] for g in gens) / gen_window,
         "runtime_cpu_pct": runtime_cpu,
-        "runtime_wait_pct": 100 * step["runtime_sched"]["main_wait_s"] / window,
-        "machine_busy_pct": busy,
-        "rest_cpu_pct": busy * step["cores"] - runtime_cpu - gen_cpu,
-        "alerts": sum(v for v in step["alerts"].values() if isinstance(v, int)),
-        "steal_pct": shares.get("steal", 0.0),
-        "ticks": int(c.get("ticks", 0) or 0), "stale_dropped": int(c.get("stale_dropped", 0) or 0),
-        "planned_together": int(c.get("planned_together", 0) or 0),
-        "verdicts": step["verdicts"], "error_codes": step["errors"],
+        "runtime_wait_pct": 100 * sum(s["runtime_sched"]["main_wait_s"] for s in steps) / window,
+        "machine_busy_pct": machine_busy,
+        "rest_cpu_pct": machine_busy * steps[0]["cores"] - runtime_cpu - gen_cpu,
+        "steal_pct": float(np.average([s["machine_shares"].get("steal", 0.0) for s in steps],
+                                      weights=[s["window_s"] for s in steps])),
+        "alerts": sum(v for s in steps for v in s["alerts"].values() if isinstance(v, int)),
+        "ticks": counters("ticks"), "stale_dropped": counters("stale_dropped"),
+        "planned_together": counters("planned_together"),
     }
 
 
@@ -595,7 +600,8 @@ def analyse(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     rate = raw["args"]["rate"]
     out: dict[str, dict[str, Any]] = {}
     for config in [c for c in raw["args"]["configs"].split(",") if c]:
-        steps = sorted((summarise(s, rate) for s in raw["steps"] if s["config"] == config), key=lambda s: s["n"])
+        ns = sorted({s["n"] for s in raw["steps"] if s["config"] == config})
+        steps = [summarise([s for s in raw["steps"] if s["config"] == config and s["n"] == n], rate) for n in ns]
         clean = [s for s in steps if s["deadline"] == 0]
         best = clean[-1]["n"] if clean else None
         above = [s for s in steps if best is None or s["n"] > best]
@@ -634,7 +640,7 @@ def num(x: Any, spec: str = ".0f") -> str:
 
 
 def table(summ: dict[str, dict[str, Any]]) -> list[str]:
-    head = ["configuration", "N", "observations measured", "**`deadline` verdicts (runtime)**",
+    head = ["configuration", "N", "observations measured (repeats)", "**`deadline` verdicts (runtime)**",
             "robot-side misses (%)", "round trip p50 / p99 / max (µs)", "runtime: arrival to decision p99 (µs)",
             "runtime CPU % (its loop waiting for a CPU %); CPU µs per act", "runtime: ticks / `stale_dropped` / "
             "`planned_together`",
@@ -646,8 +652,9 @@ def table(summ: dict[str, dict[str, Any]]) -> list[str]:
             together = (f"{s['planned_together']:,} ({100 * s['planned_together'] / max(1, s['ticks']):.0f}%)"
                         if CONFIGS[config]["batch_plans"] > 1 else "–")
             lines.append("| " + " | ".join([
-                CONFIGS[config]["label"], str(s["n"]), f"{s['obs']:,}",
-                f"**{s['deadline']:,}**" + (f" ({s['deadline_pct']:.2f}%; {s['deadline_stalled']:,} send-stalled)"
+                CONFIGS[config]["label"], str(s["n"]), f"{s['obs']:,} ({s['repeats']})",
+                f"**{s['deadline']:,}**" + (f" ({' + '.join(map(str, s['deadline_per_repeat']))}; "
+                                            f"{s['deadline_pct']:.2f}%; {s['deadline_stalled']:,} send-stalled)"
                                             if s["deadline"] else ""),
                 f"{s['misses']:,} ({s['miss_pct']:.2f})", " / ".join(num(s["rtt"][k]) for k in ("p50", "p99", "max")),
                 num(s["runtime"]["p99"]),
@@ -702,13 +709,15 @@ def setup(raw: dict[str, Any]) -> str:
             f"an observation per robot every {1e3 / a.rate:g} ms on a fixed schedule, the robots' phases evenly "
             "staggered over the period, replies read as they come (an epoll of the sockets' ZMQ_FDs, waited on with "
             "microsecond timeouts) and every one decoded. "
-            f"{a.duration_s:g} s measured per step after {a.warmup_s:g} s of warm-up; the configurations interleaved "
-            "at each N; a configuration goes no higher after a step in which more than "
+            f"{a.duration_s:g} s measured per step after {a.warmup_s:g} s of warm-up, {a.repeats} steps (repeats) per "
+            "configuration and N, pooled; the configurations interleaved at each N (their order reversed every other "
+            "repeat); a configuration goes no higher after a step in which more than "
             f"{a.stop_miss_pct:g}% of the observations missed. *Round trip*: send to receipt of the observation's "
             "`act`, late acts at their latency, an observation never answered as ∞. *Robot-side miss*: no `act` before "
             f"the robot's next period (its scheduled send + {1e3 / a.rate:g} ms). *`deadline` verdicts*: acts whose "
             f"`verdicts` carry the runtime's deadline monitor (arrival, dated from the robot's send, to decision over "
-            f"{a.deadline_ms:g} ms: the runtime sent the safe action). *Arrival to decision*: the acts' `queue_us` + "
+            f"{a.deadline_ms:g} ms: the runtime sent the safe action; in brackets: per repeat, their share, and how "
+            "many were send-stalled). *Arrival to decision*: the acts' `queue_us` + "
             f"`decide_us`. *Generator kept schedule*: its send lateness p99 at most {KEPT_SCHEDULE_US:g} µs. "
             f"*Send-stalled*: verdicts on observations whose encode + send took over {SEND_STALL_US} µs (the generator "
             "was descheduled after dating the observation, which the runtime counts as queueing). *CPU µs per act*: "
@@ -753,11 +762,15 @@ def render(raw: dict[str, Any]) -> str:
 
 
 def plot(raw: dict[str, Any], path: Path = FIGURE) -> Path:
-    """p99 round trip, misses and deadline verdicts, and the runtime's CPU against N, per configuration."""
+    """p99 round trip, misses and deadline verdicts, and the CPU of the runtime, the generator and the rest of the
+    machine against N, per configuration."""
     plt = pyplot()
     summ = analyse(raw)
     a = argparse.Namespace(**raw["args"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    finite = [s["rtt"]["p99"] for an in summ.values() for s in an["steps"] if math.isfinite(s["rtt"]["p99"])]
+    ceiling = 2 * max([a.deadline_ms * 1e3, *finite])  # where an unbounded p99 (observations never answered) is drawn
+    rest: dict[int, list[float]] = {}
     for k, (config, an) in enumerate(summ.items()):
         steps = an["steps"]
         if not steps:
@@ -765,25 +778,34 @@ def plot(raw: dict[str, Any], path: Path = FIGURE) -> Path:
         n = [s["n"] for s in steps]
         color = f"C{k}"
         label = CONFIGS[config]["label"]
-        p99 = [s["rtt"]["p99"] if math.isfinite(s["rtt"]["p99"]) else np.nan for s in steps]
-        axes[0].plot(n, p99, "o-", color=color, label=label)
+        p99 = [s["rtt"]["p99"] if math.isfinite(s["rtt"]["p99"]) else ceiling for s in steps]
+        axes[0].plot(n, p99, "-", color=color, label=label)
+        for x, y in zip(n, p99):
+            axes[0].plot([x], [y], "^" if y == ceiling else "o", color=color)
+        if an["best"] is not None:
+            best = next(s for s in steps if s["n"] == an["best"])
+            axes[0].plot([best["n"]], [best["rtt"]["p99"]], "*", ms=15, color=color, mec="k")
         axes[1].plot(n, [s["miss_pct"] for s in steps], "o-", color=color, label=f"{label}: robot-side misses")
         axes[1].plot(n, [s["deadline_pct"] for s in steps], "x--", color=color, label=f"{label}: `deadline` verdicts")
         axes[2].plot(n, [s["runtime_cpu_pct"] for s in steps], "o-", color=color, label=f"{label}: runtime")
         axes[2].plot(n, [s["gen_cpu_pct"] for s in steps], "x:", color=color, label=f"{label}: generator")
-        if an["best"] is not None:
-            best = next(s for s in steps if s["n"] == an["best"])
-            axes[0].plot([best["n"]], [best["rtt"]["p99"]], "*", ms=14, color=color, mec="k")
+        for s in steps:
+            rest.setdefault(s["n"], []).append(s["rest_cpu_pct"])
+    if rest:
+        ns = sorted(rest)
+        axes[2].plot(ns, [float(np.mean(rest[x])) for x in ns], "s-", color="0.55", lw=1,
+                     label="the rest of the machine (mean)")
     axes[0].axhline(a.deadline_ms * 1e3, color="r", lw=0.8)
     axes[0].set_yscale("log")
-    axes[0].set_ylabel("round trip p99 (µs; ∞ not drawn)")
-    axes[0].set_title(f"p99 round trip (red: the {a.deadline_ms:g} ms deadline; ★ largest N without a verdict)",
-                      fontsize=8.5)
+    axes[0].set_ylabel("round trip p99 (µs)")
+    axes[0].set_title(f"p99 round trip (red: the {a.deadline_ms:g} ms deadline)\n▲: ∞ (observations never answered);"
+                      " ★: largest N without a verdict", fontsize=8.5)
     axes[1].set_yscale("symlog", linthresh=0.01)
     axes[1].set_ylabel("% of the observations")
     axes[1].set_title("robot-side misses (o) and runtime `deadline` verdicts (x)", fontsize=8.5)
     axes[2].set_ylabel("% of one core")
-    axes[2].set_title("CPU over the measured window", fontsize=8.5)
+    axes[2].set_title(f"CPU over the measured windows ({raw['run']['machine'].get('cores', '?')} cores in all)",
+                      fontsize=8.5)
     for ax in axes:
         ax.set_xlabel(f"robots at {a.rate:g} Hz (N)")
         ax.grid(alpha=0.3, which="both", lw=0.4)
@@ -815,6 +837,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-s", type=float, default=1.2,
                    help="seconds per step before measuring: past the runtime's first telemetry message, 1 s after "
                         "its start (a one-off stall of 10-40 ms)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs per configuration and N (a fresh runtime each, the configurations' order reversed "
+                        "every other repeat), pooled")
     p.add_argument("--generators", type=int, default=1, help="load-generator processes")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin the generators to the last cores (pinned, the runtime keeps the other cores)")
@@ -836,6 +861,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     steps = [int(s) for s in args.steps.split(",") if s]
     if not steps or steps != sorted(steps) or steps[0] < 1:
         p.error("--steps must be positive and increasing")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     if args.generators < 1:
         p.error("--generators must be at least 1")
     return args

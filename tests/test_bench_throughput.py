@@ -19,7 +19,8 @@ def test_short_run_writes_raw_results_and_the_report_renders_from_them(tmp_path)
     raw_path = tmp_path / "throughput.json"
     proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--steps", "2,4", "--configs",
                            "linear_gain,linear_gain-batch16", "--duration-s", "1", "--warmup-s", "0.3",
-                           "--stop-miss-pct", "100", "--no-progress", "--raw-only", "--out", str(raw_path)],
+                           "--repeats", "1", "--stop-miss-pct", "100", "--no-progress", "--raw-only", "--out",
+                           str(raw_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
