@@ -50,8 +50,9 @@ bench-flow-latency: $(STAMP)
 	$(BIN)/python -m bench.flow_latency
 
 # Throughput (robots at 100 Hz one runtime serves with zero deadline verdicts): N robots from one load-generator
-# process against a fresh `vigil serve` (realtime, 10 ms deadline) per step, N rising, both bundles and the gaussian
-# one with --batch-plans 16. About 5 minutes; writes its section of BENCHMARKS.md and docs/figures/throughput.png.
+# process against a fresh `vigil serve` (realtime, 10 ms deadline) per step, N rising, both bundles, the gaussian one
+# with --batch-plans 16 and (a diagnostic) with its telemetry off. About 6 minutes; writes its section of BENCHMARKS.md
+# and docs/figures/throughput.png.
 bench-throughput: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.throughput
 

@@ -5,7 +5,9 @@ One `vigil serve` (realtime mode, `--deadline-ms 10`, a fresh one per step, its 
 serves one of two bundles, both written for the run as bench/latency.py writes them: `linear_gain`, the
 aircraft-pitch LQR (3 floats in, 1 out; `export_lqr`), and `gaussian`, a 39-256-256-4 ReLU MLP (random weights,
 100 Hz; `export_gaussian`). A configuration is a bundle and the runtime's `--batch-plans` (1: every robot's
-tick plans alone; 16: the waiting observations of up to 16 robots are planned in one call).
+tick plans alone; 16: the waiting observations of up to 16 robots are planned in one call), and for diagnosis
+other `vigil serve` options: `gaussian-telemetry3600` runs the gaussian bundle with its periodic telemetry message
+(every second by default: two `np.percentile` per robot, in the loop) once an hour instead.
 
 The load generator plays N robots at 100 Hz each from one process (`--generators`, default 1: on a 2-core
 machine the runtime keeps the other core). `RobotLink.step` blocks per robot, so the generator is asynchronous:
@@ -32,7 +34,7 @@ configuration stops going up after a step where more than `--stop-miss-pct` of t
 results go to bench/out/throughput.json; the section between the `throughput` markers of BENCHMARKS.md and
 docs/figures/throughput.png are rendered from that file alone (`render`, `--report-only`).
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.throughput                  # make bench-throughput (~5 min)
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.throughput                  # make bench-throughput (~6 min)
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.throughput --steps 5,20 --duration-s 2 --no-write   # smoke
     .venv/bin/python -m bench.throughput --report-only                      # the section again, from bench/out
 """
@@ -95,13 +97,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "gaussian": {"bundle": "gaussian", "batch_plans": 1, "label": "gaussian"},
     "gaussian-batch16": {"bundle": "gaussian", "batch_plans": 16, "label": "gaussian, --batch-plans 16"},
     "linear_gain-batch16": {"bundle": "linear_gain", "batch_plans": 16, "label": "linear_gain, --batch-plans 16"},
+    # a diagnostic: the runtime's periodic telemetry message (1 s) computes two np.percentile per robot in its loop
+    "gaussian-telemetry3600": {"bundle": "gaussian", "batch_plans": 1, "serve": {"telemetry_s": 3600},
+                               "label": "gaussian, --telemetry-s 3600 (diagnostic)"},
 }
-DEFAULT_CONFIGS = "linear_gain,gaussian,gaussian-batch16"
+DEFAULT_CONFIGS = "linear_gain,gaussian,gaussian-batch16,gaussian-telemetry3600"
 DEFAULT_STEPS = "5,10,15,20,25,30,40,60"
 MISS, DEADLINE, NEVER, ERROR, SAFE = 1, 2, 4, 8, 16  # per-observation flags
 SEQ0 = 3  # a robot's observation seqs start here (1: hello, 2: reset)
 SEND_STALL_US = 500  # an encode + send that took longer than this: the generator was descheduled in between
 KEPT_SCHEDULE_US = 1000.0  # the generator kept its schedule: p99 of its send lateness at most a tenth of a period
+BURST_GAP_MS = 50.0  # deadline verdicts closer than this (by scheduled send) are one burst
 OBS_POOL = 1024  # distinct observations the robots cycle through
 
 
@@ -281,7 +287,8 @@ def play(ctx, conn, endpoint: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"robots": [int(i) for i, _ in robots], "n": n, "rounds": rounds,
             "robot_of": np.tile(np.arange(n, dtype=np.int32), rounds)[keep],
             "rtt_us": np.round(rtt[keep]).astype(np.int64), "runtime_us": np.round(np.asarray(runtime_us)[keep]),
-            "flags": fl[keep], "late_us": np.round((sent_a - sched_a)[keep] * 1e6).astype(np.int64),
+            "flags": fl[keep], "t_ms": np.round((sched_a[keep] - t_first) * 1e3, 1),
+            "late_us": np.round((sent_a - sched_a)[keep] * 1e6).astype(np.int64),
             "warmup": {"obs": int((~keep).sum()), "misses": int(((fl[~keep] & MISS) > 0).sum()),
                        "deadline": int(((fl[~keep] & DEADLINE) > 0).sum())},
             "verdicts": verdicts, "errors": errors, **counts, "cpu_s": cpu, "window_s": window,
@@ -406,7 +413,8 @@ def drive(gens: Generators, args: argparse.Namespace, bundles: Path, workdir: Pa
     b = BUNDLES[cfg["bundle"]]
     served = start_serve(bundles / cfg["bundle"], workdir, env={"OMP_NUM_THREADS": "1"}, mode="realtime",
                          deadline_ms=f"{args.deadline_ms:g}", log_level="WARNING", store=str(store_dir / "alerts.db"),
-                         batch_plans=cfg["batch_plans"] if cfg["batch_plans"] > 1 else None)
+                         batch_plans=cfg["batch_plans"] if cfg["batch_plans"] > 1 else None,
+                         **{**cfg.get("serve", {}), **serve_flags(args.serve_args)})
     period = 1.0 / args.rate
     g = len(gens.conns)
     members = list(zip(gens.conns, gens.procs))
@@ -436,7 +444,7 @@ def drive(gens: Generators, args: argparse.Namespace, bundles: Path, workdir: Pa
     counters = served.stop()
     alerts = filed_alerts(store_dir / "alerts.db")
     merged: dict[str, Any] = {}
-    for key in ("rtt_us", "runtime_us", "flags", "late_us", "send_us"):
+    for key in ("rtt_us", "runtime_us", "flags", "t_ms", "late_us", "send_us"):
         merged[key] = np.concatenate([p[key] for p in parts])
     merged["robot"] = np.concatenate([np.asarray(p["robots"], np.int32)[p["robot_of"]] for p in parts])
     gens_out = [{k: p[k] for k in ("n", "cpu_s", "window_s", "on_cpu_s", "runqueue_wait_s", "behind", "acts",
@@ -479,6 +487,18 @@ def busiest(before: dict[int, tuple[float, str]], after: dict[int, tuple[float, 
             cmd = ""
         rows.append([100 * used / window, pid, name, (cmd or name)[:90]])
     return sorted(rows, reverse=True)[:top]
+
+
+def serve_flags(text: str) -> dict[str, Any]:
+    """`--serve-args "--telemetry-s 3600 --busy-poll-us 0"` as start_serve flags (a bare `--switch` is True)."""
+    import shlex
+
+    words, flags = shlex.split(text), {}
+    for i, w in enumerate(words):
+        if w.startswith("--"):
+            nxt = words[i + 1] if i + 1 < len(words) else None
+            flags[w[2:].replace("-", "_")] = nxt if nxt is not None and not nxt.startswith("--") else True
+    return flags
 
 
 def add_counts(counts) -> dict[str, int]:
@@ -559,6 +579,7 @@ def summarise(steps: list[dict[str, Any]], rate: float) -> dict[str, Any]:
     missed = (flags & MISS) > 0
     deadline = (flags & DEADLINE) > 0
     stalled = cat("send_us") > SEND_STALL_US
+    bursts = [b for st in steps for b in verdict_bursts(st)]
     late = pct(cat("late_us"))
     busy = [100 - s["machine_shares"].get("idle", 0.0) - s["machine_shares"].get("iowait", 0.0) for s in steps]
     machine_busy = float(np.average(busy, weights=[s["window_s"] for s in steps]))  # % of all cores
@@ -570,7 +591,7 @@ def summarise(steps: list[dict[str, Any]], rate: float) -> dict[str, Any]:
         "n": steps[0]["n"], "repeats": len(steps), "obs": obs,
         "deadline": int(deadline.sum()), "deadline_per_repeat": [int(((np.asarray(s["flags"]) & DEADLINE) > 0).sum())
                                                                 for s in steps],
-        "misses": int(missed.sum()), "send_stalls": int(stalled.sum()),
+        "misses": int(missed.sum()), "send_stalls": int(stalled.sum()), "bursts": bursts,
         "deadline_stalled": int((deadline & stalled).sum()),
         "runtime_cpu_per_act_us": 1e6 * runtime_cpu_s / max(1, int(np.isfinite(rtt).sum())),
         "miss_pct": 100 * missed.mean() if obs else math.nan,
@@ -592,6 +613,16 @@ def summarise(steps: list[dict[str, Any]], rate: float) -> dict[str, Any]:
         "ticks": counters("ticks"), "stale_dropped": counters("stale_dropped"),
         "planned_together": counters("planned_together"),
     }
+
+
+def verdict_bursts(step: dict[str, Any], gap_ms: float = BURST_GAP_MS) -> list[list[float]]:
+    """The step's `deadline` verdicts in bursts (runs of verdicts less than `gap_ms` apart, by the observations'
+    scheduled send): [start (ms into the window), length (ms), verdicts] each."""
+    t = np.sort(np.asarray(step["t_ms"], float)[(np.asarray(step["flags"]) & DEADLINE) > 0])
+    if not len(t):
+        return []
+    groups = np.split(t, np.nonzero(np.diff(t) > gap_ms)[0] + 1)
+    return [[float(g[0]), float(g[-1] - g[0]), len(g)] for g in groups]
 
 
 def analyse(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -654,8 +685,9 @@ def table(summ: dict[str, dict[str, Any]]) -> list[str]:
             lines.append("| " + " | ".join([
                 CONFIGS[config]["label"], str(s["n"]), f"{s['obs']:,} ({s['repeats']})",
                 f"**{s['deadline']:,}**" + (f" ({' + '.join(map(str, s['deadline_per_repeat']))}; "
-                                            f"{s['deadline_pct']:.2f}%; {s['deadline_stalled']:,} send-stalled)"
-                                            if s["deadline"] else ""),
+                                            f"{s['deadline_pct']:.2f}%; {len(s['bursts'])} bursts, the longest "
+                                            f"{max(b[1] for b in s['bursts']):.0f} ms; {s['deadline_stalled']:,} "
+                                            "send-stalled)" if s["deadline"] else ""),
                 f"{s['misses']:,} ({s['miss_pct']:.2f})", " / ".join(num(s["rtt"][k]) for k in ("p50", "p99", "max")),
                 num(s["runtime"]["p99"]),
                 f"{s['runtime_cpu_pct']:.0f} ({s['runtime_wait_pct']:.0f}); {num(s['runtime_cpu_per_act_us'])}",
@@ -689,7 +721,7 @@ def conclusion(config: str, a: dict[str, Any], rate: float) -> str:
 
 def setup(raw: dict[str, Any]) -> str:
     """The setup paragraph of the section."""
-    a = argparse.Namespace(**raw["args"])
+    a = argparse.Namespace(**{"serve_args": "", "store_dir": "", **raw["args"]})
     cores = raw["run"]["machine"].get("cores", "?")
     served = []
     for name, b in raw["bundles"].items():
@@ -701,7 +733,8 @@ def setup(raw: dict[str, Any]) -> str:
     pinned = (f", pinned to core {', '.join(str(c[0]) for c in pins)} so that the runtime keeps the other"
               if pins and all(pins) else "")
     return (f"**Setup.** One `vigil serve` per step (a fresh one every step; `--mode realtime --deadline-ms "
-            f"{a.deadline_ms:g}`, its alert store " + (f"under {a.store_dir}" if a.store_dir else "on disk, as shipped")
+            f"{a.deadline_ms:g}{' ' + a.serve_args if a.serve_args else ''}`, its alert store "
+            + (f"under {a.store_dir}" if a.store_dir else "on disk, as shipped")
             + f") serving {' or '.join(served)}, the bundles of the latency section; `--batch-plans 16` lets the "
             "runtime plan the waiting observations of up to 16 robots in one onnxruntime call. "
             f"**{a.generators} load-generator process{'es' if a.generators > 1 else ''}** (on {cores} cores{pinned}) "
@@ -717,8 +750,9 @@ def setup(raw: dict[str, Any]) -> str:
             f"the robot's next period (its scheduled send + {1e3 / a.rate:g} ms). *`deadline` verdicts*: acts whose "
             f"`verdicts` carry the runtime's deadline monitor (arrival, dated from the robot's send, to decision over "
             f"{a.deadline_ms:g} ms: the runtime sent the safe action; in brackets: per repeat, their share, and how "
-            "many were send-stalled). *Arrival to decision*: the acts' `queue_us` + "
-            f"`decide_us`. *Generator kept schedule*: its send lateness p99 at most {KEPT_SCHEDULE_US:g} µs. "
+            f"many were send-stalled; *bursts*: runs of verdicts less than {BURST_GAP_MS:g} ms apart). *Arrival to "
+            "decision*: the acts' `queue_us` + `decide_us`. "
+            f"*Generator kept schedule*: its send lateness p99 at most {KEPT_SCHEDULE_US:g} µs. "
             f"*Send-stalled*: verdicts on observations whose encode + send took over {SEND_STALL_US} µs (the generator "
             "was descheduled after dating the observation, which the runtime counts as queueing). *CPU µs per act*: "
             "the runtime's CPU (all its threads) over the acts it sent in the window. *Machine*: both cores, "
@@ -833,7 +867,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"configurations (of {', '.join(CONFIGS)})")
     p.add_argument("--rate", type=float, default=100.0, help="each robot's control rate (Hz)")
     p.add_argument("--deadline-ms", type=float, default=10.0, help="the runtime's deadline (--deadline-ms)")
-    p.add_argument("--duration-s", type=float, default=4.0, help="measured seconds per step")
+    p.add_argument("--duration-s", type=float, default=3.5, help="measured seconds per step")
     p.add_argument("--warmup-s", type=float, default=1.2,
                    help="seconds per step before measuring: past the runtime's first telemetry message, 1 s after "
                         "its start (a one-off stall of 10-40 ms)")
@@ -848,6 +882,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--store-dir", default="",
                    help="put the runtime's alert store in a folder of this directory (e.g. /dev/shm: no fsync "
                         "cost), a diagnostic; default: the step's work folder on disk, as shipped")
+    p.add_argument("--serve-args", default="",
+                   help='more `vigil serve` options for every step, a diagnostic (e.g. "--telemetry-s 3600")')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RAW), help="the raw results file")
     p.add_argument("--no-progress", action="store_true")
