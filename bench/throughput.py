@@ -102,7 +102,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
                                "label": "gaussian, --telemetry-s 3600 (diagnostic)"},
 }
 DEFAULT_CONFIGS = "linear_gain,gaussian,gaussian-batch16,gaussian-telemetry3600"
-DEFAULT_STEPS = "5,10,15,20,25,30,40,60"
+DEFAULT_STEPS = "5,10,15,20,25,30,40,50"
 MISS, DEADLINE, NEVER, ERROR, SAFE = 1, 2, 4, 8, 16  # per-observation flags
 SEQ0 = 3  # a robot's observation seqs start here (1: hello, 2: reset)
 SEND_STALL_US = 500  # an encode + send that took longer than this: the generator was descheduled in between
@@ -436,7 +436,8 @@ def drive(gens: Generators, args: argparse.Namespace, bundles: Path, workdir: Pa
         time.sleep(max(0.0, t0 + args.warmup_s + args.duration_s - time.monotonic()))
         cpu1, sched1, jif1, all1 = proc_cpu_s(pid), process_schedstat(pid), machine_jiffies(), all_cpu()
         window = time.monotonic() - w0
-        others = busiest(all0, all1, window, {pid, os.getpid(), *(p.pid for p in gens.procs)})
+        ours = {pid, os.getpid(), *(p.pid for p in gens.procs)}
+        others, others_cpu_s = busiest(all0, all1, window, ours), used_cpu(all0, all1, ours)
         parts = [expect(conn, p, "done", 60 + args.duration_s) for conn, p in members]
     except BaseException:
         served.kill()
@@ -452,6 +453,7 @@ def drive(gens: Generators, args: argparse.Namespace, bundles: Path, workdir: Pa
     return {"config": config, "n": n, **merged, "verdicts": add_counts(p["verdicts"] for p in parts),
             "errors": add_counts(p["errors"] for p in parts), "generators": gens_out, "counters": counters,
             "alerts": alerts, "runtime_cpu_s": cpu1 - cpu0, "window_s": window, "others": others,
+            "others_cpu_s": others_cpu_s,
             "runtime_sched": {k: sched1[k] - sched0[k] for k in sched0}, "machine_shares": machine_shares(jif0, jif1),
             "cores": len(os.sched_getaffinity(0)), "loadavg": loadavg()}
 
@@ -470,6 +472,13 @@ def all_cpu() -> dict[int, tuple[float, str]]:
         except (OSError, ValueError, IndexError):
             continue
     return out
+
+
+def used_cpu(before: dict[int, tuple[float, str]], after: dict[int, tuple[float, str]], ours: set[int]) -> float:
+    """CPU seconds every other process (kernel threads included) used between the two snapshots; a process that
+    started and ended between them is not seen. Per-process CPU is exact (the scheduler's runtime), unlike the
+    machine-wide split of /proc/stat, which is sampled at the timer tick and aliases with a 100 Hz load."""
+    return sum(cpu - before[pid][0] if pid in before else cpu for pid, (cpu, _) in after.items() if pid not in ours)
 
 
 def busiest(before: dict[int, tuple[float, str]], after: dict[int, tuple[float, str]], window: float,
@@ -581,11 +590,11 @@ def summarise(steps: list[dict[str, Any]], rate: float) -> dict[str, Any]:
     stalled = cat("send_us") > SEND_STALL_US
     bursts = [b for st in steps for b in verdict_bursts(st)]
     late = pct(cat("late_us"))
-    busy = [100 - s["machine_shares"].get("idle", 0.0) - s["machine_shares"].get("iowait", 0.0) for s in steps]
-    machine_busy = float(np.average(busy, weights=[s["window_s"] for s in steps]))  # % of all cores
     runtime_cpu_s = sum(s["runtime_cpu_s"] for s in steps)
     runtime_cpu = 100 * runtime_cpu_s / window
     gen_cpu = 100 * sum(g["cpu_s"] for g in gens) / gen_window
+    rest_cpu = 100 * sum(s["others_cpu_s"] for s in steps) / window
+    machine_busy = (runtime_cpu + gen_cpu + rest_cpu) / steps[0]["cores"]  # % of all cores
     counters = lambda key: sum(int(s["counters"].get(key, 0) or 0) for s in steps)  # noqa: E731
     return {
         "n": steps[0]["n"], "repeats": len(steps), "obs": obs,
@@ -606,7 +615,7 @@ def summarise(steps: list[dict[str, Any]], rate: float) -> dict[str, Any]:
         "runtime_cpu_pct": runtime_cpu,
         "runtime_wait_pct": 100 * sum(s["runtime_sched"]["main_wait_s"] for s in steps) / window,
         "machine_busy_pct": machine_busy,
-        "rest_cpu_pct": machine_busy * steps[0]["cores"] - runtime_cpu - gen_cpu,
+        "rest_cpu_pct": rest_cpu,
         "steal_pct": float(np.average([s["machine_shares"].get("steal", 0.0) for s in steps],
                                       weights=[s["window_s"] for s in steps])),
         "alerts": sum(v for s in steps for v in s["alerts"].values() if isinstance(v, int)),
@@ -657,8 +666,10 @@ def limit(s: dict[str, Any]) -> str:
         return (f"the machine: both cores {s['machine_busy_pct']:.0f}% busy (runtime {s['runtime_cpu_pct']:.0f}% of "
                 f"a core, its loop waiting for a CPU {s['runtime_wait_pct']:.0f}% of the time; everything else on the "
                 f"machine {s['rest_cpu_pct']:.0f}% of a core); {gen}")
-    return (f"isolated stalls: neither the runtime's CPU ({s['runtime_cpu_pct']:.0f}%) nor the machine "
-            f"({s['machine_busy_pct']:.0f}% busy) saturated; {gen}")
+    longest = max((b[1] for b in s["bursts"]), default=0.0)
+    return (f"stalls, not saturation: the verdicts came in {len(s['bursts'])} burst(s), the longest {longest:.0f} ms, "
+            f"while the runtime used {s['runtime_cpu_pct']:.0f}% of a core (its loop waiting for a CPU "
+            f"{s['runtime_wait_pct']:.0f}% of the time) and the machine was {s['machine_busy_pct']:.0f}% busy; {gen}")
 
 
 # -- the report ------------------------------------------------------------------------------------------------
@@ -755,8 +766,10 @@ def setup(raw: dict[str, Any]) -> str:
             f"*Generator kept schedule*: its send lateness p99 at most {KEPT_SCHEDULE_US:g} µs. "
             f"*Send-stalled*: verdicts on observations whose encode + send took over {SEND_STALL_US} µs (the generator "
             "was descheduled after dating the observation, which the runtime counts as queueing). *CPU µs per act*: "
-            "the runtime's CPU (all its threads) over the acts it sent in the window. *Machine*: both cores, "
-            "everything on them; *the rest of it*: all but the runtime and the generator, in % of one core.")
+            "the runtime's CPU (all its threads) over the acts it sent in the window. *Machine*: the CPU of every "
+            "process (the runtime, the generator and the rest: all other processes, kernel threads included; each "
+            "process's own CPU time, exact, unlike /proc/stat's tick-sampled split) in % of all the cores; *the rest "
+            "of it* in % of one core; *steal* from /proc/stat.")
 
 
 def render(raw: dict[str, Any]) -> str:
@@ -867,7 +880,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"configurations (of {', '.join(CONFIGS)})")
     p.add_argument("--rate", type=float, default=100.0, help="each robot's control rate (Hz)")
     p.add_argument("--deadline-ms", type=float, default=10.0, help="the runtime's deadline (--deadline-ms)")
-    p.add_argument("--duration-s", type=float, default=3.5, help="measured seconds per step")
+    p.add_argument("--duration-s", type=float, default=3.0, help="measured seconds per step")
     p.add_argument("--warmup-s", type=float, default=1.2,
                    help="seconds per step before measuring: past the runtime's first telemetry message, 1 s after "
                         "its start (a one-off stall of 10-40 ms)")
