@@ -42,6 +42,7 @@ docs/figures/throughput.png are rendered from that file alone (`render`, `--repo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import multiprocessing as mp
@@ -107,6 +108,7 @@ MISS, DEADLINE, NEVER, ERROR, SAFE = 1, 2, 4, 8, 16  # per-observation flags
 SEQ0 = 3  # a robot's observation seqs start here (1: hello, 2: reset)
 SEND_STALL_US = 500  # an encode + send that took longer than this: the generator was descheduled in between
 KEPT_SCHEDULE_US = 1000.0  # the generator kept its schedule: p99 of its send lateness at most a tenth of a period
+SNAPSHOT_LEAD_S = 0.3  # the CPU snapshots: this long before the first measured observation
 BURST_GAP_MS = 50.0  # deadline verdicts closer than this (by scheduled send) are one burst
 OBS_POOL = 1024  # distinct observations the robots cycle through
 
@@ -415,6 +417,7 @@ def drive(gens: Generators, args: argparse.Namespace, bundles: Path, workdir: Pa
                          deadline_ms=f"{args.deadline_ms:g}", log_level="WARNING", store=str(store_dir / "alerts.db"),
                          batch_plans=cfg["batch_plans"] if cfg["batch_plans"] > 1 else None,
                          **{**cfg.get("serve", {}), **serve_flags(args.serve_args)})
+    ready_at = time.monotonic()  # (the runtime printed its ready line just before: its timers count from about here)
     period = 1.0 / args.rate
     g = len(gens.conns)
     members = list(zip(gens.conns, gens.procs))
@@ -427,17 +430,23 @@ def drive(gens: Generators, args: argparse.Namespace, bundles: Path, workdir: Pa
         for conn, p in members:
             expect(conn, p, "ready", 60)
         t0 = time.monotonic() + 0.2
+        age = t0 - ready_at
         for conn, _ in members:
             conn.send(("go", t0))
         pid = served.proc.pid
-        time.sleep(max(0.0, t0 + args.warmup_s - time.monotonic()))
-        cpu0, sched0, jif0, all0 = proc_cpu_s(pid), process_schedstat(pid), machine_jiffies(), all_cpu()
-        w0 = time.monotonic()
-        time.sleep(max(0.0, t0 + args.warmup_s + args.duration_s - time.monotonic()))
-        cpu1, sched1, jif1, all1 = proc_cpu_s(pid), process_schedstat(pid), machine_jiffies(), all_cpu()
-        window = time.monotonic() - w0
-        ours = {pid, os.getpid(), *(p.pid for p in gens.procs)}
-        others, others_cpu_s = busiest(all0, all1, window, ours), used_cpu(all0, all1, ours)
+        # The CPU snapshots (a scan of /proc: milliseconds of CPU) are taken outside the measured observations, in
+        # the warm-up and after the last answer is due, and on the generator's core: never in the runtime's way.
+        cpus = gens.cpus[0]
+        time.sleep(max(0.0, t0 + args.warmup_s - SNAPSHOT_LEAD_S - time.monotonic()))
+        with on_cpus(cpus):
+            cpu0, sched0, jif0, all0 = proc_cpu_s(pid), process_schedstat(pid), machine_jiffies(), all_cpu()
+            w0 = time.monotonic()
+        time.sleep(max(0.0, t0 + args.warmup_s + args.duration_s + 3 / args.rate - time.monotonic()))
+        with on_cpus(cpus):
+            cpu1, sched1, jif1, all1 = proc_cpu_s(pid), process_schedstat(pid), machine_jiffies(), all_cpu()
+            window = time.monotonic() - w0
+            ours = {pid, os.getpid(), *(p.pid for p in gens.procs)}
+            others, others_cpu_s = busiest(all0, all1, window, ours), used_cpu(all0, all1, ours)
         parts = [expect(conn, p, "done", 60 + args.duration_s) for conn, p in members]
     except BaseException:
         served.kill()
@@ -453,9 +462,23 @@ def drive(gens: Generators, args: argparse.Namespace, bundles: Path, workdir: Pa
     return {"config": config, "n": n, **merged, "verdicts": add_counts(p["verdicts"] for p in parts),
             "errors": add_counts(p["errors"] for p in parts), "generators": gens_out, "counters": counters,
             "alerts": alerts, "runtime_cpu_s": cpu1 - cpu0, "window_s": window, "others": others,
-            "others_cpu_s": others_cpu_s,
+            "others_cpu_s": others_cpu_s, "runtime_age_at_t0_s": age,
             "runtime_sched": {k: sched1[k] - sched0[k] for k in sched0}, "machine_shares": machine_shares(jif0, jif1),
             "cores": len(os.sched_getaffinity(0)), "loadavg": loadavg()}
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: list[int] | None):
+    """Run this process (this thread) on `cpus` for a while (None: leave it where it is)."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def all_cpu() -> dict[int, tuple[float, str]]:
