@@ -109,6 +109,7 @@ SEQ0 = 3  # a robot's observation seqs start here (1: hello, 2: reset)
 SEND_STALL_US = 500  # an encode + send that took longer than this: the generator was descheduled in between
 KEPT_SCHEDULE_US = 1000.0  # the generator kept its schedule: p99 of its send lateness at most a tenth of a period
 SNAPSHOT_LEAD_S = 0.3  # the CPU snapshots: this long before the first measured observation
+TICK_BEFORE_S, TICK_AFTER_S = 0.1, 0.2  # a burst "at a telemetry tick": this close to a whole second of runtime age
 BURST_GAP_MS = 50.0  # deadline verdicts closer than this (by scheduled send) are one burst
 OBS_POOL = 1024  # distinct observations the robots cycle through
 
@@ -657,6 +658,24 @@ def verdict_bursts(step: dict[str, Any], gap_ms: float = BURST_GAP_MS) -> list[l
     return [[float(g[0]), float(g[-1] - g[0]), len(g)] for g in groups]
 
 
+def burst_alignment(raw: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """{config: (bursts that began near a whole second of the runtime's age, bursts)}, over every step that
+    recorded the runtime's age (`runtime_age_at_t0_s`: from its ready line to the schedule's start)."""
+    out: dict[str, tuple[int, int]] = {}
+    warmup = raw["args"]["warmup_s"]
+    for config in [c for c in raw["args"]["configs"].split(",") if c]:
+        k = n = 0
+        for step in raw["steps"]:
+            if step["config"] != config or "runtime_age_at_t0_s" not in step:
+                continue
+            for start_ms, _, _ in verdict_bursts(step):
+                age = step["runtime_age_at_t0_s"] + warmup + start_ms / 1e3
+                n += 1
+                k += (age + TICK_BEFORE_S) % 1.0 < TICK_BEFORE_S + TICK_AFTER_S
+        out[config] = (k, n)
+    return out
+
+
 def analyse(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """{config: {"steps": [summary by N], "best": largest N with zero deadline verdicts, "next": the first step above it
     that had some, "clean_below": every smaller N clean too}}."""
@@ -816,6 +835,13 @@ def render(raw: dict[str, Any]) -> str:
         ticks = sum(s["ticks"] for s in summ[c]["steps"])
         lines.append(f"- {CONFIGS[c]['label']}: {tot:,} of {ticks:,} ticks ({100 * tot / max(1, ticks):.1f}%) were "
                      "planned together with another robot's (the runtime's `planned_together` counter, all steps).")
+    aligned = burst_alignment(raw)
+    if any(n for _, n in aligned.values()):
+        lines += ["", f"Bursts of `deadline` verdicts that began within {TICK_BEFORE_S * 1e3:.0f} ms before to "
+                  f"{TICK_AFTER_S * 1e3:.0f} ms after a whole second of the runtime's age (when its periodic telemetry "
+                  "message, every second by default, is due; by chance "
+                  f"{100 * (TICK_BEFORE_S + TICK_AFTER_S):.0f}% would): "
+                  + "; ".join(f"{CONFIGS[c]['label']}: {k} of {n}" for c, (k, n) in aligned.items()) + "."]
     worst: dict[str, float] = {}
     for step in raw["steps"]:
         for cpu, _, _, cmd in step.get("others", []):
