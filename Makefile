@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
 .PHONY: demo lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr \
-	bench-lqr-loop bench-rl bench-soak bench-fairness clean
+	bench-lqr-loop bench-rl bench-soak bench-fairness bench-throughput clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,7 +38,7 @@ $(OPENPI)/.installed:
 	$(OPENPI)/bin/pip install --quiet "openpi-client==0.1.2" typing_extensions websockets onnxruntime "numpy<2"
 	touch $@
 
-bench: bench-latency bench-wakeup bench-flow-latency
+bench: bench-latency bench-wakeup bench-flow-latency bench-throughput
 
 bench-latency: $(STAMP) $(OPENPI)/.installed
 	$(BIN)/python -m bench.latency --openpi-python $(OPENPI)/bin/python
@@ -48,6 +48,13 @@ bench-wakeup: $(STAMP)
 
 bench-flow-latency: $(STAMP)
 	$(BIN)/python -m bench.flow_latency
+
+# Throughput (robots at 100 Hz one runtime serves with zero deadline verdicts): N robots from one load-generator
+# process against a fresh `vigil serve` (realtime, 10 ms deadline) per step, N rising, both bundles, the gaussian one
+# with --batch-plans 16 and (a diagnostic) with its telemetry off. About 6 minutes; writes its section of BENCHMARKS.md
+# and docs/figures/throughput.png.
+bench-throughput: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.throughput
 
 # The flow ensemble's evaluation (issue 4): demos, 3 training seeds + shared-encoder + vision runs, VFD
 # calibration, success with the runtime in the loop, failure and shift detection against the baselines.
