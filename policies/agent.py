@@ -85,7 +85,7 @@ class Agent:
         elif self._prefilled is not None:  # planned together with other robots' (`planned`): this is its tick
             replanned, infer_s, self._prefilled = True, self._prefilled, None
         raw = queue.pop()
-        action, clipped = self._clip(raw)
+        action, clipped = self.clip(raw)
         return Step(action, raw, self._scores, replanned, _clock() - t0 + infer_s, self.plans, clipped)
 
     def plan_extra(self) -> dict[str, np.ndarray] | None:
@@ -104,8 +104,9 @@ class Agent:
         self.plans += 1
         self._prefilled = infer_s
 
-    def _clip(self, raw: np.ndarray) -> tuple[np.ndarray, bool]:
-        """The action within the manifest's bounds, and whether clipping changed it."""
+    def clip(self, raw: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The action within the manifest's bounds, and whether clipping changed it (the asynchronous executor,
+        runtime/planner.py, clips its actions here too)."""
         if not self._bounded:
             return raw, False
         if self._small:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 MODES = ("lockstep", "realtime")
+EXECUTIONS = ("sync", "async")
+MERGES = ("rtc", "naive", "blend", "temporal", "sync")  # policies/executor.py MERGES (config stays numpy-free)
 
 T = TypeVar("T")
 
@@ -84,6 +86,27 @@ class ServeConfig:
                 "encryption on every endpoint; needs curve_allow"})
     curve_allow: str = field(default="", metadata={
         "help": "folder of the client public key files (*.key) allowed to connect when curve_secret is set"})
+    execution: str = field(default="sync", metadata={
+        "help": "sync: an observation at a chunk boundary waits for the next plan; async: the next chunk is planned "
+                "on a worker while the current one executes (chunked policies only; docs/operator.md)",
+        "choices": EXECUTIONS, "group": "asynchronous execution"})
+    merge: str = field(default="rtc", metadata={
+        "help": "with --execution async, how a new chunk takes over: rtc (real-time chunking: prefix inputs for a "
+                "policy with rtc_mode, switch at adoption), naive, blend, temporal (ACT ensembling), sync",
+        "choices": MERGES, "group": "asynchronous execution"})
+    execute_horizon: int = field(default=0, metadata={
+        "help": "s: ticks between the starts of two plans (0: the bundle's chunk.execute)",
+        "group": "asynchronous execution"})
+    delay_quantile: float = field(default=0.9, metadata={
+        "help": "the delay d assumed for a plan is this quantile of the recent plan delays, in ticks (rounded up)",
+        "group": "asynchronous execution"})
+    plan_delay: str = field(default="", metadata={
+        "help": "simulated plan delay for evaluation: constant:50ms, jitter:50ms,10ms or spikes:50ms,p=0.05,x=10 "
+                "(lockstep: in ticks, reproducible; realtime: the worker sleeps up to it); empty: none",
+        "group": "asynchronous execution"})
+    adaptive_horizon_vfd: float | None = field(default=None, metadata={
+        "help": "when the executing chunk's vfd score is above this, the next plan starts after max(d, 1) ticks "
+                "instead of s (default: off)", "group": "asynchronous execution"})
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> ConfigError:
@@ -119,6 +142,23 @@ class ServeConfig:
                 raise ConfigError(f"config key {key!r} is {ep!r}, which is not loopback; vigil binds loopback only, "
                                   "unless authentication is on (curve_secret and curve_allow) or allow_remote = true "
                                   "(--allow-remote)")
+        if self.execution not in EXECUTIONS:
+            raise bad("execution", f"one of {EXECUTIONS}")
+        if self.merge not in MERGES:
+            raise bad("merge", f"one of {MERGES}")
+        if type(self.execute_horizon) is not int or self.execute_horizon < 0:
+            raise bad("execute_horizon", "an integer >= 0 (0: the bundle's chunk.execute)")
+        if not 0 < self.delay_quantile <= 1:
+            raise bad("delay_quantile", "a number in (0, 1]")
+        if self.adaptive_horizon_vfd is not None and not -math.inf < self.adaptive_horizon_vfd < math.inf:
+            raise bad("adaptive_horizon_vfd", "a finite number (a VFD level), or absent")
+        if self.plan_delay:
+            from vigil.policies.delays import DelayModel
+
+            try:
+                DelayModel.parse(self.plan_delay)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if bool(self.curve_secret) != bool(self.curve_allow):
             missing = "curve_allow" if self.curve_secret else "curve_secret"
             raise ConfigError(f"config key {missing!r} must be set too: authentication needs the runtime's secret key "
