@@ -32,6 +32,7 @@ from vigil.runtime.hooks import Hook, Hooks
 from vigil.runtime.inbox import Inbox, Queued
 from vigil.runtime.learning import GainWorker, LearnerHook
 from vigil.runtime.link import LinkSocket
+from vigil.runtime.planner import AsyncSettings, Planner, PlannerHook
 from vigil.runtime.reporting import Reporting
 from vigil.runtime.session import Session, act_reply, check_spec, hello_options, plan_together, standard_monitors
 from vigil.runtime.telemetry import TelemetryHook
@@ -76,9 +77,13 @@ class Runtime:
         self._woken = False
         self.reporting = Reporting.open(self.ctx, config, self.auth, self.counters, self.wake)
         self.stream, alerts = self.reporting.stream, self.reporting.alerts
+        # --execution async: one worker plans for every robot (runtime/planner.py); sessions drive it
+        self.planner = Planner(on_done=self.wake) if config.execution == "async" else None
+        self._async = AsyncSettings.from_config(config) if self.planner is not None else None
         self.hooks = Hooks([alerts, self.reporting.request_hook,
                             LearnerHook(GainWorker(on_done=self.wake), alerts, self.stream, self.counters),
-                            TelemetryHook(self, self.stream, config.telemetry_s), *hooks], self.counters)
+                            TelemetryHook(self, self.stream, config.telemetry_s),
+                            *([PlannerHook(self.planner)] if self.planner is not None else []), *hooks], self.counters)
         self.control = None
         if config.control_endpoint:
             self.control = ControlChannel(self.ctx, config.control_endpoint, self.auth, alerts, self.stream,
@@ -240,12 +245,14 @@ class Runtime:
             self.inbox.forget(session.identity)
             session.identity = identity
             session.layout = Layout(declared)
+            session.resumed()
             self._touch(session)
             self.counters["reconnects"] += 1
         else:
             session = Session(robot, identity, self.policy, self._monitors,
                               LinkMonitor(self.config.link_timeout_s, time.monotonic()), msg.meta, declared,
-                              on_policy=lambda s: self.hooks.emit("on_policy", s))
+                              on_policy=lambda s: self.hooks.emit("on_policy", s), planner=self.planner,
+                              settings=self._async)
             self.sessions[robot] = session
         session.pipeline, session.clock_synced = pipeline, synced
         self.inbox.set_depth(identity, pipeline)
@@ -255,7 +262,7 @@ class Runtime:
             "policy": self.manifest.policy_id, "manifest": self.manifest.to_dict(), "mode": self.config.mode,
             "deadline_ms": self.deadline_s * 1e3, "heartbeat_s": self.config.heartbeat_s,
             "link_timeout_s": self.config.link_timeout_s, "pipeline": pipeline, "clock_synced": synced,
-            "session_expiry_s": self.config.session_expiry_s})))
+            "session_expiry_s": self.config.session_expiry_s, "execution": session.execution_mode})))
 
     def _on_reset(self, identity: bytes, msg: Message, t_recv: float) -> None:
         session = self._session(identity, msg)

@@ -10,6 +10,10 @@ telemetry).
 A session also holds what a robot is between ticks: its episode (reset), its link's liveness, the policy it
 plans with (a swapped-in policy is offered to every session and taken at the session's next plan boundary,
 so no action chunk is cut short) and per-hook state (`state`, keyed by hook name).
+
+Under `--execution async` a chunked policy's next chunk is planned on the runtime's planner worker while the
+current one executes (runtime/planner.py, policies/executor.py): `_tick_async` is that tick, and a swapped-in
+policy is taken when the session's next plan starts.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from vigil.policies.agent import Agent
 from vigil.policies.bundle import Policy
 from vigil.policies.manifest import Manifest
 from vigil.runtime.inbox import HARD_LIMIT
+from vigil.runtime.planner import EXHAUSTED, EXHAUSTED_OK, AsyncExecution, AsyncSettings, Planner, runs_async
 from vigil.wire.protocol import ArraySpec, Layout, ProtocolError, check_arrays
 
 log = logging.getLogger("vigil.session")
@@ -57,6 +62,7 @@ class Decision(NamedTuple):
     decide_s: float  # start of the tick to the decision; the deadline is on queue_s + decide_s
     t_arrival: float = 0.0  # when the observation arrived (perf_counter)
     failed: bool = False  # the policy raised: `action` is the safe action, `verdicts` says why
+    execution: Mapping[str, Any] | None = None  # asynchronous execution: replanned, adopted, plan_age, delay, plan
 
 
 MonitorFactory = Callable[[Manifest], list[Monitor]]
@@ -118,7 +124,8 @@ class Session:
 
     def __init__(self, robot: str, identity: bytes, policy: Policy, monitors: MonitorFactory, link: LinkMonitor,
                  info: Mapping[str, Any] | None = None, declared: Sequence[ArraySpec] = (),
-                 on_policy: Callable[[Session], None] | None = None):
+                 on_policy: Callable[[Session], None] | None = None, planner: Planner | None = None,
+                 settings: AsyncSettings | None = None):
         self.robot = robot
         self.identity = identity
         self.layout = Layout(tuple(declared))  # the robot's observation arrays as it declared them: fast decoding
@@ -134,6 +141,8 @@ class Session:
         self._make_monitors = monitors
         self._on_policy = on_policy
         self._offered: Policy | None = None
+        self._planner, self._settings = planner, settings  # asynchronous execution (runtime/planner.py), if on
+        self.execution: AsyncExecution | None = None
         self.agent = Agent(policy)
         self._use(policy)
 
@@ -145,6 +154,10 @@ class Session:
         queueing included."""
         t_arrival = t_recv
         t_start = _clock()
+        if self.execution is not None:
+            decision = self._tick_async(arrays, seq, t_arrival, t_start)
+            if decision is not None:
+                return decision
         agent = self.agent
         if self._offered is not None and agent.at_plan_boundary:
             self._switch()
@@ -168,6 +181,56 @@ class Session:
                             t_arrival)
         self._answered(seq, safe)
         return decision
+
+    def _tick_async(self, arrays: Mapping[str, np.ndarray], seq: int, t_arrival: float,
+                    t_start: float) -> Decision | None:
+        """The tick under asynchronous execution: collect the plans available now, maybe start one (an offered
+        policy plans it), act from the executor. None: a swap ended asynchronous execution, decide as usual."""
+        ex, agent, tick = self.execution, self.agent, self.step
+        ex.collect(tick, self.episode)
+        request = ex.executor.request(tick)
+        infer_s = 0.0
+        try:
+            if request is not None:
+                if self._offered is not None:  # the plan starting now is the new policy's
+                    self._switch()
+                    if self.execution is None:
+                        return None
+                    if self.execution is not ex:  # another chunk length: start afresh
+                        ex = self.execution
+                        request = ex.executor.request(tick)
+                try:
+                    infer_s = ex.start(request, arrays, agent, self.episode)
+                except BaseException:
+                    ex.executor.drop(request.tick)
+                    raise
+            raw, info = ex.executor.action(tick)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            return self._failed(exc, seq, t_arrival, t_start)
+        execution = {"replanned": request is not None, "adopted": info.adopted, "plan_age": info.age,
+                     "delay": ex.executor.delay}
+        if raw is None:  # the chunk ran out before the next plan: the safe action, an alert
+            self.counters[EXHAUSTED] += 1
+            verdict = Verdict(EXHAUSTED, Level.ALERT, f"no planned action for tick {tick}: the chunk ran out before "
+                              f"the next plan arrived ({ex.executor.in_flight} in flight)",
+                              {"tick": tick, "delay": execution["delay"]})
+            self._answered(seq, True)
+            return Decision(agent.safe_action, True, (verdict,), (verdict,), _NO_SCORES, 0, self.policy_id, infer_s,
+                            t_start - t_arrival, _clock() - t_start, t_arrival, execution=execution)
+        action, clipped = agent.clip(raw)
+        plan, policy_id = info.tag
+        execution["plan"] = plan
+        judged = [m.update(Tick(self.robot, seq, arrays, action, raw, info.scores, _clock() - t_arrival, plan,
+                                clipped)) for m in self.monitors]
+        judged.append(EXHAUSTED_OK)
+        verdicts = tuple(v for v in judged if v.level)
+        safe = any(v.level is _STOP for v in verdicts)
+        self._answered(seq, safe)
+        return Decision(agent.safe_action if safe else action, safe, verdicts, judged, info.scores, plan, policy_id,
+                        _clock() - t_start, t_start - t_arrival, _clock() - t_start, t_arrival,
+                        execution=execution)
 
     def _failed(self, exc: Exception, seq: int, t_arrival: float, t_start: float) -> Decision:
         """The policy raised on this observation: the safe action at once, a stop verdict that says why; the next
@@ -193,7 +256,9 @@ class Session:
 
     def wants_plan(self) -> bool:
         """Whether this robot's next observation starts a new plan (an offered policy is taken first, as
-        `on_obs` would)."""
+        `on_obs` would). Never under asynchronous execution: its plans are made on the planner's worker."""
+        if self.execution is not None:
+            return False
         if self._offered is not None and self.agent.at_plan_boundary:
             self._switch()
         return self.agent.at_plan_boundary
@@ -218,6 +283,9 @@ class Session:
         if self._offered is not None:  # a new episode is a plan boundary too
             self._switch()
         self.agent.reset(instruction, seed)
+        if self.execution is not None:  # the plans in flight belong to the old episode
+            self.execution.drop("reset")
+            self.execution.reseed(seed)
         for m in self.monitors:
             m.reset()
         self.episode += 1
@@ -226,6 +294,17 @@ class Session:
             self.info.pop(key, None)
         self.info.update({k: v for k, v in meta.items() if k in ("task", "instruction", "episode", "sim")})
         return self.episode
+
+    def resumed(self) -> None:
+        """The robot said hello again on a new connection: a plan in flight was made for a robot that may have
+        moved on, so it is dropped (asynchronous execution starts afresh; the episode goes on)."""
+        if self.execution is not None:
+            self.execution.drop("resumed")
+
+    @property
+    def execution_mode(self) -> str:
+        """"async" when this robot's chunks are executed while the next is planned, else "sync"."""
+        return "async" if self.execution is not None else "sync"
 
     def offer(self, policy: Policy) -> None:
         """A newly swapped-in policy: this robot plans with it from its next plan boundary (or reset) on."""
@@ -248,6 +327,10 @@ class Session:
         self.policy_id = manifest.policy_id
         self.observation: tuple[ArraySpec, ...] = tuple(manifest.observation)
         self.monitors = self._make_monitors(manifest)
+        if self._planner is not None:  # asynchronous execution goes on if the new policy's chunks fit it
+            if self.execution is None or not self.execution.fits(policy):
+                self.execution = (AsyncExecution(self._planner, self._settings or AsyncSettings(), policy, self.robot)
+                                  if runs_async(policy) else None)
         self.agent.inputs.clear()  # per-robot graph inputs belong to the policy they were made for
         if self._on_policy is not None:
             self._on_policy(self)
@@ -321,6 +404,8 @@ def act_reply(robot: str, seq: int, decision: Decision) -> list:
         header["infer_us"] = decision.infer_s * 1e6
         header["queue_us"] = decision.queue_s * 1e6
         header["decide_us"] = decision.decide_s * 1e6
+    if decision.execution is not None:  # asynchronous execution (docs/protocol.md §7.3)
+        header.update(decision.execution)
     if decision.scores:  # e.g. the VFD of the plan this action came from, and which plan that was
         header["scores"] = decision.scores
         header["plan"] = decision.plan

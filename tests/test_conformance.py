@@ -110,7 +110,7 @@ X = np.array([0.05, -0.01, 0.08], np.float32)
 REPLY_S = 10.0  # an upper bound for a reply that must come (never a claim about speed)
 QUIET_S = 1.0  # how long we listen to conclude that no reply comes
 HELLO_REPLY_KEYS = {"policy", "manifest", "mode", "deadline_ms", "heartbeat_s", "link_timeout_s", "pipeline",
-                    "clock_synced", "session_expiry_s"}
+                    "clock_synced", "session_expiry_s", "execution"}
 
 
 # -- a driver's view: raw frames on a DEALER ----------------------------------------------------------------------
@@ -842,7 +842,7 @@ def test_s6_the_first_failure_in_validation_order_wins(main, name):
 
 def test_s7_1_hello_reply_keys(main):
     """The hello reply carries `policy`, `manifest`, `mode`, `deadline_ms`, `heartbeat_s`, `link_timeout_s`,
-    `pipeline`, `clock_synced` and `session_expiry_s`, with their defaults."""
+    `pipeline`, `clock_synced`, `session_expiry_s` and `execution`, with their defaults."""
     reply = main.robot("s7-1-keys", hello=True).hello_reply
     assert HELLO_REPLY_KEYS <= set(reply.meta)
     m = reply.meta
@@ -850,6 +850,7 @@ def test_s7_1_hello_reply_keys(main):
     assert (m["mode"], m["deadline_ms"], m["heartbeat_s"], m["link_timeout_s"]) == ("lockstep", 5000.0, 0.1, 300.0)
     assert (m["pipeline"], m["clock_synced"], m["session_expiry_s"]) == (8, True, 300.0)  # loopback: clocks synced
     assert reply.robot == "s7-1-keys" and m["manifest"]["safe_action"] == [0.0]
+    assert m["execution"] == "sync"  # the default (§7.3.1)
 
 
 @pytest.mark.parametrize("keys, ok", [
@@ -958,6 +959,7 @@ def test_s7_3_act_keys(main):
     for key in ("infer_us", "queue_us", "decide_us"):
         assert isinstance(m[key], float) and m[key] >= 0, key
     assert "scores" not in m and "plan" not in m  # not a scored policy
+    assert not {"replanned", "adopted", "plan_age", "delay"} & set(m)  # only under asynchronous execution (§7.3.1)
     assert act.arrays["action"].dtype == np.float32 and act.arrays["action"].shape == (1,)
     assert_lqr_action(act.arrays["action"], main.K, X)
 
