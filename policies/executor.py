@@ -108,11 +108,12 @@ class DelayEstimator:
 class ChunkExecutor:
     """One robot's chunk execution under a merge strategy (module docstring). `execute` is s (the manifest's
     chunk.execute by default); `adaptive_vfd`: when the executing chunk's `vfd` score is above it, the next plan
-    starts at s = max(d, 1). `rtc_schedule`: "exp" for guided RTC, "zeros" (a hard mask) for training-time RTC."""
+    starts at s = max(d, 1). `rtc_schedule`: "exp" for guided RTC, "zeros" (a hard mask) for training-time RTC;
+    `max_delay`: the largest d a training-time-RTC policy was trained for (d is capped there, as at H // 2)."""
 
     def __init__(self, horizon: int, execute: int, merge: str = "rtc", *, quantile: float = 0.9,
                  initial_delay: int = 1, window: int = 64, rtc_schedule: str = "exp",
-                 adaptive_vfd: float | None = None, max_in_flight: int | None = None):
+                 adaptive_vfd: float | None = None, max_in_flight: int | None = None, max_delay: int | None = None):
         if merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
         if horizon < 1 or not 1 <= execute <= horizon:
@@ -122,6 +123,8 @@ class ChunkExecutor:
         self.adaptive_vfd = adaptive_vfd
         self.delays = DelayEstimator(quantile, window, initial_delay)
         self.max_in_flight = max_in_flight or (horizon if merge == "temporal" else 1)
+        # d is capped at H // 2, and at the delay a training-time-RTC policy was trained for
+        self.max_delay = horizon // 2 if max_delay is None else max(1, min(horizon // 2, max_delay))
         self.counts: dict[str, int] = {"requested": 0, "adopted": 0, "late": 0, "stale": 0, "exhausted": 0,
                                        "delay_capped": 0, "waited_ticks": 0, "adaptive": 0}
         self.reset()
@@ -151,9 +154,9 @@ class ChunkExecutor:
         if self.merge == "temporal":
             return min(self.delays.estimate(), self.horizon - 1), 1, False, False
         d = self.delays.estimate()
-        capped = d > self.horizon // 2
+        capped = d > self.max_delay
         if capped:
-            d = self.horizon // 2
+            d = self.max_delay
         s = self.execute
         cur = self._current
         adaptive = (self.adaptive_vfd is not None and cur is not None

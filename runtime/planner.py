@@ -131,7 +131,8 @@ class AsyncExecution:
         self.rtc_mode = getattr(policy, "rtc_mode", None)
         self.executor = ChunkExecutor(self.horizon, execute, settings.merge, quantile=settings.delay_quantile,
                                       initial_delay=initial, adaptive_vfd=settings.adaptive_vfd,
-                                      rtc_schedule=RTC_SCHEDULES.get(self.rtc_mode or "", "exp"))
+                                      rtc_schedule=RTC_SCHEDULES.get(self.rtc_mode or "", "exp"),
+                                      max_delay=getattr(policy, "rtc_max_delay", None) or None)
         self._sampler: DelaySampler | None = model.sampler(zlib.crc32(robot.encode())) if model else None
         self._jobs: list[_Job] = []
         self.counters: Counter = Counter()
@@ -191,11 +192,12 @@ class AsyncExecution:
             extra = {**(extra or {}), **_rtc_inputs(policy, request)}
         agent.plans += 1
         tag = (agent.plans, policy.manifest.policy_id)
-        if request.blocking:
+        if request.blocking:  # the observation waits: with a delay model, the ticks it would wait are counted
             t0 = _clock()
             plan = policy.infer(obs, extra)
             infer_s = _clock() - t0
-            self.executor.deliver(plan.actions, request.tick, request.tick, plan.scores, tag)
+            waited = DelayModel.ticks(self._sampler.draw(), self.rate_hz) if self._sampler is not None else 0
+            self.executor.deliver(plan.actions, request.tick, request.tick + waited, plan.scores, tag)
             return infer_s
         model_ms = self._sampler.draw() if self._sampler is not None else 0.0
         lockstep_model = self.settings.lockstep and self._sampler is not None

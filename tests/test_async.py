@@ -157,3 +157,17 @@ def test_a_hot_swap_takes_effect_at_the_next_plan_started(chunk_bundle, serve, r
     # tick 4 adopts the plan started at 2 (old policy) and starts one with the new policy, adopted at 6
     assert policies == [old_id] * 6 + [new_id] * 4
     assert replies[6].meta["adopted"] and replies[6].meta["plan_age"] == 2
+
+
+def test_a_resumed_session_drops_the_plan_in_flight(chunk_bundle, serve, robot):
+    served = serve(chunk_bundle, execution="async", plan_delay="constant:100ms", link_timeout_s=300)
+    link = robot(served.robot_endpoint, "reconnector")
+    link.hello(*SPEC)
+    before = run(link, range(3))  # a plan started at tick 2 is in flight
+    link.reconnect()  # a new socket: the session resumes, the episode goes on
+    after = run(link, range(3, 8))
+    replies = before + after
+    check_actions(replies)
+    # tick 3 plans afresh (waiting, as an episode's first plan does); the plan of tick 2 is never adopted
+    assert after[0].meta["replanned"] and after[0].meta["adopted"] and after[0].meta["plan_age"] == 0
+    assert [r.meta["plan_age"] for r in after] == [0, 1, 2, 3, 2]  # tick 7: the plan of tick 5, adopted at d = 2

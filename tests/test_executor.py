@@ -202,3 +202,67 @@ def test_async_config_keys_are_checked():
         ServeConfig(execute_horizon=-1)
     config = ServeConfig(execution="async", merge="blend", plan_delay="spikes:50ms,p=0.05,x=10")
     assert config.merge == "blend"
+
+
+# -- the runtime's per-robot driver of the executor (runtime/planner.py), with a fake RTC policy ---------------
+
+
+class FakeRTCPolicy:
+    """Plans `plan(t)` for the observation of tick t and records the graph inputs each plan was given."""
+
+    def __init__(self, mode: str):
+        from types import SimpleNamespace
+
+        self.rtc_mode = mode
+        self.manifest = SimpleNamespace(chunk_length=H, chunk_execute=4, control_rate_hz=20.0, policy_id="fake@1")
+        self.extras: list = []
+
+    def rtc_inputs(self, prefix: np.ndarray, weight: np.ndarray) -> dict[str, np.ndarray]:
+        return {"prefix": prefix, "prefix_weight": weight}
+
+    def infer(self, obs, extra=None):
+        from vigil.policies.bundle import Plan
+
+        self.extras.append(extra)
+        return Plan(plan(int(obs["t"])), {"vfd": 0.0})
+
+
+class FakeAgent:
+    def __init__(self, policy):
+        self.policy, self.plans = policy, 0
+
+    def plan_extra(self):
+        return None
+
+
+@pytest.mark.parametrize("mode, schedule", [("guided", "exp"), ("trained", "zeros")])
+def test_the_runtime_sends_the_prefix_to_a_policy_with_rtc_and_adopts_on_schedule(mode, schedule):
+    from vigil.runtime.planner import AsyncExecution, AsyncSettings, Planner
+
+    policy = FakeRTCPolicy(mode)
+    planner = Planner()
+    try:
+        ex = AsyncExecution(planner, AsyncSettings(plan_delay=DelayModel.parse("constant:100ms")), policy, "r")
+        out = []
+        for t in range(9):
+            ex.collect(t, 1)
+            request = ex.executor.request(t)
+            if request is not None:
+                ex.start(request, {"t": t}, FakeAgent(policy), 1)
+            a, info = ex.executor.action(t)
+            out.append(float(a[0]))
+    finally:
+        planner.close()
+    assert out == [0, 1, 2, 3, 4, 5, 402, 403, 404]  # d = 2 ticks (100 ms at 20 Hz): the plan of tick 4 from 6
+    assert policy.extras[0] is None  # the first plan: nothing executing, no prefix
+    second = policy.extras[1]
+    want = np.zeros((H, 2), np.float32)
+    want[:H - 4] = plan(0)[4:]
+    np.testing.assert_array_equal(second["prefix"], want)
+    np.testing.assert_array_equal(second["prefix_weight"], prefix_weights(H, 4, 2, schedule))
+    assert ex.stats()["delay_p50_ticks"] == 2 and ex.stats()["adopted"] == 2 and ex.executor.in_flight == 1
+
+
+def test_d_is_capped_at_the_delay_a_trained_rtc_policy_was_trained_for():
+    ex = ChunkExecutor(16, 4, "rtc", initial_delay=6, rtc_schedule="zeros", max_delay=3)
+    assert ex.schedule() == (3, 4)
