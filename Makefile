@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
 .PHONY: demo lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr \
-	bench-lqr-loop bench-rl bench-soak bench-fairness bench-throughput clean
+	bench-lqr-loop bench-rl bench-soak bench-fairness bench-throughput bench-rtc clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -95,6 +95,13 @@ bench-soak: $(STAMP)
 # of BENCHMARKS.md and docs/figures/fairness.png. Not part of `make bench`.
 bench-fairness: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.fairness
+
+# Real-time chunking against its baselines (issue 16): MT10 demos, four flow ensembles (H = 8 and 16, plain and
+# trained with RTC; OMP_NUM_THREADS=1: two threads on two busy cores are 6x slower), then every execution method x
+# inference delay through `vigil serve --execution async`. About 40 min of training and 30 of episodes on 2 cores;
+# resumable (bench-runs/rtc). Not part of `make bench`.
+bench-rtc: $(STAMP)
+	OMP_NUM_THREADS=1 bash bench/rtc.sh
 
 clean:
 	rm -rf $(VENV) $(OPENPI) .vigil-demo .pytest_cache
