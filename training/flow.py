@@ -31,6 +31,11 @@ are stacked like the linear layers (`StackedConv`: conv groups, one op for every
 initialised from its member's seed; with shared_encoder one CNN serves all heads. Pixels are converted
 to float / 255 inside the model (and inside the exported graph), so images stay uint8 in memory.
 
+Real-time chunking (docs/rtc.md). `plan_rtc` plans a chunk that agrees with a prefix Y of the executing chunk:
+"guided" steers any ensemble's Euler steps towards Y (pseudo-inverse guidance, a VJP per step); "trained" is
+for ensembles trained with cfg.rtc_max_delay > 0, whose training gives the head the first d actions clean
+(`rtc_example`) and tells it which through a prefix mask (`Ensemble.with_prefix`).
+
 Shapes: obs (B, obs_dim), instr (B, instr_dim), chunks (B, H, action_dim); internally a chunk is
 flattened to D = H * action_dim. Member-major tensors are (M, S, B, ...) with S a noise-sample axis.
 Everywhere `obs` is taken it may also be a mapping {"state": ..., "image": ...} (`Observation`); a
@@ -50,6 +55,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vigil.policies.rtc import guidance_weight
 
 PAIR_CONVENTIONS = ("lower", "anchor", "ordered")
 STATE, IMAGE = "state", "image"  # observation names (sim/metaworld_env.py, training/demos.py, the bundle)
@@ -94,6 +101,7 @@ class FlowConfig:
     image_size: int = 0            # 0: state only; S > 0: also an (S, S, 3) uint8 camera image (vision)
     image_channels: int = 16       # channels of the first conv; the second has twice as many
     image_features: int = 64       # width of the image features joining state and instruction
+    rtc_max_delay: int = 0         # training-time RTC: d ~ U{0..rtc_max_delay} committed positions; 0 = off
 
     @property
     def chunk_dim(self) -> int:
@@ -248,6 +256,9 @@ class Ensemble(nn.Module):
         self.t_in = StackedLinear(M, cfg.time_features, h, bias=False)
         self.head = nn.ModuleList([StackedLinear(M, h, h) for _ in range(cfg.depth - 1)])
         self.out = StackedLinear(M, h, D)
+        # training-time RTC: the prefix mask's columns of the head's first layer (registered last, so the other
+        # layers draw the same initial values with RTC on or off; absent when off, so old checkpoints load)
+        self.prefix_in = StackedLinear(M, cfg.horizon, h, bias=False) if cfg.rtc_max_delay > 0 else None
         n_freq = cfg.time_features // 2
         self.register_buffer("freqs", math.pi * 2.0 ** torch.linspace(0.0, 5.0, n_freq))
         self.register_buffer("obs_mean", torch.zeros(cfg.obs_dim))
@@ -340,6 +351,15 @@ class Ensemble(nn.Module):
         if t.dim() == 0:
             t = t.reshape(1, 1, 1)
         return self.t_in(time_features(t, self.freqs), members) + context[:, None]
+
+    def with_prefix(self, context: Tensor, mask: Tensor, members: Sequence[int] | None = None) -> Tensor:
+        """Training-time RTC: the context plus the embedding of the prefix mask, mask (K or 1, B, H) with 1 on
+        the given (committed) positions. Equivalent to concatenating the mask to x_t at the head's input
+        (`prefix_in` holds those extra columns of x_in), but the mask is the same at every Euler step, so
+        its term is added once per plan, here, instead of at every step."""
+        if self.prefix_in is None:
+            raise ValueError("this ensemble was not trained with RTC (cfg.rtc_max_delay = 0)")
+        return context + self.prefix_in(mask.to(context.dtype), members)
 
     def velocity_from(self, cond: Tensor, x: Tensor, members: Sequence[int] | None = None) -> Tensor:
         """v from a precomputed `condition` (K, S or 1, B, hidden) and states x (K or 1, S, B, D)
@@ -528,6 +548,93 @@ def plan(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor,
     return _chunk(samples[integrators.index(0), 0], cfg), score
 
 
+RTC_MODES = ("guided", "trained")
+
+
+def spread_positions(weight: Tensor, action_dim: int) -> Tensor:
+    """Per-position weights (B, H) -> per-element (B, H * m), each repeated over the m action dims."""
+    return (weight[..., None] * weight.new_ones(action_dim)).flatten(-2)
+
+
+def plan_rtc(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor, prefix: Tensor, weight: Tensor,
+             mode: str, beta: float = 5.0, pairs: str | None = None) -> tuple[Tensor, Tensor]:
+    """`plan` with real-time chunking (docs/rtc.md), the torch reference of the RTC bundle graphs.
+    prefix Y (B, H, m): the executing chunk's remaining actions on the new chunk's indices; weight W (B, H).
+
+    guided  -- each integrator steps with v + c(tau) J^T (W * (Y - A1)), A1 = x + (1 - tau) v(x),
+               J = dA1/dx, c = policies/rtc.py `guidance_weight(tau, beta)`; the VJP by torch.autograd.
+    trained -- (an ensemble with cfg.rtc_max_delay > 0) positions with W >= 0.5 are Y at every step and in
+               the chunk, and the mask conditions every member (`Ensemble.with_prefix`); their squared
+               disagreement is left out of the score (no member was trained to predict them).
+    VFD: every member's raw velocity on the anchor's RTC trajectory (the guidance is not a member's opinion).
+    Returns (chunk (B, H, m), one-way VFD (B,)) as `plan`."""
+    if mode not in RTC_MODES:
+        raise ValueError(f"mode must be one of {RTC_MODES}, got {mode!r}")
+    cfg = ens.cfg
+    n, M, m = cfg.euler_steps, ens.members, cfg.action_dim
+    pair_list = member_pairs(M, pairs or cfg.vfd_pairs)
+    integrators = sorted({a for a, _ in pair_list} | {0})
+    I = len(integrators)
+    x0 = _flat(noise, cfg)
+    S, B, D = x0.shape
+    y = _flat(torch.as_tensor(prefix, dtype=torch.float32), cfg)     # (B, D)
+    w = spread_positions(torch.as_tensor(weight, dtype=torch.float32), m)      # (B, D)
+    with torch.no_grad():
+        ctx = ens.encode(obs, instr)
+        keep = None
+        if mode == "trained":
+            mask = (torch.as_tensor(weight, dtype=torch.float32) >= 0.5).to(torch.float32)  # (B, H)
+            ctx = ens.with_prefix(ctx, mask[None])
+            keep = spread_positions(mask, m) > 0
+        ts, dts, ws = vfd_grid(n)
+        conds = ens.condition(ctx, _grid_times(ts))
+    own = (torch.as_tensor(integrators), torch.arange(I))
+    x = x0[None].expand(I, S, B, D)
+    acc, sample = x0.new_zeros(M, I, S, B), None
+    for k, (t, dt, wk) in enumerate(zip(ts, dts, ws)):
+        if keep is not None:
+            x = torch.where(keep, y, x)
+        guide = mode == "guided" and k < n
+        with torch.set_grad_enabled(guide):
+            xg = x.detach().requires_grad_(guide)
+            v = ens.velocity_from(conds[:, k][:, None], xg.reshape(1, I * S, B, D)).reshape(M, I, S, B, D)
+            v_own = v[own]
+            step = v_own
+            if guide:
+                a1 = xg + (1 - t) * v_own
+                e = (w * (y - a1)).detach()
+                (g,) = torch.autograd.grad(a1, xg, grad_outputs=e)
+                step = v_own + guidance_weight(t, beta) * g
+        v, v_own, step = v.detach(), v_own.detach(), step.detach()
+        if wk > 0:
+            d = (v - v_own[None]).square()
+            acc = acc + (wk * dt) * (d if keep is None else d * ~keep).sum(-1)
+        if k == n - 1:
+            sample = x[integrators.index(0), 0] + step[integrators.index(0), 0] / n
+            if keep is not None:
+                sample = torch.where(keep, y, sample)
+        if k < n:
+            x = x.detach() + dt * step
+    if pair_list:
+        pos = {a: i for i, a in enumerate(integrators)}
+        score = torch.stack([acc[b, pos[a]] for a, b in pair_list]).mean(0).mean(0)
+    else:
+        score = acc.new_zeros(B)
+    return _chunk(sample, cfg), score
+
+
+def plan_guided(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor, prefix: Tensor, weight: Tensor,
+                beta: float = 5.0, pairs: str | None = None) -> tuple[Tensor, Tensor]:
+    """Guided (inference-time) RTC plan, `plan_rtc(..., mode="guided")`."""
+    return plan_rtc(ens, obs, instr, noise, prefix, weight, "guided", beta, pairs)
+
+
+def plan_trained(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor, prefix: Tensor, weight: Tensor,
+                 pairs: str | None = None) -> tuple[Tensor, Tensor]:
+    """Training-time RTC plan, `plan_rtc(..., mode="trained")`: W >= 0.5 marks the given prefix."""
+    return plan_rtc(ens, obs, instr, noise, prefix, weight, "trained", pairs=pairs)
+
+
 @torch.no_grad()
 def vfd_one_way(ens: Ensemble, obs: Observation, instr: Tensor, noise: Tensor, pairs: str | None = None) -> Tensor:
     """One-way VFD, the acquisition score (docs/algorithms.md#vfd-velocity-field-disagreement).
@@ -646,6 +753,20 @@ def _group_indices(groups: Tensor | np.ndarray | None, n: int) -> list[Tensor]:
     return [torch.nonzero(labels == g).flatten() for g in torch.unique(labels)]
 
 
+def rtc_example(ens: Ensemble, xt: Tensor, clean: Tensor, context: Tensor,
+                gens: Sequence[torch.Generator]) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-time RTC on one minibatch (docs/rtc.md): each example draws its delay d ~ U{0..rtc_max_delay}
+    from its member's generator; its first d positions of x_t become the clean actions (flow time 1 there)
+    and the mask conditions the head (`Ensemble.with_prefix`). xt, clean (M, bs, D), context (M, bs, h).
+    Returns (x_t, context, free (M, bs, D): 1 where the loss counts, 0 on the given prefix)."""
+    cfg = ens.cfg
+    M, bs, _ = xt.shape
+    d = torch.stack([torch.randint(0, cfg.rtc_max_delay + 1, (bs,), generator=g) for g in gens])  # (M, bs)
+    mask = (torch.arange(cfg.horizon) < d[..., None]).to(xt.dtype)                            # (M, bs, H)
+    given = spread_positions(mask, cfg.action_dim)
+    return xt * (1 - given) + clean * given, ens.with_prefix(context, mask), 1 - given
+
+
 def train_ensemble(cfg: FlowConfig, obs: Observation, instr: Tensor | np.ndarray,
                    chunks: Tensor | np.ndarray, progress: bool = True,
                    ensemble: Ensemble | None = None,
@@ -674,8 +795,13 @@ def train_ensemble(cfg: FlowConfig, obs: Observation, instr: Tensor | np.ndarray
                   "image_channels", "image_features"):
             if getattr(ens.cfg, f) != getattr(cfg, f):
                 raise ValueError(f"warm start: ensemble has {f}={getattr(ens.cfg, f)}, config {getattr(cfg, f)}")
+        if (ens.cfg.rtc_max_delay > 0) != (cfg.rtc_max_delay > 0):
+            raise ValueError(f"warm start: ensemble has rtc_max_delay={ens.cfg.rtc_max_delay}, config "
+                             f"{cfg.rtc_max_delay} (RTC on in one, off in the other)")
     if chunks.shape[1:] != (cfg.horizon, cfg.action_dim):
         raise ValueError(f"chunks must be (n, {cfg.horizon}, {cfg.action_dim}), got {tuple(chunks.shape)}")
+    if not 0 <= cfg.rtc_max_delay <= cfg.horizon // 2:
+        raise ValueError(f"rtc_max_delay must be in 0..{cfg.horizon // 2} (d <= s <= H - d), got {cfg.rtc_max_delay}")
     M, D, bs = cfg.members, cfg.chunk_dim, min(cfg.batch_size, n)
     targets = chunks.reshape(n, D)
     gens = [torch.Generator().manual_seed(d) for _, d in member_seeds(cfg.seed, M)]
@@ -694,8 +820,14 @@ def train_ensemble(cfg: FlowConfig, obs: Observation, instr: Tensor | np.ndarray
         t = torch.stack([torch.rand(bs, generator=g) for g in gens])  # U[0, 1)
         xt, target = ot_path(x0, targets[idx], t[..., None])
         o = obs[idx] if images is None else {STATE: obs[idx], IMAGE: images[idx]}  # (M, bs, ...) uint8
-        v = ens.velocity(ens.encode(o, instr[idx]), xt[:, None], t[:, None])[:, 0]
-        member_loss = (v - target).square().mean(dim=(1, 2))
+        ctx = ens.encode(o, instr[idx])
+        if cfg.rtc_max_delay > 0:  # training-time RTC: the first d positions are given (clean), not learnt
+            xt, ctx, free = rtc_example(ens, xt, targets[idx], ctx, gens)
+            err = (ens.velocity(ctx, xt[:, None], t[:, None])[:, 0] - target).square() * free
+            member_loss = err.sum(dim=(1, 2)) / free.sum(dim=(1, 2)).clamp_min(1.0)
+        else:
+            v = ens.velocity(ctx, xt[:, None], t[:, None])[:, 0]
+            member_loss = (v - target).square().mean(dim=(1, 2))
         opt.zero_grad(set_to_none=True)
         member_loss.sum().backward()
         opt.step()
