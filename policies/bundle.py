@@ -44,6 +44,8 @@ def providers(prefer_gpu: bool = True) -> list[str]:
 
 
 _NO_SCORES: Mapping[str, float] = {}
+# manifest `extra.rtc.mode` values (docs/rtc.md); training.flow.RTC_MODES, which onboard code cannot import
+RTC_MODES = ("guided", "trained")
 
 
 def _fast_run(session: ort.InferenceSession) -> Callable:
@@ -190,7 +192,10 @@ class FlowEnsemblePolicy(Policy):
     The instruction is embedded once per episode (`episode_inputs`, onboard encoder bundle named by the
     manifest's `extra.encoder`); the noise is drawn for every plan from the robot's own generator, so a
     seeded episode is reproducible.  Manifest `extra`: instruction_input, noise_input, noise_shape
-    [N, H, m], encoder (folder inside the bundle).
+    [N, H, m], encoder (folder inside the bundle), and for real-time chunking (docs/rtc.md) `rtc`:
+    {"mode": "guided" | "trained", "prefix_input", "weight_input", "max_guidance" | "max_delay"}. An RTC
+    graph takes the executing chunk's remaining actions (`rtc_inputs`); a plan without them gets zero
+    weights, so synchronous execution of an RTC bundle is a plain plan.
     """
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int = 1, prefer_gpu: bool = True,
@@ -202,6 +207,14 @@ class FlowEnsemblePolicy(Policy):
                 raise ManifestError(f"manifest key 'extra.{key}' is required for kind flow_ensemble")
         self.instruction_input, self.noise_input = str(extra["instruction_input"]), str(extra["noise_input"])
         self.noise_shape = (1, *(int(s) for s in extra["noise_shape"]))
+        self.rtc_mode: str | None = None
+        self.prefix_input: str | None = None
+        self.weight_input: str | None = None
+        self.rtc_max_delay: int | None = None
+        self.rtc_max_guidance: float | None = None
+        self._rtc_zeros: dict[str, np.ndarray] = {}
+        if extra.get("rtc") is not None:
+            self._parse_rtc(extra["rtc"])
         self.encoder = None
         if extra.get("encoder"):
             from vigil.policies.instructions import InstructionEncoder
@@ -210,6 +223,48 @@ class FlowEnsemblePolicy(Policy):
             # session to create (onnxruntime holds the GIL while it builds one), and its cache stays warm
             self.encoder = InstructionEncoder.load(folder / str(extra["encoder"]),
                                                    reuse=getattr(previous, "encoder", None))
+
+    def _parse_rtc(self, block: object) -> None:
+        """Manifest `extra.rtc` -> attributes; the zero prefix fed when a plan comes without one."""
+        if not isinstance(block, Mapping):
+            raise ManifestError(f"manifest key 'extra.rtc' must be a map, got {block!r}")
+        mode = block.get("mode")
+        if mode not in RTC_MODES:
+            raise ManifestError(f"manifest key 'extra.rtc.mode' must be one of {RTC_MODES}, got {mode!r}")
+        names = {i.name for i in self.session.get_inputs()}
+        for key in ("prefix_input", "weight_input"):
+            if not isinstance(block.get(key), str) or block[key] not in names:
+                raise ManifestError(f"manifest key 'extra.rtc.{key}' must name a graph input (one of "
+                                    f"{sorted(names)}), got {block.get(key)!r}")
+        self.rtc_mode, self.prefix_input, self.weight_input = mode, block["prefix_input"], block["weight_input"]
+        if mode == "trained":
+            self.rtc_max_delay = int(block.get("max_delay", 0))
+        else:
+            self.rtc_max_guidance = float(block.get("max_guidance", 5.0))
+        H, m = self._chunk_shape
+        self._rtc_zeros = {self.prefix_input: np.zeros((1, H, m), np.float32),
+                           self.weight_input: np.zeros((1, H), np.float32)}
+
+    def rtc_inputs(self, prefix: np.ndarray, weight: np.ndarray) -> dict[str, np.ndarray]:
+        """The RTC graph inputs of one plan, with the batch axis: prefix (H, m) = the executing chunk's
+        remaining actions on the new chunk's indices (zero-padded), weight (H,) = W (policies/rtc.py
+        `prefix_weights`; for "trained" bundles a hard 0/1 mask). Pass them as `infer`'s extra inputs."""
+        if self.rtc_mode is None:
+            raise ValueError(f"bundle {self.manifest.name!r} has no real-time chunking (manifest key 'extra.rtc')")
+        H, m = self._chunk_shape
+        prefix = np.asarray(prefix, dtype=np.float32)
+        weight = np.asarray(weight, dtype=np.float32)
+        if prefix.shape != (H, m):
+            raise ValueError(f"RTC prefix must have shape ({H}, {m}) (chunk length, action dims), got {prefix.shape}")
+        if weight.shape != (H,):
+            raise ValueError(f"RTC prefix weight must have shape ({H},) (one per chunk index), got {weight.shape}")
+        return {self.prefix_input: prefix[None], self.weight_input: weight[None]}
+
+    def _with_rtc(self, extra: Mapping[str, np.ndarray] | None) -> Mapping[str, np.ndarray] | None:
+        """extra plus zero RTC inputs where it lacks them (W = 0: the plain plan)."""
+        if not self._rtc_zeros or (extra and all(k in extra for k in self._rtc_zeros)):
+            return extra
+        return {**self._rtc_zeros, **(extra or {})}
 
     def episode_inputs(self, instruction: str | None) -> dict[str, np.ndarray]:
         if instruction is None:
@@ -224,7 +279,13 @@ class FlowEnsemblePolicy(Policy):
     def infer(self, obs: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None = None) -> Plan:
         if not extra or self.instruction_input not in extra:
             raise _no_instruction()
-        return super().infer(obs, extra)
+        return super().infer(obs, self._with_rtc(extra))
+
+    def infer_batch(self, obs: list[Mapping[str, np.ndarray]],
+                    extras: list[Mapping[str, np.ndarray] | None]) -> list[Plan]:
+        if self._rtc_zeros:
+            extras = [self._with_rtc(e) for e in extras]
+        return super().infer_batch(obs, extras)
 
     def _check_batch(self, feeds: list[dict[str, np.ndarray]]) -> None:
         if any(self.instruction_input not in f for f in feeds):
