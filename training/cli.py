@@ -225,6 +225,9 @@ class TrainFlowConfig:
     tasks: str | None = field(default=None, metadata={
         "help": "comma-separated task names to train on (default: every task of the dataset)"})
     progress: bool = field(default=True, metadata={"help": "no progress bar"})
+    rtc: str | None = field(default=None, metadata={
+        "help": "export the bundle with real-time chunking (docs/rtc.md): guided (inference-time guidance) or "
+                "trained (needs flow.rtc_max_delay >= 1 in the config)", "choices": ("guided", "trained")})
 
     def __post_init__(self) -> None:
         check_fields(self, [("seed", self.seed is None or self.seed >= 0, "an integer >= 0")])
@@ -360,7 +363,8 @@ def _train_flow(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in config.tasks.split(",") if t.strip()] if config.tasks else None
     try:
         summary = run(config.config, config.demos, config.out, encoder_dir=config.encoder, seed=config.seed,
-                      tasks=tasks, progress=config.progress, log=lambda line: print(line, flush=True))
+                      tasks=tasks, progress=config.progress, log=lambda line: print(line, flush=True),
+                      rtc=config.rtc)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError too (a ValueError)
         print(f"vigil train {args.kind}: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,9 @@
    `flow_ensemble` bundle in `OUT/bundle`.
 
 The config file is TOML with one `[flow]` table whose keys are FlowConfig's fields (configs/flow-mt10.toml);
-unknown keys and wrong types are errors that name the key and the expected type.
+unknown keys and wrong types are errors that name the key and the expected type. `rtc_max_delay > 0` trains
+with training-time real-time chunking; `run(..., rtc="guided" | "trained")` exports the bundle with RTC
+inputs (docs/rtc.md).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from vigil.training.flow import (
     IMAGE,
     MIN_IMAGE_SIZE,
     PAIR_CONVENTIONS,
+    RTC_MODES,
     STATE,
     Ensemble,
     FlowConfig,
@@ -79,6 +82,9 @@ def check_flow_config(cfg: FlowConfig, section: str = "flow") -> FlowConfig:
         raise bad("min_obs_std", "a finite number > 0")
     if cfg.seed < 0:
         raise bad("seed", "an integer >= 0")
+    if not 0 <= cfg.rtc_max_delay <= cfg.horizon // 2:
+        raise bad("rtc_max_delay", f"an integer in 0..{cfg.horizon // 2} (0: no training-time RTC; the delay d "
+                                   "needs d <= s <= H - d, docs/rtc.md)")
     if cfg.image_size != 0 and cfg.image_size < MIN_IMAGE_SIZE:
         raise bad("image_size", f"0 (state only) or an integer >= {MIN_IMAGE_SIZE} (the camera image's side, 64 "
                                 "for Meta-World demos recorded with --camera)")
@@ -326,16 +332,27 @@ def _git_commit() -> str | None:
         return None
 
 
+def check_rtc(rtc: str | None, cfg: FlowConfig) -> None:
+    """Refuse an RTC export the config cannot give, before any training: "trained" needs rtc_max_delay > 0."""
+    if rtc not in (None, *RTC_MODES):
+        raise ConfigError(f"rtc must be one of {RTC_MODES} (or absent), got {rtc!r}")
+    if rtc == "trained" and cfg.rtc_max_delay < 1:
+        raise ConfigError(f"rtc 'trained' needs config key 'flow.rtc_max_delay' >= 1 (training-time RTC), got "
+                          f"{cfg.rtc_max_delay}")
+
+
 def run(config: str | Path | FlowConfig, demos_dir: str | Path, out_dir: str | Path,
         encoder_dir: str | Path | None = None, seed: int | None = None, tasks: Sequence[str] | None = None,
-        progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+        progress: bool = True, log: Callable[[str], None] = print, rtc: str | None = None) -> dict[str, Any]:
     """Train on demos_dir and write everything to out_dir (see the module docstring). Returns a summary:
-    paths written, final loss, whether a bundle was exported."""
+    paths written, final loss, whether a bundle was exported. rtc: export the bundle with real-time
+    chunking, "guided" or "trained" (docs/rtc.md)."""
     import torch
 
     cfg = load_flow_config(config) if not isinstance(config, FlowConfig) else check_flow_config(config)
     if seed is not None:
         cfg = check_flow_config(dataclasses.replace(cfg, seed=int(seed)))
+    check_rtc(rtc, cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     demos = DemoSet(demos_dir)
@@ -378,7 +395,8 @@ def run(config: str | Path | FlowConfig, demos_dir: str | Path, out_dir: str | P
                                "loss_first": provenance["loss_first"], "loss_last": provenance["loss_last"],
                                "bundle": None}
     try:
-        summary["bundle"] = export_run(out, ens, cfg, encoder_path, provenance, _control_rate(demos, infos), log)
+        summary["bundle"] = export_run(out, ens, cfg, encoder_path, provenance, _control_rate(demos, infos), log,
+                                       rtc=rtc)
     except ModuleNotFoundError as exc:
         if exc.name != "vigil.training.flow_export":
             raise  # flow_export exists but needs something missing: say so loudly
@@ -392,11 +410,13 @@ def run(config: str | Path | FlowConfig, demos_dir: str | Path, out_dir: str | P
 
 def export_run(out: str | Path, ens: Ensemble | None = None, cfg: FlowConfig | None = None,
                encoder_path: str | Path | None = None, provenance: dict[str, Any] | None = None,
-               control_rate_hz: float = 80.0, log: Callable[[str], None] = print, name: str | None = None) -> str:
+               control_rate_hz: float = 80.0, log: Callable[[str], None] = print, name: str | None = None,
+               rtc: str | None = None) -> str:
     """Export a training run's ensemble as OUT/bundle and record it in `provenance` (which `run` then
     writes). Called without the ensemble, it re-exports a finished run from OUT/ensemble.pt (and writes
     OUT/provenance.json from the checkpoint's): a run whose export failed, or a bundle to rebuild.
-    name: the bundle's name; default flow-<tasks>-M<members>-s<seed> (a SAVE round appends -r<round>)."""
+    name: the bundle's name; default flow-<tasks>-M<members>-s<seed> (a SAVE round appends -r<round>).
+    rtc: None, "guided" or "trained": the bundle's real-time chunking (docs/rtc.md)."""
     from vigil.training.flow_export import export_flow_ensemble
 
     out = Path(out)
@@ -409,9 +429,12 @@ def export_run(out: str | Path, ens: Ensemble | None = None, cfg: FlowConfig | N
     tasks = provenance["tasks"]
     what = "-".join(sorted(tasks)) if len(tasks) <= 2 else f"{len(tasks)}tasks"
     name = name or f"flow-{what}-M{cfg.members}-s{cfg.seed}"
-    export_flow_ensemble(out / "bundle", ens, cfg, encoder_path, name, prov=provenance, control_rate_hz=control_rate_hz)
+    check_rtc(rtc, cfg)
+    export_flow_ensemble(out / "bundle", ens, cfg, encoder_path, name, prov=provenance, control_rate_hz=control_rate_hz,
+                         rtc=rtc)
     provenance["bundle"] = str((out / "bundle").resolve())
-    log(f"bundle: wrote {out / 'bundle'} ({name})")
+    provenance["bundle_rtc"] = rtc
+    log(f"bundle: wrote {out / 'bundle'} ({name}{', RTC ' + rtc if rtc else ''})")
     if standalone:
         (out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
     return str(out / "bundle")
