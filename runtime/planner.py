@@ -11,7 +11,8 @@ Availability of a plan, which decides where it is adopted:
   ticks (ceil(ms * control_rate_hz / 1000), at least 1); if the worker is not done by then the loop waits for it
   (a lockstep robot waits anyway), so runs are reproducible on a loaded machine;
 - otherwise: when the worker is done (realtime with a model: the worker pads the plan time with a sleep up to
-  the drawn delay).
+  the drawn delay); a blocking plan — an episode's first, every plan under `--merge sync` — is padded the same
+  way on the loop, so a synchronous robot really waits as long as the modelled planner takes).
 
 A reset or a resumed session drops the plans in flight (their results are discarded by episode); a hot swap
 takes effect at the next plan started (the one in flight finishes with the old policy).
@@ -195,8 +196,11 @@ class AsyncExecution:
         if request.blocking:  # the observation waits: with a delay model, the ticks it would wait are counted
             t0 = _clock()
             plan = policy.infer(obs, extra)
+            model_ms = self._sampler.draw() if self._sampler is not None else 0.0
+            if not self.settings.lockstep and (pad := model_ms / 1e3 - (_clock() - t0)) > 0:
+                time.sleep(pad)  # realtime: the observation really waits as long as the modelled planner takes
             infer_s = _clock() - t0
-            waited = DelayModel.ticks(self._sampler.draw(), self.rate_hz) if self._sampler is not None else 0
+            waited = DelayModel.ticks(model_ms, self.rate_hz) if self._sampler is not None else 0
             self.executor.deliver(plan.actions, request.tick, request.tick + waited, plan.scores, tag)
             return infer_s
         model_ms = self._sampler.draw() if self._sampler is not None else 0.0
