@@ -143,6 +143,7 @@ class Session:
         self._offered: Policy | None = None
         self._planner, self._settings = planner, settings  # asynchronous execution (runtime/planner.py), if on
         self.execution: AsyncExecution | None = None
+        self._async_last: tuple[int, Decision] | None = None  # the last async tick's seq and decision (duplicates)
         self.agent = Agent(policy)
         self._use(policy)
 
@@ -186,6 +187,16 @@ class Session:
                     t_start: float) -> Decision | None:
         """The tick under asynchronous execution: collect the plans available now, maybe start one (an offered
         policy plans it), act from the executor. None: a swap ended asynchronous execution, decide as usual."""
+        last = self._async_last
+        if last is not None and seq and seq == last[0]:  # the same observation again (a driver's retry)
+            self.counters["duplicate_obs"] += 1  # answered as before; the chunk does not advance
+            return last[1]._replace(queue_s=t_start - t_arrival, decide_s=_clock() - t_start, t_arrival=t_arrival)
+        decision = self._tick_async_new(arrays, seq, t_arrival, t_start)
+        self._async_last = None if decision is None else (seq, decision)
+        return decision
+
+    def _tick_async_new(self, arrays: Mapping[str, np.ndarray], seq: int, t_arrival: float,
+                        t_start: float) -> Decision | None:
         ex, agent, tick = self.execution, self.agent, self.step
         ex.collect(tick, self.episode)
         request = ex.executor.request(tick)
@@ -283,6 +294,7 @@ class Session:
         if self._offered is not None:  # a new episode is a plan boundary too
             self._switch()
         self.agent.reset(instruction, seed)
+        self._async_last = None
         if self.execution is not None:  # the plans in flight belong to the old episode
             self.execution.drop("reset")
             self.execution.reseed(seed)
