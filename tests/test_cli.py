@@ -43,7 +43,7 @@ SUBCOMMANDS = {
 }
 
 TRAIN_SUBCOMMANDS = {  # `vigil train <kind> --help`
-    "flow": ["--config", "--demos", "--out", "--encoder", "--seed", "--tasks", "--no-progress"],
+    "flow": ["--config", "--demos", "--out", "--encoder", "--seed", "--tasks", "--rtc", "--no-progress"],
     "save-round": ["--run", "--old-demos", "--acquired", "--requests", "--out", "--config", "--steps", "--seed",
                    "--calibration-episodes", "--calibration-seed", "--calibration-max-steps",
                    "--calibration-all-episodes", "--no-progress"],
