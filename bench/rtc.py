@@ -62,7 +62,7 @@ CONTROL_HZ = 80.0
 MT10 = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
         "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3")
 METHODS = ("naive", "blend", "temporal", "rtc-guided", "rtc-trained")
-DELAYS = {8: (1, 2, 3, 4), 16: (1, 2, 4, 6, 8)}
+DELAYS = {8: (1, 2, 4), 16: (1, 2, 4, 8)}  # {1, 2, 4, ..., H/2}; d = 0 is the sync reference
 
 
 def _serve_flags(method: str, delay: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
