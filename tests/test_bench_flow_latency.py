@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 40 s of full-size plan graphs; its report is rendered in test_bench_common.py
 def test_flow_latency_benchmark_smoke():
     out = subprocess.run([sys.executable, "-m", "bench.flow_latency", "--members", "1", "2",
                           "--samples", "2", "1", "--reps", "3", "--no-write"], capture_output=True, text=True,
