@@ -145,10 +145,11 @@ def run_cell(bundle: Path, flags: dict[str, Any], tasks: Sequence[str], seeds: S
 def _cell(path: Path, bundle: Path, flags: dict[str, Any], args: argparse.Namespace, label: str,
           positions: float = 0.0) -> list[dict[str, Any]]:
     """`run_cell`, cached in `path` (an interrupted bench resumes where it stopped)."""
-    if path.exists():
-        return json.loads(path.read_text())
     tasks = args.tasks.split(",") if args.tasks else list(MT10)
     seeds = list(range(args.seed, args.seed + args.episodes))
+    path = path.with_name(f"{path.stem}-{len(tasks)}t-{args.episodes}e-{args.seed}s-{args.max_steps}.json")
+    if path.exists():
+        return json.loads(path.read_text())
     records = run_cell(bundle, flags, tasks, seeds, args.max_steps, positions, label)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records))
@@ -191,7 +192,7 @@ def measure_latency(bundle: Path, ticks: int, delay_ms: float) -> dict[str, Any]
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    runs = Path(args.runs)
+    runs = Path(args.runs).resolve()  # `vigil serve` runs in a folder of its own
     cells_dir = runs / "cells"
     tasks = args.tasks.split(",") if args.tasks else list(MT10)
     seeds = list(range(args.seed, args.seed + args.episodes))
@@ -394,7 +395,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--runs", default="bench-runs/rtc", help="folder with h8-base, h8-trained, h16-... (bench/rtc.sh)")
     ap.add_argument("--horizons", default="8,16", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--tasks", help="comma-separated tasks (default: MT10)")
-    ap.add_argument("--episodes", type=int, default=5, help="episode seeds per task")
+    ap.add_argument("--episodes", type=int, default=10, help="episode seeds per task")
     ap.add_argument("--seed", type=int, default=100, help="first episode seed")
     ap.add_argument("--max-steps", type=int, default=300)
     ap.add_argument("--no-shift", dest="shift", action="store_false", help="skip the position-shift experiment")
