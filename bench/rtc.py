@@ -340,7 +340,12 @@ def render(raw: dict[str, Any]) -> str:
             nom, sft = sh["cells"][f"{n}/nominal"], sh["cells"][f"{n}/shifted"]
             auc = _auroc([_early(e) for e in nom], [_early(e) for e in sft])
             lines.append(f"| {n} | {_rate(nom)[0]:.1%} | {_rate(sft)[0]:.1%} | {auc:.2f} | {_mean(sft, 'plans'):.1f} |")
-        lines.append("")
+        q = {n: np.quantile([v for e in sh["cells"][f"{n}/nominal"] for v in e["vfd"]], [0.5, 0.9, 0.99])
+             for n in ("sync", "rtc-guided")}
+        sync_q, rtc_q = (" / ".join(f"{x:.3g}" for x in q[n]) for n in ("sync", "rtc-guided"))
+        lines += ["", f"Per-plan VFD of the nominal episodes, p50 / p90 / p99: sync {sync_q}, RTC guided {rtc_q} (a "
+                  "monitor calibrated on synchronous rollouts, as `vigil calibrate` does, is off by their ratio under "
+                  "RTC).", ""]
     if "latency" in raw:
         lat = raw["latency"]
         lines += [f"### Robot-side round trip in realtime mode while a {lat['delay_ms']:g} ms planner runs "
