@@ -299,12 +299,6 @@ def render(raw: dict[str, Any]) -> str:
             lines.append(f"| sync, the RTC-trained bundle (its reference) | 0 | {p_t:.1%} ± {se_t:.1%} | "
                          f"{_mean(st, 'jerk'):.4f} | {_mean(st, 'seam_mean'):.3f} / {_mean(st, 'seam_max'):.3f} | "
                          f"{_mean(st, 'step_mean'):.3f} | {sum(e['safe'] for e in st)} |")
-        if "sync-trained/0" in cells:
-            st = cells["sync-trained/0"]
-            p_t, se_t = _rate(st)
-            lines.append(f"| sync, the RTC-trained bundle (its reference) | 0 | {p_t:.1%} ± {se_t:.1%} | "
-                         f"{_mean(st, 'jerk'):.4f} | {_mean(st, 'seam_mean'):.3f} / {_mean(st, 'seam_max'):.3f} | "
-                         f"{_mean(st, 'step_mean'):.3f} | {sum(e['safe'] for e in st)} |")
         delays = sorted({int(k.split('/')[1]) for k in cells if not k.startswith("sync")})
         for d in delays:
             for m in METHODS:
