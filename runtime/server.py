@@ -223,6 +223,7 @@ class Runtime:
         self._touch(session)
         decision = session.on_obs(msg.arrays, msg.seq, t_recv)
         self._send(identity, act_reply(session.robot, msg.seq, decision))
+        session.after_reply()
         self.counters["ticks"] += 1
         if decision.failed:
             self.counters["policy_failed"] += 1

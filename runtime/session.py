@@ -144,6 +144,7 @@ class Session:
         self._planner, self._settings = planner, settings  # asynchronous execution (runtime/planner.py), if on
         self.execution: AsyncExecution | None = None
         self._async_last: tuple[int, Decision] | None = None  # the last async tick's seq and decision (duplicates)
+        self._deferred: tuple | None = None  # a plan to hand to the worker once the reply is sent (after_reply)
         self.agent = Agent(policy)
         self._use(policy)
 
@@ -210,11 +211,14 @@ class Session:
                     if self.execution is not ex:  # another chunk length: start afresh
                         ex = self.execution
                         request = ex.executor.request(tick)
-                try:
-                    infer_s = ex.start(request, arrays, agent, self.episode)
-                except BaseException:
-                    ex.executor.drop(request.tick)
-                    raise
+                if request.blocking:  # the observation waits for it (an episode's first plan, --merge sync)
+                    try:
+                        infer_s = ex.start(request, arrays, agent, self.episode)
+                    except BaseException:
+                        ex.executor.drop(request.tick)
+                        raise
+                else:  # started once the robot has its reply: the worker does not compete with the reply
+                    self._deferred = (ex, request, arrays, self.episode)
             raw, info = ex.executor.action(tick)
         except ProtocolError:
             raise
@@ -242,6 +246,24 @@ class Session:
         return Decision(agent.safe_action if safe else action, safe, verdicts, judged, info.scores, plan, policy_id,
                         _clock() - t_start, t_start - t_arrival, _clock() - t_start, t_arrival,
                         execution=execution)
+
+    def after_reply(self) -> None:
+        """Work the tick deferred until the robot has its reply: under asynchronous execution, handing the plan
+        started at this tick to the planner's worker (started earlier, the worker's feed preparation and
+        onnxruntime call compete with the reply for the CPU and the GIL)."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            return
+        ex, request, arrays, episode = deferred
+        if ex is not self.execution or episode != self.episode:
+            ex.executor.drop(request.tick)
+            return
+        try:
+            ex.start(request, arrays, self.agent, episode)
+        except Exception as exc:  # noqa: BLE001 - the robot goes on with its chunk; the next plan is tried afresh
+            log.warning("robot %s: plan for tick %d could not start: %s", self.robot, request.tick, exc)
+            self.counters["plans_failed"] += 1
+            ex.executor.drop(request.tick)
 
     def _failed(self, exc: Exception, seq: int, t_arrival: float, t_start: float) -> Decision:
         """The policy raised on this observation: the safe action at once, a stop verdict that says why; the next
