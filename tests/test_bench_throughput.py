@@ -35,9 +35,10 @@ def test_short_run_writes_raw_results_and_the_report_renders_from_them(tmp_path)
         assert sorted(set(s["robot"])) == list(range(s["n"]))  # every robot played
         assert sum(v >= 0 for v in s["rtt_us"]) > obs // 2  # most observations answered
         assert s["counters"]["stopped_by"] == "SIGINT" and s["counters"]["ticks"] > 0
-        assert s["window_s"] > 0.9 and s["runtime_cpu_s"] >= 0 and len(s["generators"]) == 1
+        assert isinstance(s["window_s"], float) and isinstance(s["runtime_cpu_s"], float)  # timings: in the bench
+        assert len(s["generators"]) == 1
         g = s["generators"][0]
-        assert g["acts"] > 0 and g["window_s"] > 0.5 and g["bad"] == 0
+        assert g["acts"] > 0 and isinstance(g["window_s"], float) and g["bad"] == 0
         assert isinstance(s["verdicts"], dict) and isinstance(s["alerts"], dict)
     text = throughput.render(raw)  # nothing re-run: the report from the file alone
     assert text.startswith(throughput.BEGIN) and text.endswith(throughput.END)
