@@ -191,6 +191,45 @@ def measure_latency(bundle: Path, ticks: int, delay_ms: float) -> dict[str, Any]
     return out
 
 
+def measure_plan_cost(calls: int = 400) -> dict[str, Any]:
+    """onnxruntime at batch 1, one thread, the default MT10 shape (FlowConfig(): M = 5, hidden 256, H = 8, anchor
+    pairs, N = 1), untrained weights: the plain graph against the guided one (one backward pass of the anchor's
+    head per Euler step) and the trained one. Calls interleaved, so a busy machine slows all alike."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from vigil.policies.bundle import session_options
+    from vigil.policies.rtc import prefix_weights
+    from vigil.training.flow import Ensemble, FlowConfig
+    from vigil.training.flow_export import export_onnx
+
+    base = FlowConfig()
+    H, m = base.horizon, base.action_dim
+    rng = np.random.default_rng(0)
+    feed = {"state": rng.standard_normal((1, base.obs_dim), dtype=np.float32),
+            "instruction": rng.standard_normal((1, base.instr_dim), dtype=np.float32),
+            "noise": rng.standard_normal((1, base.vfd_samples, H, m), dtype=np.float32)}
+    rtc_feed = {"prefix": rng.uniform(-1, 1, (1, H, m)).astype(np.float32)}
+    sessions, feeds = {}, {}
+    for mode in ("plain", "guided", "trained"):
+        cfg = dataclasses.replace(base, rtc_max_delay=H // 2) if mode == "trained" else base
+        graph = export_onnx(Ensemble(cfg).eval(), cfg, rtc=None if mode == "plain" else mode)
+        sessions[mode] = ort.InferenceSession(graph, session_options(1), providers=["CPUExecutionProvider"])
+        schedule = "exp" if mode == "guided" else "zeros"
+        feeds[mode] = feed if mode == "plain" else {
+            **feed, **rtc_feed, "prefix_weight": prefix_weights(H, H // 2, 2, schedule)[None]}
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    for i in range(calls + 20):
+        for mode, session in sessions.items():
+            t0 = time.perf_counter()
+            session.run(None, feeds[mode])
+            if i >= 20:  # warm-up
+                samples[mode].append(time.perf_counter() - t0)
+    return {"calls": calls, **{k: {"median_us": float(np.median(v)) * 1e6, "min_us": float(np.min(v)) * 1e6}
+                               for k, v in samples.items()}}
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     runs = Path(args.runs).resolve()  # `vigil serve` runs in a folder of its own
     cells_dir = runs / "cells"
@@ -237,6 +276,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         H = args.latency_horizon
         rows = measure_latency(runs / f"h{H}-base" / "bundle", args.latency_ticks, 50.0)
         raw["latency"] = {"delay_ms": 50.0, "horizon": H, "rows": rows}
+    if args.plan_cost:
+        raw["plan_cost"] = measure_plan_cost()
     raw["seconds"] = time.time() - t0
     return raw
 
@@ -370,6 +411,16 @@ def render(raw: dict[str, Any]) -> str:
         p99 = lat["rows"]["rtc-guided"]["p99_us"]
         lines += ["", f"Target: async p99 under 1 ms while the planner runs: **{'met' if p99 < 1000 else 'not met'}** "
                   f"({p99:.0f} µs).", ""]
+    if "plan_cost" in raw:
+        pc = raw["plan_cost"]
+        lines += ["### Cost of a plan with RTC (default MT10 shape: 5 members, hidden 256, H = 8; onnxruntime, "
+                  f"batch 1, 1 thread, {pc['calls']} interleaved calls each, untrained weights)", "",
+                  "| graph | median µs | min µs | median / plain |", "|---|---:|---:|---:|"]
+        for mode in ("plain", "guided", "trained"):
+            r = pc[mode]
+            lines.append(f"| {mode} | {r['median_us']:.0f} | {r['min_us']:.0f} | "
+                         f"{r['median_us'] / pc['plain']['median_us']:.2f}x |")
+        lines.append("")
     lines += [f"![success against delay]({FIG_SUCCESS.relative_to(ROOT)})",
               f"![smoothness against delay]({FIG_SMOOTH.relative_to(ROOT)})", "",
               "Raw results: `bench/out/rtc.json`; `--report-only` renders this section and the figures again from it."]
@@ -421,6 +472,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--latency-horizon", type=int, default=16,
                     help="the chunk length of the latency rows' bundle (16: s = 8 ticks leaves room for a 50 ms "
                          "plan, 4 ticks at 80 Hz, plus its jitter)")
+    ap.add_argument("--no-plan-cost", dest="plan_cost", action="store_false",
+                    help="skip timing the plain, guided and trained graphs at the default shape")
     ap.add_argument("--report-only", action="store_true", help=f"render {RAW.name} again; measure nothing")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md, figures, raw alone")
     return ap.parse_args(argv)

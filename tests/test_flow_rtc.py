@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -301,43 +300,3 @@ def test_manifest_round_trip_and_policy_zero_prefix(ens, graphs, trained, tmp_pa
         policy.rtc_inputs(y, w[None])
     with pytest.raises(ValueError, match="no real-time chunking"):
         plain.rtc_inputs(y, w)
-
-
-# -- 5. cost (printed, not asserted) ---------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_plan_time_of_the_guided_graph_at_the_default_shape():
-    """onnxruntime at batch 1, one thread: the default MT10 shape (M = 5, hidden 256, H = 8, anchor pairs,
-    N = 1), plain graph vs guided graph (one extra backward pass of member 0's head per Euler step). Slow (two
-    exports of the full-size graph): `pytest -m slow -s tests/test_flow_rtc.py`. The two graphs' calls are
-    interleaved, so a busy machine slows both alike and the ratio stays meaningful."""
-    import onnxruntime as ort
-
-    from vigil.policies.bundle import session_options
-    from vigil.training.flow_export import export_onnx
-
-    cfg = FlowConfig()
-    e = Ensemble(cfg).eval()
-    x = inputs(cfg, 1, seed=0)
-    sessions, feeds = {}, {}
-    for mode in ("plain", "guided"):
-        rtc = None if mode == "plain" else mode
-        sessions[mode] = ort.InferenceSession(export_onnx(e, cfg, rtc=rtc), session_options(1),
-                                              providers=["CPUExecutionProvider"])
-        feeds[mode] = {"state": x["state"].numpy(), "instruction": x["instruction"].numpy(),
-                       "noise": x["noise"].transpose(0, 1).contiguous().numpy()}
-        if rtc:
-            feeds[mode].update(prefix=x["prefix"].numpy(), prefix_weight=soft_weights(1).numpy())
-    samples: dict[str, list[float]] = {"plain": [], "guided": []}
-    for i in range(420):
-        for mode in ("plain", "guided"):
-            t0 = time.perf_counter()
-            sessions[mode].run(None, feeds[mode])
-            if i >= 20:  # warm-up
-                samples[mode].append(time.perf_counter() - t0)
-    med = {k: float(np.median(v)) * 1e6 for k, v in samples.items()}
-    low = {k: float(np.min(v)) * 1e6 for k, v in samples.items()}
-    print(f"\nplan time, default MT10 shape, batch 1, 1 thread, 400 interleaved calls each: median plain "
-          f"{med['plain']:.0f} us, guided {med['guided']:.0f} us ({med['guided'] / med['plain']:.2f}x); min plain "
-          f"{low['plain']:.0f} us, guided {low['guided']:.0f} us ({low['guided'] / low['plain']:.2f}x)")
