@@ -45,6 +45,7 @@ from bench.common import (
     ROOT,
     markers,
     pyplot,
+    raw_copy,
     read_raw,
     run_info,
     save_figure,
@@ -481,7 +482,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    raw = read_raw(RAW) if args.report_only else json.loads(json.dumps(measure(args)))
+    raw = read_raw(RAW) if args.report_only else raw_copy(measure(args))  # rendered as --report-only will
     text = render(raw)
     print(text)
     if not args.no_write:

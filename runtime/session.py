@@ -192,12 +192,13 @@ class Session:
         if last is not None and seq and seq == last[0]:  # the same observation again (a driver's retry)
             self.counters["duplicate_obs"] += 1  # answered as before; the chunk does not advance
             return last[1]._replace(queue_s=t_start - t_arrival, decide_s=_clock() - t_start, t_arrival=t_arrival)
-        decision = self._tick_async_new(arrays, seq, t_arrival, t_start)
+        decision = self._decide_async(arrays, seq, t_arrival, t_start)
         self._async_last = None if decision is None else (seq, decision)
         return decision
 
-    def _tick_async_new(self, arrays: Mapping[str, np.ndarray], seq: int, t_arrival: float,
-                        t_start: float) -> Decision | None:
+    def _decide_async(self, arrays: Mapping[str, np.ndarray], seq: int, t_arrival: float,
+                      t_start: float) -> Decision | None:
+        """A new observation's tick (not a retry): collect, maybe plan, act."""
         ex, agent, tick = self.execution, self.agent, self.step
         ex.collect(tick, self.episode)
         request = ex.executor.request(tick)
