@@ -17,7 +17,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[sim,train,dev]'
+	$(BIN)/pip install --quiet -e '.[sim,train,dev,console,record,lerobot]'
 	touch $(STAMP)
 
 demo: $(STAMP)
