@@ -36,6 +36,7 @@ from vigil.runtime.planner import AsyncSettings, Planner, PlannerHook
 from vigil.runtime.reporting import Reporting
 from vigil.runtime.session import Session, act_reply, check_spec, hello_options, plan_together, standard_monitors
 from vigil.runtime.telemetry import TelemetryHook
+from vigil.runtime.trace import TraceHook
 from vigil.wire.protocol import (
     Layout,
     Message,
@@ -83,6 +84,7 @@ class Runtime:
         self.hooks = Hooks([alerts, self.reporting.request_hook,
                             LearnerHook(GainWorker(on_done=self.wake), alerts, self.stream, self.counters),
                             TelemetryHook(self, self.stream, config.telemetry_s),
+                            *([TraceHook(self.stream)] if config.trace else []),
                             *([PlannerHook(self.planner)] if self.planner is not None else []), *hooks], self.counters)
         self.control = None
         if config.control_endpoint:

@@ -1162,6 +1162,25 @@ def test_s9_4_queue_time_per_robot_in_telemetry(main):
     assert mine["queue_p50_us"] >= 5.9e6 and mine["p99_us"] >= mine["queue_p99_us"]
 
 
+def test_s12_trace_on_first_decision_and_on_verdict_change(main):
+    """"trace: published on a robot's first decision, on every new plan, and when a monitor's level changes"
+    with the plan's scores, every monitor's level and whether the safe action went out."""
+    r = main.robot("s12-trace", hello=True)
+    since = main.mark()
+    assert r.reply_to(r.send("obs", {"state": X})).kind == "act"
+    first = main.find(lambda t, m: t == "trace" and m.robot == "s12-trace", since)
+    assert first.kind == "trace" and first.meta["episode"] == 0 and first.meta["safe"] is False
+    assert first.meta["scores"] == {} and first.meta["thresholds"] == {}  # an LQR gain scores no plans
+    assert set(first.meta["levels"]) >= {"observation", "action", "deadline"}
+    assert set(first.meta["levels"].values()) == {"ok"}
+    since = main.mark()
+    reply = r.reply_to(r.send("obs", {"state": np.full_like(X, 1e9)}))  # the gain saturates the action
+    changed = main.find(lambda t, m: t == "trace" and m.robot == "s12-trace", since)
+    assert changed.meta["levels"] != first.meta["levels"]
+    assert {v[0] for v in reply.meta["verdicts"]} == {k for k, v in changed.meta["levels"].items() if v != "ok"}
+    assert changed.meta["safe"] is reply.meta["safe"]
+
+
 # == §10 Heartbeats, link loss and session expiry ====================================================================
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 VERSION = 1
 ROBOT_KINDS = frozenset({"hello", "obs", "act", "reset", "heartbeat", "error", "bye"})
-STREAM_KINDS = frozenset({"alert", "request", "telemetry"})  # operator stream (stream.py)
+STREAM_KINDS = frozenset({"alert", "request", "telemetry", "trace"})  # operator stream (stream.py)
 CONTROL_KINDS = frozenset({"swap", "error"})  # control channel (`vigil swap`; server.py)
 KINDS = ROBOT_KINDS | STREAM_KINDS | CONTROL_KINDS
 ENVELOPE = frozenset({"v", "kind", "robot", "seq", "t_ns", "arrays"})
