@@ -110,6 +110,18 @@ class ServeConfig:
     adaptive_horizon_vfd: float | None = field(default=None, metadata={
         "help": "when the executing chunk's vfd score is above this, the next plan starts after max(d, 1) ticks "
                 "instead of s (default: off)", "group": "asynchronous execution"})
+    record: str = field(default="", metadata={
+        "help": "folder to record every robot's episodes into, one MCAP file per robot and episode with Foxglove's "
+                "schemas (docs/recording.md; needs vigil[record]); empty: no recording", "group": "recording"})
+    record_flush_s: float = field(default=1.0, metadata={
+        "help": "a recording's open chunk is written to its file at least this often: a crash of the runtime loses "
+                "at most this much of it", "group": "recording"})
+    record_rotate_mb: float = field(default=256.0, metadata={
+        "help": "an episode's recording goes on in a new file once its file has passed this many MB",
+        "group": "recording"})
+    foxglove_ws: int = field(default=0, metadata={
+        "help": "also serve what is recorded live to Foxglove on ws://127.0.0.1:PORT (needs vigil[record]; works "
+                "without --record); 0: off", "group": "recording"})
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> ConfigError:
@@ -162,6 +174,12 @@ class ServeConfig:
                 DelayModel.parse(self.plan_delay)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        if not 0 < self.record_flush_s < math.inf:
+            raise bad("record_flush_s", "a finite number > 0 (seconds)")
+        if not 0 < self.record_rotate_mb < math.inf:
+            raise bad("record_rotate_mb", "a finite number > 0 (MB)")
+        if type(self.foxglove_ws) is not int or not 0 <= self.foxglove_ws <= 65535:
+            raise bad("foxglove_ws", "a tcp port 1..65535, or 0: off")
         if bool(self.curve_secret) != bool(self.curve_allow):
             missing = "curve_allow" if self.curve_secret else "curve_secret"
             raise ConfigError(f"config key {missing!r} must be set too: authentication needs the runtime's secret key "

@@ -28,6 +28,7 @@ from vigil.policies.bundle import Policy, load_policy
 from vigil.runtime.auth import ServerAuth
 from vigil.runtime.config import ServeConfig, is_local
 from vigil.runtime.control import ControlChannel
+from vigil.runtime.extras import recorder, wants_recorder
 from vigil.runtime.hooks import Hook, Hooks
 from vigil.runtime.inbox import Inbox, Queued
 from vigil.runtime.learning import GainWorker, LearnerHook
@@ -85,7 +86,8 @@ class Runtime:
                             LearnerHook(GainWorker(on_done=self.wake), alerts, self.stream, self.counters),
                             TelemetryHook(self, self.stream, config.telemetry_s),
                             *([TraceHook(self.stream)] if config.trace else []),
-                            *([PlannerHook(self.planner)] if self.planner is not None else []), *hooks], self.counters)
+                            *([PlannerHook(self.planner)] if self.planner is not None else []),
+                            *([recorder(self)] if wants_recorder(self) else []), *hooks], self.counters)
         self.control = None
         if config.control_endpoint:
             self.control = ControlChannel(self.ctx, config.control_endpoint, self.auth, alerts, self.stream,

@@ -8,7 +8,7 @@ their store id, so a gap in ids tells a subscriber to replay from the store (`vi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import zmq
@@ -30,12 +30,17 @@ class OperatorStream:
         self.sock.setsockopt(zmq.IPV6, 1)
         self.sock.bind(endpoint)
         self.endpoint = bound_endpoint(self.sock)
+        # in-process listeners called with every (topic, message) published, on the loop's thread (a recording
+        # keeps the alerts it carries): each must be quick and must not raise
+        self.taps: list[Callable[[str, Message], None]] = []
 
     def publish(self, topic: str, msg: Message) -> None:
         try:
             self.sock.send_multipart([topic.encode(), *encode(msg)], flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:  # PUB never blocks; a full queue means a subscriber is lost behind
             pass
+        for tap in self.taps:
+            tap(topic, msg)
 
     def event(self, robot: str, event: str, values: dict) -> None:
         """A telemetry event (`connected`, `link_restored`, `swapped`, ...): what happened, and its numbers."""

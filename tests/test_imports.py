@@ -7,6 +7,9 @@
     vigil.policies only vigil.wire and vigil.monitors, vigil.runtime those three.
 (c) The onboard commands (keys, serve, alerts, requests, swap), run to their end, load nothing else: the
     entry point imports a command's module only when that command is asked for.
+(d) vigil.record (recordings, the extra vigil[record]) is loaded by name only when a recording is configured
+    (runtime/extras.py); it imports the onboard packages, foxglove, mcap and protobuf, never the simulator,
+    the training code or torch.
 
 The source check reads every import statement of every module file, also those inside functions (lazy
 imports are imports too); the interpreter check imports every module (or runs the command) in a child
@@ -45,8 +48,11 @@ FORBIDDEN = ("torch", "vigil.sim", "vigil.training", "gymnasium", "mujoco", "met
 # modules an interpreter registers by itself whatever is imported: Cython's runtime, which the compiled
 # extensions of numpy and pyzmq register under these names
 INTERPRETER = ("_cython_", "cython_runtime")
-# the one dynamic import of the onboard path: main() imports the module that owns the command asked for
-DYNAMIC_IMPORTS = {"runtime/cli.py"}
+# the dynamic imports of the onboard path: main() imports the module that owns the command asked for, and
+# runtime/extras.py imports vigil.record.hook when `vigil serve` is asked to record
+DYNAMIC_IMPORTS = {"runtime/cli.py", "runtime/extras.py"}
+RECORD = "vigil.record"
+RECORD_THIRD_PARTY = {"foxglove", "mcap", "google"}  # vigil[record]'s packages, and protobuf (onnxruntime's)
 
 
 def module_name(path: Path) -> str:
@@ -148,6 +154,37 @@ def test_the_command_table_names_only_command_modules():
     from vigil.runtime.cli import ONBOARD as ONBOARD_CLI
 
     assert {module for module, _ in COMMANDS.values()} == {ONBOARD_CLI, "vigil.sim.cli", "vigil.training.cli"}
+
+
+def test_the_recording_is_the_only_module_loaded_by_name_from_the_runtime():
+    from vigil.runtime.extras import RECORD_MODULE
+
+    assert RECORD_MODULE == f"{RECORD}.hook"
+    calls = [node for node in ast.walk(ast.parse((ROOT / "runtime/extras.py").read_text()))
+             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module"]
+    assert [ast.unparse(c.args[0]) for c in calls] == ["RECORD_MODULE"]
+
+
+def test_recording_source_imports_only_the_onboard_packages_and_its_extra():
+    bad = []
+    for path in sorted((ROOT / "record").rglob("*.py")):
+        for line, module in imported(path):
+            top = module.split(".")[0]
+            ok = (top in sys.stdlib_module_names or top in THIRD_PARTY | RECORD_THIRD_PARTY
+                  or package_of(module) in (*ONBOARD, RECORD))
+            if not ok or is_forbidden(module):
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert not bad, "vigil.record imports outside the onboard packages and vigil[record]:\n" + "\n".join(bad)
+
+
+def test_importing_the_recording_loads_nothing_forbidden():
+    modules = [module_name(p) for p in sorted((ROOT / "record").rglob("*.py"))]
+    r = subprocess.run([sys.executable, "-c", IMPORT_ALL, *modules], capture_output=True, text=True, timeout=120,
+                       env=child_env())
+    assert r.returncode == 0, r.stderr
+    loaded = json.loads(r.stdout)
+    assert not [m for m in loaded if is_forbidden(m)], [m for m in loaded if is_forbidden(m)]
+    assert {package_of(m) for m in loaded} - {None, RECORD} <= set(ONBOARD)
 
 
 @pytest.mark.parametrize("package", ONBOARD)
