@@ -140,10 +140,14 @@ class DemoWriter:
         _makedirs_durable(self.folder / "episodes")
         self.index_path = self.folder / INDEX
 
-    def add(self, episode: Episode) -> str:
-        """Write the episode durably, then index it; returns its id."""
+    def add(self, episode: Episode, *, episode_id: str | None = None, created: str | None = None) -> str:
+        """Write the episode durably, then index it; returns its id. `episode_id` and `created` (ISO 8601) are for
+        copies of an episode that already has them (an import of an exported dataset keeps them)."""
         episode.validate()
-        episode_id = f"{episode.task}-s{episode.seed}-{uuid.uuid4().hex[:10]}"
+        if episode_id is None:
+            episode_id = f"{episode.task}-s{episode.seed}-{uuid.uuid4().hex[:10]}"
+        elif not episode_id or "/" in episode_id or episode_id.startswith("."):
+            raise ValueError(f"bad episode id {episode_id!r}")
         task_dir = self.folder / "episodes" / episode.task
         _makedirs_durable(task_dir)
         info = EpisodeInfo(
@@ -151,7 +155,7 @@ class DemoWriter:
             seed=None if episode.seed is None else int(episode.seed), steps=episode.steps,
             success=episode.succeeded, success_step=episode.success_step, source=episode.source,
             file=f"episodes/{episode.task}/{episode_id}.npz",
-            created=datetime.now(UTC).isoformat(timespec="milliseconds"),
+            created=created or datetime.now(UTC).isoformat(timespec="milliseconds"),
             observations={k: {"dtype": str(v.dtype), "shape": list(v.shape[1:])}
                           for k, v in episode.observations.items()},
             meta=dict(episode.meta))
