@@ -214,6 +214,72 @@ def cmd_expert(args: argparse.Namespace) -> int:
 @dataclass(frozen=True)
 class DemoConfig:
     workdir: str = field(default=".vigil-demo", metadata={
+        "help": "folder for the bundles, store, datasets, recordings and every command's log (reused: the "
+                "exported instruction encoder is kept between runs)"})
+    tasks: str = field(default="reach-v3,push-v3,pick-place-v3,door-open-v3,drawer-close-v3", metadata={
+        "help": "comma-separated Meta-World MT10 tasks, one simulated robot each"})
+    nominal_episodes: int = field(default=2, metadata={"help": "nominal episodes per robot"})
+    shifted_episodes: int = field(default=3, metadata={"help": "shifted episodes per robot (objects moved out)"})
+    shift: float = field(default=0.5, metadata={
+        "help": "how far the shifted episodes move the objects beyond their range, in range widths"})
+    eval_episodes: int = field(default=10, metadata={
+        "help": "held-out shifted episodes per requesting task, before and after the swap"})
+    max_steps: int = field(default=200, metadata={"help": "steps per episode, at most"})
+    save_steps: int = field(default=0, metadata={"help": "fine-tuning steps of the SAVE round (0: the shipped "
+                                                         "config's)"})
+    calibration_episodes: int = field(default=-1, metadata={
+        "help": "nominal calibration episodes per task after the SAVE round (-1: the shipped config's)"})
+    console_port: int = field(default=8765, metadata={"help": "port of `vigil console` (loopback)"})
+    record: bool = field(default=True, metadata={"help": "record the deployment as MCAP (needs vigil[record])"})
+    realtime: bool = field(default=False, metadata={
+        "help": "pace the deployment robots at 80 Hz in real time (on 2 cores five robots then starve: they "
+                "apply their own safe action when an action comes late); default lockstep"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("workdir", bool(self.workdir), "a folder"),
+                            ("tasks", bool(self.task_list()), "comma-separated Meta-World task names"),
+                            ("nominal_episodes", self.nominal_episodes >= 1, "an integer >= 1"),
+                            ("shifted_episodes", self.shifted_episodes >= 1, "an integer >= 1"),
+                            ("shift", 0 < self.shift < math.inf, "a finite number > 0 (range widths)"),
+                            ("eval_episodes", self.eval_episodes >= 1, "an integer >= 1"),
+                            ("max_steps", self.max_steps >= 1, "an integer >= 1"),
+                            ("save_steps", self.save_steps >= 0, "an integer >= 0 (0: the shipped config's)"),
+                            ("calibration_episodes", self.calibration_episodes >= -1,
+                             "an integer >= 0 (-1: the shipped config's)"),
+                            ("console_port", 0 <= self.console_port < 65536, "a port number")])
+
+    def task_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+
+
+def _demo_parser(p: argparse.ArgumentParser) -> None:
+    p.description = ("The main job end to end: a flow-matching ensemble served with its VFD monitor; simulated robots "
+                     "run nominal then shifted episodes; VFD alerts and data requests are filed; the scripted expert "
+                     "answers; a SAVE round fine-tunes; `vigil swap` hot-swaps; success before and after. A few "
+                     "minutes on 2 cores (sim/demo.py).")
+    add_flags(p, DemoConfig)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vigil.sim.demo import MainDemo, run_main_demo
+    from vigil.sim.metaworld_env import MT10_TASKS as MT10
+
+    config = config_from_args(DemoConfig, args)
+    unknown = [t for t in config.task_list() if t not in MT10]
+    if unknown:
+        print(f"vigil demo: config key 'tasks' has {unknown}, expected MT10 tasks: {', '.join(MT10)}",
+              file=sys.stderr)
+        return 2
+    return run_main_demo(MainDemo(Path(config.workdir), config.task_list(), config.nominal_episodes,
+                                  config.shifted_episodes, config.shift, config.eval_episodes, config.max_steps,
+                                  save_steps=config.save_steps, calibration_episodes=config.calibration_episodes,
+                                  console_port=config.console_port,
+                                  record=config.record, realtime=config.realtime))
+
+
+@dataclass(frozen=True)
+class LqrDemoConfig:
+    workdir: str = field(default=".vigil-demo-lqr", metadata={
         "help": "folder for the bundle, alert store and simulator summary"})
     steps: int = field(default=400, metadata={"help": "simulation steps"})
     rate_hz: float = field(default=100.0, metadata={
@@ -227,16 +293,16 @@ class DemoConfig:
                             ("outage_s", 0 <= self.outage_s < math.inf, "a finite number >= 0 (seconds)")])
 
 
-def _demo_parser(p: argparse.ArgumentParser) -> None:
+def _demo_lqr_parser(p: argparse.ArgumentParser) -> None:
     p.description = ("Export the optimal LQR of the aircraft-pitch system as a bundle, serve it, run the simulator "
                      "against it with a link outage half way, show the alert stream, and print a summary.")
-    add_flags(p, DemoConfig)
+    add_flags(p, LqrDemoConfig)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from vigil.sim.demo import run_demo
+def cmd_demo_lqr(args: argparse.Namespace) -> int:
+    from vigil.sim.demo_lqr import run_demo
 
-    config = config_from_args(DemoConfig, args)
+    config = config_from_args(LqrDemoConfig, args)
     return run_demo(Path(config.workdir), config.steps, config.rate_hz, config.outage_s)
 
 
@@ -244,4 +310,5 @@ PARSERS: dict[str, Command] = {
     "sim": (_sim_parser, cmd_sim),
     "expert": (_expert_parser, cmd_expert),
     "demo": (_demo_parser, cmd_demo),
+    "demo-lqr": (_demo_lqr_parser, cmd_demo_lqr),
 }

@@ -35,7 +35,9 @@ SUBCOMMANDS = {
                "--poll-s"],
     "swap": ["--bundle", "--connect", "--timeout", "--key", "--server-key"],
     "keys": ["name", "--dir"],
-    "demo": ["--workdir", "--steps", "--rate", "--outage-s"],
+    "demo": ["--workdir", "--tasks", "--nominal-episodes", "--shifted-episodes", "--shift", "--eval-episodes",
+             "--max-steps", "--save-steps", "--calibration-episodes", "--console-port", "--no-record", "--realtime"],
+    "demo-lqr": ["--workdir", "--steps", "--rate", "--outage-s"],
     "bundle": ["{lqr,encoder}", "--system", "--out", "--learner", "--prior", "--prior-std", "--seed", "--lam", "--g1",
                "--g2"],  # {lqr,encoder}: the positional `kind` with its choices
     "calibrate": ["--bundle", "--tasks", "--episodes", "--seed", "--window", "--warn", "--alert", "--stop",
@@ -46,7 +48,7 @@ TRAIN_SUBCOMMANDS = {  # `vigil train <kind> --help`
     "flow": ["--config", "--demos", "--out", "--encoder", "--seed", "--tasks", "--rtc", "--no-progress"],
     "save-round": ["--run", "--old-demos", "--acquired", "--requests", "--out", "--config", "--steps", "--seed",
                    "--calibration-episodes", "--calibration-seed", "--calibration-max-steps",
-                   "--calibration-all-episodes", "--no-progress"],
+                   "--calibration-all-episodes", "--encoder", "--no-progress"],
     "bpo": ["--env", "--steps", "--seed", "--out", "--envs", "--no-progress"],
     "ppo": ["--env", "--steps", "--seed", "--out", "--envs", "--no-progress"],
 }
@@ -272,7 +274,7 @@ def test_bundle_command_writes_the_optimal_lqr(tmp_path):
 
 def test_demo_runs_end_to_end(tmp_path):
     workdir = tmp_path / "demo"
-    r = run_vigil("demo", "--workdir", str(workdir), "--steps", "200", timeout=300)
+    r = run_vigil("demo-lqr", "--workdir", str(workdir), "--steps", "200", timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert re.search(r"^result\s+OK", r.stdout, re.M), r.stdout[-2000:]
     [ep] = json.loads((workdir / "sim-summary.json").read_text())
@@ -339,7 +341,9 @@ def test_toml_table_under_flags_and_one_error_style():
     (["sim", "--drop", "1.5"], "'drop'"),
     (["sim", "--noise-dims", "a,b"], "'noise_dims'"),
     (["expert", "--demos", "d", "--lease-s", "0"], "'lease_s'"),
-    (["demo", "--rate", "nan"], "'rate_hz'"),
+    (["demo-lqr", "--rate", "nan"], "'rate_hz'"),
+    (["demo", "--tasks", "reach-v3,fly-v3"], "'tasks'"),
+    (["demo", "--shift", "0"], "'shift'"),
     (["alerts", "--timeout", "-1"], "'timeout'"),
     (["requests", "--since", "-1"], "'since'"),
     (["swap", "--bundle", "b", "--timeout", "0"], "'timeout'"),

@@ -248,6 +248,9 @@ class SaveRoundConfig:
         "metavar": "STORE"})
     config: str | None = field(default=None, metadata={"help": "TOML file with a [save] table (keys: SaveConfig's "
                                                                "fields)"})
+    encoder: str | None = field(default=None, metadata={
+        "help": "instruction encoder bundle (default: the folder the run was trained with, from its provenance); "
+                "for a run trained on another computer", "metavar": "DIR"})
     progress: bool = field(default=True, metadata={"help": "no progress bars"})
 
 
@@ -379,7 +382,7 @@ def _save_round(args: argparse.Namespace) -> int:
     try:
         save = load_save_config(config.config, **flag_values(SaveConfig, args))
         summary = save_round(config.run, list(config.old_demos), config.acquired, config.out, config.requests, save,
-                             progress=config.progress, log=lambda line: print(line, flush=True))
+                             encoder=config.encoder, progress=config.progress, log=lambda line: print(line, flush=True))
     except (ValueError, KeyError, OSError) as exc:  # ConfigError too (a ValueError)
         print(f"vigil train save-round: {exc}", file=sys.stderr)
         return 2

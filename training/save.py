@@ -344,7 +344,8 @@ def _merge_stats(into: dict, stats: Mapping[str, Mapping[str, Any]]) -> None:
 
 def save_round(run_dir: str | Path, old_demos: Sequence[str | Path], acquired_dir: str | Path,
                out_dir: str | Path, requests: str | Path | None = None, config: SaveConfig = SaveConfig(),
-               progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+               encoder: str | Path | None = None, progress: bool = True,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
     """One SAVE round: RUN (a `vigil train flow` or earlier round's folder: ensemble.pt, provenance.json,
     bundle/) + old demonstrations + acquired ones -> OUT with ensemble.pt, loss.csv, learning_curve.png,
     provenance.json and the calibrated bundle OUT/bundle. Returns a summary."""
@@ -375,7 +376,9 @@ def save_round(run_dir: str | Path, old_demos: Sequence[str | Path], acquired_di
     round_cfg = check_flow_config(dataclasses.replace(
         cfg, steps=config.steps, seed=seed, lr=config.lr or cfg.lr, batch_size=config.batch_size or cfg.batch_size))
 
-    encoder_path = Path(parent_prov["encoder"]["folder"])
+    # the encoder the parent was trained with, unless given: a run built on another computer names a folder
+    # that is not here (the demo's shipped ensemble); any export of the same packaged encoder embeds alike
+    encoder_path = Path(encoder) if encoder is not None else Path(parent_prov["encoder"]["folder"])
     encoder = InstructionEncoder.load(encoder_path, prefer_gpu=False)
     acquired = acquired_demos(acquired_dir, requests, log)
     if not acquired:
@@ -414,6 +417,8 @@ def save_round(run_dir: str | Path, old_demos: Sequence[str | Path], acquired_di
     base_name = parent_save.get("base_name") or (manifest.name if manifest is not None else None)
     provenance: dict[str, Any] = {
         **{k: v for k, v in parent_prov.items() if k in ("encoder", "successful_only")},
+        "encoder": {"folder": str(encoder_path.resolve()), "name": encoder.meta.get("name"),
+                    "onnx_sha256": encoder.meta.get("onnx", {}).get("sha256"), "dim": encoder.dim},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "demos": [s["dataset"] for s in old_sources] + [str(acq_set.folder.resolve())],
         "tasks": all_stats,
