@@ -226,7 +226,8 @@ def build_app(feed: Feed, guard: Guard, settings: Settings) -> ASGIApp:
         """The reply to one message from a page; malformed ones are counted and answered with an error."""
         def malformed(why: str) -> dict[str, Any]:
             feed.counters["ws_malformed"] += 1
-            return {"type": "error", "error": f"malformed message: {why}", "ws_malformed": feed.counters["ws_malformed"]}
+            return {"type": "error", "error": f"malformed message: {why}",
+                    "ws_malformed": feed.counters["ws_malformed"]}
 
         if len(text) > MAX_WS_MESSAGE:
             return malformed(f"longer than {MAX_WS_MESSAGE} characters")

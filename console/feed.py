@@ -309,7 +309,7 @@ class Feed:
             self.publish({"type": "gain", "gain": gain})
         elif event == "swapped":
             self.policy = str(values.get("policy", self.policy))  # the swap's alert carries the rest
-        self.publish({"type": "event", "event": entry, "robots": self.robots_json()})
+        self.publish({"type": "event", "event": entry, "robots": self.robots_json(), "policy": self.policy})
 
     def _add_swap(self, swap: dict[str, Any]) -> None:
         bundle = str(swap.get("bundle", ""))

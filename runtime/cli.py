@@ -48,13 +48,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "requests": (ONBOARD, "list the data requests in a runtime's store"),
     "expert": ("vigil.sim.cli", "answer data requests with scripted-expert demonstrations (simulation)"),
     "swap": (ONBOARD, "hot-swap the bundle a running runtime serves"),
+    "console": ("vigil.console.cli", "the operator's web page: robots, VFD traces, alerts, requests, swaps"),
     "demo": ("vigil.sim.cli", "runtime + simulator + alert view on aircraft pitch, with a fault half way"),
     "bundle": ("vigil.training.cli", "write a bundle that needs no training (optimal LQR, instruction encoder)"),
     "demos": ("vigil.training.cli", "record and list demonstration datasets (Meta-World scripted experts)"),
     "train": ("vigil.training.cli", "train a policy from demonstrations (needs vigil[train])"),
     "calibrate": ("vigil.training.cli", "calibrate a flow_ensemble bundle's VFD monitor on nominal rollouts"),
 }
-EXTRAS = {"vigil.sim.cli": "vigil[sim]", "vigil.training.cli": "vigil[train]"}  # what their modules need
+EXTRAS = {"vigil.sim.cli": "vigil[sim]", "vigil.training.cli": "vigil[train]",  # what their modules need
+          "vigil.console.cli": "vigil[console]"}
 
 
 # -- keys ---------------------------------------------------------------------------------------------------

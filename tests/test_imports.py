@@ -44,7 +44,7 @@ ONBOARD = tuple(LAYERS)
 THIRD_PARTY = {"numpy", "onnxruntime", "zmq", "msgpack"}  # the base install: pyproject.toml's dependencies
 # what the onboard path must never load, named for a clear failure (the allow-list refuses them anyway)
 FORBIDDEN = ("torch", "vigil.sim", "vigil.training", "gymnasium", "mujoco", "metaworld", "scipy", "cvxpy",
-             "matplotlib", "control", "onnx", "tqdm", "rich")
+             "matplotlib", "control", "onnx", "tqdm", "rich", "starlette", "uvicorn", "selenium", "vigil.console")
 # modules an interpreter registers by itself whatever is imported: Cython's runtime, which the compiled
 # extensions of numpy and pyzmq register under these names
 INTERPRETER = ("_cython_", "cython_runtime")
@@ -149,11 +149,13 @@ def test_onboard_source_imports_no_module_by_name_except_the_command_dispatch():
 
 
 def test_the_command_table_names_only_command_modules():
-    """What main() may import by name: the onboard commands' own module, sim/cli.py and training/cli.py."""
+    """What main() may import by name: the onboard commands' own module, sim/cli.py, training/cli.py and
+    console/cli.py."""
     from vigil.runtime.cli import COMMANDS
     from vigil.runtime.cli import ONBOARD as ONBOARD_CLI
 
-    assert {module for module, _ in COMMANDS.values()} == {ONBOARD_CLI, "vigil.sim.cli", "vigil.training.cli"}
+    assert {module for module, _ in COMMANDS.values()} == {ONBOARD_CLI, "vigil.sim.cli", "vigil.training.cli",
+                                                           "vigil.console.cli"}
 
 
 def test_the_recording_is_the_only_module_loaded_by_name_from_the_runtime():

@@ -241,7 +241,9 @@ function renderRequests() {
       el("td", { class: "num" }, `${fmt(r.score)} > ${fmt(r.threshold)}`),
       el("td", {}, requestDetail(r, state), msg ? el("div", { class: `msg-${msg.kind}`, dataset: { msg: r.id } }, msg.text) : ""),
       el("td", { class: "actions" }, ...(open ? ["claim", "answer", "reject", "release"].map(button) : []))));
-    if (S.form && S.form.id === r.id && open) rows.push(formRow(r));
+    // an open form stays when the request is resolved elsewhere: the operator's text is kept, and sending it
+    // gets the store's answer ("already fulfilled by ...")
+    if (S.form && S.form.id === r.id) rows.push(formRow(r));
   }
   body.replaceChildren(...rows);
 }
@@ -369,7 +371,8 @@ function onMessage(msg) {
       S.robots = msg.robots; S.policy = msg.policy; mark("robots", "status");
       break;
     case "event":
-      S.events.push(msg.event); S.robots = msg.robots; mark("events", "robots");
+      S.events.push(msg.event); S.robots = msg.robots; S.policy = msg.policy || S.policy;
+      mark("events", "robots", "status");
       break;
     case "trace":
       addTrace(msg.points, msg.thresholds); mark("traces");
