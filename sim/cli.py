@@ -218,11 +218,11 @@ class DemoConfig:
                 "exported instruction encoder is kept between runs)"})
     tasks: str = field(default="reach-v3,push-v3,pick-place-v3,door-open-v3,drawer-close-v3", metadata={
         "help": "comma-separated Meta-World MT10 tasks, one simulated robot each"})
-    nominal_episodes: int = field(default=2, metadata={"help": "nominal episodes per robot"})
-    shifted_episodes: int = field(default=3, metadata={"help": "shifted episodes per robot (objects moved out)"})
-    shift: float = field(default=0.5, metadata={
+    nominal_episodes: int = field(default=3, metadata={"help": "nominal episodes per robot"})
+    shifted_episodes: int = field(default=6, metadata={"help": "shifted episodes per robot (objects moved out)"})
+    shift: float = field(default=0.3, metadata={
         "help": "how far the shifted episodes move the objects beyond their range, in range widths"})
-    eval_episodes: int = field(default=10, metadata={
+    eval_episodes: int = field(default=20, metadata={
         "help": "held-out shifted episodes per requesting task, before and after the swap"})
     max_steps: int = field(default=200, metadata={"help": "steps per episode, at most"})
     save_steps: int = field(default=0, metadata={"help": "fine-tuning steps of the SAVE round (0: the shipped "

@@ -52,10 +52,10 @@ class MainDemo:
 
     workdir: Path
     tasks: tuple[str, ...]
-    nominal_episodes: int = 2
-    shifted_episodes: int = 3
-    shift: float = 0.5
-    eval_episodes: int = 10
+    nominal_episodes: int = 3
+    shifted_episodes: int = 6
+    shift: float = 0.3
+    eval_episodes: int = 20
     max_steps: int = 200
     request_interval_s: float = 1.0
     save_steps: int = 0  # 0: the asset config's [save] steps
