@@ -108,7 +108,7 @@ def request_action(store_path: str, request_id: int, action: str, body: dict[str
     if not Path(store_path).exists():
         return Outcome(503, f"store {store_path} does not exist (yet); nothing was changed")
     try:
-        store = RequestStore(store_path, timeout=5.0)  # an operator can wait for a lock; the control loop cannot
+        store = RequestStore(store_path, timeout=2.0)  # an operator can wait for a lock; the control loop cannot
     except sqlite3.Error as exc:
         return Outcome(503, f"store {store_path} cannot be opened ({exc}); nothing was changed, try again")
     try:

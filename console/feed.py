@@ -41,6 +41,7 @@ HISTORY = 200      # alerts and requests read from the store on start-up
 KEEP_ALERTS = 500  # alerts the page is given at most
 KEEP_REQUESTS = 500
 TRACE_POINTS = 3000  # per robot: at 50 plans a second, one minute
+BUSY_MS = 500  # a read waits this long for a locked store, then the page says "locked" and the next poll retries
 TRACE_BATCH = 400    # per robot and flush: beyond it the oldest points of the batch are dropped (counted)
 
 
@@ -99,6 +100,7 @@ def read_store(path: Path, after_alert: int | None, after_request: int | None, p
             store = AlertStore(path, readonly=True)
         except FileNotFoundError as exc:
             return StoreRead("missing", str(exc))
+        store.db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
         try:
             if after_alert is None:
                 after_alert = max(0, _max_id(store.db, "alerts") - HISTORY)
@@ -112,6 +114,7 @@ def read_store(path: Path, after_alert: int | None, after_request: int | None, p
             rstore = RequestStore(path, readonly=True)
         except FileNotFoundError:  # no requests table: no runtime has filed one yet
             return StoreRead("ok", "", tuple(alerts), (), after_alert or 0, after_request or 0)
+        rstore.db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
         try:
             if after_request is None:
                 after_request = max(0, _max_id(rstore.db, "requests") - HISTORY)

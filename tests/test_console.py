@@ -379,6 +379,72 @@ def test_console_before_the_runtime_then_through_a_restart(lqr_bundle, serve, co
     wait_until(lambda: dom(driver, "return document.querySelector('#runtime-status').dataset.silent") == "false", 10)
 
 
+def test_a_gap_in_alert_ids_is_read_back_from_the_store_and_gains_are_shown(consoles, driver, tmp_path):
+    """The runtime's publisher (OperatorStream) in the test process, so that the test chooses what the stream
+    drops: alerts 5 and 6 are stored but never published; the console reads them from the store because of the
+    gap (its periodic poll is an hour away)."""
+    import zmq
+
+    from vigil.runtime.stream import OperatorStream
+    from vigil.wire.protocol import Message
+
+    store = AlertStore(tmp_path / "alerts.db")
+    for i in range(3):
+        store.append("arm-1", "warn", "saturation", f"history {i + 1}")
+    stream = OperatorStream(zmq.Context.instance(), "tcp://127.0.0.1:0")
+    try:
+        console = consoles(stream.endpoint, tmp_path / "alerts.db", poll_s=60)
+        driver.get(console.url)
+        rows = ("return [...document.querySelectorAll('#alerts tr[data-alert-id]')]"
+                ".map(r => r.dataset.alertId + ' ' + r.children[7].textContent).sort()")
+        wait_until(lambda: dom(driver, rows) == ["1 store", "2 store", "3 store"], 20)  # the history, on page load
+
+        def published() -> bool:  # PUB/SUB joins late: telemetry until the page has heard the runtime
+            stream.publish("telemetry", Message("telemetry", "", 0, 0, {}, {"policy": "p@1", "robots": {}}))
+            return dom(driver, "return document.querySelector('#runtime-status').dataset.silent") == "false"
+
+        wait_until(published, 20, interval_s=0.1)
+        records = [store.append("arm-1", "alert", "observation", f"live {i}") for i in (4, 5, 6, 7)]
+        for r in (records[0], records[3]):  # 5 and 6 dropped on the way
+            stream.publish(f"alert.{r.severity}", Message("alert", r.robot, r.id, r.t_ns, {}, r.to_meta()))
+        wait_until(lambda: dom(driver, rows) == ["1 store", "2 store", "3 store", "4 stream", "5 store", "6 store",
+                                                 "7 stream"], 20)
+        status = console.get("/api/state")[1]["status"]["counters"]
+        assert status["alert_gaps"] == 1 and status["alerts_from_store"] == 2
+
+        stream.event("arm-2", "gain", {"epoch": 3, "steps": 400, "gain": [[1.5, -0.25, 2.0]], "fallback": False,
+                                       "guarded": True, "failed": False, "update_ms": 1.2, "t": time.time()})
+        wait_until(lambda: "guarded" in text_of(driver, '#gains tr[data-gain-robot="arm-2"]'), 20)
+        assert "1.5" in text_of(driver, '#gains tr[data-gain-robot="arm-2"]')
+    finally:
+        stream.close()
+        store.close()
+
+
+def test_a_locked_store_is_shown_and_refuses_actions_until_it_is_free(consoles, driver, tmp_path):
+    import sqlite3
+
+    store = tmp_path / "alerts.db"
+    file_requests(store, 1)
+    AlertStore(store).close()
+    console = consoles(tcp_endpoint(), store)
+    driver.get(console.url)
+    wait_until(lambda: dom(driver, "return document.querySelector('#store-status').dataset.status") == "ok", 20)
+    holder = sqlite3.connect(str(store), isolation_level=None)  # another program holds the file
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        wait_until(lambda: dom(driver, "return document.querySelector('#store-status').dataset.status") == "locked", 20)
+        assert "locked" in text_of(driver, "#store-status")
+        status, answer = console.post("/api/requests/1/claim", {"by": "alice"}, token=console.token)
+        assert status == 503 and "nothing was changed" in answer["error"]
+    finally:
+        holder.close()
+    wait_until(lambda: dom(driver, "return document.querySelector('#store-status').dataset.status") == "ok", 20)
+    assert console.post("/api/requests/1/claim", {"by": "alice"}, token=console.token)[0] == 200
+    assert stored(store, 1).claimed_by == "alice"
+
+
 def test_malformed_websocket_messages_get_an_error_and_a_count(consoles, tmp_path):
     from websockets.sync.client import connect
 
