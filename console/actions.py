@@ -3,7 +3,7 @@
 Requests go through the store's own API (runtime/requests.py, RequestStore), so the console obeys the rules
 every expert and teleoperation tool obeys: only the current claimer resolves, and every step is one
 conditional UPDATE, so of two pages that answer the same request exactly one wins; the other is told who
-did. The page's actions (decision 112, docs/console.md):
+did. The page's actions (decision 114, docs/console.md):
 
 - claim:   take the request (a lease of `lease_s`) while recording its demonstration by teleoperation;
 - answer:  fulfil it with a demonstration already recorded: the dataset folder on this computer and the

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,22 @@ SECURITY_HEADERS = {
 }
 
 
+def finite(obj: Any) -> Any:
+    """`obj` with every NaN or infinity as None: JSON has no such numbers, and the page's JSON.parse refuses
+    them (a score or an alert value may be one)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(msg: dict[str, Any]) -> str:
+    return json.dumps(finite(msg), default=str, allow_nan=False)
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the application needs besides the feed: the store and control channel to act on, and how."""
@@ -77,7 +94,7 @@ class Hub:
         self.pages: set[Page] = set()
 
     def broadcast(self, msg: dict[str, Any]) -> None:
-        text = json.dumps(msg, default=str, allow_nan=False) if self.pages else ""
+        text = dumps(msg) if self.pages else ""
         for page in self.pages:
             if page.resync:
                 continue
@@ -138,7 +155,7 @@ def build_app(feed: Feed, guard: Guard, settings: Settings) -> ASGIApp:
         no = guard.refuse_read(request.headers.get(HEADER))
         if no is not None:
             return refused(*no)
-        return JSONResponse({**feed.snapshot(), **about()})
+        return Response(dumps({**feed.snapshot(), **about()}), media_type="application/json")
 
     def about() -> dict[str, Any]:
         return {"console": {"control": bool(settings.control), "store": settings.store, "connect": feed.connect,
@@ -201,12 +218,12 @@ def build_app(feed: Feed, guard: Guard, settings: Settings) -> ASGIApp:
         feed.counters["pages"] += 1
         sender = asyncio.create_task(send_updates(ws, page))
         try:
-            await ws.send_text(json.dumps({**feed.snapshot(), **about()}, default=str))
+            await ws.send_text(dumps({**feed.snapshot(), **about()}))
             while True:
-                text = await ws.receive_text()
-                reply = answer(text)
-                if reply is not None:
-                    await ws.send_text(json.dumps(reply))
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                await ws.send_text(dumps(answer(message.get("text"))))
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
@@ -219,16 +236,18 @@ def build_app(feed: Feed, guard: Guard, settings: Settings) -> ASGIApp:
                 text = await page.queue.get()
                 if text is None:
                     page.resync = False
-                    text = json.dumps({**feed.snapshot(), **about()}, default=str)
+                    text = dumps({**feed.snapshot(), **about()})
                 await ws.send_text(text)
 
-    def answer(text: str) -> dict[str, Any] | None:
+    def answer(text: str | None) -> dict[str, Any]:
         """The reply to one message from a page; malformed ones are counted and answered with an error."""
         def malformed(why: str) -> dict[str, Any]:
             feed.counters["ws_malformed"] += 1
             return {"type": "error", "error": f"malformed message: {why}",
                     "ws_malformed": feed.counters["ws_malformed"]}
 
+        if text is None:
+            return malformed("binary, not text")
         if len(text) > MAX_WS_MESSAGE:
             return malformed(f"longer than {MAX_WS_MESSAGE} characters")
         try:

@@ -252,7 +252,7 @@ class Feed:
 
     def _on_trace(self, msg: Message) -> None:
         m = msg.meta
-        scores = {k: float(v) for k, v in (m.get("scores") or {}).items()}
+        scores = {str(k): float(v) for k, v in (m.get("scores") or {}).items()}
         levels = {str(k): str(v) for k, v in (m.get("levels") or {}).items()}
         worst = max((LEVELS.index(v) for v in levels.values() if v in LEVELS), default=0)
         score = scores.get("vfd", next(iter(scores.values()), None))

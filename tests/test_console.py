@@ -459,12 +459,13 @@ def test_malformed_websocket_messages_get_an_error_and_a_count(consoles, tmp_pat
                 if msg["type"] in ("error", "pong"):
                     return msg
 
-        for n, bad in enumerate(["not json", "[1, 2]", '{"op": "claim", "id": 1}', "x" * 10_000], start=1):
+        for n, bad in enumerate(["not json", "[1, 2]", '{"op": "claim", "id": 1}', "x" * 10_000, b"\x00\x01"],
+                                start=1):
             msg = reply_to(bad)
             assert msg["type"] == "error" and msg["error"].startswith("malformed message") and msg["ws_malformed"] == n
         assert reply_to('{"op": "ping", "id": 7}') == {"type": "pong", "id": 7}  # still serving this page
     status, state = console.get("/api/state")
-    assert status == 200 and state["status"]["counters"]["ws_malformed"] == 4
+    assert status == 200 and state["status"]["counters"]["ws_malformed"] == 5
     assert state["status"]["store"]["status"] == "missing"
     # DNS rebinding: a loopback console answers only to loopback host names
     assert console.get("/api/state", headers={"Host": f"evil.example:{free_port()}"})[0] == 403
