@@ -20,6 +20,12 @@ import sys
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+# at import, not in cmd_console: without vigil[console], main() then says which extra `vigil console` needs
+import uvicorn
+
+from vigil.console.app import Settings, build_app
+from vigil.console.auth import Guard, TokenError, is_loopback_host, load_token, new_token
+from vigil.console.feed import Feed
 from vigil.runtime.cliargs import Command, client_keys, key_args, stop_on_signals
 from vigil.runtime.config import add_flags, check_fields, config_from_args
 
@@ -78,12 +84,6 @@ def _console_parser(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from vigil.console.app import Settings, build_app
-    from vigil.console.auth import Guard, TokenError, is_loopback_host, load_token, new_token
-    from vigil.console.feed import Feed
-
     config = config_from_args(ConsoleConfig, args)
     keys = client_keys(args, "console")
     try:

@@ -157,25 +157,39 @@ function drawTrace(card, points, th) {
   const shown = points.filter((p) => p.t >= t0);
   const scores = shown.filter((p) => typeof p.score === "number" && Number.isFinite(p.score));
   const lines = ["warn", "alert", "stop"].filter((k) => typeof th[k] === "number" && Number.isFinite(th[k]));
-  let top = Math.max(1e-12, ...scores.map((p) => p.score), ...lines.filter((k) => k !== "stop").map((k) => th[k]));
-  top *= 1.1;
+  // VFD scores span orders of magnitude: a log axis when every value is positive, so the thresholds stay visible
+  const values = [...scores.map((p) => p.score), ...lines.map((k) => th[k])];
+  const log = values.length > 0 && values.every((v) => v > 0);
+  const f = log ? Math.log10 : (v) => v;
+  const hi = Math.max(...values.map(f), log ? -12 : 1e-12) + (log ? 0.3 : 0);
+  const lo = log ? Math.min(...values.map(f)) - 0.3 : 0;
   const x = (t) => L + ((t - t0) / WINDOW_S) * (W - 2 * L);
-  const y = (v) => H - 4 - (Math.min(v, top) / top) * (H - 8);
+  const y = (v) => H - 4 - ((f(v) - lo) / (hi - lo || 1)) * (H - 8);
   const chart = svg("svg", { width: W, height: H + V + 2, viewBox: `0 0 ${W} ${H + V + 2}`, role: "img" });
-  for (const k of lines) {
-    if (th[k] > top) continue;
+  lines.forEach((k, i) => {
     chart.append(svg("line", { x1: 0, x2: W, y1: y(th[k]), y2: y(th[k]), class: `th-${k}` }));
-    const label = svg("text", { x: W - 60, y: y(th[k]) - 2 });
+    const label = svg("text", { x: 6 + 90 * i, y: y(th[k]) - 2 });
     label.textContent = `${k} ${fmt(th[k])}`;
     chart.append(label);
+  });
+  if (log) {
+    const axis = svg("text", { x: W - 48, y: 10 });
+    axis.textContent = "log scale";
+    chart.append(axis);
   }
   if (!scores.length && shown.length) {
     const note = svg("text", { x: 8, y: 16 });
     note.textContent = "this policy scores nothing: verdicts only";
     chart.append(note);
-  } else if (scores.length) {
-    chart.append(svg("polyline", { class: "score",
-      points: scores.map((p) => `${x(p.t).toFixed(1)},${y(p.score).toFixed(1)}`).join(" ") }));
+  } else if (scores.length) {  // one line per stretch without a pause of more than 2 s (between runs, say)
+    let run = [];
+    scores.forEach((p, i) => {
+      run.push(`${x(p.t).toFixed(1)},${y(p.score).toFixed(1)}`);
+      if (i === scores.length - 1 || scores[i + 1].t - p.t > 2) {
+        chart.append(svg("polyline", { class: "score", points: run.join(" ") }));
+        run = [];
+      }
+    });
   }
   // the verdicts: one strip, a segment per run of the same level
   let start = 0;
