@@ -8,8 +8,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: browser demo lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr \
-	bench-lqr-loop bench-rl bench-soak bench-fairness bench-throughput bench-rtc clean
+.PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr \
+	bench-lqr-loop bench-rl bench-soak bench-fairness bench-throughput bench-rtc bench-record clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,8 +20,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[sim,train,dev,console,record,lerobot]'
 	touch $(STAMP)
 
+# The main job (sim/demo.py): the shipped MT10 flow ensemble served with VFD, robots nominal then shifted, data
+# requests, the scripted expert, a SAVE round, a hot swap; about 4 minutes on 2 cores. demo-lqr: the LQR demo.
 demo: $(STAMP)
-	$(BIN)/vigil demo
+	OMP_NUM_THREADS=1 $(BIN)/vigil demo
+
+demo-lqr: $(STAMP)
+	$(BIN)/vigil demo-lqr
+
+# Rebuild the demo's ensemble (sim/assets/mt10) from scripted-expert demonstrations; about 2 minutes.
+demo-assets: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m vigil.sim.demo_assets
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -33,6 +42,23 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# LeRobot's own dataset code reads vigil's exports and writes datasets vigil imports (tests/test_lerobot.py). It needs
+# torchvision and torchcodec, which cannot live beside the project's CPU torch: an environment of its own (about 6 GB,
+# from this machine's wheel cache) and FFmpeg's shared libraries (Debian packages) for torchcodec.
+LEROBOT := .venv-lerobot
+$(LEROBOT)/.installed:
+	$(PY) -m venv $(LEROBOT)
+	$(LEROBOT)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(LEROBOT)/bin/pip install --quiet torchcodec==0.17.0 lerobot-dataset==0.4.4
+	touch $@
+
+ffmpeg-libs:
+	ldconfig -p | grep -q libavdevice.so || ($(SUDO) apt-get update && $(SUDO) apt-get install -y libavdevice59 \
+		libavfilter8 libavformat59 libavcodec59 libavutil57 libswscale6 libswresample4)
+
+test-lerobot: $(STAMP) $(LEROBOT)/.installed ffmpeg-libs
+	VIGIL_LEROBOT_PYTHON=$(LEROBOT)/bin/python $(BIN)/python -m pytest -q tests/test_lerobot.py
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
@@ -108,5 +134,11 @@ bench-fairness: $(STAMP)
 bench-rtc: $(STAMP)
 	OMP_NUM_THREADS=1 bash bench/rtc.sh
 
+# What a recording costs (`vigil serve --record`, issue 17): the hook on the loop's thread, the runtime's CPU per tick
+# with and without it, reply latency, and file size per hour of robot time, for a 100 Hz robot on the LQR bundle and
+# (when bench-runs/rtc has one) a flow ensemble. About 3 minutes; writes its section of BENCHMARKS.md. Not in `make bench`.
+bench-record: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.record
+
 clean:
-	rm -rf $(VENV) $(OPENPI) .vigil-demo .pytest_cache
+	rm -rf $(VENV) $(OPENPI) $(LEROBOT) .vigil-demo .pytest_cache

@@ -34,7 +34,7 @@ log = logging.getLogger("vigil.record")
 
 # what the hook queues: (kind, ...), see RecordHook
 TICK, HELLO, RESET, POLICY, VERDICT, STREAM, FORGET = range(7)
-IDLE_S = 0.01  # the writer's nap when the queue is empty
+IDLE_S = 0.05  # the writer's nap when the queue is empty: it takes ticks in batches (a wake-up costs)
 PENDING_MAX = 1000  # events kept for a robot whose next file is not open yet
 
 

@@ -56,7 +56,7 @@ class ServeConfig:
     telemetry_s: float = field(default=1.0, metadata={"help": "interval of telemetry messages on the operator stream"})
     trace: bool = field(default=True, metadata={
         "help": "publish every robot's plan scores and verdict levels on the operator stream (topic `trace`), for "
-                "live views such as `vigil console`"})
+                "live views such as `vigil console`; --no-trace turns it off (default: on)"})
     alert_repeat_s: float = field(default=5.0, metadata={
         "help": "a condition that persists is re-alerted at most this often (in between it is counted)"})
     saturation_window: int = field(default=20, metadata={"help": "ticks over which the saturation monitor judges"})

@@ -46,8 +46,9 @@ class TraceHook(Hook):
         if state is None:
             return
         levels = tuple(v.level for v in decision.judged)
-        if decision.plan == state[0] and levels == state[1]:
-            return  # same plan, same verdicts: nothing new to draw
+        new_plan = decision.plan != state[0] and bool(decision.scores)  # a policy that scores nothing: levels only
+        if not new_plan and levels == state[1]:
+            return  # no new scores, same verdicts: nothing new to draw
         state[0], state[1] = decision.plan, levels
         meta: dict[str, Any] = {
             "episode": session.episode, "step": session.step, "plan": decision.plan, "policy": decision.policy,

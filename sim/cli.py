@@ -267,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = config_from_args(DemoConfig, args)
     unknown = [t for t in config.task_list() if t not in MT10]
     if unknown:
-        print(f"vigil demo: config key 'tasks' has {unknown}, expected MT10 tasks: {', '.join(MT10)}",
+        print(f"vigil demo: config key 'tasks' must be MT10 tasks ({', '.join(MT10)}), got {unknown}",
               file=sys.stderr)
         return 2
     return run_main_demo(MainDemo(Path(config.workdir), config.task_list(), config.nominal_episodes,

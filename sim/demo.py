@@ -140,22 +140,26 @@ def play(robots: dict[str, str], endpoint: str, seed: int, episodes: int, steps:
 
 
 def start_console(served: Served, store: Path, port: int, work: Path) -> tuple[subprocess.Popen | None, str]:
-    """`vigil console` next to the runtime, when its extra is installed; -> (process, address to open)."""
+    """`vigil console` next to the runtime, when its extra is installed; -> (process, address to open, or why
+    there is none)."""
     try:
         import vigil.console  # noqa: F401  (is the console installed?)
     except ImportError:
-        return None, ""
-    out = open(work / "console.out", "w")
-    proc = subprocess.Popen([*VIGIL, "console", "--connect", served.operator_endpoint, "--store", str(store),
-                             "--control", served.control_endpoint, "--bind", f"127.0.0.1:{port}"],
-                            stdout=out, stderr=subprocess.STDOUT, text=True)
+        return None, "not installed (pip install 'vigil[console]')"
+    out_file = work / "console.out"
+    with open(out_file, "w") as out:
+        proc = subprocess.Popen([*VIGIL, "console", "--connect", served.operator_endpoint, "--store", str(store),
+                                 "--control", served.control_endpoint, "--bind", f"127.0.0.1:{port}"],
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:
-        for line in (work / "console.out").read_text().splitlines():
+        for line in out_file.read_text().splitlines():
             if line.startswith("{") and '"url"' in line:
                 return proc, json.loads(line)["url"]
         time.sleep(0.1)
-    return proc, ""
+    proc.kill()
+    proc.wait()
+    return None, f"did not start (exit {proc.returncode}; see {out_file})"
 
 
 def recorder_available() -> bool:
@@ -243,11 +247,11 @@ def run_main_demo(cfg: MainDemo) -> int:
         print(f"[demo] FAILED: {exc}", flush=True)
         return 1
     console, url = start_console(served, store, cfg.console_port, work)
+    url, console_note = (url, "") if console is not None else ("", url)
     tally = StreamTally(served.operator_endpoint)
     print(f"[demo] vigil serve: robots on {served.robot_endpoint}, operator stream on {served.operator_endpoint}"
           + (f", recording to {work / 'recording'}" if record else ""), flush=True)
-    print(f"[demo] console: {url}" if url else "[demo] console: not installed (pip install 'vigil[console]')",
-          flush=True)
+    print(f"[demo] console: {url}  <- open it to watch" if url else f"[demo] console: {console_note}", flush=True)
     robots = {task: f"robot-{i + 1}" for i, task in enumerate(cfg.tasks)}
     results: dict[str, Any] = {}
     try:

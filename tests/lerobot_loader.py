@@ -10,7 +10,8 @@ JOBS.json is a list of jobs:
                                   uint8 H x W x 3, task strings) plus the episode table, tasks and stats keys
     {"write": ROOT, "source": NPZ, "camera": "video" | "image" | null, "vcodec": NAME, "success": bool}
                                   write a dataset with LeRobotDataset.create / add_frame / save_episode from the
-                                  episodes in NPZ (state_<i>, image_<i>, actions_<i>, rewards_<i>, success_<i>, instruction_<i>)
+                                  episodes in NPZ (state_<i>, image_<i>, actions_<i>, rewards_<i>, success_<i>,
+                                  instruction_<i>)
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def write(root: str, source: str, camera: str | None, vcodec: str, success: bool
         actions = src[f"actions_{e}"]
         for t in range(len(actions)):  # LeRobot's convention: a frame per step, no frame for the final observation
             frame = {"observation.state": src[f"state_{e}"][t], "action": actions[t],
-                     "next.reward": np.array([src[f"rewards_{e}"][t]], np.float32), "task": str(src[f"instruction_{e}"])}
+                     "next.reward": np.array([src[f"rewards_{e}"][t]], np.float32),
+                     "task": str(src[f"instruction_{e}"])}
             if success:
                 frame["next.success"] = np.array([src[f"success_{e}"][t]])
             if camera:

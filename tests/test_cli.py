@@ -23,7 +23,8 @@ from vigil.sim.linear import SYSTEMS, oracle
 from vigil.wire.protocol import Message
 
 SUBCOMMANDS = {
-    "serve": ["--config", *("--" + k.replace("_", "-") for k, _, _ in describe()), "--log-level"],
+    "serve": ["--config", *(("--no-" if d is True else "--") + k.replace("_", "-") for k, d, _ in describe()),
+              "--log-level"],  # a switch that is on by default is turned off by --no-<key>
     "sim": ["--connect", "--system", "--robot", "--episodes", "--steps", "--seed", "--mode", "--rate", "--act-timeout",
             "--obs-noise", "--drop", "--delay-ms", "--disconnect-at", "--disconnect-s", "--fault-start",
             "--fault-stop", "--noise-dims", "--shift-positions", "--friction", "--mass", "--instruction", "--summary",
@@ -38,6 +39,8 @@ SUBCOMMANDS = {
     "demo": ["--workdir", "--tasks", "--nominal-episodes", "--shifted-episodes", "--shift", "--eval-episodes",
              "--max-steps", "--save-steps", "--calibration-episodes", "--console-port", "--no-record", "--realtime"],
     "demo-lqr": ["--workdir", "--steps", "--rate", "--outage-s"],
+    "console": ["--connect", "--store", "--control", "--bind", "--token-file", "--lease-s", "--poll-s", "--silence-s",
+                "--swap-timeout", "--key", "--server-key"],
     "bundle": ["{lqr,encoder}", "--system", "--out", "--learner", "--prior", "--prior-std", "--seed", "--lam", "--g1",
                "--g2"],  # {lqr,encoder}: the positional `kind` with its choices
     "calibrate": ["--bundle", "--tasks", "--episodes", "--seed", "--window", "--warn", "--alert", "--stop",

@@ -8,12 +8,14 @@ gymnasium) is imported by the command that runs, so `--help` stays quick.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vigil.runtime.cliargs import Command
 from vigil.runtime.config import ConfigError, add_flags, check_fields, config_from_args, flag_values
@@ -131,15 +133,45 @@ class DemosListConfig:
     json: bool = field(default=False, metadata={"help": "print the summary as JSON"})
 
 
+@dataclass(frozen=True)
+class DemosExportConfig:
+    folder: str  # the positional FOLDER (a vigil dataset)
+    out: str = field(metadata={"help": "the LeRobot v3 dataset folder to write (new, or an empty folder)"})
+    repo_id: str = field(default="", metadata={"help": "the dataset's repo id in its README card (default: "
+                                                       "vigil/<folder name>)"})
+    fps: int = field(default=0, metadata={"help": "frames per second; 0 takes the episodes' control rate"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("out", bool(self.out), "a folder"), ("fps", self.fps >= 0, "an integer >= 0")])
+
+
+@dataclass(frozen=True)
+class DemosImportConfig:
+    folder: str  # the positional FOLDER (a LeRobot v3 dataset)
+    out: str = field(metadata={"help": "the vigil dataset folder to write (new, or an empty folder)"})
+    assume_success: bool = field(default=False, metadata={
+        "help": "without a next.success feature, count each episode as succeeded at its last step (otherwise "
+                "as failed)"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("out", bool(self.out), "a folder")])
+
+
 def _demos_parser(p: argparse.ArgumentParser) -> None:
     p.description = ("Record demonstrations of Meta-World tasks by their scripted experts into a dataset folder "
-                     "(format: docs/datasets.md), or list a dataset.")
+                     "(format: docs/datasets.md), list a dataset, or move one to and from LeRobot v3.")
     dsub = p.add_subparsers(dest="demos_command", required=True)
     add_flags(dsub.add_parser("record", help="roll out the scripted experts and store every episode"),
               DemosRecordConfig)
     ls = dsub.add_parser("list", help="per-task episode counts and success rates of a dataset")
     ls.add_argument("folder", help="dataset folder")
     add_flags(ls, DemosListConfig)
+    ex = dsub.add_parser("export-lerobot", help="write a dataset (demonstrations, SAVE acquisitions) as LeRobot v3")
+    ex.add_argument("folder", help="vigil dataset folder")
+    add_flags(ex, DemosExportConfig)
+    im = dsub.add_parser("import-lerobot", help="read a LeRobot v3 dataset into a vigil dataset")
+    im.add_argument("folder", help="LeRobot v3 dataset folder")
+    add_flags(im, DemosImportConfig)
 
 
 def _print_demo_table(summary: dict) -> None:
@@ -154,7 +186,31 @@ def _print_demo_table(summary: dict) -> None:
 def cmd_demos(args: argparse.Namespace) -> int:
     if args.demos_command == "list":
         return _demos_list(config_from_args(DemosListConfig, args, folder=args.folder))
+    if args.demos_command == "export-lerobot":
+        return _demos_lerobot(config_from_args(DemosExportConfig, args, folder=args.folder))
+    if args.demos_command == "import-lerobot":
+        return _demos_lerobot(config_from_args(DemosImportConfig, args, folder=args.folder))
     return _demos_record(config_from_args(DemosRecordConfig, args))
+
+
+def _demos_lerobot(config: DemosExportConfig | DemosImportConfig) -> int:
+    """export-lerobot or import-lerobot (training/lerobot.py): a line per episode, then a summary as JSON."""
+    try:
+        from vigil.training.lerobot import export_lerobot, import_lerobot
+
+        if isinstance(config, DemosExportConfig):
+            summary: Any = export_lerobot(config.folder, config.out, repo_id=config.repo_id or None,
+                                          fps=config.fps or None, log=print)
+        else:
+            summary = import_lerobot(config.folder, config.out, assume_success=config.assume_success, log=print)
+    except ImportError as exc:  # pyarrow, pandas or av missing
+        print(f"vigil demos: {exc.name or exc} is missing: pip install 'vigil[lerobot]'", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"vigil demos: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(dataclasses.asdict(summary)))
+    return 0
 
 
 def _demos_list(config: DemosListConfig) -> int:
