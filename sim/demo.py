@@ -24,6 +24,7 @@ raise success is reported as such, not hidden), 1 when a step failed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -170,6 +171,11 @@ def recorder_available() -> bool:
     return True
 
 
+def lerobot_available() -> bool:
+    """pyarrow and PyAV, for the LeRobot export (vigil[lerobot])."""
+    return all(importlib.util.find_spec(m) is not None for m in ("pyarrow", "av"))
+
+
 def success_rate(eps: list[dict]) -> float:
     return float(np.mean([bool(e["success"]) for e in eps])) if eps else float("nan")
 
@@ -219,7 +225,8 @@ def run_main_demo(cfg: MainDemo) -> int:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
     log.write_text("")
-    for stale in ("vigil.db", "vigil.db-wal", "vigil.db-shm", "acquired", "run1", "sims", "recording"):
+    for stale in ("vigil.db", "vigil.db-wal", "vigil.db-shm", "acquired", "acquired-lerobot", "run1", "sims",
+                  "recording"):
         p = work / stale
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     sims = work / "sims"
@@ -269,6 +276,9 @@ def run_main_demo(cfg: MainDemo) -> int:
             raise DemoFailed("no data requests were filed: VFD never reached its alert threshold")
         with Stage("the expert answers", times):
             vigil(["expert", "--store", str(store), "--demos", str(work / "acquired"), "--once"], log)
+            if lerobot_available():  # what was acquired, as a LeRobot v3 dataset (docs/datasets.md)
+                vigil(["demos", "export-lerobot", str(work / "acquired"), "--out", str(work / "acquired-lerobot")],
+                      log)
         requested = sorted({r["task"] for r in requests})
         req_robots = {t: f"eval-{t}" for t in requested}
         with Stage(f"evaluation before: {cfg.eval_episodes} episodes of each requesting task", times):
@@ -375,5 +385,7 @@ def report(cfg: MainDemo, work: Path, vfd: dict[str, float], results: dict[str, 
         print(f"console           {url} (was live during the run)")
     if record:
         print(f"recording         {work / 'recording'} (MCAP: open in Foxglove or Rerun)")
+    if (work / "acquired-lerobot").is_dir():
+        print(f"acquired data     {work / 'acquired'} (vigil), {work / 'acquired-lerobot'} (LeRobot v3)")
     print("stages            " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     print(f"total             {total_s:.0f} s")

@@ -1,6 +1,6 @@
 """LeRobot v3 datasets: vigil demonstrations out (`export_lerobot`) and back in (`import_lerobot`).
 
-docs/datasets.md ("LeRobot v3") describes the mapping; docs/decisions.md (item 112) why this module writes and
+docs/datasets.md ("LeRobot v3") describes the mapping; docs/decisions.md (item 118) why this module writes and
 reads the v3 layout itself instead of calling LeRobot's `LeRobotDataset.create/add_frame/save_episode`: that
 code cannot be imported beside the project's CPU build of torch (it imports torchvision, and no CPU build of
 torchvision is reachable), and it only encodes lossy video. The real LeRobot loader reads what this writes, and
@@ -34,7 +34,7 @@ import numpy as np
 from vigil.training.demos import DemoSet, DemoWriter, Episode, EpisodeInfo
 
 CODEBASE_VERSION = "v3.0"
-VIDEO_CODEC = "libx264rgb"  # lossless H.264 in RGB: images come back bit for bit (decisions.md item 112)
+VIDEO_CODEC = "libx264rgb"  # lossless H.264 in RGB: images come back bit for bit (decisions.md item 118)
 VIDEO_OPTIONS = {"crf": "0", "g": "2", "preset": "veryfast"}  # crf 0: lossless; g 2: LeRobot's key-frame spacing
 CHUNKS_SIZE = 1000  # files per chunk folder (LeRobot's default)
 DATA_FILES_SIZE_MB = 100
