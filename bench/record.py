@@ -317,7 +317,7 @@ def summarise(entry: dict[str, Any]) -> dict[str, Any]:
 def render(data: dict[str, Any]) -> str:
     run = data["run"]
     about = {"lqr": "aircraft-pitch LQR (linear_gain; 3 floats in, 1 out; the simulated system)",
-             "flow": "flow ensemble (39 floats in, chunks of 8 x 4 executed 4 at a time, VFD; random states)"}
+             "flow": "flow ensemble (39 floats in, action chunks of 4-D actions, VFD per plan; random states)"}
     lines = ["## Recording cost (`vigil serve --record`)", "",
              written_by(run, seconds=data.get("seconds")) + " The machine is a shared 2-core KVM guest: "
              "absolute CPU figures are noisy; the ratios are of windows measured alternately in the same run.", "",

@@ -231,6 +231,9 @@ class DemoConfig:
         "help": "nominal calibration episodes per task after the SAVE round (-1: the shipped config's)"})
     console_port: int = field(default=8765, metadata={"help": "port of `vigil console` (loopback)"})
     record: bool = field(default=True, metadata={"help": "record the deployment as MCAP (needs vigil[record])"})
+    screenshots: str = field(default="", metadata={
+        "help": "folder to save screenshots of the console into while the demo runs (headless Chromium through "
+                "selenium, vigil[dev]); empty: none"})
     realtime: bool = field(default=False, metadata={
         "help": "pace the deployment robots at 80 Hz in real time (on 2 cores five robots then starve: they "
                 "apply their own safe action when an action comes late); default lockstep"})
@@ -274,7 +277,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                   config.shifted_episodes, config.shift, config.eval_episodes, config.max_steps,
                                   save_steps=config.save_steps, calibration_episodes=config.calibration_episodes,
                                   console_port=config.console_port,
-                                  record=config.record, realtime=config.realtime))
+                                  record=config.record, realtime=config.realtime,
+                                  screenshots=Path(config.screenshots) if config.screenshots else None))
 
 
 @dataclass(frozen=True)

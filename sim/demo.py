@@ -64,6 +64,40 @@ class MainDemo:
     console_port: int = 8765
     record: bool = True
     realtime: bool = False  # deployment robots paced at 80 Hz (lockstep: as fast as the computer allows)
+    screenshots: Path | None = None  # console screenshots go here (docs/figures/console-*.png come from this)
+
+
+class Screenshot(threading.Thread):
+    """A picture of the console `delay_s` after it is started, taken on a thread while a stage runs. A missing
+    browser or selenium is said, not fatal: the pictures are for the docs, the demo is the point."""
+
+    def __init__(self, url: str, path: Path, delay_s: float):
+        super().__init__(daemon=True)
+        self.url, self.path, self.delay_s, self.note = url, path, delay_s, ""
+
+    def run(self) -> None:
+        time.sleep(self.delay_s)
+        try:
+            from vigil.console.screenshot import capture
+
+            capture(self.url, self.path, wait_s=4.0, width=1400, height=1500)
+            self.note = f"screenshot {self.path}"
+        except Exception as exc:  # noqa: BLE001 - selenium, chromium or the page: say which, go on
+            self.note = f"no screenshot {self.path.name}: {type(exc).__name__}: {exc}"[:300]
+
+    @classmethod
+    def later(cls, cfg: MainDemo, url: str, name: str, delay_s: float) -> Screenshot | None:
+        if cfg.screenshots is None or not url:
+            return None
+        shot = cls(url, cfg.screenshots / name, delay_s)
+        shot.start()
+        return shot
+
+    @staticmethod
+    def finish(shot: Screenshot | None) -> None:
+        if shot is not None:
+            shot.join(60)
+            print(f"[demo] {shot.note or 'screenshot still being taken'}", flush=True)
 
 
 class Stage:
@@ -266,8 +300,10 @@ def run_main_demo(cfg: MainDemo) -> int:
             results["nominal"] = play(robots, served.robot_endpoint, 20, cfg.nominal_episodes, cfg.max_steps,
                                       "nominal", sims, log, realtime=cfg.realtime)
         with Stage(f"deployment, objects moved {cfg.shift:g} x their range out", times):
+            shot = Screenshot.later(cfg, url, "console-shifted.png", 25.0)
             results["shifted"] = play(robots, served.robot_endpoint, 25, cfg.shifted_episodes, cfg.max_steps,
                                       "shifted", sims, log, realtime=cfg.realtime, shift=cfg.shift)
+            Screenshot.finish(shot)
         requests = read_requests(store)
         results["deployment_requests"] = [r["id"] for r in requests]
         print(f"[demo] {len(requests)} data request(s) filed: "
@@ -296,8 +332,10 @@ def run_main_demo(cfg: MainDemo) -> int:
         with Stage("hot swap", times):
             vigil(["swap", "--bundle", str(work / "run1" / "bundle"), "--connect", served.control_endpoint], log)
         with Stage("evaluation after: the same episodes", times):
+            shot = Screenshot.later(cfg, url, "console-after-swap.png", 5.0)
             results["after"] = play(req_robots, served.robot_endpoint, 30, cfg.eval_episodes, cfg.max_steps,
                                     "after", sims, log, realtime=False, shift=cfg.shift)
+            Screenshot.finish(shot)
         ok = True
     except (DemoFailed, subprocess.TimeoutExpired) as exc:
         print(f"[demo] FAILED: {exc}", flush=True)
