@@ -1,6 +1,7 @@
 """Where a recording goes: one MCAP file per robot and episode, in parts when an episode grows large.
 
     DIR/<run>/<robot>/episode-<episode:05d>-p<part:03d>.mcap
+    DIR/<run>/<robot>/connection-<k:02d>/episode-...     the robot's k-th new session in this runtime's life
 
 `<run>` is one runtime's life (UTC start time and process id), so a restarted runtime, whose episodes count from
 1 again, never writes over an earlier one; `<robot>` is the robot id made safe for a file name. Episode 0 holds
@@ -50,8 +51,13 @@ class Layout:
     root: Path
     run: str
 
-    def path(self, robot: str, episode: int, part: int) -> Path:
-        return self.root / self.run / safe_name(robot) / f"episode-{episode:05d}-p{part:03d}.mcap"
+    def path(self, robot: str, episode: int, part: int, connection: int = 1) -> Path:
+        """A robot's first connection records into its folder; when it connects again as a new session (its
+        episodes count from 1 again), into `connection-<k>/` below it, so nothing is written over."""
+        folder = self.root / self.run / safe_name(robot)
+        if connection > 1:
+            folder = folder / f"connection-{connection:02d}"
+        return folder / f"episode-{episode:05d}-p{part:03d}.mcap"
 
 
 def write_options() -> MCAPWriteOptions:

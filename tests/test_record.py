@@ -125,6 +125,27 @@ def test_each_episode_is_a_file_with_foxglove_schemas_and_every_tick_as_sent(ser
     assert {"forget", "disconnected"} <= {e.name for e in last}  # and the bye closes the last
 
 
+def test_a_robot_that_connects_again_records_beside_its_first_session(serve, lqr_bundle, tmp_path):
+    """A new session of the same robot id counts its episodes from 1 again: its files go to connection-02/,
+    and nothing is written over (the demo's robots connect once for nominal and once for shifted episodes)."""
+    folder = tmp_path / "rec"
+    served = serve(lqr_bundle, record=str(folder), deadline_ms=2000)
+    for seed in (1, 2):
+        robot = Robot(served.robot_endpoint)
+        robot.reset(seed)
+        for _ in range(30):
+            robot.tick()
+        robot.close()
+    counters = served.stop()
+    assert counters.get("record_failed", 0) == 0 and counters["record_files"] == 2
+    files = recordings(folder)
+    run = files[-1].parents[1]  # DIR/<run>/<robot>/episode-...
+    assert [f.relative_to(run).as_posix() for f in files] == [
+        f"{ROBOT}/connection-02/episode-00001-p001.mcap", f"{ROBOT}/episode-00001-p001.mcap"]
+    for f in files:
+        assert read_recording(f).complete and len(read_recording(f).topic(f"/{ROBOT}/action")) == 30
+
+
 def test_a_long_episode_goes_on_in_parts(serve, lqr_bundle, tmp_path):
     folder = tmp_path / "rec"
     served = serve(lqr_bundle, record=str(folder), record_rotate_mb=0.002, record_flush_s=0.02, deadline_ms=2000)
