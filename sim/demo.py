@@ -300,7 +300,7 @@ def run_main_demo(cfg: MainDemo) -> int:
             results["nominal"] = play(robots, served.robot_endpoint, 20, cfg.nominal_episodes, cfg.max_steps,
                                       "nominal", sims, log, realtime=cfg.realtime)
         with Stage(f"deployment, objects moved {cfg.shift:g} x their range out", times):
-            shot = Screenshot.later(cfg, url, "console-shifted.png", 25.0)
+            shot = Screenshot.later(cfg, url, "console-shifted.png", 2.0)
             results["shifted"] = play(robots, served.robot_endpoint, 25, cfg.shifted_episodes, cfg.max_steps,
                                       "shifted", sims, log, realtime=cfg.realtime, shift=cfg.shift)
             Screenshot.finish(shot)
