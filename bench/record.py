@@ -34,7 +34,6 @@ import zmq
 from bench.common import (
     BENCH_RUNS,
     OUT,
-    ROOT,
     markers,
     raw_copy,
     read_raw,
@@ -348,8 +347,8 @@ def render(data: dict[str, Any]) -> str:
               "moves with the machine's load between windows and with the GIL the writer holds while it "
               "encodes; the file size is for these messages at a 1 s flush (smaller chunks compress less)."]
     if "flow" not in data["bundles"]:
-        lines += ["", "No flow ensemble bundle was found (--flow-bundle, bench-runs/rtc, or the demo's shipped one), so only "
-                  "the linear_gain row was measured."]
+        lines += ["", "No flow ensemble bundle was found (--flow-bundle, bench-runs/rtc, or the demo's shipped one), "
+                  "so only the linear_gain row was measured."]
     return section(NAME, lines)
 
 
