@@ -277,7 +277,8 @@ function formRow(r) {
 
 function choose(id, action) {
   if (action === "answer" || action === "reject") {
-    S.form = { id, action, values: {} };
+    // the same form already open stays as it is, with what the operator typed (a second click wipes nothing)
+    if (!(S.form && S.form.id === id && S.form.action === action)) S.form = { id, action, values: {} };
     mark("requests");
   } else {
     send(id, action, {});
