@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
 .PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr \
-	bench-lqr-loop bench-rl bench-soak bench-fairness bench-throughput bench-rtc bench-record clean
+	bench-lqr-loop bench-rl bench-soak bench-fairness bench-throughput bench-rtc bench-record bench-console clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -139,6 +139,11 @@ bench-rtc: $(STAMP)
 # (when bench-runs/rtc has one) a flow ensemble. About 3 minutes; writes its section of BENCHMARKS.md. Not in `make bench`.
 bench-record: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.record
+
+# How soon an alert reaches the operator: stored -> `vigil console` page in headless Chromium, beside the operator
+# stream's own subscriber (bench/console.py). About 20 s; writes its section of BENCHMARKS.md. Not in `make bench`.
+bench-console: $(STAMP) browser
+	$(BIN)/python -m bench.console
 
 clean:
 	rm -rf $(VENV) $(OPENPI) $(LEROBOT) .vigil-demo .pytest_cache

