@@ -45,7 +45,6 @@ class _Robot:
     topics: RobotTopics
     episode: int = 0
     part: int = 1
-    connection: int = 0  # which new session (hello that did not resume) of this robot id: episodes count from 1
     file: EpisodeFile | None = None
     info: dict[str, Any] = field(default_factory=dict)
     policy: str = ""
@@ -64,7 +63,8 @@ class RecordWriter:
         self.flush_s, self.rotate_bytes, self.wall_offset_ns = flush_s, rotate_bytes, wall_offset_ns
         self.on_failure = on_failure
         self.robots: dict[str, _Robot] = {}
-        self.connections: dict[str, int] = {}  # new sessions per robot id so far (kept after a robot is forgotten)
+        self.connections: dict[str, int] = {}  # new sessions per robot id so far (kept after a robot is forgotten):
+        # the current one's files go under connection-<k>/ (files.py)
         self.failure: str | None = None  # why the recording stopped, once it has
         self.ticks = 0  # ticks written
         self.dropped = 0  # events given after a failure
@@ -160,9 +160,9 @@ class RecordWriter:
         r = self._robot(robot)
         r.info.update(info)
         if not resumed:  # a new session: its episode numbers start again, so a robot seen before writes elsewhere
-            if r.connection:
+            if robot in self.connections:
                 self._new_episode(r, 0)
-            r.connection = self.connections[robot] = self.connections.get(robot, 0) + 1
+            self.connections[robot] = self.connections.get(robot, 0) + 1
         self._event(r, r.topics.event, t_ns, "hello", "reconnected" if resumed else
                     "connected" + (f" ({info['env']})" if info.get("env") else ""))
 
@@ -232,7 +232,7 @@ class RecordWriter:
         r.episode, r.part, r.last_plan = episode, 1, -1
 
     def _open(self, r: _Robot) -> bool:
-        path = self.layout.path(r.topics.robot, r.episode, r.part, max(r.connection, 1))
+        path = self.layout.path(r.topics.robot, r.episode, r.part, self.connections.get(r.topics.robot, 1))
         meta = {"robot": r.topics.robot, "episode": r.episode, "part": r.part, "policy": r.policy,
                 "run": self.layout.run, "started_ns": time.time_ns(),
                 **{k: v for k, v in r.info.items() if k in ("task", "instruction", "env")}}

@@ -24,7 +24,7 @@ raise success is reported as such, not hidden), 1 when a step failed.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -177,9 +177,7 @@ def play(robots: dict[str, str], endpoint: str, seed: int, episodes: int, steps:
 def start_console(served: Served, store: Path, port: int, work: Path) -> tuple[subprocess.Popen | None, str]:
     """`vigil console` next to the runtime, when its extra is installed; -> (process, address to open, or why
     there is none)."""
-    try:
-        import vigil.console  # noqa: F401  (is the console installed?)
-    except ImportError:
+    if not installed("vigil.console"):
         return None, "not installed (pip install 'vigil[console]')"
     out_file = work / "console.out"
     with open(out_file, "w") as out:
@@ -197,17 +195,15 @@ def start_console(served: Served, store: Path, port: int, work: Path) -> tuple[s
     return None, f"did not start (exit {proc.returncode}; see {out_file})"
 
 
-def recorder_available() -> bool:
+def installed(*modules: str) -> bool:
+    """Whether an optional part can be used: each module imports (vigil.console, vigil.record: their extras;
+    pyarrow and av: vigil[lerobot])."""
     try:
-        import vigil.record  # noqa: F401
+        for m in modules:
+            importlib.import_module(m)
     except ImportError:
         return False
     return True
-
-
-def lerobot_available() -> bool:
-    """pyarrow and PyAV, for the LeRobot export (vigil[lerobot])."""
-    return all(importlib.util.find_spec(m) is not None for m in ("pyarrow", "av"))
 
 
 def success_rate(eps: list[dict]) -> float:
@@ -277,7 +273,7 @@ def run_main_demo(cfg: MainDemo) -> int:
             print(f"[demo] policy {manifest['name']}: flow-matching ensemble of {manifest['extra']['members']}, "
                   f"VFD thresholds warn {vfd['warn']:.3g}, alert {vfd['alert']:.3g}", flush=True)
         store = work / "vigil.db"
-        record = cfg.record and recorder_available()
+        record = cfg.record and installed("vigil.record")
         # deadline 1 s: on a 2-core computer running five simulators beside the runtime a plan can miss 12.5 ms;
         # a realtime robot still applies its own safe action when its period passes, and the lockstep
         # evaluations measure the policy, not the machine's load
@@ -312,7 +308,7 @@ def run_main_demo(cfg: MainDemo) -> int:
             raise DemoFailed("no data requests were filed: VFD never reached its alert threshold")
         with Stage("the expert answers", times):
             vigil(["expert", "--store", str(store), "--demos", str(work / "acquired"), "--once"], log)
-            if lerobot_available():  # what was acquired, as a LeRobot v3 dataset (docs/datasets.md)
+            if installed("pyarrow", "av"):  # what was acquired, as a LeRobot v3 dataset (docs/datasets.md)
                 vigil(["demos", "export-lerobot", str(work / "acquired"), "--out", str(work / "acquired-lerobot")],
                       log)
         requested = sorted({r["task"] for r in requests})
