@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-save bench-lqr \
+.PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-failure bench-save bench-lqr \
 	bench-lqr-loop bench-rl bench-soak bench-fairness bench-throughput bench-rtc bench-record bench-console clean
 
 $(BIN)/python:
@@ -92,6 +92,12 @@ bench-throughput: $(STAMP)
 # About 2 hours on 2 cores; resumable (outputs in bench-runs/flow). Not part of `make bench`.
 bench-flow: $(STAMP)
 	bash bench/flow.sh
+
+# Failure prediction (issue 18): hold-the-goal demos, 3 seeds with RND/logpZO heads, every signal at every plan of
+# ~2400 whole episodes, time-varying conformal bands, combiners, one ranking. About 15 minutes on 2 cores;
+# resumable (outputs in bench-runs/failure). Not part of `make bench`.
+bench-failure: $(STAMP)
+	bash bench/failure.sh
 
 # The SAVE experiment (issue 5): 10 seeds x 5 acquisition rules x 5 rounds; about 1.5 h on 2 cores;
 # resumable (outputs in bench-runs/save). Not part of `make bench`.

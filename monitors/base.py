@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -54,6 +54,10 @@ class Monitor(ABC):
 
     @abstractmethod
     def update(self, tick: Tick) -> Verdict: ...
+
+    def start_episode(self, info: Mapping[str, Any]) -> None:
+        """What the new episode is (its reset's `task`, `instruction`, ...), called after `reset`; most monitors
+        judge every task alike and ignore it."""
 
     def reset(self) -> None:
         """Forget per-episode state (called on `reset`)."""

@@ -28,6 +28,7 @@ import msgpack
 import numpy as np
 
 from vigil.monitors.base import Level, Monitor, Tick, Verdict
+from vigil.monitors.failure import FailureMonitor
 from vigil.monitors.safety import ActionMonitor, DeadlineMonitor, LinkMonitor, ObservationMonitor, SaturationMonitor
 from vigil.monitors.stability import StabilityMonitor
 from vigil.monitors.vfd import VFDMonitor
@@ -76,6 +77,8 @@ def standard_monitors(deadline_s: float, saturation_window: int) -> MonitorFacto
                                    SaturationMonitor(saturation_window), DeadlineMonitor(deadline_s)]
         if "vfd" in manifest.monitor:
             monitors.append(VFDMonitor.from_manifest(manifest.monitor["vfd"]))
+        if "failure" in manifest.monitor:
+            monitors.append(FailureMonitor.from_manifest(manifest.monitor["failure"]))
         if "stability" in manifest.monitor or manifest.learner:
             monitors.append(StabilityMonitor.from_manifest(manifest.monitor.get("stability")))
         return monitors
@@ -323,6 +326,7 @@ class Session:
             self.execution.reseed(seed)
         for m in self.monitors:
             m.reset()
+            m.start_episode(meta)
         self.episode += 1
         self.step = 0
         for key in ("task", "instruction", "sim"):  # what this episode is: requests are filed with it

@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from vigil.monitors.conformal import calibrate
+from vigil.monitors.failure import STILL, stillness
 from vigil.policies.agent import Agent
 from vigil.policies.bundle import Policy, load_policy
 from vigil.policies.manifest import Manifest, read_manifest
+from vigil.training.failure import FEATURES, failure_block
 
 DEFAULT_ALPHAS: dict[str, float] = {"warn": 0.25, "alert": 0.10}  # alert: the paper's false-alarm rate
 DEFAULT_WINDOW = 3  # plans in the running mean: 150 ms at 80 Hz with 4 of 8 actions per chunk
@@ -43,11 +45,16 @@ def rollout(agent: Agent, env, seed: int, max_steps: int = 500) -> Rollout:
     out = Rollout(env.name, seed)
     obs = env.reset(seed=seed)
     agent.reset(getattr(env, "instruction", None), seed)
+    state = None
     for _ in range(max_steps):
         step = agent.act(obs)
         if step.replanned:
             for name, value in step.scores.items():
                 out.scores.setdefault(name, []).append(float(value))
+            if "state" in obs:  # the failure monitor's one observation feature, as the runtime computes it
+                now = np.asarray(obs["state"], np.float64)
+                out.scores.setdefault(STILL, []).append(stillness(state, now))
+                state = now
         result = env.step(step.action)
         out.steps += 1
         out.success = out.success or float(result.info.get("success", 0.0)) >= 1.0
@@ -111,10 +118,12 @@ def write_monitor(folder: str | Path, block: Mapping, name: str = "vfd") -> Mani
 
 def calibrate_bundle(folder: str | Path, tasks: Sequence[str] | None = None, episodes: int = 10, seed: int = 40,
                      window: int = DEFAULT_WINDOW, alphas: Mapping[str, float] = DEFAULT_ALPHAS,
-                     max_steps: int = 500, progress: bool = True, successful_only: bool = True
-                     ) -> tuple[dict, list[Rollout]]:
+                     max_steps: int = 500, progress: bool = True, successful_only: bool = True,
+                     failure_alpha: float = 0.10) -> tuple[dict, list[Rollout]]:
     """Roll the bundle out on nominal variants of its tasks (default: the tasks in its provenance), write
-    the calibrated `monitor.vfd` into its manifest, return (the block, the rollouts)."""
+    the calibrated `monitor.vfd` into its manifest, return (the block, the rollouts). A bundle whose graph also
+    reports the density scores (rnd, logpzo) gets `monitor.failure` from the same rollouts too (per-episode
+    false-alarm rate failure_alpha; 0 skips it; docs/failure.md)."""
     folder = Path(folder)
     policy = load_policy(folder, prefer_gpu=False)
     if "vfd" not in policy.manifest.onnx_scores:
@@ -126,4 +135,17 @@ def calibrate_bundle(folder: str | Path, tasks: Sequence[str] | None = None, epi
     rollouts = nominal_rollouts(policy, list(tasks), episodes, seed, max_steps, progress)
     block = monitor_block(rollouts, window, alphas, successful_only=successful_only)
     write_monitor(folder, block)
+    if failure_alpha > 0 and set(FEATURES) - {STILL} <= set(policy.manifest.onnx_scores):
+        prov_tasks = policy.manifest.provenance.get("tasks", {})
+        instructions = {v["instruction"]: t for t, v in prov_tasks.items() if isinstance(v, Mapping)
+                        and isinstance(v.get("instruction"), str)}
+        try:
+            failure = failure_block([{"task": r.task, "success": r.success, "scores": r.scores} for r in rollouts],
+                                    window=window, alpha=failure_alpha, instructions=instructions,
+                                    successful_only=successful_only)
+        except ValueError as exc:  # the VFD thresholds stand; say why the failure monitor was not calibrated
+            block = {**block, "failure": {"skipped": str(exc)}}
+        else:
+            write_monitor(folder, failure, "failure")
+            block = {**block, "failure": {k: v for k, v in failure.items() if k not in ("bands", "instructions")}}
     return block, rollouts

@@ -118,9 +118,13 @@ class DemosRecordConfig:
     camera: bool = field(default=False, metadata={"help": "also record the corner camera image"})
     image_size: int = field(default=64, metadata={"help": "camera image height and width in pixels"})
     max_steps: int = field(default=500, metadata={"help": "step limit of an episode"})
+    hold_steps: int = field(default=40, metadata={
+        "help": "an episode ends once the task has been done for this many consecutive steps: the demonstrations "
+                "show the policy how to hold the goal, not only how to reach it (docs/failure.md, decision 119)"})
 
     def __post_init__(self) -> None:
         check_fields(self, [("out", bool(self.out), "a folder"),
+                            ("hold_steps", self.hold_steps >= 1, "an integer >= 1"),
                             ("episodes", self.episodes >= 1, "an integer >= 1"),
                             ("seed", self.seed >= 0, "an integer >= 0"),
                             ("image_size", self.image_size >= 1, "an integer >= 1"),
@@ -254,7 +258,7 @@ def _demos_record(config: DemosRecordConfig) -> int:
                 bar.update(1)
 
         record_expert(task, config.episodes, config.seed, config.camera, writer, progress,
-                      max_steps=config.max_steps, image_size=config.image_size)
+                      max_steps=config.max_steps, image_size=config.image_size, hold_steps=config.hold_steps)
         if bar is None:
             print(f"{task}: {sum(ok for ok, _ in done)}/{len(done)} successful", flush=True)
     if bar is not None:
@@ -499,6 +503,9 @@ class CalibrateConfig:
     alert: float = field(default=0.10, metadata={"help": "false-alarm rate per plan of the alert level"})
     stop: float = field(default=0.0, metadata={"help": "false-alarm rate of a stop level (0: no stop level)"})
     max_steps: int = field(default=500, metadata={"help": "steps per episode (at most)"})
+    failure: float = field(default=0.10, metadata={
+        "help": "per-episode false-alarm rate of the failure monitor's alert, for bundles with density heads "
+                "(docs/failure.md; 0: leave monitor.failure alone)"})
     all_episodes: bool = field(default=False, metadata={
         "help": "calibrate on every rollout, not only the successful ones (tasks without a success signal)"})
     progress: bool = field(default=True, metadata={"help": "no progress bar"})
@@ -512,6 +519,7 @@ class CalibrateConfig:
                             ("warn", 0 <= self.warn < 1, rate),
                             ("alert", 0 <= self.alert < 1, rate),
                             ("stop", 0 <= self.stop < 1, rate),
+                            ("failure", 0 <= self.failure < 1, rate),
                             ("max_steps", self.max_steps >= 1, "an integer >= 1")])
 
     def alphas(self) -> dict[str, float]:
@@ -535,7 +543,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         block, rollouts = calibrate_bundle(config.bundle, tasks, config.episodes, config.seed, config.window,
                                            config.alphas(), config.max_steps, progress=config.progress,
-                                           successful_only=not config.all_episodes)
+                                           successful_only=not config.all_episodes, failure_alpha=config.failure)
     except (ValueError, OSError) as exc:
         print(f"vigil calibrate: {exc}", file=sys.stderr)
         return 1

@@ -297,12 +297,13 @@ def rollout_expert(env, seed: int) -> Episode:
 
 def record_expert(task: str, n: int, seed: int, camera: bool, writer: DemoWriter,
                   progress: Callable[[Episode], None] | None = None, max_steps: int = 500,
-                  image_size: int = 64) -> list[str]:
+                  image_size: int = 64, hold_steps: int = 10) -> list[str]:
     """Record n episodes of `task`'s scripted expert (seeds seed, seed+1, ...) into `writer`; failed episodes
-    are kept, with success False. `progress(episode)` is called after each one. Returns the ids."""
+    are kept, with success False. `progress(episode)` is called after each one. Returns the ids.
+    hold_steps: an episode ends after the task has been done this many consecutive steps."""
     from vigil.sim.metaworld_env import MetaWorldEnv
 
-    env = MetaWorldEnv(task, camera=camera, image_size=image_size, max_steps=max_steps)
+    env = MetaWorldEnv(task, camera=camera, image_size=image_size, max_steps=max_steps, hold_steps=hold_steps)
     ids = []
     try:
         for i in range(n):

@@ -66,6 +66,7 @@ from vigil.wire.protocol import ArraySpec
 
 ENCODER_DIR = "encoder"
 PREFIX, PREFIX_WEIGHT = "prefix", "prefix_weight"  # the RTC graphs' extra inputs (docs/rtc.md)
+DENSITY_SCORES = ("rnd", "logpzo")  # outputs of the density heads (training/density.py), when exported
 _STRUCTURE = ("obs_dim", "instr_dim", "action_dim", "horizon", "hidden", "depth", "time_features", "members",
               "shared_encoder", "euler_steps", "image_size", "image_channels", "image_features", "rtc_max_delay")
 
@@ -87,9 +88,11 @@ class PlanGraph(nn.Module):
     .condition and .velocity_from layer for layer (tests/test_flow_export.py checks it against `plan`);
     the time embedding of the fixed grid is a constant computed here, once, by the ensemble itself."""
 
-    def __init__(self, ensemble: Ensemble, pairs: str, rtc: str | None = None, rtc_beta: float = 5.0):
+    def __init__(self, ensemble: Ensemble, pairs: str, rtc: str | None = None, rtc_beta: float = 5.0,
+                 density: nn.Module | None = None):
         super().__init__()
         self.ens = ensemble.eval()
+        self.density = density.eval() if density is not None else None
         cfg = ensemble.cfg
         M = ensemble.members
         if rtc not in (None, *RTC_MODES):
@@ -137,11 +140,11 @@ class PlanGraph(nn.Module):
             g = g * (s * (1 + z * (1 - s)))                        # through silu at z
         return torch.matmul(g, getattr(self, f"vjp_w{self.n_vjp - 1}"))  # through x_in
 
-    def forward(self, state: Tensor, instruction: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, state: Tensor, instruction: Tensor, noise: Tensor) -> tuple[Tensor, ...]:
         return self.plan(state, None, instruction, noise)
 
     def plan(self, state: Tensor, image: Tensor | None, instruction: Tensor, noise: Tensor,
-             prefix: Tensor | None = None, prefix_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             prefix: Tensor | None = None, prefix_weight: Tensor | None = None) -> tuple[Tensor, ...]:
         """The whole plan; image (B, S, S, 3) uint8 for vision ensembles, None otherwise; prefix (B, H, m) and
         prefix_weight (B, H) for RTC graphs (`flow.plan_rtc` is the reference)."""
         ens, cfg = self.ens, self.ens.cfg
@@ -156,6 +159,7 @@ class PlanGraph(nn.Module):
         for layer in ens.encoder:                            # encode: once per plan
             z = F.silu(_lin(layer, z))
         ctx = _lin(ens.context_proj, z)                      # (M, B, h)
+        extra = self.density(ctx[0]) if self.density is not None else ()  # (rnd, logpzo) on member 0's context
         keep = free = y = w = None
         if self.rtc is not None:
             y = prefix.flatten(1)                            # (B, D)
@@ -202,7 +206,7 @@ class PlanGraph(nn.Module):
             score = torch.stack([acc[j] for j in self.pair_idx]).mean(0).mean(0)
         else:
             score = torch.zeros_like(state[:, 0])
-        return chunk, score
+        return (chunk, score, *extra)
 
 
 class VisionPlanGraph(PlanGraph):
@@ -210,7 +214,7 @@ class VisionPlanGraph(PlanGraph):
     uint8, instruction, noise). A subclass rather than an optional argument, so each graph's inputs are
     exactly the tracer's positional arguments."""
 
-    def forward(self, state: Tensor, image: Tensor, instruction: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, state: Tensor, image: Tensor, instruction: Tensor, noise: Tensor) -> tuple[Tensor, ...]:
         return self.plan(state, image, instruction, noise)
 
 
@@ -218,7 +222,7 @@ class RtcPlanGraph(PlanGraph):
     """PlanGraph with the RTC inputs: forward(state, [image,] instruction, noise, prefix (B, H, m),
     prefix_weight (B, H)); the image only for vision configs (`graph_inputs` gives the order)."""
 
-    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         if self.ens.cfg.vision:
             state, image, instruction, noise, prefix, weight = inputs
         else:
@@ -232,13 +236,16 @@ def graph_inputs(cfg: FlowConfig, rtc: str | None = None) -> list[str]:
     return [STATE] + ([IMAGE] if cfg.vision else []) + ["instruction", "noise"] + rtc_inputs
 
 
-def export_onnx(ensemble: Ensemble, cfg: FlowConfig, rtc: str | None = None, rtc_beta: float = 5.0) -> bytes:
+def export_onnx(ensemble: Ensemble, cfg: FlowConfig, rtc: str | None = None, rtc_beta: float = 5.0,
+                density: nn.Module | None = None) -> bytes:
     """The plan graph as ONNX bytes (legacy exporter, opset OPSET, dynamic batch axis); rtc None, "guided" or
-    "trained" adds the inputs prefix and prefix_weight (docs/rtc.md)."""
+    "trained" adds the inputs prefix and prefix_weight (docs/rtc.md); `density` (training/density.py's heads)
+    adds the outputs rnd and logpzo."""
     if rtc is not None:
-        module = RtcPlanGraph(ensemble, cfg.vfd_pairs, rtc, rtc_beta).eval()
+        module = RtcPlanGraph(ensemble, cfg.vfd_pairs, rtc, rtc_beta, density).eval()
     else:
-        module = (VisionPlanGraph if cfg.vision else PlanGraph)(ensemble, cfg.vfd_pairs).eval()
+        module = (VisionPlanGraph if cfg.vision else PlanGraph)(ensemble, cfg.vfd_pairs, density=density).eval()
+    outputs = ["action", "vfd", *(DENSITY_SCORES if density is not None else ())]
     N, H, m, S = cfg.vfd_samples, cfg.horizon, cfg.action_dim, cfg.image_size
     image = (torch.zeros(2, S, S, 3, dtype=torch.uint8),) if cfg.vision else ()
     rtc_in = (torch.zeros(2, H, m), torch.zeros(2, H)) if rtc else ()
@@ -249,10 +256,9 @@ def export_onnx(ensemble: Ensemble, cfg: FlowConfig, rtc: str | None = None, rtc
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python ints from shapes: fixed by design
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, chosen (dynamo=False)
         torch.onnx.export(module, example, buf, input_names=names,
-                          output_names=["action", "vfd"], opset_version=OPSET, dynamo=False,
+                          output_names=outputs, opset_version=OPSET, dynamo=False,
                           do_constant_folding=True,
-                          dynamic_axes={**{k: {0: "batch"} for k in names}, "action": {0: "batch"},
-                                        "vfd": {0: "batch"}})
+                          dynamic_axes={k: {0: "batch"} for k in (*names, *outputs)})
     return buf.getvalue()
 
 
@@ -260,7 +266,7 @@ def export_flow_ensemble(folder: str | Path, ensemble: Ensemble, cfg: FlowConfig
                          name: str, *, execute: int | None = None, monitor: Mapping[str, Any] | None = None,
                          prov: Mapping[str, Any] | None = None, action_low: Sequence[float] = (-1,) * 4,
                          action_high: Sequence[float] = (1,) * 4, control_rate_hz: float = 80.0,
-                         rtc: str | None = None, rtc_beta: float = 5.0) -> Manifest:
+                         rtc: str | None = None, rtc_beta: float = 5.0, density: nn.Module | None = None) -> Manifest:
     """Write a `flow_ensemble` bundle to `folder`: policy.onnx (see the module docstring), manifest.json and
     the instruction encoder copied from `encoder_folder` into `folder/encoder`.
 
@@ -275,6 +281,8 @@ def export_flow_ensemble(folder: str | Path, ensemble: Ensemble, cfg: FlowConfig
     rtc: real-time chunking (docs/rtc.md): None (a plain plan), "guided" (inference-time guidance towards the
     prefix, max guidance weight rtc_beta) or "trained" (needs cfg.rtc_max_delay > 0); the graph then takes
     `prefix` (B, H, m) and `prefix_weight` (B, H), described by manifest `extra.rtc`.
+    density: RND and logpZO heads on member 0's context (training/density.py): two more scalar outputs, `rnd`
+    and `logpzo`, reported to the monitors beside `vfd` (docs/failure.md).
     """
     for f in _STRUCTURE:
         if getattr(cfg, f) != getattr(ensemble.cfg, f):
@@ -309,7 +317,9 @@ def export_flow_ensemble(folder: str | Path, ensemble: Ensemble, cfg: FlowConfig
         if enc.dim != cfg.instr_dim:
             raise ValueError(f"the encoder embeds into {enc.dim} dimensions, the ensemble expects {cfg.instr_dim}")
 
-    onnx_bytes = export_onnx(ensemble, cfg, rtc, rtc_beta)
+    if density is not None and density.cfg.dim != cfg.hidden:
+        raise ValueError(f"the density heads take contexts of width {density.cfg.dim}, the ensemble's are {cfg.hidden}")
+    onnx_bytes = export_onnx(ensemble, cfg, rtc, rtc_beta, density)
     n_params = sum(p.numel() for p in ensemble.parameters())
     observation = [ArraySpec(STATE, "float32", (cfg.obs_dim,))]
     if cfg.vision:  # the camera frame goes to the graph as the robot sends it: uint8, no normalisation
@@ -329,7 +339,8 @@ def export_flow_ensemble(folder: str | Path, ensemble: Ensemble, cfg: FlowConfig
         "observation": [spec.to_dict() for spec in observation],
         "action": ArraySpec("action", "float32", (m,), _tup(action_low), _tup(action_high)).to_dict(),
         "safe_action": [0.0] * m, "control_rate_hz": float(control_rate_hz),
-        "onnx": {"inputs": {spec.name: spec.name for spec in observation}, "action": "action", "scores": ["vfd"]},
+        "onnx": {"inputs": {spec.name: spec.name for spec in observation}, "action": "action",
+                 "scores": ["vfd", *(DENSITY_SCORES if density is not None else ())]},
         "chunk": {"length": H, "execute": execute},
         "provenance": provenance(**{**base, **dict(prov or {})}),
         "monitor": dict(monitor or {}),

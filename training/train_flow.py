@@ -85,6 +85,8 @@ def check_flow_config(cfg: FlowConfig, section: str = "flow") -> FlowConfig:
     if not 0 <= cfg.rtc_max_delay <= cfg.horizon // 2:
         raise bad("rtc_max_delay", f"an integer in 0..{cfg.horizon // 2} (0: no training-time RTC; the delay d "
                                    "needs d <= s <= H - d, docs/rtc.md)")
+    if cfg.density_steps < 0:
+        raise bad("density_steps", "an integer >= 0 (0: no RND/logpZO heads in the bundle)")
     if cfg.image_size != 0 and cfg.image_size < MIN_IMAGE_SIZE:
         raise bad("image_size", f"0 (state only) or an integer >= {MIN_IMAGE_SIZE} (the camera image's side, 64 "
                                 "for Meta-World demos recorded with --camera)")
@@ -390,13 +392,14 @@ def run(config: str | Path | FlowConfig, demos_dir: str | Path, out_dir: str | P
              f"{len(per_task)} task(s), {provenance['episodes']} episodes, {n_steps} steps"
              + (f", images {cfg.image_size}px" if cfg.vision else ""))
     wrote_png = write_run(out, ens, cfg, provenance, history, time.perf_counter() - t0, title, log)
+    density = fit_density(out, ens, cfg, obs, instr, provenance, progress, log) if cfg.density_steps else None
     summary: dict[str, Any] = {"checkpoint": str(out / "ensemble.pt"), "loss_csv": str(out / "loss.csv"),
                                "learning_curve": str(out / "learning_curve.png") if wrote_png else None,
                                "loss_first": provenance["loss_first"], "loss_last": provenance["loss_last"],
                                "bundle": None}
     try:
         summary["bundle"] = export_run(out, ens, cfg, encoder_path, provenance, _control_rate(demos, infos), log,
-                                       rtc=rtc)
+                                       rtc=rtc, density=density)
     except ModuleNotFoundError as exc:
         if exc.name != "vigil.training.flow_export":
             raise  # flow_export exists but needs something missing: say so loudly
@@ -408,10 +411,29 @@ def run(config: str | Path | FlowConfig, demos_dir: str | Path, out_dir: str | P
     return summary
 
 
+def fit_density(out: Path, ens: Ensemble, cfg: FlowConfig, obs, instr, provenance: dict[str, Any],
+                progress: bool = True, log: Callable[[str], None] = print):
+    """Train the RND and logpZO heads on member 0's contexts of the training data (training/density.py) and
+    write OUT/density.pt; the bundle export puts them in the plan graph."""
+    from vigil.training import density
+
+    t0 = time.perf_counter()
+    dcfg = density.DensityConfig(dim=cfg.hidden, steps=cfg.density_steps, seed=cfg.seed)
+    heads, hist = density.fit(density.member0_contexts(ens, obs, instr), dcfg, progress=progress)
+    k = max(1, dcfg.steps // 10)
+    info = {"rnd_loss_last": float(np.mean(hist["rnd"][-k:])), "flow_loss_last": float(np.mean(hist["flow"][-k:])),
+            "seconds": round(time.perf_counter() - t0, 2)}
+    density.save(out / "density.pt", heads, info)
+    provenance["density"] = {"config": asdict(dcfg), **info}
+    log(f"density heads (RND, logpZO): {info['seconds']:.0f} s, losses {info['rnd_loss_last']:.4f} / "
+        f"{info['flow_loss_last']:.3f}")
+    return heads
+
+
 def export_run(out: str | Path, ens: Ensemble | None = None, cfg: FlowConfig | None = None,
                encoder_path: str | Path | None = None, provenance: dict[str, Any] | None = None,
                control_rate_hz: float = 80.0, log: Callable[[str], None] = print, name: str | None = None,
-               rtc: str | None = None) -> str:
+               rtc: str | None = None, density=None) -> str:
     """Export a training run's ensemble as OUT/bundle and record it in `provenance` (which `run` then
     writes). Called without the ensemble, it re-exports a finished run from OUT/ensemble.pt (and writes
     OUT/provenance.json from the checkpoint's): a run whose export failed, or a bundle to rebuild.
@@ -425,13 +447,17 @@ def export_run(out: str | Path, ens: Ensemble | None = None, cfg: FlowConfig | N
         ens, cfg, ck = load_checkpoint(out / "ensemble.pt")
         provenance = dict(ck["provenance"])
         encoder_path = Path(provenance["encoder"]["folder"])
+        if (out / "density.pt").exists():
+            from vigil.training import density as density_mod
+
+            density = density_mod.load(out / "density.pt")
     assert cfg is not None and provenance is not None and encoder_path is not None
     tasks = provenance["tasks"]
     what = "-".join(sorted(tasks)) if len(tasks) <= 2 else f"{len(tasks)}tasks"
     name = name or f"flow-{what}-M{cfg.members}-s{cfg.seed}"
     check_rtc(rtc, cfg)
     export_flow_ensemble(out / "bundle", ens, cfg, encoder_path, name, prov=provenance, control_rate_hz=control_rate_hz,
-                         rtc=rtc)
+                         rtc=rtc, density=density)
     provenance["bundle"] = str((out / "bundle").resolve())
     provenance["bundle_rtc"] = rtc
     log(f"bundle: wrote {out / 'bundle'} ({name}{', RTC ' + rtc if rtc else ''})")
