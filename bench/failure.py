@@ -44,16 +44,19 @@ import numpy as np
 
 from bench.common import FIGURES, ROOT, markers, pyplot, run_info, save_figure, write_benchmarks, written_by
 from vigil.monitors.bands import Band, running_mean
-from vigil.monitors.failure import POOLED
-from vigil.training.failure import FEATURES, fit_logistic, fit_task_bands
+from vigil.monitors.failure import POOLED, base_name
+from vigil.training.failure import FEATURES, LOGIT_BAND, fit_logistic, fit_task_bands
 
 NAME = "failure"
 BEGIN, END = markers(NAME)
 SIGNALS = ("vfd", "rnd", "logpzo", "stillness", "tinc", "gu", "ace", "stac", "random")
 LEARNED = ("vfd", "rnd", "logpzo", "stillness", "tinc", "gu", "ace", "stac")  # the combiners' inputs (not random)
-ONBOARD = FEATURES  # the graph's outputs and the state's stillness: no extra cost on board (the monitor's)
-COMBINED = ("fiper", "mean_z", "logistic", "logistic_onboard", "logistic_seen")
-DETECTORS = (*SIGNALS, *COMBINED, "vfd_paper")
+POOLED_ROWS = ("vfd", "rnd", "logpzo", "stillness", "gu", "ace")  # also shown against the pooled band
+AT = "@pooled"
+LEARNED_ALL = (*LEARNED, *(f + AT for f in LEARNED))  # every signal against its task's band and the pooled one
+ONBOARD = FEATURES  # the monitor's: the graph's VFD and RND and the state's stillness, against pooled bands
+COMBINED = ("fiper", "mean_z", "logistic", "logistic" + AT, "logistic_onboard", "logistic_seen")
+DETECTORS = (*SIGNALS, *(f + AT for f in POOLED_ROWS), *COMBINED, "vfd_paper")
 TEST = ("nominal", "positions", "physics", "noise", "heldout")
 SHIFTS = ("positions", "physics", "noise", "heldout")
 ALPHA, WINDOW, EARLY = 0.10, 3, 12
@@ -90,6 +93,14 @@ def paper_protocol(eps: list[dict], tasks: list[str]) -> tuple[dict[int, np.ndar
 # --------------------------------------------------------------------------------------------- logistic
 
 
+def fit_rows(eps: list[dict], rows: list[int], design) -> np.ndarray:
+    """Logistic weights from these episodes' plans (successful ones up to their success), each episode once."""
+    X = [before_success(eps[i], design(i)) for i in rows]
+    y = np.concatenate([np.full(len(x), float(not eps[i]["success"])) for x, i in zip(X, rows)])
+    w = np.concatenate([np.full(len(x), 1.0 / len(x)) for x in X])
+    return fit_logistic(np.concatenate(X), y, w)
+
+
 def logistic_series(eps: list[dict], zs: dict[str, dict[int, np.ndarray]], features: tuple[str, ...],
                     tasks: list[str], seen: bool = False) -> tuple[dict[int, np.ndarray], dict[str, np.ndarray]]:
     """Per-plan logit of failure from the features' z, fitted on calibration episodes of the other tasks (every
@@ -102,10 +113,7 @@ def logistic_series(eps: list[dict], zs: dict[str, dict[int, np.ndarray]], featu
     models = {}
     for held in [*tasks, "*"]:
         rows = [i for i in cal if eps[i]["task"] != held]
-        X = np.concatenate([design(i) for i in rows])
-        y = np.concatenate([np.full(len(zs[features[0]][i]), float(not eps[i]["success"])) for i in rows])
-        w = np.concatenate([np.full(len(zs[features[0]][i]), 1.0 / len(zs[features[0]][i])) for i in rows])
-        models[held] = fit_logistic(X, y, w)
+        models[held] = fit_rows(eps, rows, design)
     out = {}
     for i, e in enumerate(eps):
         beta = models[e["task"] if e["task"] in tasks else "*"]
@@ -158,13 +166,21 @@ def ece(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
                      for b in range(bins) if (idx == b).any()))
 
 
+def before_success(e: dict, z: np.ndarray) -> np.ndarray:
+    """The plans made before the episode first succeeded: after that its outcome is known, and comparing it with
+    a failing episode would reward whatever the hold at the goal looks like (a robot holding still)."""
+    if not e["success"] or e.get("success_step") is None:
+        return z
+    return z[:max(1, math.ceil(e["success_step"] / e["execute"]))]
+
+
 def evaluate(eps: list[dict], z: dict[int, np.ndarray], q: dict[str, float], tasks: list[str]) -> dict:
     """Every metric of one detector on one run; q: the alarm level of each task's band (and "*")."""
     test = [i for i, e in enumerate(eps) if e["condition"] in TEST]
     res: dict = {}
     for c in ("pooled", *TEST):
         rows = [i for i in test if c == "pooled" or eps[i]["condition"] == c]
-        ok = [z[i] for i in rows if eps[i]["success"]]
+        ok = [before_success(eps[i], z[i]) for i in rows if eps[i]["success"]]
         bad = [z[i] for i in rows if not eps[i]["success"]]
         enough = min(len(ok), len(bad)) >= 3
         res[f"tm_{c}"] = time_matched_auroc(ok, bad) if enough else float("nan")
@@ -196,11 +212,15 @@ def evaluate(eps: list[dict], z: dict[int, np.ndarray], q: dict[str, float], tas
     return res
 
 
-def fpr_curve(eps: list[dict], series: dict[int, np.ndarray], tasks: list[str], alphas) -> list[float]:
-    """Per-episode false alarms achieved on successful nominal episodes for each asked alpha."""
+def fpr_curve(eps: list[dict], series: dict[int, np.ndarray], tasks: list[str], alphas, pooled: bool = False
+              ) -> list[float]:
+    """Per-episode false alarms achieved on successful nominal episodes for each asked alpha (pooled: against the
+    pooled band for every task)."""
     out = []
     for a in alphas:
         bands = fit_bands(eps, series, a, tasks)
+        if pooled:
+            bands = {POOLED: bands[POOLED]}
         z = z_series(eps, series, bands)
         ok = [i for i, e in enumerate(eps) if e["condition"] == "nominal" and e["success"]]
         out.append(float(np.mean([(z[i] > bands.get(eps[i]["task"], bands["*"]).q).any() for i in ok])))
@@ -219,40 +239,72 @@ def signal(e: dict, name: str) -> list[float]:
 
 def analyse_run(eps: list[dict]) -> tuple[dict[str, dict], dict]:
     tasks = sorted({e["task"] for e in eps if e["condition"] == "calibration"})
+    n = range(len(eps))
     smoothed = {s: {i: running_mean(signal(e, s), WINDOW) for i, e in enumerate(eps)} for s in SIGNALS}
     bands = {s: fit_bands(eps, smoothed[s], ALPHA, tasks) for s in SIGNALS}
     zs = {s: z_series(eps, smoothed[s], bands[s]) for s in SIGNALS}
+    for s in SIGNALS:  # against the band of every task's calibration pooled: what tells tasks apart stays
+        zs[s + AT] = {i: bands[s][POOLED].exceedance(smoothed[s][i]) for i in n}
+        bands[s + AT] = {POOLED: bands[s][POOLED]}
     combined = {
-        "fiper": {i: np.minimum(zs["rnd"][i], zs["ace"][i]) for i in range(len(eps))},
-        "mean_z": {i: np.mean([np.clip(zs[s][i], *Z_CLIP) for s in LEARNED], 0) for i in range(len(eps))},
+        "fiper": {i: np.minimum(zs["rnd"][i], zs["ace"][i]) for i in n},
+        "mean_z": {i: np.mean([np.clip(zs[s][i], *Z_CLIP) for s in LEARNED], 0) for i in n},
     }
-    combined["logistic"], models = logistic_series(eps, zs, LEARNED, tasks)
-    combined["logistic_onboard"], models_onboard = logistic_series(eps, zs, ONBOARD, tasks)
-    combined["logistic_seen"], _ = logistic_series(eps, zs, LEARNED, tasks, seen=True)
+    models = {}
+    for name, feats, seen in (("logistic", LEARNED_ALL, False), ("logistic_onboard", ONBOARD, False),
+                              ("logistic_seen", LEARNED_ALL, True)):
+        combined[name], models[name] = logistic_series(eps, zs, feats, tasks, seen=seen)
     for name, series in combined.items():  # a combined score is banded like any signal (its own per-episode q)
         bands[name] = fit_bands(eps, series, ALPHA, tasks)
         zs[name] = z_series(eps, series, bands[name])
         smoothed[name] = series
+        zs[name + AT] = {i: bands[name][POOLED].exceedance(series[i]) for i in n}
+        bands[name + AT] = {POOLED: bands[name][POOLED]}
+    if LOGIT_BAND == "pooled":  # the monitor judges its logit against the pooled band
+        zs["logistic_onboard"], bands["logistic_onboard"] = zs["logistic_onboard" + AT], bands["logistic_onboard" + AT]
     zs["vfd_paper"], bands["vfd_paper"] = paper_protocol(eps, tasks)
     results = {d: evaluate(eps, zs[d], {t: b.q for t, b in bands[d].items()}, tasks) for d in DETECTORS}
+    # an upper bound, not a detector: the logistic fitted in sample on the test episodes themselves
+    test = [i for i, e in enumerate(eps) if e["condition"] in TEST]
+    beta = fit_rows(eps, test, lambda i: np.clip(np.stack([zs[f][i] for f in LEARNED_ALL], 1), *Z_CLIP))
+    oracle = {i: beta[0] + np.clip(np.stack([zs[f][i] for f in LEARNED_ALL], 1), *Z_CLIP) @ beta[1:] for i in n}
+    results["in-sample bound"] = evaluate(eps, oracle, {POOLED: math.inf}, tasks)
     extra = {"success": {c: float(np.mean([e["success"] for e in eps if e["condition"] == c]))
                          for c in ("calibration", *TEST) if any(e["condition"] == c for e in eps)},
              "n": {c: sum(e["condition"] == c for e in eps) for c in ("calibration", *TEST)},
-             "weights": {"logistic": dict(zip(("bias", *LEARNED), models["*"].round(3).tolist())),
-                         "logistic_onboard": dict(zip(("bias", *ONBOARD), models_onboard["*"].round(3).tolist()))},
-             "fpr_curve": {d: fpr_curve(eps, smoothed[d], tasks, (0.05, 0.1, 0.2, 0.3))
+             "weights": {k: dict(zip(("bias", *f), models[k][POOLED].round(2).tolist()))
+                         for k, f in (("logistic", LEARNED_ALL), ("logistic_onboard", ONBOARD))},
+             "fpr_curve": {d: fpr_curve(eps, smoothed[d], tasks, (0.05, 0.1, 0.2, 0.3),
+                                        pooled=d == "logistic_onboard" and LOGIT_BAND == "pooled")
                            for d in ("vfd", "rnd", "logistic", "logistic_onboard", "logistic_seen")},
              "per_task_success": {t: float(np.mean([e["success"] for e in eps
                                                     if e["condition"] == "nominal" and e["task"] == t]))
                                   for t in tasks},
+             "curve": {d: auroc_over_time(eps, zs[d]) for d in ("vfd", "rnd", "stillness" + AT, "logistic_onboard",
+                                                                "logistic", "in-sample bound")
+                       if d in zs} | {"in-sample bound": auroc_over_time(eps, oracle)},
              "example": _example(eps, smoothed["logistic_onboard"], bands["logistic_onboard"])}
     return results, extra
 
 
+def auroc_over_time(eps: list[dict], z: dict[int, np.ndarray], plans: int = 60) -> list[float]:
+    """AUROC at plan t: failed episodes against successful ones still running (before their success) at t, on the
+    running max of z up to t. How much can be told at each moment."""
+    test = [i for i, e in enumerate(eps) if e["condition"] in TEST]
+    ok = [np.maximum.accumulate(before_success(eps[i], z[i])) for i in test if eps[i]["success"]]
+    bad = [np.maximum.accumulate(z[i]) for i in test if not eps[i]["success"]]
+    out = []
+    for t in range(plans):
+        neg = [x[t] for x in ok if len(x) > t]
+        pos = [x[min(t, len(x) - 1)] for x in bad]
+        out.append(auroc(neg, pos) if len(neg) >= 10 else float("nan"))
+    return out
+
+
 def _example(eps, series, bands) -> dict:
     """One task's band with a few successful and failed nominal/shifted traces, for the figure."""
-    task = "pick-place-v3" if "pick-place-v3" in bands else sorted(k for k in bands if k != POOLED)[0]
-    band = bands[task]
+    task = "pick-place-v3"
+    band = bands.get(task, bands[POOLED])
 
     def pick(ok: bool, n: int) -> list:
         return [series[i].tolist() for i, e in enumerate(eps) if e["task"] == task and e["success"] == ok
@@ -318,11 +370,15 @@ def report(results: dict[str, dict[str, dict]], extras: dict[str, dict], hold10:
         lines.append(f"| {k} | {d} | {R(d, 'tm_pooled')} | {R(d, 'early_pooled')} | {R(d, 'tpr', '{:.0%}')} | "
                      f"{R(d, 'fpr', '{:.1%}')} | {R(d, 'lead_steps', '{:.0f}')} | {R(d, 'brier', '{:.3f}')} | "
                      f"{R(d, 'ece', '{:.3f}')} | {ra:g} | {rc:g} |")
-    lines += ["", "### Failure AUROC per condition (time-matched) and shift detection (time-matched, shifted vs "
+    b = "in-sample bound"
+    lines += ["", f"Upper bound, not a detector: a logistic model on all {len(LEARNED_ALL)} features fitted *in "
+              f"sample* on the test episodes themselves reaches failure AUROC {R(b, 'tm_pooled')} time-matched "
+              f"({R(b, 'early_pooled')} early): what a linear read-out of these signals can tell at best.", ""]
+    lines += ["### Failure AUROC per condition (time-matched) and shift detection (time-matched, shifted vs "
               "nominal episodes)", "",
               "| detector | " + " | ".join(f"failure {c}" for c in TEST) + " | " +
               " | ".join(f"shift {c}" for c in SHIFTS) + " |", "|---" + "|---:" * (len(TEST) + len(SHIFTS)) + "|"]
-    for d in DETECTORS:
+    for d in (*DETECTORS, b):
         lines.append(f"| {d} | " + " | ".join(R(d, f"tm_{c}") for c in TEST) + " | " +
                      " | ".join(R(d, f"shift_{c}") for c in SHIFTS) + " |")
     lines += ["", "### Per-episode false alarms: asked against achieved (successful nominal episodes)", "",
@@ -346,7 +402,8 @@ def report(results: dict[str, dict[str, dict]], extras: dict[str, dict], hold10:
         lines.append("| hold 10 steps (seed 0) | " + " | ".join(f"{hold10['per_task_success'][t]:.0%}" for t in tasks)
                      + f" | {hold10['success']:.0%} | {hold10['tm_nominal']:.2f} |")
     lines += ["", f"![ranking]({(FIGURES / 'failure_ranking.png').relative_to(ROOT)})",
-              f"![bands]({(FIGURES / 'failure_bands.png').relative_to(ROOT)})", "", END]
+              f"![bands]({(FIGURES / 'failure_bands.png').relative_to(ROOT)})",
+              f"![over time]({(FIGURES / 'failure_time.png').relative_to(ROOT)})", "", END]
     return "\n".join(lines)
 
 
@@ -364,7 +421,7 @@ def plots(results: dict[str, dict[str, dict]], extras: dict[str, dict]) -> None:
         ax.set_xlabel(label)
     a.axvline(0.5, color="k", lw=0.8, ls=":")
     a.axvline(0.85, color="tab:red", lw=0.8, ls="--", label="target 0.85")
-    a.set_xlim(0.3, 1.0)
+    a.set_xlim(0.2, 1.0)
     a.legend(fontsize=8)
     for d in ("vfd", "gu", "logistic_onboard", "logistic_seen", "fiper"):
         p = np.concatenate([results[r][d]["_p"] for r in runs])
@@ -405,19 +462,38 @@ def plots(results: dict[str, dict[str, dict]], extras: dict[str, dict]) -> None:
     fig.tight_layout()
     save_figure(fig, FIGURES / "failure_bands.png", dpi=100)
 
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for d in extras[runs[0]]["curve"]:
+        v = np.array([extras[r]["curve"][d] for r in runs], float)
+        ax.plot(np.arange(v.shape[1]) * 4, np.nanmean(v, 0), label=d, ls=":" if d == "in-sample bound" else "-")
+    ax.axhline(0.5, color="k", lw=0.8, ls=":")
+    ax.axhline(0.85, color="tab:red", lw=0.8, ls="--")
+    ax.set_xlabel("step of the episode (a plan every 4)")
+    ax.set_ylabel("failure AUROC at that step")
+    ax.set_title("What can be told when: failed episodes against successful ones still running (runs averaged)",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, FIGURES / "failure_time.png", dpi=100)
+
 
 def hold10_summary(eps: list[dict]) -> dict:
     """Nominal success per task and the onboard detector's nominal AUROC for a run trained on hold-10 demos."""
     tasks = sorted({e["task"] for e in eps if e["condition"] == "calibration"})
-    sm = {s: {i: running_mean(signal(e, s), WINDOW) for i, e in enumerate(eps)} for s in ONBOARD}
-    zs = {s: z_series(eps, sm[s], fit_bands(eps, sm[s], ALPHA, tasks)) for s in ONBOARD}
+    zs = {}
+    for s in dict.fromkeys(base_name(f)[0] for f in FEATURES):
+        sm = {i: running_mean(signal(e, s), WINDOW) for i, e in enumerate(eps)}
+        bands = fit_bands(eps, sm, ALPHA, tasks)
+        zs[s] = z_series(eps, sm, bands)
+        zs[s + AT] = {i: bands[POOLED].exceedance(sm[i]) for i in range(len(eps))}
     series, _ = logistic_series(eps, zs, ONBOARD, tasks)
-    z = z_series(eps, series, fit_bands(eps, series, ALPHA, tasks))
+    bands = fit_bands(eps, series, ALPHA, tasks)
+    z = z_series(eps, series, {POOLED: bands[POOLED]} if LOGIT_BAND == "pooled" else bands)
     nom = [i for i, e in enumerate(eps) if e["condition"] == "nominal"]
     return {"per_task_success": {t: float(np.mean([eps[i]["success"] for i in nom if eps[i]["task"] == t]))
                                  for t in tasks},
             "success": float(np.mean([eps[i]["success"] for i in nom])),
-            "tm_nominal": time_matched_auroc([z[i] for i in nom if eps[i]["success"]],
+            "tm_nominal": time_matched_auroc([before_success(eps[i], z[i]) for i in nom if eps[i]["success"]],
                                              [z[i] for i in nom if not eps[i]["success"]])}
 
 

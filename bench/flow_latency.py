@@ -27,8 +27,8 @@ TARGETS = "Targets (issue 4 item 7): full M=5 <= 4x M=1; shared M=5 <= 1.5x M=1;
 
 
 def plan_us(cfg, threads: int, reps: int, density: bool = False) -> float:
-    """Median wall time of one session.run at batch 1, microseconds; density: with the RND and logpZO heads in the
-    graph (training/density.py, docs/failure.md), fetching their outputs too."""
+    """Median wall time of one session.run at batch 1, microseconds; density: with the RND head in the graph
+    (training/density.py, docs/failure.md), fetching its output too."""
     import onnxruntime as ort
 
     from vigil.policies.bundle import session_options
@@ -154,10 +154,10 @@ def render(raw: dict[str, Any]) -> str:
 def render_failure(f: dict[str, Any] | None) -> list[str]:
     if not f:
         return []
-    lines = ["", "**The failure monitor's cost** (issue 18 item 4, docs/failure.md): the plan with the RND and logpZO "
-             "heads in the graph against the same plan without them, measured in this run, and the monitor's "
-             "own update (Python, per tick) beside the VFD monitor's:", "",
-             "| config | members, hidden, N, pairs | plan µs | plan + density heads µs | added |",
+    lines = ["", "**The failure monitor's cost** (issue 18 item 4, docs/failure.md): the plan with the RND head in "
+             "the graph against the same plan without it, measured in this run, and the monitor's own update "
+             "(Python, per tick) beside the VFD monitor's:", "",
+             "| config | members, hidden, N, pairs | plan µs | plan + RND head µs | added |",
              "|---|---|---:|---:|---:|"]
     for r in f["rows"]:
         lines.append(f"| {r['config']} | {r['members']}, {r['hidden']}, {r['N']}, {r['pairs']} | {r['plain_us']:.0f} | "

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vigil.monitors.conformal import calibrate
-from vigil.monitors.failure import STILL, stillness
+from vigil.monitors.failure import STILL, base_name, stillness
 from vigil.policies.agent import Agent
 from vigil.policies.bundle import Policy, load_policy
 from vigil.policies.manifest import Manifest, read_manifest
@@ -38,6 +38,7 @@ class Rollout:
     success: bool = False
     steps: int = 0
     scores: dict[str, list[float]] = field(default_factory=dict)  # per plan, in order
+    success_plan: int | None = None  # plans made before the first success (None: never succeeded)
 
 
 def rollout(agent: Agent, env, seed: int, max_steps: int = 500) -> Rollout:
@@ -45,10 +46,11 @@ def rollout(agent: Agent, env, seed: int, max_steps: int = 500) -> Rollout:
     out = Rollout(env.name, seed)
     obs = env.reset(seed=seed)
     agent.reset(getattr(env, "instruction", None), seed)
-    state = None
+    state, plans = None, 0
     for _ in range(max_steps):
         step = agent.act(obs)
         if step.replanned:
+            plans += 1
             for name, value in step.scores.items():
                 out.scores.setdefault(name, []).append(float(value))
             if "state" in obs:  # the failure monitor's one observation feature, as the runtime computes it
@@ -57,7 +59,8 @@ def rollout(agent: Agent, env, seed: int, max_steps: int = 500) -> Rollout:
                 state = now
         result = env.step(step.action)
         out.steps += 1
-        out.success = out.success or float(result.info.get("success", 0.0)) >= 1.0
+        if not out.success and float(result.info.get("success", 0.0)) >= 1.0:
+            out.success, out.success_plan = True, plans
         obs = result.obs
         if result.terminated or result.truncated:
             break
@@ -122,7 +125,7 @@ def calibrate_bundle(folder: str | Path, tasks: Sequence[str] | None = None, epi
                      failure_alpha: float = 0.10) -> tuple[dict, list[Rollout]]:
     """Roll the bundle out on nominal variants of its tasks (default: the tasks in its provenance), write
     the calibrated `monitor.vfd` into its manifest, return (the block, the rollouts). A bundle whose graph also
-    reports the density scores (rnd, logpzo) gets `monitor.failure` from the same rollouts too (per-episode
+    reports the density score (rnd) gets `monitor.failure` from the same rollouts too (per-episode
     false-alarm rate failure_alpha; 0 skips it; docs/failure.md)."""
     folder = Path(folder)
     policy = load_policy(folder, prefer_gpu=False)
@@ -135,12 +138,13 @@ def calibrate_bundle(folder: str | Path, tasks: Sequence[str] | None = None, epi
     rollouts = nominal_rollouts(policy, list(tasks), episodes, seed, max_steps, progress)
     block = monitor_block(rollouts, window, alphas, successful_only=successful_only)
     write_monitor(folder, block)
-    if failure_alpha > 0 and set(FEATURES) - {STILL} <= set(policy.manifest.onnx_scores):
+    if failure_alpha > 0 and {base_name(f)[0] for f in FEATURES} - {STILL} <= set(policy.manifest.onnx_scores):
         prov_tasks = policy.manifest.provenance.get("tasks", {})
         instructions = {v["instruction"]: t for t, v in prov_tasks.items() if isinstance(v, Mapping)
                         and isinstance(v.get("instruction"), str)}
         try:
-            failure = failure_block([{"task": r.task, "success": r.success, "scores": r.scores} for r in rollouts],
+            failure = failure_block([{"task": r.task, "success": r.success, "scores": r.scores,
+                                      "success_plan": r.success_plan} for r in rollouts],
                                     window=window, alpha=failure_alpha, instructions=instructions,
                                     successful_only=successful_only)
         except ValueError as exc:  # the VFD thresholds stand; say why the failure monitor was not calibrated

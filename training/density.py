@@ -11,8 +11,10 @@ embedding once per plan — standardised with the training contexts' mean and st
              contexts; the score integrates it backwards (Euler, t = 1 -> 0) from the context to its noise
              z0 and reports ||z0||^2 / dim (the Gaussian log-density of z0, up to sign and a constant).
 
-`DensityHeads` holds both and their normalisation; the bundle export (training/flow_export.py) puts it inside
-the plan graph, after the encoder, so both scores come out of the same session.run as the action and VFD.
+`DensityHeads` holds both and their normalisation. The bundle export (training/flow_export.py) puts RND inside
+the plan graph, after the encoder, so it comes out of the same session.run as the action and VFD; logpZO is
+computed offline only (bench/failure_rollouts.py): it ranked below RND and would have cost more than RND and the
+monitor together (docs/failure.md).
 """
 
 from __future__ import annotations

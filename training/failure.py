@@ -12,11 +12,15 @@ from typing import Any
 import numpy as np
 
 from vigil.monitors.bands import Band, conformal_quantile, episode_statistic, fit_shape, running_mean, split_halves
-from vigil.monitors.failure import POOLED, Z_CLIP
+from vigil.monitors.failure import POOLED, Z_CLIP, base_name
 
-FEATURES = ("vfd", "rnd", "logpzo", "stillness")  # the plan graph's outputs and the state's stillness: free
+# the monitor's configuration, chosen by the failure benchmark (docs/failure.md §4): the graph's VFD and RND and the
+# state's stillness, each against the band of all calibration tasks pooled, and the logit judged against its
+# pooled band
+FEATURES = ("vfd@pooled", "rnd@pooled", "stillness@pooled")
 WINDOW = 3
 ALPHA = 0.10
+LOGIT_BAND = "pooled"
 
 
 def fit_task_bands(good: Mapping[str, Sequence[np.ndarray]], alpha: float = ALPHA) -> dict[str, Band]:
@@ -64,50 +68,65 @@ def design(z: Mapping[str, np.ndarray], features: Sequence[str]) -> np.ndarray:
     return np.clip(np.stack([np.asarray(z[f], float) for f in features], 1), *Z_CLIP)
 
 
-def fit_weights(episodes: Sequence[tuple[Mapping[str, np.ndarray], bool]], features: Sequence[str]) -> np.ndarray:
+def fit_weights(episodes: Sequence[tuple[Mapping[str, np.ndarray], bool, int | None]], features: Sequence[str]
+                ) -> np.ndarray:
     """Logistic model of "this episode fails" on every plan's clipped exceedances, each plan weighted 1/length
-    so every episode counts once. episodes: (z per feature, failed). Without a failure among them there is
-    nothing to fit: equal weights, bias 0 (the mean exceedance, a sensible no-data combiner)."""
-    if not any(failed for _, failed in episodes):
+    so every episode counts once. episodes: (z per feature, failed, plans before success or None); a successful
+    episode counts only up to its success (after that the hold at the goal would teach "still means success").
+    Without a failure among them there is nothing to fit: equal weights, bias 0 (the mean exceedance)."""
+    if not any(failed for _, failed, _ in episodes):
         return np.array([0.0, *([1.0 / len(features)] * len(features))])
-    X = np.concatenate([design(z, features) for z, _ in episodes])
-    T = [len(z[features[0]]) for z, _ in episodes]
-    y = np.concatenate([np.full(t, float(failed)) for t, (_, failed) in zip(T, episodes)])
-    w = np.concatenate([np.full(t, 1.0 / t) for t in T])
-    return fit_logistic(X, y, w)
+    X = [design(z, features)[:None if failed or k is None else max(1, k)] for z, failed, k in episodes]
+    y = np.concatenate([np.full(len(x), float(failed)) for x, (_, failed, _) in zip(X, episodes)])
+    w = np.concatenate([np.full(len(x), 1.0 / len(x)) for x in X])
+    return fit_logistic(np.concatenate(X), y, w)
+
+
+def exceedances(smoothed: Mapping[str, np.ndarray], task: str, bands: Mapping[str, Mapping[str, Band]],
+                features: Sequence[str]) -> dict[str, np.ndarray]:
+    """z of each feature of one episode: against its task's band, or the pooled band for "name@pooled"."""
+    out = {}
+    for f in features:
+        name, pooled = base_name(f)
+        per_task = bands[name]
+        out[f] = (per_task[POOLED] if pooled else per_task.get(task, per_task[POOLED])).exceedance(smoothed[name])
+    return out
 
 
 def failure_block(episodes: Sequence[Mapping[str, Any]], features: Sequence[str] = FEATURES, window: int = WINDOW,
-                  alpha: float = ALPHA, alpha_warn: float | None = 0.25,
+                  alpha: float = ALPHA, alpha_warn: float | None = 0.25, logit_band: str = LOGIT_BAND,
                   instructions: Mapping[str, str] | None = None, successful_only: bool = True) -> dict[str, Any]:
-    """The manifest's `monitor.failure` from calibration episodes, each {"task", "success", "scores": {feature:
-    per-plan list}}: per task and feature a band of the windowed score, logistic weights on the exceedances,
-    and per task a band of the logit (q at alpha, q_warn at alpha_warn). successful_only=False (tasks that report
-    no success): every episode counts as a successful one, so the bands come from all and the weights are equal."""
+    """The manifest's `monitor.failure` from calibration episodes, each {"task", "success", "scores": {score:
+    per-plan list}} and optionally "success_plan" (plans made before the first success): per task and score a
+    band of the windowed score, logistic weights on the features' exceedances ("name" against the task's band,
+    "name@pooled" against the pooled one), and bands of the logit (q at alpha, q_warn at alpha_warn), judged per
+    task or pooled (`logit_band`). successful_only=False (tasks that report no success): every episode counts as
+    a successful one, so the bands come from all and the weights are equal."""
     features = tuple(features)
-    eps = [e for e in episodes if all(e["scores"].get(f) for f in features)]
+    names = tuple(dict.fromkeys(base_name(f)[0] for f in features))
+    eps = [e for e in episodes if all(e["scores"].get(f) for f in names)]
     if not successful_only:
         eps = [{**e, "success": True} for e in eps]
     if not any(e["success"] for e in eps):
-        raise ValueError(f"no successful calibration episode reports {list(features)}: the bundle needs the density "
+        raise ValueError(f"no successful calibration episode reports {list(names)}: the bundle needs the density "
                          "heads (flow.density_steps > 0) and some successful episodes")
-    smoothed = [{f: running_mean(e["scores"][f], window) for f in features} for e in eps]
+    smoothed = [{f: running_mean(e["scores"][f], window) for f in names} for e in eps]
     tasks = sorted({e["task"] for e in eps if e["success"]})
     bands = {f: fit_task_bands({t: [s[f] for s, e in zip(smoothed, eps) if e["task"] == t and e["success"]]
-                                for t in tasks}, alpha) for f in features}
-    z = [{f: bands[f].get(e["task"], bands[f][POOLED]).exceedance(s[f]) for f in features}
-         for s, e in zip(smoothed, eps)]
-    beta = fit_weights([(zz, not e["success"]) for zz, e in zip(z, eps)], features)
+                                for t in tasks}, alpha) for f in names}
+    z = [exceedances(s, e["task"], bands, features) for s, e in zip(smoothed, eps)]
+    beta = fit_weights([(zz, not e["success"], e.get("success_plan")) for zz, e in zip(z, eps)], features)
     logits = [beta[0] + design(zz, features) @ beta[1:] for zz in z]
     good = {t: [lg for lg, e in zip(logits, eps) if e["task"] == t and e["success"]] for t in tasks}
     logit_bands = fit_task_bands(good, alpha)
+    key = POOLED if logit_band == "pooled" else tasks[0]  # the per-task bands share one q (pooled over tasks)
     q_warn = None
     if alpha_warn is not None:
-        warn = fit_task_bands(good, alpha_warn)
-        q_warn = warn[POOLED].q if np.isfinite(warn[POOLED].q) else None
-    out_bands = {t: {**{f: bands[f][t].to_dict() for f in features}, "logit": logit_bands[t].to_dict()}
+        warn = fit_task_bands(good, alpha_warn)[key].q
+        q_warn = float(warn) if np.isfinite(warn) else None
+    out_bands = {t: {**{f: bands[f][t].to_dict() for f in names}, "logit": logit_bands[t].to_dict()}
                  for t in [*tasks, POOLED]}
     return {"features": list(features), "window": window, "bias": float(beta[0]),
-            "weights": [float(b) for b in beta[1:]], "bands": out_bands, "alpha": alpha, "alpha_warn": alpha_warn,
-            "q_warn": q_warn, "instructions": dict(instructions or {}), "episodes": len(eps),
-            "failures": int(sum(not e["success"] for e in eps))}
+            "weights": [float(b) for b in beta[1:]], "logit_band": logit_band, "bands": out_bands, "alpha": alpha,
+            "alpha_warn": alpha_warn, "q_warn": q_warn, "instructions": dict(instructions or {}),
+            "episodes": len(eps), "failures": int(sum(not e["success"] for e in eps))}

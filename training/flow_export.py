@@ -17,6 +17,8 @@ One ONNX graph computes exactly what `vigil.training.flow.plan` computes, in one
     outputs  action       (batch, H, m)       float32  member 0's Euler sample from noise[:, 0] (the chunk
                                                        `plan` returns)
              vfd          (batch,)            float32  one-way VFD with cfg.vfd_pairs
+             rnd          (batch,)            float32  bundles exported with density heads (training/density.py):
+                                                       RND on member 0's context, for the failure monitor
 
 RTC graphs (`export_onnx(..., rtc=...)`, reference `flow.plan_rtc`) add two inputs, and either guidance
 towards the prefix with a hand-written vector-Jacobian product of the velocity head (no autograd in the
@@ -66,7 +68,7 @@ from vigil.wire.protocol import ArraySpec
 
 ENCODER_DIR = "encoder"
 PREFIX, PREFIX_WEIGHT = "prefix", "prefix_weight"  # the RTC graphs' extra inputs (docs/rtc.md)
-DENSITY_SCORES = ("rnd", "logpzo")  # outputs of the density heads (training/density.py), when exported
+DENSITY_SCORES = ("rnd",)  # the density heads' output in the graph (training/density.py; docs/failure.md §1)
 _STRUCTURE = ("obs_dim", "instr_dim", "action_dim", "horizon", "hidden", "depth", "time_features", "members",
               "shared_encoder", "euler_steps", "image_size", "image_channels", "image_features", "rtc_max_delay")
 
@@ -159,7 +161,9 @@ class PlanGraph(nn.Module):
         for layer in ens.encoder:                            # encode: once per plan
             z = F.silu(_lin(layer, z))
         ctx = _lin(ens.context_proj, z)                      # (M, B, h)
-        extra = self.density(ctx[0]) if self.density is not None else ()  # (rnd, logpzo) on member 0's context
+        extra = ()                                           # RND on member 0's context (docs/failure.md)
+        if self.density is not None:
+            extra = (self.density.rnd(self.density.standardise(ctx[0])),)
         keep = free = y = w = None
         if self.rtc is not None:
             y = prefix.flatten(1)                            # (B, D)
@@ -240,7 +244,7 @@ def export_onnx(ensemble: Ensemble, cfg: FlowConfig, rtc: str | None = None, rtc
                 density: nn.Module | None = None) -> bytes:
     """The plan graph as ONNX bytes (legacy exporter, opset OPSET, dynamic batch axis); rtc None, "guided" or
     "trained" adds the inputs prefix and prefix_weight (docs/rtc.md); `density` (training/density.py's heads)
-    adds the outputs rnd and logpzo."""
+    adds the output rnd."""
     if rtc is not None:
         module = RtcPlanGraph(ensemble, cfg.vfd_pairs, rtc, rtc_beta, density).eval()
     else:
@@ -281,8 +285,8 @@ def export_flow_ensemble(folder: str | Path, ensemble: Ensemble, cfg: FlowConfig
     rtc: real-time chunking (docs/rtc.md): None (a plain plan), "guided" (inference-time guidance towards the
     prefix, max guidance weight rtc_beta) or "trained" (needs cfg.rtc_max_delay > 0); the graph then takes
     `prefix` (B, H, m) and `prefix_weight` (B, H), described by manifest `extra.rtc`.
-    density: RND and logpZO heads on member 0's context (training/density.py): two more scalar outputs, `rnd`
-    and `logpzo`, reported to the monitors beside `vfd` (docs/failure.md).
+    density: the density heads on member 0's context (training/density.py): one more scalar output, `rnd`,
+    reported to the monitors beside `vfd` (docs/failure.md; logpZO stays offline: it did not earn its cost).
     """
     for f in _STRUCTURE:
         if getattr(cfg, f) != getattr(ensemble.cfg, f):
