@@ -45,7 +45,7 @@ SUBCOMMANDS = {
     "bundle": ["{lqr,encoder}", "--system", "--out", "--learner", "--prior", "--prior-std", "--seed", "--lam", "--g1",
                "--g2"],  # {lqr,encoder}: the positional `kind` with its choices
     "calibrate": ["--bundle", "--tasks", "--episodes", "--seed", "--window", "--warn", "--alert", "--stop",
-                  "--max-steps", "--all-episodes", "--no-progress"],
+                  "--max-steps", "--failure", "--all-episodes", "--no-progress"],
 }
 
 TRAIN_SUBCOMMANDS = {  # `vigil train <kind> --help`

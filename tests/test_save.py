@@ -336,7 +336,11 @@ def test_save_round_end_to_end(tmp_path, encoder_bundle):
     vfd = m.monitor["vfd"]
     assert vfd["episodes"] == 1 and vfd["tasks"] == ["reach-v3"] and 0 < vfd["thresholds"]["alert"] < float("inf")
     prov = json.loads((out / "provenance.json").read_text())
-    assert prov["calibration"] == vfd and prov["save"]["requests"] == [answered.id]
+    calibration = dict(prov["calibration"])
+    assert calibration.pop("failure")["episodes"] == 1  # the failure monitor, recalibrated with the round
+    assert calibration == vfd and prov["save"]["requests"] == [answered.id]
+    assert m.onnx_scores == ("vfd", "rnd") and "failure" in m.monitor  # RND fitted again on the round's encoder
+    assert prov["density"]["config"]["steps"] == 2000
 
     # warm start: the weights moved a little from the parent's, far less than a different init is away
     ens_p, _, _ = load_checkpoint(run / "ensemble.pt")

@@ -222,7 +222,11 @@ def test_vigil_train_flow_end_to_end(tmp_path, flow_encoder_bundle):
     block = json.loads(r.stdout)
     policy = load_policy(out / "bundle")  # the graph's sha256 still matches: only the manifest changed
     vfd = policy.manifest.monitor["vfd"]
+    failure = block.pop("failure")  # the failure monitor, from the same rollouts (the RND head is on by default)
     assert vfd == block and vfd["tasks"] == ["reach-v3"] and vfd["window"] == 3 and vfd["episodes"] == 3
+    assert policy.manifest.onnx_scores == ("vfd", "rnd") and failure["episodes"] == 3
+    assert "will not alarm" in failure["note"]  # 3 episodes cannot set a 10% per-episode rate
+    assert policy.manifest.monitor["failure"]["bands"]["*"]["logit"]["q"] is None
     t = vfd["thresholds"]  # a tiny ensemble may fail every rollout, hence --all-episodes
     assert 0 < t["warn"] <= t["alert"] <= t["stop"] < float("inf")
     from vigil.monitors.vfd import VFDMonitor

@@ -126,7 +126,11 @@ def failure_block(episodes: Sequence[Mapping[str, Any]], features: Sequence[str]
         q_warn = float(warn) if np.isfinite(warn) else None
     out_bands = {t: {**{f: bands[f][t].to_dict() for f in names}, "logit": logit_bands[t].to_dict()}
                  for t in [*tasks, POOLED]}
-    return {"features": list(features), "window": window, "bias": float(beta[0]),
+    note = None
+    if not np.isfinite(logit_bands[key].q):
+        note = (f"too few successful calibration episodes for a {alpha:.0%} per-episode rate: the failure monitor "
+                f"will not alarm (calibrate on at least {int(np.ceil(2 / alpha))} per task)")
+    return {"features": list(features), "window": window, "bias": float(beta[0]), "note": note,
             "weights": [float(b) for b in beta[1:]], "logit_band": logit_band, "bands": out_bands, "alpha": alpha,
             "alpha_warn": alpha_warn, "q_warn": q_warn, "instructions": dict(instructions or {}),
             "episodes": len(eps), "failures": int(sum(not e["success"] for e in eps))}

@@ -102,7 +102,7 @@ class FlowConfig:
     image_channels: int = 16       # channels of the first conv; the second has twice as many
     image_features: int = 64       # width of the image features joining state and instruction
     rtc_max_delay: int = 0         # training-time RTC: d ~ U{0..rtc_max_delay} committed positions; 0 = off
-    density_steps: int = 0         # > 0: train the RND and logpZO heads (training/density.py) this many steps
+    density_steps: int = 2000      # the RND (and logpZO) heads of the failure monitor (training/density.py); 0: none
 
     @property
     def chunk_dim(self) -> int:

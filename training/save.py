@@ -359,6 +359,7 @@ def save_round(run_dir: str | Path, old_demos: Sequence[str | Path], acquired_di
         check_flow_config,
         dataset_tensors,
         export_run,
+        fit_density,
         load_checkpoint,
         write_run,
     )
@@ -452,7 +453,11 @@ def save_round(run_dir: str | Path, old_demos: Sequence[str | Path], acquired_di
               f"{config.steps} steps, seed {seed}", log)
     rate = manifest.control_rate_hz if manifest is not None else 80.0  # same rate: the swap requires it
     name = f"{base_name}-r{round_no}" if base_name else None
-    bundle = export_run(out, ens, round_cfg, encoder_path, provenance, rate, log, name=name)
+    density = None
+    if round_cfg.density_steps > 0:  # the fine-tuned encoder moved: the failure monitor's RND is fitted again
+        obs_all, instr_all, _ = concat_data([old_data, acq_data])
+        density = fit_density(out, ens, round_cfg, obs_all, instr_all, provenance, progress, log)
+    bundle = export_run(out, ens, round_cfg, encoder_path, provenance, rate, log, name=name, density=density)
 
     calibration = None
     if config.calibration_episodes > 0:

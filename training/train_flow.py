@@ -414,7 +414,7 @@ def run(config: str | Path | FlowConfig, demos_dir: str | Path, out_dir: str | P
 def fit_density(out: Path, ens: Ensemble, cfg: FlowConfig, obs, instr, provenance: dict[str, Any],
                 progress: bool = True, log: Callable[[str], None] = print):
     """Train the RND and logpZO heads on member 0's contexts of the training data (training/density.py) and
-    write OUT/density.pt; the bundle export puts them in the plan graph."""
+    write OUT/density.pt; the bundle export puts RND in the plan graph (docs/failure.md)."""
     from vigil.training import density
 
     t0 = time.perf_counter()
