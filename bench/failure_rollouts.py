@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.flow_detect import _init_worker, varying_dims
+
 SIGNALS = ("vfd", "rnd", "logpzo", "tinc", "gu", "ace", "stac", "stillness", "random")
 CONDITIONS = ("nominal", "calibration", "positions", "physics", "noise", "heldout")
 NOISE_STD = 0.01
@@ -171,20 +173,6 @@ def run_job(job: Job) -> list[dict]:
     return out
 
 
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def varying_dims(demos: Path, task: str, floor: float = 0.01) -> tuple[int, ...]:
-    from vigil.training.demos import DemoSet
-
-    ds = DemoSet(demos)
-    states = np.concatenate([ds.load(e.id).observations["state"] for e in ds.episodes(task=task)])
-    return tuple(int(i) for i in np.flatnonzero(states.std(0) >= floor))
-
-
 def jobs_for(run: Path, episodes: int, calib: int, heldout: list[str], conditions: tuple[str, ...]) -> list[Job]:
     prov = json.loads((run / "provenance.json").read_text())
     demos = Path(prov["demos"])
@@ -196,8 +184,8 @@ def jobs_for(run: Path, episodes: int, calib: int, heldout: list[str], condition
                 jobs.append(Job(str(run), c, task, tuple(range(20, 20 + 2 * episodes))))
             elif c == "calibration":
                 jobs.append(Job(str(run), c, task, tuple(range(40, 40 + calib))))
-            elif c == "noise":
-                jobs.append(Job(str(run), c, task, seeds, noise_dims=varying_dims(demos, task)))
+            elif c == "noise":  # the dimensions that vary in the task's demonstrations (bench/flow_detect.py)
+                jobs.append(Job(str(run), c, task, seeds, noise_dims=varying_dims(demos, task)[0]))
             elif c != "heldout":
                 jobs.append(Job(str(run), c, task, seeds))
     if "heldout" in conditions:
