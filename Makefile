@@ -94,7 +94,7 @@ bench-flow: $(STAMP)
 	bash bench/flow.sh
 
 # Failure prediction (issue 18): hold-the-goal demos, 3 seeds with RND/logpZO heads, every signal at every plan of
-# ~2400 whole episodes, time-varying conformal bands, combiners, one ranking. About 15 minutes on 2 cores;
+# ~2400 whole episodes, time-varying conformal bands, combiners, one ranking. About 18 minutes on 2 cores;
 # resumable (outputs in bench-runs/failure). Not part of `make bench`.
 bench-failure: $(STAMP)
 	bash bench/failure.sh
