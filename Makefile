@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-failure bench-save bench-lqr \
+.PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-failure bench-posttrain bench-save bench-lqr \
 	bench-lqr-loop bench-rl bench-soak bench-fairness bench-throughput bench-rtc bench-record bench-console clean
 
 $(BIN)/python:
@@ -98,6 +98,12 @@ bench-flow: $(STAMP)
 # resumable (outputs in bench-runs/failure). Not part of `make bench`.
 bench-failure: $(STAMP)
 	bash bench/failure.sh
+
+# Post-training without an expert (issue 19): 2 seeds x (pretrained + 6 arms: mean with two machineries, cvar-left,
+# constrained, expand guided by VFD and uniformly), 300 simulator episodes per arm, 200 (+200 shifted) evaluation
+# episodes. About 15 minutes on 2 cores; resumable (outputs in bench-runs/posttrain). Not part of `make bench`.
+bench-posttrain: $(STAMP)
+	OMP_NUM_THREADS=1 PYTHONPATH=. $(BIN)/python -m bench.posttrain
 
 # The SAVE experiment (issue 5): 10 seeds x 5 acquisition rules x 5 rounds; about 1.5 h on 2 cores;
 # resumable (outputs in bench-runs/save). Not part of `make bench`.

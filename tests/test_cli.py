@@ -49,6 +49,8 @@ SUBCOMMANDS = {
 }
 
 TRAIN_SUBCOMMANDS = {  # `vigil train <kind> --help`
+    "posttrain": ["--run", "--out", "--config", "--objective", "--iterations", "--episodes", "--seed", "--demos",
+                  "--calibration-episodes", "--calibration-all-episodes", "--no-progress"],
     "flow": ["--config", "--demos", "--out", "--encoder", "--seed", "--tasks", "--rtc", "--no-progress"],
     "save-round": ["--run", "--old-demos", "--acquired", "--requests", "--out", "--config", "--steps", "--seed",
                    "--calibration-episodes", "--calibration-seed", "--calibration-max-steps",

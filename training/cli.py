@@ -315,6 +315,35 @@ class SaveRoundConfig:
 
 
 @dataclass(frozen=True)
+class PosttrainCommandConfig:
+    """What `vigil train posttrain` works on; how it trains is PosttrainConfig ([posttrain] of --config)."""
+
+    run: str = field(metadata={"help": "the run folder to post-train (vigil train flow, a SAVE round, or an earlier "
+                                       "post-training)"})
+    out: str = field(metadata={"help": "output folder of the new run (created)"})
+    config: str | None = field(default=None, metadata={
+        "help": "TOML file with a [posttrain] table (keys: training/posttrain.py's PosttrainConfig)"})
+    objective: str | None = field(default=None, metadata={
+        "help": "what to improve (overrides the config): mean return, the left tail (cvar-left), return under a "
+                "safety-cost budget (constrained), or success beyond the training range (expand)",
+        "choices": ("mean", "cvar-left", "constrained", "expand")})
+    iterations: int | None = field(default=None, metadata={"help": "collect/fine-tune iterations (overrides)"})
+    episodes: int | None = field(default=None, metadata={"help": "episodes per task per iteration (overrides)"})
+    seed: int | None = field(default=None, metadata={"help": "seed (overrides)"})
+    demos: str | None = field(default=None, metadata={
+        "help": "the original demonstrations (expand replays them; default: the run's, from its provenance)",
+        "metavar": "DIR"})
+    calibration_episodes: int = field(default=5, metadata={
+        "help": "nominal episodes per task to recalibrate the new bundle's monitors (0: none)"})
+    calibration_all_episodes: bool = field(default=False, metadata={
+        "help": "recalibrate on every rollout, not only the successful ones (a policy that rarely succeeds)"})
+    progress: bool = field(default=True, metadata={"help": "no progress bars"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("calibration_episodes", self.calibration_episodes >= 0, "an integer >= 0")])
+
+
+@dataclass(frozen=True)
 class LqrStudyConfig:
     system: str = field(default="all", metadata={"help": "the linear system to learn",
                                                  "choices": (*SYSTEMS, "all")})
@@ -394,6 +423,13 @@ def _train_parser(t: argparse.ArgumentParser) -> None:
     add_flags(r, SaveRoundConfig)
     add_flags(r, SaveConfig)
     add_flags(tsub.add_parser(
+        "posttrain", help="post-train a flow ensemble from outcomes, without an expert",
+        description="Post-train every member of RUN's flow ensemble from the simulator's judgement of its own "
+                    "rollouts (training/posttrain.py, docs/posttrain.md): expected return, the left tail of the "
+                    "return (TFFT's CVaR), return under a safety-cost budget (CFO), or success just beyond the "
+                    "training range kept by a verifier (ActFlow). Writes the checkpoint, posttrain.csv/png, a "
+                    "recalibrated bundle in OUT/bundle and provenance naming the parent."), PosttrainCommandConfig)
+    add_flags(tsub.add_parser(
         "lqr", help="IR-LQR and its baselines learning an unknown linear system (study)",
         description="Run the IR-LQR study (training/lqr_study.py, docs/lqr.md): IR-LQR, CEC, CEC with persistent "
                     "excitation, Thompson sampling, OSLO and the oracle on the same priors and noise (common random "
@@ -411,7 +447,8 @@ def _train_parser(t: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run `vigil train <kind>`; a config error names the subcommand."""
-    run = {"flow": _train_flow, "save-round": _save_round, "lqr": _train_lqr, "bpo": _train_rl, "ppo": _train_rl}
+    run = {"flow": _train_flow, "save-round": _save_round, "lqr": _train_lqr, "bpo": _train_rl, "ppo": _train_rl,
+           "posttrain": _posttrain}
     try:
         return run[args.kind](args)
     except ConfigError as exc:
@@ -432,6 +469,24 @@ def _train_flow(args: argparse.Namespace) -> int:
         print(f"vigil train {args.kind}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _posttrain(args: argparse.Namespace) -> int:
+    from vigil.training.posttrain import load_config, posttrain_run
+
+    config = config_from_args(PosttrainCommandConfig, args)
+    pt = load_config(config.config, objective=config.objective, iterations=config.iterations,
+                     episodes=config.episodes, seed=config.seed)
+    try:
+        out = posttrain_run(config.run, config.out, pt, config.demos, config.calibration_episodes,
+                            progress=config.progress, log=lambda line: print(line, flush=True),
+                            successful_only=not config.calibration_all_episodes)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"vigil train {args.kind}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"bundle": out["bundle"], "provenance": out["provenance"],
+                      "last": {k: v for k, v in out["iterations"][-1].items()}}, default=float), flush=True)
     return 0
 
 

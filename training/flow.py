@@ -771,7 +771,8 @@ def rtc_example(ens: Ensemble, xt: Tensor, clean: Tensor, context: Tensor,
 def train_ensemble(cfg: FlowConfig, obs: Observation, instr: Tensor | np.ndarray,
                    chunks: Tensor | np.ndarray, progress: bool = True,
                    ensemble: Ensemble | None = None,
-                   groups: Tensor | np.ndarray | None = None) -> tuple[Ensemble, dict[str, np.ndarray]]:
+                   groups: Tensor | np.ndarray | None = None,
+                   weights: Tensor | np.ndarray | None = None) -> tuple[Ensemble, dict[str, np.ndarray]]:
     """Train every member by flow matching on in-memory data: obs (n, obs_dim) (or, for image configs, a
     mapping {"state": (n, obs_dim), "image": (n, S, S, 3) uint8}), instr (n, instr_dim),
     chunks (n, H, action_dim). Each member draws its own minibatches (its own shuffling each epoch), its
@@ -782,7 +783,9 @@ def train_ensemble(cfg: FlowConfig, obs: Observation, instr: Tensor | np.ndarray
     and keeps its observation normalisation; cfg supplies the optimisation settings. Otherwise a fresh
     Ensemble(cfg) normalised on `obs`. groups: an integer label per example (n,); every minibatch then
     holds an equal share of each label (`minibatches`): SAVE's replay, old data 0 and acquired data 1,
-    half and half whatever the sizes. None: one group (plain epochs). Returns (ensemble, history) with
+    half and half whatever the sizes. None: one group (plain epochs). weights: a non-negative weight per example
+    (n,); minibatches are then drawn with replacement in proportion to them (reward-weighted flow matching,
+    training/posttrain.py), instead of in epochs (not with groups). Returns (ensemble, history) with
     history["loss"] (steps,), the mean over members, and history["member_loss"] (steps, M)."""
     obs, images = _training_obs(cfg, obs)
     instr, chunks = _as_float(instr), _as_float(chunks)
@@ -806,7 +809,16 @@ def train_ensemble(cfg: FlowConfig, obs: Observation, instr: Tensor | np.ndarray
     M, D, bs = cfg.members, cfg.chunk_dim, min(cfg.batch_size, n)
     targets = chunks.reshape(n, D)
     gens = [torch.Generator().manual_seed(d) for _, d in member_seeds(cfg.seed, M)]
-    streams = [minibatches(_group_indices(groups, n), bs, g) for g in gens]
+    if weights is not None:
+        if groups is not None:
+            raise ValueError("train_ensemble takes groups or weights, not both")
+        w = torch.as_tensor(np.asarray(weights, np.float64) if not isinstance(weights, Tensor) else weights,
+                            dtype=torch.float64)
+        if w.shape != (n,) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be ({n},) finite, non-negative and not all zero")
+        streams = [iter(lambda g=g: torch.multinomial(w, bs, replacement=True, generator=g), None) for g in gens]
+    else:
+        streams = [minibatches(_group_indices(groups, n), bs, g) for g in gens]
     opt = torch.optim.AdamW(ens.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ens.train()
     losses = torch.empty(cfg.steps, M)
