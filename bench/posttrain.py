@@ -46,7 +46,10 @@ ARMS = {
     "constrained": {"objective": "constrained"},
     "expand (vfd)": {"objective": "expand", "guide": "vfd"},
     "expand (uniform)": {"objective": "expand", "guide": "uniform"},
+    "expand 0.5 (vfd)": {"objective": "expand", "guide": "vfd", "expand_shift": 0.5},
+    "expand 0.5 (uniform)": {"objective": "expand", "guide": "uniform", "expand_shift": 0.5},
 }
+EXPAND = {0.3: ("expand (vfd)", "expand (uniform)"), 0.5: ("expand 0.5 (vfd)", "expand 0.5 (uniform)")}
 EVAL_EPISODES, SHIFT = 20, 0.3
 
 
@@ -94,8 +97,11 @@ def job(seed: int, arm: str) -> dict:
                  "vfd0": a.vfd0} for a in eps]
 
     out = {"seed": seed, "arm": arm, "rows": rows, "train_seconds": seconds, "nominal": episodes()}
-    if arm == "pretrained" or pc.objective == "expand":
-        out["shifted"] = episodes(Shift(positions=SHIFT))
+    for shift in EXPAND:  # each expand arm on its own shift; the pretrained policy on every one
+        if arm == "pretrained" or (pc.objective == "expand" and pc.expand_shift == shift):
+            out["shifted" if shift == SHIFT else f"shifted@{shift}"] = episodes(Shift(positions=shift))
+    if arm == "pretrained" and "shifted@0.5" not in out:
+        out["shifted@0.5"] = episodes(Shift(positions=0.5))
     out["sim_episodes"] = int(sum(r.get("episodes", 0) for r in rows))
     return out
 
@@ -178,17 +184,19 @@ def report(res: list[dict], run: dict, seconds: float) -> str:
               "for), before (pretrained) and after:", "",
               "| arm | shifted success | Δ [95% CI] | mean first-plan VFD, shifted | VFD, nominal |",
               "|---|---:|---:|---:|---:|"]
-    for arm in ("pretrained", "expand (vfd)", "expand (uniform)"):
-        rs = [get[(s, arm)] for s in seeds if (s, arm) in get]
-        if not rs:
-            continue
-        eps = [dict(e, seed=(r["seed"], e["seed"])) for r in rs for e in r["shifted"]]
-        ref_eps = [dict(e, seed=(s, e["seed"])) for s in seeds for e in ref[s]["shifted"]]
-        d = paired_delta(eps, ref_eps, "success") if arm != "pretrained" else None
-        lines.append(f"| {arm} | {_ms([metrics(r['shifted'], r['shifted'])['success'] for r in rs], '{:.1%}')} | "
-                     + ("–" if d is None else f"{d[0]:+.1%} [{d[1]:+.1%}, {d[2]:+.1%}]") + " | "
-                     f"{_ms([np.mean([e['vfd0'] for e in r['shifted']]) for r in rs], '{:.1f}')} | "
-                     f"{_ms([np.mean([e['vfd0'] for e in r['nominal']]) for r in rs], '{:.1f}')} |")
+    for shift, arms in EXPAND.items():
+        key = "shifted" if shift == SHIFT else f"shifted@{shift}"
+        for arm in ("pretrained", *arms):
+            rs = [get[(s, arm)] for s in seeds if (s, arm) in get and key in get[(s, arm)]]
+            if not rs or any(key not in ref[s] for s in seeds):
+                continue
+            eps = [dict(e, seed=(r["seed"], e["seed"])) for r in rs for e in r[key]]
+            ref_eps = [dict(e, seed=(s, e["seed"])) for s in seeds for e in ref[s][key]]
+            d = paired_delta(eps, ref_eps, "success") if arm != "pretrained" else None
+            lines.append(f"| {arm}, shift {shift} | {_ms([metrics(r[key], r[key])['success'] for r in rs], '{:.1%}')} "
+                         "| " + ("–" if d is None else f"{d[0]:+.1%} [{d[1]:+.1%}, {d[2]:+.1%}]") + " | "
+                         f"{_ms([np.mean([e['vfd0'] for e in r[key]]) for r in rs], '{:.1f}')} | "
+                         f"{_ms([np.mean([e['vfd0'] for e in r['nominal']]) for r in rs], '{:.1f}')} |")
     lines += ["", "Constrained (CFO): the collected episodes' speed cost and the dual variable per iteration "
               "(budget 0.05):", "", "| seed | " + " | ".join(f"iteration {i}: cost / λ" for i in range(3)) + " |",
               "|---|---:|---:|---:|"]
