@@ -7,6 +7,8 @@ missing), then one job per arm, two in parallel:
     pretrained        no post-training (the reference every arm is paired with)
     mean (exp)        expected return, reward-weighted flow matching (weights exp(r~ / T))
     mean (top)        expected return, filtered self-imitation (the best 30% of episodes): the second machinery
+    mean (ppo)        expected return, PPO's clipped surrogate on the likelihood of stochastic Euler steps
+    mean (gbpo)       the same with GBPO's group-relative bounded-ratio loss (groups: a task's episodes)
     cvar-left         TFFT's left tail (alpha 0.2)
     constrained       CFO: return under a speed-limit budget (5% of steps above 1 m/s)
     expand (vfd)      ActFlow: attempts on positions 0.3 range widths out, situations chosen by VFD, verified
@@ -42,6 +44,8 @@ ARMS = {
     "pretrained": None,
     "mean (exp)": {"objective": "mean", "weighting": "exp"},
     "mean (top)": {"objective": "mean", "weighting": "top"},
+    "mean (ppo)": {"objective": "mean", "weighting": "ppo"},
+    "mean (gbpo)": {"objective": "mean", "weighting": "gbpo"},
     "cvar-left": {"objective": "cvar-left"},
     "constrained": {"objective": "constrained"},
     "expand (vfd)": {"objective": "expand", "guide": "vfd"},
@@ -92,7 +96,7 @@ def job(seed: int, arm: str) -> dict:
     seconds = time.perf_counter() - t0
 
     def episodes(shift=None):
-        eps = P.collect(ens, tasks, list(range(20, 20 + EVAL_EPISODES)), encoder, pc, shift=shift)
+        eps = P.collect(ens, tasks, list(range(20, 20 + EVAL_EPISODES)), encoder, pc, shift=shift, evaluation=True)
         return [{"task": a.task, "seed": a.seed, "success": a.success, "ret": a.ret, "cost": a.cost,
                  "vfd0": a.vfd0} for a in eps]
 

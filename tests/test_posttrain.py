@@ -93,7 +93,28 @@ def test_reward_weighted_flow_matching_moves_towards_the_weighted_samples():
         train_ensemble(cfg, obs, instr, chunks, progress=False, weights=-weights)
 
 
-@pytest.mark.parametrize("objective", ["cvar-left", "expand"])
+def test_stochastic_euler_paths_have_the_likelihood_they_were_drawn_with():
+    """Each step of member 0's stochastic path is x + v dt + sigma sqrt(dt) e, so its log-density under member 0
+    is -|e|^2 / 2 (mean -D/2 per step); another member, whose velocity differs, gives the path less."""
+    import torch
+
+    from vigil.training.flow import Ensemble, FlowConfig
+
+    cfg = FlowConfig(obs_dim=3, instr_dim=2, action_dim=2, horizon=4, hidden=32, depth=2, members=3, density_steps=0)
+    ens = Ensemble(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    obs, instr = torch.randn(256, 3, generator=gen), torch.randn(256, 2, generator=gen)
+    x0 = torch.randn(256, cfg.chunk_dim, generator=gen)
+    paths = P.stochastic_path(ens, obs, instr, x0, sigma=0.1, gen=gen)
+    assert paths.shape == (256, cfg.euler_steps + 1, cfg.chunk_dim)
+    with torch.no_grad():
+        logp = P.path_logp(ens, obs, instr, paths, 0.1)  # (M, n, B)
+    assert logp.shape == (3, cfg.euler_steps, 256)
+    assert logp[0].mean().item() == pytest.approx(-cfg.chunk_dim / 2, rel=0.05)
+    assert (logp[1:].mean(dim=(1, 2)) < logp[0].mean() - 0.3).all()
+
+
+@pytest.mark.parametrize("objective", ["cvar-left", "expand", "gbpo"])
 def test_vigil_train_posttrain_end_to_end(tmp_path, encoder_bundle, objective):
     """A tiny run post-trained from the command line: a bundle that can replace its parent, recalibrated,
     provenance naming the parent, the per-iteration CSV and plot."""
@@ -109,12 +130,17 @@ def test_vigil_train_posttrain_end_to_end(tmp_path, encoder_bundle, objective):
                   "--encoder", str(encoder_bundle), "--tasks", "reach-v3", "--no-progress", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = tmp_path / "pt.toml"
-    cfg.write_text("[posttrain]\niterations = 2\nepisodes = 2\nmax_steps = 40\nsteps = 20\ncandidates = 2\n")
+    weighting = "gbpo" if objective == "gbpo" else "exp"  # gbpo: the policy-gradient machinery, on `mean`
+    objective = "mean" if objective == "gbpo" else objective
+    cfg.write_text("[posttrain]\niterations = 2\nepisodes = 2\nmax_steps = 40\nsteps = 20\ncandidates = 2\n"
+                   f"weighting = \"{weighting}\"\npg_epochs = 1\n")
     r = run_vigil("train", "posttrain", "--run", str(run), "--out", str(out), "--config", str(cfg), "--objective",
                   objective, "--calibration-episodes", "2", "--calibration-all-episodes", "--no-progress", timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["last"]["iteration"] == 1
+    if weighting == "gbpo":
+        assert summary["last"]["plans"] > 0 and np.isfinite(summary["last"]["ratio"])
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["posttrain"]["parent"]["run"] == str(run.resolve())
     assert prov["posttrain"]["config"]["objective"] == objective

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 OBJECTIVES = ("mean", "cvar-left", "constrained", "expand")
-WEIGHTINGS = ("exp", "top")
+WEIGHTINGS = ("exp", "top", "ppo", "gbpo")  # two reward-weighted flow-matching ways, two policy-gradient losses
 GUIDES = ("vfd", "uniform")
 
 
@@ -48,7 +48,12 @@ class PosttrainConfig:
     """Hyperparameters of a post-training run (the `[posttrain]` table of configs/posttrain.toml)."""
 
     objective: str = "mean"
-    weighting: str = "exp"          # exp: reward-weighted flow matching; top: filtered self-imitation
+    weighting: str = "exp"          # exp: reward-weighted flow matching; top: filtered self-imitation;
+    #                                 ppo / gbpo: policy gradient through stochastic Euler steps (§ machinery)
+    sigma: float = 0.1              # ppo / gbpo: noise of the stochastic Euler steps (x += v dt + sigma sqrt(dt) e)
+    pg_epochs: int = 4              # ppo / gbpo: passes over the collected plans per iteration
+    pg_lr: float = 1e-5             # ppo / gbpo: Adam's step (the path likelihoods are sharp)
+    clip: float = 0.2               # ppo's clip, gbpo's eps
     iterations: int = 3
     episodes: int = 10              # per task per iteration
     max_steps: int = 300
@@ -76,10 +81,10 @@ class PosttrainConfig:
         for key, options in (("objective", OBJECTIVES), ("weighting", WEIGHTINGS), ("guide", GUIDES)):
             if getattr(self, key) not in options:
                 raise bad(key, f"one of {options}")
-        for key in ("iterations", "episodes", "max_steps", "steps", "batch_size", "candidates"):
+        for key in ("iterations", "episodes", "max_steps", "steps", "batch_size", "candidates", "pg_epochs"):
             if getattr(self, key) < 1:
                 raise bad(key, "an integer >= 1")
-        for key in ("temperature", "lr", "speed_limit", "rho"):
+        for key in ("temperature", "lr", "speed_limit", "rho", "sigma", "clip", "pg_lr"):
             if not 0 < getattr(self, key) < math.inf:
                 raise bad(key, "a finite number > 0")
         for key in ("top_fraction", "cvar_alpha"):
@@ -167,15 +172,44 @@ class Attempt:
     over: int = 0       # steps above the speed limit
     steps: int = 0
     vfd0: float = 0.0   # VFD of the first plan
+    paths: list[np.ndarray] = field(default_factory=list)   # ppo / gbpo: member 0's stochastic Euler path per plan
 
     @property
     def cost(self) -> float:
         return self.over / max(1, self.steps)
 
 
-def play(ens, env, instr: torch.Tensor, seed: int, max_steps: int, speed_limit: float, rate_hz: float = 80.0
-         ) -> Attempt:
-    """One episode with member 0 acting on half of each chunk (the bundle's default execution)."""
+def stochastic_path(ens, obs: torch.Tensor, instr: torch.Tensor, x0: torch.Tensor, sigma: float,
+                    gen: torch.Generator, member: int = 0) -> torch.Tensor:
+    """Member `member`'s Euler integration with Gaussian steps x += v dt + sigma sqrt(dt) e: every step is a
+    Gaussian, so the whole path has a likelihood (Flow-GRPO, ReinFlow). x0 (B, D) -> the path (B, n + 1, D)."""
+    n = ens.cfg.euler_steps
+    with torch.no_grad():
+        ctx = ens.encode(obs, instr, members=[member])
+        xs = [x0]
+        for k in range(n):
+            v = ens.velocity(ctx, xs[-1][None, None], k / n, members=[member])[0, 0]
+            xs.append(xs[-1] + v / n + sigma * math.sqrt(1.0 / n) * torch.randn(x0.shape, generator=gen))
+    return torch.stack(xs, 1)
+
+
+def path_logp(ens, obs: torch.Tensor, instr: torch.Tensor, paths: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Log-likelihood of each Euler step of paths (B, n + 1, D) under every member: (M, n, B), up to a constant
+    shared by old and new (each step is one action of the policy gradient, as in Flow-GRPO)."""
+    n = ens.cfg.euler_steps
+    ctx = ens.encode(obs, instr)                                   # (M, B, h)
+    x, nxt = paths[:, :-1], paths[:, 1:]                           # (B, n, D)
+    t = torch.arange(n, dtype=torch.float32) / n
+    v = ens.velocity(ctx, x.transpose(0, 1)[None], t.reshape(1, n, 1))  # (M, n, B, D)
+    mean = x.transpose(0, 1)[None] + v / n
+    err = (nxt.transpose(0, 1)[None] - mean).square().sum(-1)      # (M, n, B)
+    return -err / (2 * sigma * sigma / n)
+
+
+def play(ens, env, instr: torch.Tensor, seed: int, max_steps: int, speed_limit: float, rate_hz: float = 80.0,
+         sigma: float = 0.0) -> Attempt:
+    """One episode with member 0 acting on half of each chunk (the bundle's default execution); sigma > 0: with
+    stochastic Euler steps, recording each plan's path (for the policy-gradient machinery)."""
     from vigil.training import flow
 
     cfg = ens.cfg
@@ -192,6 +226,11 @@ def play(ens, env, instr: torch.Tensor, seed: int, max_steps: int, speed_limit: 
             with torch.no_grad():
                 chunk, vfd = flow.plan(ens, o, instr, noise)
             c = chunk[0].numpy()
+            if sigma > 0:
+                gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+                path = stochastic_path(ens, o, instr, noise[0].reshape(1, -1), sigma, gen)[0]
+                out.paths.append(path.numpy())
+                c = path[-1].reshape(H, m).numpy()
             if not out.obs:
                 out.vfd0 = float(vfd[0])
             out.obs.append(np.asarray(obs["state"], np.float32))
@@ -221,7 +260,7 @@ def first_vfd(ens, env, instr: torch.Tensor, seed: int) -> float:
 
 
 def collect(ens, tasks: Sequence[str], seeds: Sequence[int], encoder, cfg: PosttrainConfig, shift=None,
-            choose: Callable | None = None, progress: bool = False) -> list[Attempt]:
+            choose: Callable | None = None, progress: bool = False, evaluation: bool = False) -> list[Attempt]:
     """`len(seeds)` episodes per task; `choose(env, instr, seed) -> seed` picks the situation to attempt (expand)."""
     from tqdm import tqdm
 
@@ -235,7 +274,9 @@ def collect(ens, tasks: Sequence[str], seeds: Sequence[int], encoder, cfg: Postt
             try:
                 for s in seeds:
                     chosen = choose(env, instr, s) if choose is not None else s
-                    out.append(play(ens, env, instr, chosen, cfg.max_steps, cfg.speed_limit))
+                    out.append(play(ens, env, instr, chosen, cfg.max_steps, cfg.speed_limit,
+                                    sigma=cfg.sigma if cfg.weighting in ("ppo", "gbpo") and choose is None
+                                    and not evaluation else 0.0))
                     bar.update()
             finally:
                 env.close()
@@ -318,11 +359,59 @@ def iterate(ens, cfg: PosttrainConfig, flow_cfg, encoder, tasks: Sequence[str], 
         pseudo = lagrangian_reward(z, g, lam, cfg.rho)
         state["lam"] = dual_update(lam, float(g.mean()), cfg.rho)
         row.update(lam=lam, lam_next=state["lam"], g=float((cost - cfg.cost_budget).mean()))
+    if cfg.weighting in ("ppo", "gbpo"):
+        new, info = policy_gradient(ens, cfg, attempts, pseudo, instr_of)
+        return new, {**row, **info}
     w = episode_weights(pseudo, cfg.temperature, cfg.weighting, cfg.top_fraction)
     obs, instr, chunks, wx = _examples(attempts, w, instr_of)
     new, hist = train_ensemble(ft_cfg, obs, instr, chunks, progress=False, ensemble=ens, weights=wx)
     row.update(loss=float(np.mean(hist["loss"][-50:])), ess=float(w.sum() ** 2 / (w ** 2).sum()))
     return new, row
+
+
+def policy_gradient(ens, cfg: PosttrainConfig, attempts: Sequence[Attempt], pseudo: np.ndarray,
+                    instr_of: Mapping[str, np.ndarray]) -> tuple[Any, dict]:
+    """PPO's clipped surrogate or GBPO's bounded-ratio loss (training/rl_losses.py) on the likelihood of member 0's
+    stochastic paths, each plan carrying its episode's advantage: the pseudo-reward z-scored within its task's
+    group of episodes (GBPO's groups). Every member is updated with its own ratio on those paths (members other
+    than 0 did not act: for them the ratio is a weighting, not an importance ratio)."""
+    from vigil.training.rl_losses import gbpo_target, ppo_clip_loss, tv_loss
+
+    tasks = sorted({a.task for a in attempts})
+    K = min(sum(a.task == t for a in attempts) for t in tasks)
+    groups = [[i for i, a in enumerate(attempts) if a.task == t][:K] for t in tasks]
+    rewards = torch.tensor([[pseudo[i] for i in g] for g in groups], dtype=torch.float32)  # (G, K)
+    adv, rho_star = gbpo_target(rewards, cfg.clip, cfg.clip)
+    keep = [i for g in groups for i in g]
+    ep_adv = dict(zip(keep, adv.flatten().tolist()))
+    ep_rho = dict(zip(keep, rho_star.flatten().tolist()))
+    idx = [(i, p) for i in keep for p in range(len(attempts[i].paths))]
+    obs = torch.as_tensor(np.stack([attempts[i].obs[p] for i, p in idx]))
+    instr = torch.as_tensor(np.stack([instr_of[attempts[i].task] for i, _ in idx]))
+    paths = torch.as_tensor(np.stack([attempts[i].paths[p] for i, p in idx]))
+    a = torch.tensor([ep_adv[i] for i, _ in idx])
+    rho = torch.tensor([ep_rho[i] for i, _ in idx])
+    new = copy.deepcopy(ens).train()
+    with torch.no_grad():
+        old = path_logp(ens, obs, instr, paths, cfg.sigma)  # (M, n, B)
+    opt = torch.optim.Adam(new.parameters(), lr=cfg.pg_lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n, losses, ratios = len(idx), [], []
+    for _ in range(cfg.pg_epochs):
+        for b in torch.randperm(n, generator=gen).split(cfg.batch_size):
+            logr = (path_logp(new, obs[b], instr[b], paths[b], cfg.sigma) - old[:, :, b]).clamp(-20, 20)
+            ratio = logr.exp().flatten(1)                        # (M, n * bs): one ratio per Euler step
+            ab, rb = a[b].repeat(logr.shape[1]), rho[b].repeat(logr.shape[1])
+            if cfg.weighting == "ppo":
+                loss = sum(ppo_clip_loss(ratio[m], ab, cfg.clip) for m in range(ratio.shape[0]))
+            else:
+                loss = sum(tv_loss(ratio[m], rb, ab.abs()) for m in range(ratio.shape[0]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            ratios.append(ratio.mean().item())
+    return new.eval(), {"loss": float(np.mean(losses[-10:])), "ratio": float(np.mean(ratios[-10:])), "plans": n}
 
 
 def _instruction(task: str) -> str:
@@ -335,7 +424,7 @@ def evaluate(ens, tasks: Sequence[str], encoder, cfg: PosttrainConfig, episodes:
              progress: bool = False) -> dict[str, float]:
     """Success, return, CVaR, cost (and first-plan VFD) on fixed evaluation seeds (variants seed..)."""
     return summary(collect(ens, tasks, list(range(seed, seed + episodes)), encoder, cfg, shift=shift,
-                           progress=progress))
+                           progress=progress, evaluation=True))
 
 
 def run(ens, cfg: PosttrainConfig, encoder, tasks: Sequence[str], replay: tuple | None = None,
