@@ -13,6 +13,9 @@ missing), then one job per arm, two in parallel:
     constrained       CFO: return under a speed-limit budget (5% of steps above 1 m/s)
     expand (vfd)      ActFlow: attempts on positions 0.3 range widths out, situations chosen by VFD, verified
     expand (uniform)  the same with situations chosen uniformly (self-training without VFD guidance)
+    expand 0.5 (...)  the same two at positions 0.5 range widths out
+    SAVE 0.5 (expert) the same situations (VFD-chosen), played by the scripted expert instead: SAVE at the same
+                      number of simulator episodes
 
 Each arm gets 3 iterations of 10 episodes per task (300 simulator episodes), then is evaluated on the same 200
 nominal episodes (20 seeds x 10 tasks, variants unseen in training) as the pretrained policy, and the expand arms
@@ -52,8 +55,10 @@ ARMS = {
     "expand (uniform)": {"objective": "expand", "guide": "uniform"},
     "expand 0.5 (vfd)": {"objective": "expand", "guide": "vfd", "expand_shift": 0.5},
     "expand 0.5 (uniform)": {"objective": "expand", "guide": "uniform", "expand_shift": 0.5},
+    "SAVE 0.5 (expert)": {"objective": "expand", "guide": "vfd", "expand_shift": 0.5, "teacher": "expert"},
 }
-EXPAND = {0.3: ("expand (vfd)", "expand (uniform)"), 0.5: ("expand 0.5 (vfd)", "expand 0.5 (uniform)")}
+EXPAND = {0.3: ("expand (vfd)", "expand (uniform)"),
+          0.5: ("expand 0.5 (vfd)", "expand 0.5 (uniform)", "SAVE 0.5 (expert)")}
 EVAL_EPISODES, SHIFT = 20, 0.3
 
 

@@ -153,3 +153,23 @@ def test_vigil_train_posttrain_end_to_end(tmp_path, encoder_bundle, objective):
     assert child.manifest.name.endswith(objective)
     r = run_vigil("train", "posttrain", "--run", str(run), "--out", str(out), "--objective", "maximise")
     assert r.returncode != 0 and "objective" in r.stderr
+
+
+def test_expert_teacher_plays_the_chosen_situation():
+    """`teacher = "expert"` (SAVE at the same simulator budget): the scripted expert's episode, every step an
+    example with its chunk of the next H actions."""
+    from vigil.sim.envs import make_env
+    from vigil.sim.shifts import Shift
+
+    env = make_env("reach-v3", horizon=200, shift=Shift(positions=0.3))
+    try:
+        a = P.expert_attempt(env, 7, horizon=8)  # this one the expert fails too: the verifier drops it
+        env.shift = Shift()
+        b = P.expert_attempt(env, 7, horizon=8)
+    finally:
+        env.close()
+    assert not a.success and not P.verified([a]) and b.success and P.verified([b]) == [b]
+    assert a.steps == len(a.obs) == len(a.chunks) == 200 and a.chunks[0].shape == (8, 4)
+    np.testing.assert_allclose(a.chunks[1][0], a.chunks[0][1])  # chunk t holds actions t .. t+7
+    with pytest.raises(Exception, match="posttrain.teacher"):
+        P.PosttrainConfig(teacher="human").check()

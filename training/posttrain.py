@@ -66,6 +66,8 @@ class PosttrainConfig:
     expand_shift: float = 0.3       # object/goal positions, in range widths beyond the training range
     candidates: int = 3             # expand: candidate situations per attempt, the one with the highest VFD kept
     guide: str = "vfd"              # expand: vfd | uniform
+    teacher: str = "self"           # expand: self (the policy's own attempts) | expert (the scripted expert plays the
+    #                                 chosen situations instead: SAVE at the same number of simulator episodes)
     steps: int = 400                # fine-tuning steps per iteration
     lr: float = 3e-4
     batch_size: int = 128
@@ -78,7 +80,8 @@ class PosttrainConfig:
         def bad(key: str, expected: str) -> ConfigError:
             return ConfigError(f"config key 'posttrain.{key}' must be {expected}, got {getattr(self, key)!r}")
 
-        for key, options in (("objective", OBJECTIVES), ("weighting", WEIGHTINGS), ("guide", GUIDES)):
+        for key, options in (("objective", OBJECTIVES), ("weighting", WEIGHTINGS), ("guide", GUIDES),
+                             ("teacher", ("self", "expert"))):
             if getattr(self, key) not in options:
                 raise bad(key, f"one of {options}")
         for key in ("iterations", "episodes", "max_steps", "steps", "batch_size", "candidates", "pg_epochs"):
@@ -248,6 +251,18 @@ def play(ens, env, instr: torch.Tensor, seed: int, max_steps: int, speed_limit: 
     return out
 
 
+def expert_attempt(env, seed: int, horizon: int) -> Attempt:
+    """The scripted expert plays the situation (SAVE's teacher); every step becomes a training example."""
+    from vigil.training.demos import rollout_expert
+    from vigil.training.flow import make_chunks
+
+    ep = rollout_expert(env, seed)
+    actions = np.asarray(ep.actions, np.float32)
+    chunks = make_chunks(actions, horizon)
+    return Attempt(env.name, seed, obs=list(np.asarray(ep.observations["state"][:len(actions)], np.float32)),
+                   chunks=list(chunks), ret=float(np.sum(ep.rewards)), success=ep.succeeded, steps=ep.steps)
+
+
 def first_vfd(ens, env, instr: torch.Tensor, seed: int) -> float:
     """VFD of the first plan of a situation (reset only): what the ensemble thinks of it before acting."""
     from vigil.training import flow
@@ -274,6 +289,10 @@ def collect(ens, tasks: Sequence[str], seeds: Sequence[int], encoder, cfg: Postt
             try:
                 for s in seeds:
                     chosen = choose(env, instr, s) if choose is not None else s
+                    if cfg.teacher == "expert" and choose is not None:
+                        out.append(expert_attempt(env, chosen, ens.cfg.horizon))
+                        bar.update()
+                        continue
                     out.append(play(ens, env, instr, chosen, cfg.max_steps, cfg.speed_limit,
                                     sigma=cfg.sigma if cfg.weighting in ("ppo", "gbpo") and choose is None
                                     and not evaluation else 0.0))
