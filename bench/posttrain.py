@@ -169,8 +169,9 @@ def report(res: list[dict], run: dict, seconds: float) -> str:
              f"- Seeds {', '.join(map(str, seeds))} (a pretrained 3-member ensemble each, configs/flow-mt10-failure"
              f".toml); every arm 3 iterations x 10 episodes per task (300 simulator episodes), then the same "
              f"{EVAL_EPISODES * 10} nominal evaluation episodes per seed (variants 20..39), the expand arms also "
-             f"{EVAL_EPISODES * 10} with positions {SHIFT} range widths out. Returns are standardised per task "
-             "with the pretrained policy's statistics (z); CVaR10 is the mean of the worst 10% of z. Spread: mean "
+             f"{EVAL_EPISODES * 10} with positions moved out by their arm's shift (0.3 or 0.5 range widths). "
+             "Returns are standardised per task with the pretrained policy's statistics (z); CVaR10 is the mean "
+             "of the worst 10% of z. Spread: mean "
              "± std over seeds; Δ: arm minus pretrained on the same (task, seed) episodes, pooled over seeds, with "
              "a 95% bootstrap interval.", "",
              "| arm | success | Δ success [95% CI] | return (z) | CVaR10 (z) | Δ CVaR10 [95% CI] | speed cost | "
