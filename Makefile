@@ -17,7 +17,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[sim,train,dev,console,record,lerobot]'
+	$(BIN)/pip install --quiet -e '.[sim,train,dev,console,record,lerobot,fleet]'
 	touch $(STAMP)
 
 # The main job (sim/demo.py): the shipped MT10 flow ensemble served with VFD, robots nominal then shifted, data

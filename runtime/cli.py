@@ -55,6 +55,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demos": ("vigil.training.cli", "record and list demonstration datasets (Meta-World scripted experts)"),
     "train": ("vigil.training.cli", "train a policy from demonstrations (needs vigil[train])"),
     "calibrate": ("vigil.training.cli", "calibrate a flow_ensemble bundle's VFD monitor on nominal rollouts"),
+    "eval": ("vigil.sim.cli", "evaluate a bundle on tasks, conditions and seeds, serially or on Ray (a fleet)"),
 }
 EXTRAS = {"vigil.sim.cli": "vigil[sim]", "vigil.training.cli": "vigil[train]",  # what their modules need
           "vigil.console.cli": "vigil[console]"}

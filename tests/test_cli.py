@@ -44,6 +44,8 @@ SUBCOMMANDS = {
                 "--swap-timeout", "--key", "--server-key"],
     "bundle": ["{lqr,encoder}", "--system", "--out", "--learner", "--prior", "--prior-std", "--seed", "--lam", "--g1",
                "--g2"],  # {lqr,encoder}: the positional `kind` with its choices
+    "eval": ["--bundle", "--tasks", "--conditions", "--episodes", "--seed", "--max-steps", "--ray", "--address",
+             "--workers", "--out"],
     "calibrate": ["--bundle", "--tasks", "--episodes", "--seed", "--window", "--warn", "--alert", "--stop",
                   "--max-steps", "--failure", "--all-episodes", "--no-progress"],
 }
