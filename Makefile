@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-failure bench-posttrain bench-save bench-lqr \
+.PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-failure bench-posttrain bench-fleet bench-save bench-lqr \
 	bench-lqr-loop bench-rl bench-soak bench-fairness bench-throughput bench-rtc bench-record bench-console clean
 
 $(BIN)/python:
@@ -104,6 +104,11 @@ bench-failure: $(STAMP)
 # episodes. About 15 minutes on 2 cores; resumable (outputs in bench-runs/posttrain). Not part of `make bench`.
 bench-posttrain: $(STAMP)
 	OMP_NUM_THREADS=1 PYTHONPATH=. $(BIN)/python -m bench.posttrain
+
+# Fleets on Ray (issue 20): one evaluation serially, on a local Ray with 2 workers and on a two-node cluster started
+# on this machine. About 3 minutes. Not part of `make bench`.
+bench-fleet: $(STAMP)
+	OMP_NUM_THREADS=1 PYTHONPATH=. $(BIN)/python -m bench.fleet
 
 # The SAVE experiment (issue 5): 10 seeds x 5 acquisition rules x 5 rounds; about 1.5 h on 2 cores;
 # resumable (outputs in bench-runs/save). Not part of `make bench`.

@@ -5,11 +5,12 @@ condition), and plays episodes exactly as `vigil calibrate` does (policies.agent
 chunk execution, the instruction embedded once, plan noise seeded by the episode seed). So the same specs give the
 same results serially and on Ray, in any order, on any node (tests/test_fleet.py).
 
-On Ray (the extra `vigil[fleet]`), episodes go out in small batches as Ray tasks. A task whose worker process or
-node dies is re-executed by Ray (`max_retries`), and only a finished task returns its results, so a lost worker
-loses nothing and counts nothing twice. `ray_address` None starts a local Ray on this machine; an address joins a
-cluster. `crash_once` is fault injection for the fault tests and benchmark: the first worker to play that spec
-index exits abruptly.
+On Ray (the extra `vigil[fleet]`), one actor per CPU (a simulated robot: the bundle loaded once, its
+environments kept) plays batches of episodes handed out as actors become idle. An actor whose process or node
+dies is restarted by Ray and the call it was running is retried (`max_restarts`, `max_task_retries`); only a
+finished call returns its results, so a lost worker loses nothing and counts nothing twice. `address` None starts
+a local Ray on this machine; an address joins a cluster. `crash_once` is fault injection for the fault tests: the
+first worker to play that spec index exits abruptly.
 
     vigil eval --bundle runs/mt10/bundle --conditions nominal,positions --episodes 10 --workers 2 --ray
 """
@@ -117,17 +118,20 @@ class Worker:
             env.close()
 
 
-def _play_batch(bundle: str, batch: Sequence[tuple[int, EpisodeSpec]], crash_once: tuple[int, str] | None = None
-                ) -> list[EpisodeResult]:
-    """One Ray task (or one serial batch): a fresh worker plays the batch."""
-    if crash_once is not None and crash_once[0] in {i for i, _ in batch} and not os.path.exists(crash_once[1]):
-        Path(crash_once[1]).write_text("crashed once\n")
-        os._exit(1)  # the worker process dies abruptly, as a lost node would
-    worker = Worker(bundle)
-    try:
-        return [worker.play(i, s) for i, s in batch]
-    finally:
-        worker.close()
+class FleetActor:
+    """A simulated robot on Ray: one Worker (the bundle loaded once, its environments kept) playing batches. Ray
+    restarts a dead actor and retries the call it was running (max_restarts, max_task_retries)."""
+
+    def __init__(self, bundle: str, crash_once: tuple[int, str] | None = None):
+        self.worker = Worker(bundle)
+        self.crash_once = crash_once
+
+    def play(self, batch: Sequence[tuple[int, EpisodeSpec]]) -> list[EpisodeResult]:
+        c = self.crash_once
+        if c is not None and c[0] in {i for i, _ in batch} and not os.path.exists(c[1]):
+            Path(c[1]).write_text("crashed once\n")
+            os._exit(1)  # the worker process dies abruptly, as a lost node would
+        return [self.worker.play(i, s) for i, s in batch]
 
 
 def batches(specs: Sequence[EpisodeSpec], size: int) -> list[list[tuple[int, EpisodeSpec]]]:
@@ -175,15 +179,22 @@ def run_ray(bundle: str | Path, specs: Sequence[EpisodeSpec], workers: int = 2, 
             raise RuntimeError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
         started = True
     try:
-        task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=False)(_play_batch)
+        actor = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(FleetActor)
         bundle = str(Path(bundle).resolve())
-        pending = [task.remote(bundle, b, crash_once) for b in batches(specs, batch_size)]
+        cpus = int(ray.cluster_resources().get("CPU", 1))  # a cluster: one robot per CPU it offers
+        robots = [actor.remote(bundle, crash_once) for _ in range(max(1, workers if not address else cpus))]
+        todo = batches(specs, batch_size)
+        busy: dict[Any, Any] = {}
         results: dict[int, EpisodeResult] = {}
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+        while todo or busy:
+            for robot in robots:  # every idle actor gets the next batch
+                if todo and robot not in busy.values():
+                    busy[robot.play.remote(todo.pop(0))] = robot
+            done, _ = ray.wait(list(busy), num_returns=1)
+            busy.pop(done[0])
             for r in ray.get(done[0]):
                 if r.index in results:
-                    raise RuntimeError(f"episode {r.index} came back twice")  # cannot happen: one return per task
+                    raise RuntimeError(f"episode {r.index} came back twice")  # cannot happen: one return per call
                 results[r.index] = r
                 if progress:
                     progress(1)
