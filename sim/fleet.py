@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +41,29 @@ class EpisodeSpec:
 class EpisodeResult:
     index: int
     spec: EpisodeSpec
-    success: bool = False
-    ret: float = 0.0
-    steps: int = 0
-    scores: dict[str, list[float]] = field(default_factory=dict)  # per plan
+    rollout: Any  # training.calibrate.Rollout: success, return, steps, per-plan scores (and stillness), success plan
     seconds: float = 0.0
     worker: str = ""
 
+    @property
+    def success(self) -> bool:
+        return bool(self.rollout.success)
+
+    @property
+    def ret(self) -> float:
+        return float(self.rollout.ret)
+
+    @property
+    def steps(self) -> int:
+        return int(self.rollout.steps)
+
+    @property
+    def scores(self) -> dict[str, list[float]]:
+        return self.rollout.scores
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "spec": asdict(self.spec)}
+        return {"index": self.index, "spec": asdict(self.spec), "rollout": asdict(self.rollout),
+                "seconds": self.seconds, "worker": self.worker}
 
 
 def shift_of(condition: str):
@@ -81,6 +95,7 @@ class Worker:
 
         self.policy = load_policy(Path(bundle), prefer_gpu=False)
         self.agent = Agent(self.policy)
+        self.camera = any(spec.name == "image" for spec in self.policy.manifest.observation)
         self.envs: dict[tuple[str, str, int], Any] = {}
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
@@ -89,29 +104,17 @@ class Worker:
 
         key = (spec.task, spec.condition, spec.max_steps)
         if key not in self.envs:
-            self.envs[key] = make_env(spec.task, horizon=spec.max_steps, shift=shift_of(spec.condition))
+            self.envs[key] = make_env(spec.task, horizon=spec.max_steps, camera=self.camera,
+                                      shift=shift_of(spec.condition))
         return self.envs[key]
 
     def play(self, index: int, spec: EpisodeSpec) -> EpisodeResult:
+        """One episode, played by training/calibrate.py's `rollout` (one rollout code for every caller)."""
+        from vigil.training.calibrate import rollout
+
         t0 = time.perf_counter()
-        env = self.env(spec)
-        out = EpisodeResult(index, spec, worker=self.name)
-        obs = env.reset(seed=spec.seed)
-        self.agent.reset(getattr(env, "instruction", None), spec.seed)
-        for _ in range(spec.max_steps):
-            step = self.agent.act(obs)
-            if step.replanned:
-                for name, value in step.scores.items():
-                    out.scores.setdefault(name, []).append(float(value))
-            r = env.step(step.action)
-            out.steps += 1
-            out.ret += float(r.reward)
-            out.success = out.success or float(r.info.get("success", 0.0)) >= 1.0
-            obs = r.obs
-            if r.terminated or r.truncated:
-                break
-        out.seconds = time.perf_counter() - t0
-        return out
+        r = rollout(self.agent, self.env(spec), spec.seed, spec.max_steps)
+        return EpisodeResult(index, spec, r, time.perf_counter() - t0, self.name)
 
     def close(self) -> None:
         for env in self.envs.values():

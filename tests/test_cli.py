@@ -47,7 +47,7 @@ SUBCOMMANDS = {
     "eval": ["--bundle", "--tasks", "--conditions", "--episodes", "--seed", "--max-steps", "--ray", "--address",
              "--workers", "--out"],
     "calibrate": ["--bundle", "--tasks", "--episodes", "--seed", "--window", "--warn", "--alert", "--stop",
-                  "--max-steps", "--failure", "--all-episodes", "--no-progress"],
+                  "--max-steps", "--ray", "--address", "--workers", "--failure", "--all-episodes", "--no-progress"],
 }
 
 TRAIN_SUBCOMMANDS = {  # `vigil train <kind> --help`

@@ -66,3 +66,17 @@ def test_vigil_eval_command(bundle, tmp_path):
     assert len(doc["episodes"]) == 2 and doc["rows"][0]["episodes"] == 2
     r = run_vigil("eval", "--bundle", str(bundle), "--tasks", "reach-v3,juggle-v3")
     assert r.returncode == 2 and "juggle-v3" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_calibration_on_the_fleet_gives_the_same_thresholds(bundle, tmp_path):
+    """`vigil calibrate --ray` shares the rollouts out; the monitor block it writes is the serial one."""
+    from vigil.training.calibrate import calibrate_bundle
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(bundle, a)
+    shutil.copytree(bundle, b)
+    serial, _ = calibrate_bundle(a, ["reach-v3", "push-v3"], 3, 40, max_steps=60, progress=False,
+                                 successful_only=False)
+    on_ray, rollouts = calibrate_bundle(b, ["reach-v3", "push-v3"], 3, 40, max_steps=60, progress=False,
+                                        successful_only=False, ray=True, workers=2)
+    assert serial == on_ray and len(rollouts) == 6 and all(r.scores["vfd"] for r in rollouts)

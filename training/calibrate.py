@@ -39,6 +39,7 @@ class Rollout:
     steps: int = 0
     scores: dict[str, list[float]] = field(default_factory=dict)  # per plan, in order
     success_plan: int | None = None  # plans made before the first success (None: never succeeded)
+    ret: float = 0.0  # the episode's return (sum of rewards)
 
 
 def rollout(agent: Agent, env, seed: int, max_steps: int = 500) -> Rollout:
@@ -59,12 +60,22 @@ def rollout(agent: Agent, env, seed: int, max_steps: int = 500) -> Rollout:
                 state = now
         result = env.step(step.action)
         out.steps += 1
+        out.ret += float(result.reward)
         if not out.success and float(result.info.get("success", 0.0)) >= 1.0:
             out.success, out.success_plan = True, plans
         obs = result.obs
         if result.terminated or result.truncated:
             break
     return out
+
+
+def fleet_rollouts(folder: str | Path, tasks: Sequence[str], episodes: int, seed: int, max_steps: int = 500,
+                   workers: int = 2, address: str | None = None) -> list[Rollout]:
+    """The same rollouts as `nominal_rollouts`, played on Ray by sim/fleet.py (identical results, in order)."""
+    from vigil.sim import fleet
+
+    specs = fleet.specs_for(tasks, ["nominal"], episodes, seed, max_steps)
+    return [r.rollout for r in fleet.run_ray(folder, specs, workers, address)]
 
 
 def nominal_rollouts(policy: Policy, tasks: Sequence[str], episodes: int, seed: int, max_steps: int = 500,
@@ -122,7 +133,8 @@ def write_monitor(folder: str | Path, block: Mapping, name: str = "vfd") -> Mani
 def calibrate_bundle(folder: str | Path, tasks: Sequence[str] | None = None, episodes: int = 10, seed: int = 40,
                      window: int = DEFAULT_WINDOW, alphas: Mapping[str, float] = DEFAULT_ALPHAS,
                      max_steps: int = 500, progress: bool = True, successful_only: bool = True,
-                     failure_alpha: float = 0.10) -> tuple[dict, list[Rollout]]:
+                     failure_alpha: float = 0.10, ray: bool = False, address: str | None = None,
+                     workers: int = 2) -> tuple[dict, list[Rollout]]:
     """Roll the bundle out on nominal variants of its tasks (default: the tasks in its provenance), write
     the calibrated `monitor.vfd` into its manifest, return (the block, the rollouts). A bundle whose graph also
     reports the density score (rnd) gets `monitor.failure` from the same rollouts too (per-episode
@@ -135,7 +147,10 @@ def calibrate_bundle(folder: str | Path, tasks: Sequence[str] | None = None, epi
         tasks = sorted(policy.manifest.provenance.get("tasks", {}))
         if not tasks:
             raise ValueError(f"{folder}: no tasks in the bundle's provenance; name them")
-    rollouts = nominal_rollouts(policy, list(tasks), episodes, seed, max_steps, progress)
+    if ray or address:  # a fleet on Ray (sim/fleet.py): the same rollouts, shared out
+        rollouts = fleet_rollouts(folder, list(tasks), episodes, seed, max_steps, workers, address)
+    else:
+        rollouts = nominal_rollouts(policy, list(tasks), episodes, seed, max_steps, progress)
     block = monitor_block(rollouts, window, alphas, successful_only=successful_only)
     write_monitor(folder, block)
     if failure_alpha > 0 and {base_name(f)[0] for f in FEATURES} - {STILL} <= set(policy.manifest.onnx_scores):

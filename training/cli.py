@@ -558,6 +558,9 @@ class CalibrateConfig:
     alert: float = field(default=0.10, metadata={"help": "false-alarm rate per plan of the alert level"})
     stop: float = field(default=0.0, metadata={"help": "false-alarm rate of a stop level (0: no stop level)"})
     max_steps: int = field(default=500, metadata={"help": "steps per episode (at most)"})
+    ray: bool = field(default=False, metadata={"help": "play the rollouts on a local Ray (sim/fleet.py; same results)"})
+    address: str | None = field(default=None, metadata={"help": "play the rollouts on this Ray cluster"})
+    workers: int = field(default=2, metadata={"help": "CPUs of the local Ray"})
     failure: float = field(default=0.10, metadata={
         "help": "per-episode false-alarm rate of the failure monitor's alert, for bundles with density heads "
                 "(docs/failure.md; 0: leave monitor.failure alone)"})
@@ -598,8 +601,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         block, rollouts = calibrate_bundle(config.bundle, tasks, config.episodes, config.seed, config.window,
                                            config.alphas(), config.max_steps, progress=config.progress,
-                                           successful_only=not config.all_episodes, failure_alpha=config.failure)
-    except (ValueError, OSError) as exc:
+                                           successful_only=not config.all_episodes, failure_alpha=config.failure,
+                                           ray=config.ray, address=config.address, workers=config.workers)
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"vigil calibrate: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(block, indent=1))
