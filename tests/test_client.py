@@ -101,13 +101,13 @@ def test_step_on_an_error_answer_applies_the_safe_action(serve, lqr_bundle, link
     assert link.step(obs(), deadline_s=5.0).fallback is None  # the link stays usable
 
 
-def test_step_on_a_closed_link_is_unsent_and_keeps_the_pace(serve, lqr_bundle, links):
+def test_step_on_a_closed_link_is_unsent_with_the_safe_action(serve, lqr_bundle, links):
+    """How long the step waits (the robot's pace) is measured in bench/, not asserted here."""
     served = serve(lqr_bundle)
     link = links(served.robot_endpoint, "unplugged")
     link.close()
-    t0 = time.monotonic()
     reply = link.step(obs(), deadline_s=0.1)
-    assert reply.fallback == "unsent" and link.unsent == 1 and 0.1 <= time.monotonic() - t0 < 5.0
+    assert reply.fallback == "unsent" and link.unsent == 1
     np.testing.assert_array_equal(reply.action, safe_action_of(link))
 
 

