@@ -45,7 +45,7 @@ import numpy as np
 from bench.common import FIGURES, ROOT, markers, pyplot, run_info, save_figure, write_benchmarks, written_by
 from vigil.monitors.bands import Band, running_mean
 from vigil.monitors.failure import POOLED, base_name
-from vigil.training.failure import FEATURES, LOGIT_BAND, fit_logistic, fit_task_bands
+from vigil.training.failure import FEATURES, LOGIT_BAND, design, fit_logistic, fit_task_bands, fit_weights
 
 NAME = "failure"
 BEGIN, END = markers(NAME)
@@ -93,12 +93,16 @@ def paper_protocol(eps: list[dict], tasks: list[str]) -> tuple[dict[int, np.ndar
 # --------------------------------------------------------------------------------------------- logistic
 
 
-def fit_rows(eps: list[dict], rows: list[int], design) -> np.ndarray:
-    """Logistic weights from these episodes' plans (successful ones up to their success), each episode once."""
-    X = [before_success(eps[i], design(i)) for i in rows]
-    y = np.concatenate([np.full(len(x), float(not eps[i]["success"])) for x, i in zip(X, rows)])
-    w = np.concatenate([np.full(len(x), 1.0 / len(x)) for x in X])
-    return fit_logistic(np.concatenate(X), y, w)
+def fit_rows(eps: list[dict], rows: list[int], zs: dict[str, dict[int, np.ndarray]], features: tuple[str, ...]
+             ) -> np.ndarray:
+    """Logistic weights from these episodes' plans, fitted as `vigil calibrate` fits the monitor's
+    (training/failure.py `fit_weights`: successful episodes up to their success, each episode once)."""
+    return fit_weights([(episode_z(zs, features, i), not eps[i]["success"], plans_before_success(eps[i]))
+                        for i in rows], features)
+
+
+def episode_z(zs: dict[str, dict[int, np.ndarray]], features: tuple[str, ...], i: int) -> dict[str, np.ndarray]:
+    return {f: zs[f][i] for f in features}
 
 
 def logistic_series(eps: list[dict], zs: dict[str, dict[int, np.ndarray]], features: tuple[str, ...],
@@ -106,18 +110,13 @@ def logistic_series(eps: list[dict], zs: dict[str, dict[int, np.ndarray]], featu
     """Per-plan logit of failure from the features' z, fitted on calibration episodes of the other tasks (every
     plan weighted 1/length, so each episode counts once); held-out tasks use the model of all training tasks.
     seen=True (SAFE's setting): fitted on every condition's episodes of the other training tasks instead."""
-    def design(i: int) -> np.ndarray:
-        return np.clip(np.stack([zs[f][i] for f in features], 1), *Z_CLIP)
-
     cal = [i for i, e in enumerate(eps) if (e["task"] in tasks if seen else e["condition"] == "calibration")]
-    models = {}
-    for held in [*tasks, "*"]:
-        rows = [i for i in cal if eps[i]["task"] != held]
-        models[held] = fit_rows(eps, rows, design)
+    models = {held: fit_rows(eps, [i for i in cal if eps[i]["task"] != held], zs, features)
+              for held in [*tasks, "*"]}
     out = {}
     for i, e in enumerate(eps):
         beta = models[e["task"] if e["task"] in tasks else "*"]
-        out[i] = beta[0] + design(i) @ beta[1:]
+        out[i] = beta[0] + design(episode_z(zs, features, i), features) @ beta[1:]
     return out, models
 
 
@@ -166,12 +165,18 @@ def ece(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
                      for b in range(bins) if (idx == b).any()))
 
 
+def plans_before_success(e: dict) -> int | None:
+    """Plans made before the episode first succeeded (None: it never did)."""
+    if not e["success"] or e.get("success_step") is None:
+        return None
+    return math.ceil(e["success_step"] / e["execute"])
+
+
 def before_success(e: dict, z: np.ndarray) -> np.ndarray:
     """The plans made before the episode first succeeded: after that its outcome is known, and comparing it with
     a failing episode would reward whatever the hold at the goal looks like (a robot holding still)."""
-    if not e["success"] or e.get("success_step") is None:
-        return z
-    return z[:max(1, math.ceil(e["success_step"] / e["execute"]))]
+    k = plans_before_success(e)
+    return z if k is None else z[:max(1, k)]
 
 
 def evaluate(eps: list[dict], z: dict[int, np.ndarray], q: dict[str, float], tasks: list[str]) -> dict:
@@ -230,17 +235,10 @@ def fpr_curve(eps: list[dict], series: dict[int, np.ndarray], tasks: list[str], 
 # --------------------------------------------------------------------------------------------- a run
 
 
-def signal(e: dict, name: str) -> list[float]:
-    """An episode's per-plan signal (stillness from the `motion` of earlier rollout files: its negative)."""
-    if name == "stillness" and name not in e["signals"]:
-        return [-x for x in e["signals"]["motion"]]
-    return e["signals"][name]
-
-
 def analyse_run(eps: list[dict]) -> tuple[dict[str, dict], dict]:
     tasks = sorted({e["task"] for e in eps if e["condition"] == "calibration"})
     n = range(len(eps))
-    smoothed = {s: {i: running_mean(signal(e, s), WINDOW) for i, e in enumerate(eps)} for s in SIGNALS}
+    smoothed = {s: {i: running_mean(e["signals"][s], WINDOW) for i, e in enumerate(eps)} for s in SIGNALS}
     bands = {s: fit_bands(eps, smoothed[s], ALPHA, tasks) for s in SIGNALS}
     zs = {s: z_series(eps, smoothed[s], bands[s]) for s in SIGNALS}
     for s in SIGNALS:  # against the band of every task's calibration pooled: what tells tasks apart stays
@@ -266,8 +264,8 @@ def analyse_run(eps: list[dict]) -> tuple[dict[str, dict], dict]:
     results = {d: evaluate(eps, zs[d], {t: b.q for t, b in bands[d].items()}, tasks) for d in DETECTORS}
     # an upper bound, not a detector: the logistic fitted in sample on the test episodes themselves
     test = [i for i, e in enumerate(eps) if e["condition"] in TEST]
-    beta = fit_rows(eps, test, lambda i: np.clip(np.stack([zs[f][i] for f in LEARNED_ALL], 1), *Z_CLIP))
-    oracle = {i: beta[0] + np.clip(np.stack([zs[f][i] for f in LEARNED_ALL], 1), *Z_CLIP) @ beta[1:] for i in n}
+    beta = fit_rows(eps, test, zs, LEARNED_ALL)
+    oracle = {i: beta[0] + design(episode_z(zs, LEARNED_ALL, i), LEARNED_ALL) @ beta[1:] for i in n}
     results["in-sample bound"] = evaluate(eps, oracle, {POOLED: math.inf}, tasks)
     extra = {"success": {c: float(np.mean([e["success"] for e in eps if e["condition"] == c]))
                          for c in ("calibration", *TEST) if any(e["condition"] == c for e in eps)},
@@ -482,7 +480,7 @@ def hold10_summary(eps: list[dict]) -> dict:
     tasks = sorted({e["task"] for e in eps if e["condition"] == "calibration"})
     zs = {}
     for s in dict.fromkeys(base_name(f)[0] for f in FEATURES):
-        sm = {i: running_mean(signal(e, s), WINDOW) for i, e in enumerate(eps)}
+        sm = {i: running_mean(e["signals"][s], WINDOW) for i, e in enumerate(eps)}
         bands = fit_bands(eps, sm, ALPHA, tasks)
         zs[s] = z_series(eps, sm, bands)
         zs[s + AT] = {i: bands[POOLED].exceedance(sm[i]) for i in range(len(eps))}
