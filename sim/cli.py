@@ -324,6 +324,10 @@ class EvalConfig:
     ray: bool = field(default=False, metadata={"help": "run the episodes on Ray (a local one unless --address)"})
     address: str | None = field(default=None, metadata={"help": "a Ray cluster to join (implies --ray)"})
     workers: int = field(default=2, metadata={"help": "CPUs of the local Ray"})
+    served: bool = field(default=False, metadata={
+        "help": "robots talk to `vigil serve` runtimes over ZeroMQ (one per node on Ray) instead of running the "
+                "bundle in process: adds tick latency, stored alerts and runtime faults to the report"})
+    runtimes_per_node: int = field(default=1, metadata={"help": "with --served on Ray: runtimes started on each node"})
     out: str | None = field(default=None, metadata={"help": "write every episode's result as JSON here"})
 
     def __post_init__(self) -> None:
@@ -331,7 +335,8 @@ class EvalConfig:
                             ("episodes", self.episodes >= 1, "an integer >= 1"),
                             ("seed", self.seed >= 0, "an integer >= 0"),
                             ("max_steps", self.max_steps >= 1, "an integer >= 1"),
-                            ("workers", self.workers >= 1, "an integer >= 1")])
+                            ("workers", self.workers >= 1, "an integer >= 1"),
+                            ("runtimes_per_node", self.runtimes_per_node >= 1, "an integer >= 1")])
 
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
@@ -346,6 +351,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from vigil.policies.manifest import read_manifest
     from vigil.sim import fleet
+    from vigil.sim.shard import Backend
 
     config = config_from_args(EvalConfig, args)
     tasks = [t.strip() for t in config.tasks.split(",") if t.strip()] if config.tasks else \
@@ -355,9 +361,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     specs = fleet.specs_for(tasks, [c.strip() for c in config.conditions.split(",")], config.episodes, config.seed,
                             config.max_steps)
+    on_ray = config.ray or bool(config.address)
     t0 = time.perf_counter()
+    runtimes: list[dict] = []
     try:
-        if config.ray or config.address:
+        if config.served:
+            backend = Backend("ray" if on_ray else "serial", config.workers, config.address)
+            run = fleet.run_served(config.bundle, specs, backend, config.runtimes_per_node)
+            results, runtimes = run.results, run.runtimes
+        elif on_ray:
             results = fleet.run_ray(config.bundle, specs, config.workers, config.address)
         else:
             results = fleet.run_serial(config.bundle, specs)
@@ -370,11 +382,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(" | ".join(keys))
     for row in rows:
         print(" | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
-    print(f"{len(results)} episodes in {seconds:.1f} s ({'Ray' if config.ray or config.address else 'serial'}), "
-          f"success {sum(r.success for r in results) / len(results):.0%}")
+    print(f"{len(results)} episodes in {seconds:.1f} s ({'Ray' if on_ray else 'serial'}"
+          f"{', served' if config.served else ''}), success {sum(r.success for r in results) / len(results):.0%}")
+    for rt in runtimes:  # what each runtime stored, by monitor and severity
+        counts: dict[str, int] = {}
+        for a in rt["alerts"]:
+            counts[f"{a['monitor']}.{a['severity']}"] = counts.get(f"{a['monitor']}.{a['severity']}", 0) + a["count"]
+        print(f"runtime {rt['endpoint']} ({'stopped' if rt['alive'] else 'died'}): stored alerts "
+              + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
     if config.out:
         Path(config.out).write_text(json.dumps({"rows": rows, "episodes": [r.to_dict() for r in results],
-                                                "seconds": seconds}, indent=1))
+                                                "runtimes": runtimes, "seconds": seconds}, indent=1))
     return 0
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from vigil.sim.shard import Backend, ray_session, reachable  # noqa: F401  (reachable: re-exported)
+
 CONDITIONS = ("nominal", "positions", "physics")  # sim.shifts: as bench/flow_detect.py's conditions
 
 
@@ -44,6 +46,7 @@ class EpisodeResult:
     rollout: Any  # training.calibrate.Rollout: success, return, steps, per-plan scores (and stillness), success plan
     seconds: float = 0.0
     worker: str = ""
+    link: dict[str, Any] | None = None  # served: runtime, latency (us), verdicts, robot-side safe actions
 
     @property
     def success(self) -> bool:
@@ -63,7 +66,7 @@ class EpisodeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "spec": asdict(self.spec), "rollout": asdict(self.rollout),
-                "seconds": self.seconds, "worker": self.worker}
+                "seconds": self.seconds, "worker": self.worker, "link": self.link}
 
 
 def shift_of(condition: str):
@@ -164,24 +167,7 @@ def run_ray(bundle: str | Path, specs: Sequence[EpisodeSpec], workers: int = 2, 
             progress: Callable[[int], None] | None = None) -> list[EpisodeResult]:
     """The same episodes on Ray: `workers` CPUs of a local Ray (address None) or a cluster; results in spec order."""
     check_specs(specs)
-    try:
-        import ray
-    except ImportError:
-        raise RuntimeError("Ray is not installed: pip install 'vigil[fleet]' (or run serially)") from None
-    if address:
-        reachable(address)
-    started = False
-    if not ray.is_initialized():
-        try:
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise RuntimeError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
-        started = True
-    try:
+    with ray_session(Backend("ray", workers, address, retries)) as ray:
         actor = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(FleetActor)
         bundle = str(Path(bundle).resolve())
         cpus = int(ray.cluster_resources().get("CPU", 1))  # a cluster: one robot per CPU it offers
@@ -205,25 +191,212 @@ def run_ray(bundle: str | Path, specs: Sequence[EpisodeSpec], workers: int = 2, 
         if missing:
             raise RuntimeError(f"episodes {missing[:5]}... were lost")
         return [results[i] for i in range(len(specs))]
-    finally:
-        if started:
-            ray.shutdown()
 
 
-def reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on a cluster address nothing listens at (Ray itself would wait for minutes)."""
-    import socket
+# ------------------------------------------------------------------ simulated robots against served runtimes
 
-    hostport = address.split("://", 1)[-1]
-    if hostport == "auto":
-        return
-    host, _, port = hostport.rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
-            pass
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(f"cannot reach the Ray cluster at {address!r}: {exc} (start one with `ray start "
-                           "--head`, or leave out --address for a local Ray)") from None
+
+class RuntimeLost(RuntimeError):
+    """The runtime a robot was talking to stopped answering (its process or node died)."""
+
+
+def camera_of(bundle: str | Path) -> bool:
+    from vigil.policies.manifest import read_manifest
+
+    return any(spec.name == "image" for spec in read_manifest(Path(bundle)).observation)
+
+
+class LinkRobot:
+    """A simulated robot that plays episodes through a vigil robot link against a `vigil serve` (lockstep: each
+    observation waits for its action, so an episode's result does not depend on machine load)."""
+
+    def __init__(self, camera: bool = False):
+        self.camera = camera
+        self.envs: dict[tuple[str, str, int], Any] = {}
+        self.name = f"{os.uname().nodename}:{os.getpid()}"
+
+    env = Worker.env
+    close = Worker.close
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def play(self, index: int, spec: EpisodeSpec, endpoint: str) -> EpisodeResult:
+        """One episode against the runtime at `endpoint`; RuntimeLost if that runtime stops answering."""
+        from vigil.runtime.client import LinkError, probe
+        from vigil.sim.robot import SimConfig, run_episodes
+        from vigil.training.calibrate import Rollout
+
+        fallbacks = [0]
+
+        def watch(stats) -> None:  # a robot-side safe action: is the runtime still there?
+            if stats.robot_safe > fallbacks[0]:
+                fallbacks[0] = stats.robot_safe
+                if not probe(endpoint, 1.0):
+                    raise RuntimeLost(endpoint)
+
+        t0 = time.perf_counter()
+        cfg = SimConfig(endpoint, f"fleet-{self.name}", episodes=1, steps=spec.max_steps, seed=spec.seed)
+        try:
+            st = run_episodes(self.env(spec), cfg, on_step=watch, first_episode=index)[0]
+        except LinkError as exc:  # hello or reset unanswered
+            if probe(endpoint, 1.0):
+                raise
+            raise RuntimeLost(endpoint) from exc
+        rollout = Rollout(spec.task, spec.seed, bool(st.success), st.steps, st.scores, None, st.reward)
+        lat = st.summary()["latency_us"]
+        link = {"runtime": endpoint, "latency_us": {k: lat[k] for k in ("p50", "p99", "max")},
+                "verdicts": st.verdicts, "robot_safe": st.robot_safe, "runtime_safe": st.runtime_safe}
+        return EpisodeResult(index, spec, rollout, time.perf_counter() - t0, self.name, link)
+
+    def play_batch(self, batch: Sequence[tuple[int, EpisodeSpec]], endpoint: str
+                   ) -> tuple[list[EpisodeResult], str | None, list[tuple[int, EpisodeSpec]]]:
+        """(finished episodes, the endpoint that was lost or None, the episodes not finished because of it)."""
+        done = []
+        for k, (i, s) in enumerate(batch):
+            try:
+                done.append(self.play(i, s, endpoint))
+            except RuntimeLost:
+                return done, endpoint, list(batch[k:])
+        return done, None, []
+
+
+class RuntimeHost:
+    """A `vigil serve` of the bundle on one node, its robot link bound on that node's address."""
+
+    def __init__(self, bundle: str, host: str = "127.0.0.1", deadline_ms: float = 1000.0,
+                 workdir: str | None = None):
+        import tempfile
+
+        from vigil.runtime.launch import start_serve
+
+        self.workdir = workdir or tempfile.mkdtemp(prefix="vigil-fleet-serve-")
+        remote = host not in ("127.0.0.1", "localhost")  # a cluster's robots on other machines may move here
+        self.served = start_serve(bundle, self.workdir, robot_endpoint=f"tcp://{host}:0",
+                                  operator_endpoint=f"tcp://{host}:0", deadline_ms=deadline_ms, allow_remote=remote)
+
+    def endpoint(self) -> str:
+        return self.served.robot_endpoint
+
+    def kill(self) -> None:
+        """SIGKILL the runtime (fault injection: a runtime that dies)."""
+        self.served.kill()
+
+    def report(self) -> dict[str, Any]:
+        """The alerts in its store, and its counters when it stopped (None if it died)."""
+        from vigil.runtime.launch import LaunchError
+        from vigil.runtime.store import AlertStore
+
+        alive = self.served.alive()
+        try:
+            counters = self.served.stop() if alive else None
+        except LaunchError:
+            counters = None
+        store = AlertStore(self.served.store, readonly=True)
+        try:
+            alerts = [{"robot": a.robot, "severity": a.severity, "monitor": a.monitor, "reason": a.reason,
+                       "count": a.count} for a in store.since(0)]
+        finally:
+            store.close()
+        return {"endpoint": self.served.robot_endpoint, "alive": alive, "alerts": alerts, "counters": counters}
+
+
+@dataclass
+class ServedRun:
+    """A served evaluation: the episodes in spec order, what every runtime stored, and how many batches moved to
+    another runtime because theirs died."""
+
+    results: list[EpisodeResult]
+    runtimes: list[dict[str, Any]]
+    moved: int = 0
+
+
+def run_served(bundle: str | Path, specs: Sequence[EpisodeSpec], backend: Backend | None = None,
+               runtimes_per_node: int = 1, deadline_ms: float = 1000.0, batch_size: int = 4,
+               kill_runtime_after: int | None = None, progress: Callable[[int], None] | None = None) -> ServedRun:
+    """The episodes played by simulated robots through vigil robot links against `vigil serve` runtimes: serially
+    (one runtime, one robot, this process) or on Ray (`runtimes_per_node` runtimes on every node, one robot
+    actor per worker CPU, each talking to a runtime on its own node). A runtime that dies: the batch its robot
+    was playing goes back to the queue (finished episodes are kept) and the robot moves to a live runtime.
+    `kill_runtime_after` (fault injection): the first runtime is killed once that many episodes came back.
+    `deadline_ms` is generous by default: robots in lockstep are not real time, and a deadline's safe action
+    would make results depend on machine load; the latency columns report what each tick took."""
+    check_specs(specs)
+    backend = backend or Backend("serial")
+    bundle = str(Path(bundle).resolve())
+    camera = camera_of(bundle)
+    if backend.kind != "ray":
+        host, robot = RuntimeHost(bundle, deadline_ms=deadline_ms), LinkRobot(camera)
+        try:
+            results = []
+            for i, s in enumerate(specs):
+                results.append(robot.play(i, s, host.endpoint()))
+                if progress:
+                    progress(1)
+        finally:
+            robot.close()
+            report = host.report()
+        return ServedRun(results, [report])
+    with ray_session(backend) as ray:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+        host_cls = ray.remote(num_cpus=0)(RuntimeHost)
+        one_machine = len({n["NodeManagerAddress"] for n in nodes}) == 1  # then loopback is enough
+        hosts = [host_cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                 .remote(bundle, "127.0.0.1" if one_machine else n["NodeManagerAddress"], deadline_ms)
+                 for n in nodes for _ in range(runtimes_per_node)]
+        host_node = [n["NodeID"] for n in nodes for _ in range(runtimes_per_node)]
+        endpoints = ray.get([h.endpoint.remote() for h in hosts])
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        robot_cls = ray.remote(num_cpus=1, max_restarts=backend.retries, max_task_retries=backend.retries)(LinkRobot)
+        robots = [robot_cls.remote(camera) for _ in range(backend.workers if not backend.address else cpus)]
+        robot_node = ray.get([r.node.remote() for r in robots])
+        live = set(range(len(hosts)))
+
+        def assign(r: int) -> int:  # a live runtime on the robot's node, else any live runtime
+            here = [h for h in sorted(live) if host_node[h] == robot_node[r]] or sorted(live)
+            if not here:
+                raise RuntimeError("every runtime died: nothing left to evaluate against")
+            return here[r % len(here)]
+
+        runtime_of = {r: assign(r) for r in range(len(robots))}
+        todo = batches(specs, batch_size)
+        busy: dict[Any, int] = {}
+        results: dict[int, EpisodeResult] = {}
+        moved, killed = 0, False
+        try:
+            while todo or busy:
+                for r, robot in enumerate(robots):
+                    if todo and r not in busy.values():
+                        busy[robot.play_batch.remote(todo.pop(0), endpoints[runtime_of[r]])] = r
+                done, _ = ray.wait(list(busy), num_returns=1)
+                r = busy.pop(done[0])
+                finished, lost, rest = ray.get(done[0])
+                for res in finished:
+                    if res.index in results:
+                        raise RuntimeError(f"episode {res.index} came back twice")
+                    results[res.index] = res
+                    if progress:
+                        progress(1)
+                if lost is not None:  # its runtime died: requeue what it did not finish, move its robots
+                    live.discard(endpoints.index(lost))
+                    todo.insert(0, rest)
+                    for q in runtime_of:
+                        if runtime_of[q] not in live:
+                            runtime_of[q] = assign(q)
+                            moved += 1
+                if kill_runtime_after is not None and not killed and len(results) >= kill_runtime_after:
+                    ray.get(hosts[0].kill.remote())
+                    killed = True
+            missing = sorted(set(range(len(specs))) - set(results))
+            if missing:
+                raise RuntimeError(f"episodes {missing[:5]}... were lost")
+        finally:
+            reports = ray.get([h.report.remote() for h in hosts])
+        return ServedRun([results[i] for i in range(len(specs))], reports, moved)
 
 
 def specs_for(tasks: Sequence[str], conditions: Sequence[str], episodes: int, seed: int = 20, max_steps: int = 500
@@ -241,5 +414,11 @@ def table(results: Sequence[EpisodeResult]) -> list[dict[str, Any]]:
                "return": float(np.mean([r.ret for r in rs]))}
         for name in sorted({n for r in rs for n in r.scores}):
             row[f"mean {name}"] = float(np.mean([np.mean(r.scores[name]) for r in rs if r.scores.get(name)]))
+        links = [r.link for r in rs if r.link is not None]
+        if links:  # served: tick latency as the robots measured it, and how many episodes raised an alert
+            row["p50 ms"] = float(np.median([x["latency_us"]["p50"] for x in links])) / 1e3
+            row["p99 ms"] = float(np.max([x["latency_us"]["p99"] for x in links])) / 1e3
+            row["alerted"] = float(np.mean([any(k.endswith(".alert") for k in x["verdicts"]) for x in links]))
+            row["robot safe"] = int(sum(x["robot_safe"] for x in links))
         rows.append(row)
     return rows

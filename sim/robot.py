@@ -89,8 +89,9 @@ class EpisodeStats:
 
 
 def run_episodes(env: Environment, cfg: SimConfig, faults: Faults = NO_FAULTS,
-                 on_step: Callable[[EpisodeStats], None] | None = None) -> list[EpisodeStats]:
-    """Connect as `cfg.robot`, run `cfg.episodes` episodes of `cfg.steps` steps, say bye."""
+                 on_step: Callable[[EpisodeStats], None] | None = None, first_episode: int = 0) -> list[EpisodeStats]:
+    """Connect as `cfg.robot`, run `cfg.episodes` episodes of `cfg.steps` steps, say bye. Episodes are numbered
+    from `first_episode` in `reset` (a fleet robot numbers them by their place in its evaluation)."""
     link = RobotLink(cfg.endpoint, cfg.robot, keys=cfg.keys)
     hello = link.hello(env.observation_spec, env.action_spec, env=env.name)
     rate = cfg.rate_hz or env.control_rate_hz
@@ -99,11 +100,11 @@ def run_episodes(env: Environment, cfg: SimConfig, faults: Faults = NO_FAULTS,
     try:
         for ep in range(cfg.episodes):
             seed = cfg.seed + ep
-            stats = EpisodeStats(ep, seed)
+            stats = EpisodeStats(first_episode + ep, seed)
             obs = env.reset(seed=seed)
             instruction = getattr(env, "instruction", None)  # language-conditioned tasks (Meta-World)
             recipe = getattr(env, "reset_recipe", None)  # reproducible resets: data requests can replay them
-            link.reset(episode=ep, task=env.name, seed=seed,
+            link.reset(episode=first_episode + ep, task=env.name, seed=seed,
                        **({"instruction": instruction} if instruction is not None else {}),
                        **({"sim": recipe(seed)} if recipe is not None else {}))
             done = False

@@ -11,6 +11,7 @@ import pytest
 from conftest import run_vigil
 
 from vigil.sim import fleet
+from vigil.sim.shard import Backend
 
 ROOT = Path(__file__).resolve().parents[1]
 ray = pytest.importorskip("ray")
@@ -45,6 +46,28 @@ def test_serial_and_ray_give_the_same_episodes(bundle, tmp_path):
         ("push-v3", "nominal", 2), ("push-v3", "positions", 2), ("reach-v3", "nominal", 2),
         ("reach-v3", "positions", 2)]
     assert all(r["mean vfd"] > 0 for r in rows)
+
+
+def test_served_robots_match_in_process_and_move_off_a_dying_runtime(bundle):
+    """Robots over real robot links against `vigil serve` runtimes give the in-process episodes exactly (lockstep,
+    the same seeded plan noise); on Ray with two runtimes, the first one is SIGKILLed once an episode is back:
+    its robot's unfinished batch is played again against the other runtime, nothing lost or counted twice."""
+    specs = SPECS[:6]
+    key = [(r.index, r.spec, r.success, r.ret, r.steps, r.scores["vfd"]) for r in fleet.run_serial(bundle, specs)]
+    served = fleet.run_served(bundle, specs)
+    assert [(r.index, r.spec, r.success, r.ret, r.steps, r.scores["vfd"]) for r in served.results] == key
+    assert all(r.link["latency_us"]["p50"] > 0 and r.link["robot_safe"] == 0 for r in served.results)
+    (rt,) = served.runtimes
+    assert rt["alive"] and rt["counters"]["ticks"] == sum(r.steps for r in served.results)
+    assert {a["monitor"] for a in rt["alerts"]} >= {"vfd"}  # the shipped bundle alerts on these variants
+
+    moved = fleet.run_served(bundle, specs, Backend("ray", 2), runtimes_per_node=2, batch_size=2,
+                             kill_runtime_after=1)
+    assert [(r.index, r.spec, r.success, r.ret, r.steps, r.scores["vfd"]) for r in moved.results] == key
+    assert moved.moved >= 1 and [rt["alive"] for rt in moved.runtimes] == [False, True]
+    dead, survivor = (rt["endpoint"] for rt in moved.runtimes)
+    assert sum(r.link["runtime"] == survivor for r in moved.results) > sum(r.link["runtime"] == dead
+                                                                           for r in moved.results)
 
 
 def test_bad_tasks_and_unreachable_clusters_get_clear_errors(bundle):
