@@ -251,3 +251,17 @@ def write_section(path: Path, text: str, begin: str, end: str, intro: str) -> No
 def write_benchmarks(text: str, begin: str, end: str) -> None:
     """Replace the section between `begin` and `end` in BENCHMARKS.md (append it if absent)."""
     write_section(BENCHMARKS, text, begin, end, BENCHMARKS_INTRO)
+
+
+def add_fleet_args(ap) -> None:
+    """--workers, --ray, --address: where a bench's rollouts run (sim/shard.py: local processes by default, a
+    local Ray with --ray, a Ray cluster with --address)."""
+    ap.add_argument("--workers", type=int, default=2, help="worker processes (or CPUs of the local Ray)")
+    ap.add_argument("--ray", action="store_true", help="run the rollouts on a local Ray (the extra vigil[fleet])")
+    ap.add_argument("--address", help="run the rollouts on the Ray cluster at this address (implies --ray)")
+
+
+def fleet_backend(args):
+    from vigil.sim.shard import backend_from_args
+
+    return backend_from_args(args.ray, args.workers, args.address)

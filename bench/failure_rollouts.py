@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bench.common import add_fleet_args, fleet_backend
 from bench.flow_detect import _init_worker, varying_dims
+from vigil.sim.shard import Backend, shard
 
 SIGNALS = ("vfd", "rnd", "logpzo", "tinc", "gu", "ace", "stac", "stillness", "random")
 CONDITIONS = ("nominal", "calibration", "positions", "physics", "noise", "heldout")
@@ -194,7 +194,7 @@ def jobs_for(run: Path, episodes: int, calib: int, heldout: list[str], condition
 
 
 def collect(runs: list[Path], out: Path, episodes: int = 10, calib: int = 20, heldout_tasks: int = 9,
-            conditions: tuple[str, ...] = CONDITIONS, workers: int = 2) -> None:
+            conditions: tuple[str, ...] = CONDITIONS, workers: int = 2, backend=None) -> None:
     """Play every run's missing episodes into OUT/episodes-<run>.jsonl (resumable through a .part file)."""
     from tqdm import tqdm
 
@@ -211,12 +211,12 @@ def collect(runs: list[Path], out: Path, episodes: int = 10, calib: int = 20, he
             for e in map(json.loads, f.read_text().splitlines())}
     jobs = [j for j in jobs if (Path(j.run).name, j.condition, j.task) not in done]
     t0 = time.monotonic()
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool, \
-            tqdm(total=sum(len(j.seeds) for j in jobs), desc="episodes") as bar:
-        futures = {pool.submit(run_job, j): j for j in sorted(jobs, key=lambda j: -len(j.seeds))}
-        for fut in as_completed(futures):
-            job = futures[fut]
-            eps = fut.result()
+    backend = backend or Backend("processes", workers)
+    with tqdm(total=sum(len(j.seeds) for j in jobs), desc="episodes") as bar:
+        for done in shard(run_job, sorted(jobs, key=lambda j: -len(j.seeds)), backend, initializer=_init_worker):
+            if done.error is not None:
+                raise done.error
+            job, eps = done.item, done.value
             with open(files[Path(job.run).name], "a") as fh:
                 for e in eps:
                     fh.write(json.dumps(e) + "\n")
@@ -226,7 +226,7 @@ def collect(runs: list[Path], out: Path, episodes: int = 10, calib: int = 20, he
         f.rename(f.with_suffix(""))
     with open(out / "rollouts.jsonl", "a") as fh:
         fh.write(json.dumps({"runs": [r.name for r in runs], "minutes": round((time.monotonic() - t0) / 60, 1),
-                             "workers": workers}) + "\n")
+                             "workers": backend.workers, "backend": backend.kind}) + "\n")
 
 
 if __name__ == "__main__":
@@ -238,7 +238,7 @@ if __name__ == "__main__":
     ap.add_argument("--episodes", type=int, default=10)
     ap.add_argument("--calibration-episodes", type=int, default=20)
     ap.add_argument("--conditions", default=",".join(CONDITIONS))
-    ap.add_argument("--workers", type=int, default=2)
+    add_fleet_args(ap)
     a = ap.parse_args()
     collect([Path(r) for r in a.runs.split(",")], Path(a.out), a.episodes, a.calibration_episodes,
-            conditions=tuple(a.conditions.split(",")), workers=a.workers)
+            conditions=tuple(a.conditions.split(",")), backend=fleet_backend(a))

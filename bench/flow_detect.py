@@ -43,10 +43,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +53,9 @@ import numpy as np
 from bench.common import (
     FIGURES,
     ROOT,
+    add_fleet_args,
     command_line,
+    fleet_backend,
     markers,
     pyplot,
     run_info,
@@ -64,6 +64,7 @@ from bench.common import (
     write_benchmarks,
     written_by,
 )
+from vigil.sim.shard import shard
 
 NAME = "flow-detect"
 BEGIN, END = markers(NAME)
@@ -243,17 +244,13 @@ def collect(runs: list[Path], out: Path, args) -> None:
     jobs = [j for j in jobs if (Path(j.run).name, j.condition, j.task) not in done]
     total = sum(len(j.seeds) for j in jobs)
     started, t0 = utc_now(), time.monotonic()
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker) as pool, \
-            tqdm(total=total, desc="episodes") as bar:
-        futures = {pool.submit(run_job, j): j for j in sorted(jobs, key=lambda j: -len(j.seeds))}
-        failed = []
-        for fut in as_completed(futures):
-            job = futures[fut]
-            try:
-                eps = fut.result()
-            except Exception as exc:  # one broken job must not throw away the others' hours of rollouts
-                failed.append(f"{Path(job.run).name} {job.condition}/{job.task}: {exc!r}")
+    failed = []
+    with tqdm(total=total, desc="episodes") as bar:
+        for done in shard(run_job, sorted(jobs, key=lambda j: -len(j.seeds)), fleet_backend(args),
+                          initializer=_init_worker):
+            job, eps = done.item, done.value
+            if done.error is not None:  # one broken job must not throw away the others' hours of rollouts
+                failed.append(f"{Path(job.run).name} {job.condition}/{job.task}: {done.error!r}")
                 tqdm.write(f"FAILED {failed[-1]}")
                 continue
             with open(files[Path(job.run).name], "a") as fh:
@@ -483,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--detect-plans", type=int, default=12, help="plans scored (detection window)")
     ap.add_argument("--window", type=int, default=3, help="the monitor's running mean, in plans")
     ap.add_argument("--alpha", type=float, default=0.10, help="alert false-alarm rate per plan")
-    ap.add_argument("--workers", type=int, default=2)
+    add_fleet_args(ap)
     ap.add_argument("--report-only", "--analyse-only", dest="report_only", action="store_true",
                     help="render from the cached episodes only; play none")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and figures alone")

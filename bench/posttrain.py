@@ -30,15 +30,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import subprocess
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import FIGURES, ROOT, markers, pyplot, run_info, save_figure, write_benchmarks, written_by
+from bench.common import (
+    FIGURES,
+    ROOT,
+    add_fleet_args,
+    fleet_backend,
+    markers,
+    pyplot,
+    run_info,
+    save_figure,
+    write_benchmarks,
+    written_by,
+)
+from vigil.sim.shard import shard
 
 NAME = "posttrain"
 BEGIN, END = markers(NAME)
@@ -253,10 +263,14 @@ def plots(res: list[dict]) -> None:
     save_figure(fig, FIGURES / "posttrain.png", dpi=100)
 
 
+def _job(seed_arm: tuple[int, str]) -> dict:
+    return job(*seed_arm)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--workers", type=int, default=2)
+    add_fleet_args(ap)
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
@@ -271,14 +285,14 @@ def main(argv: list[str] | None = None) -> int:
         todo = [(s, a) for s in args.seeds for a in ARMS if (s, a) not in have]
         from tqdm import tqdm
 
-        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool, \
-                tqdm(total=len(todo), desc="arms") as bar:
-            futures = {pool.submit(job, s, a): (s, a) for s, a in todo}
-            for fut in as_completed(futures):
-                done.append(fut.result())
+        with tqdm(total=len(todo), desc="arms") as bar:
+            for out in shard(_job, todo, fleet_backend(args)):
+                if out.error is not None:
+                    raise out.error
+                done.append(out.value)
                 raw.write_text(json.dumps(done, default=float))  # resumable: every finished arm is kept
                 bar.update()
-                bar.set_postfix(last=f"{futures[fut]}")
+                bar.set_postfix(last=f"{out.item}")
     res = json.loads(raw.read_text())
     text = report(res, run, time.monotonic() - t0)
     print(text)

@@ -36,11 +36,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing as mp
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +48,8 @@ from bench.common import (
     BENCH_RUNS,
     FIGURES,
     ROOT,
+    add_fleet_args,
+    fleet_backend,
     markers,
     pyplot,
     run_info,
@@ -59,6 +59,7 @@ from bench.common import (
     write_benchmarks,
     written_by,
 )
+from vigil.sim.shard import shard
 
 RULE_OF = {"save": ("save", "vfd"), "action_l2": ("save", "action_l2"), "uniform": ("uniform", None),
            "random": ("random", None), "save_rollout": ("save", "rollout")}  # name -> (acquire rule, score)
@@ -244,6 +245,11 @@ def run_seed(seed: int, sizes: Sizes, tasks: list[str], out: str, rules: list[st
             acquired += new
             record(rule, round_no, acquired, ens, time.perf_counter() - t0)
     return records
+
+
+def _run_seed(job: tuple[int, list[str], bool], sizes: Sizes, tasks: list[str], out: str) -> list[dict]:
+    seed, rules, evaluate_pretrained = job
+    return run_seed(seed, sizes, tasks, out, rules, evaluate_pretrained)
 
 
 def diagnose_seed(seed: int, sizes: Sizes, tasks: list[str], out: str) -> dict[str, dict[str, float]]:
@@ -450,18 +456,18 @@ def measure(args: argparse.Namespace, sizes: Sizes, rules: list[str], tasks: lis
     todo = {s: [rule for rule in rules if (s, rule) not in have]
             for s in range(sizes.first_seed, sizes.first_seed + sizes.seeds)}
     todo = {s: missing for s, missing in todo.items() if missing}
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(str(out / "demos"),)) as pool, tqdm(total=len(todo), desc="seeds") as bar:
-        futures = {pool.submit(run_seed, s, sizes, tasks, str(out), missing, s not in evaluated): s
-                   for s, missing in todo.items()}
-        for fut in as_completed(futures):
-            recs = fut.result()
+    backend, init = fleet_backend(args), (str(out / "demos"),)
+    with tqdm(total=len(todo), desc="seeds") as bar:
+        jobs = [(s, missing, s not in evaluated) for s, missing in todo.items()]
+        for done in shard(_run_seed, jobs, backend, (sizes, tasks, str(out)), _init_worker, init):
+            if done.error is not None:
+                raise done.error
+            recs = done.value
             with open(results, "a") as fh:  # a seed's records land together: a resumed run redoes its rules
                 fh.writelines(json.dumps(r) + "\n" for r in recs)
             bar.update()
             last = {r["rule"]: r["success"] for r in recs if r["round"] == sizes.rounds}
-            bar.set_postfix(seed=futures[fut], **{k: f"{v:.0%}" for k, v in last.items()})
+            bar.set_postfix(seed=done.item[0], **{k: f"{v:.0%}" for k, v in last.items()})
     if todo:  # what this invocation ran, for the report's account of the time it took
         with open(out / "runs.jsonl", "a") as fh:
             fh.write(json.dumps({"started": started, "minutes": (time.time() - t0) / 60, "command": " ".join(
@@ -473,10 +479,10 @@ def measure(args: argparse.Namespace, sizes: Sizes, rules: list[str], tasks: lis
     missing = sorted({r["seed"] for r in latest if r["rule"] == "pretrained" and r["seed"] in in_range
                       and str(r["seed"]) not in diag})
     if missing:
-        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(str(out / "demos"),)) as pool:
-            futures = {s: pool.submit(diagnose_seed, s, sizes, tasks, str(out)) for s in missing}
-            diag.update({str(s): f.result() for s, f in futures.items()})
+        for done in shard(diagnose_seed, missing, backend, (sizes, tasks, str(out)), _init_worker, init):
+            if done.error is not None:
+                raise done.error
+            diag[str(done.item)] = done.value
         diag_file.write_text(json.dumps(diag, indent=1))
 
 
@@ -500,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of {RULES}")
     ap.add_argument("--tasks", help="comma-separated (default MT10)")
     ap.add_argument("--out", default=str(BENCH_RUNS / "save"))
-    ap.add_argument("--workers", type=int, default=2)
+    add_fleet_args(ap)
     ap.add_argument("--section", default="save", help="BENCHMARKS.md section and figure names (save-confirm: a "
                     "confirmation on fresh seeds, --first-seed 10 --rules uniform,save_rollout)")
     ap.add_argument("--target", type=float, help="target success (default: the highest every rule reaches)")

@@ -18,6 +18,8 @@ sent once per run (Ray's object store) rather than once per job.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -125,7 +127,7 @@ def _ray(fn, items, backend, shared, initializer, initargs) -> Iterator[Outcome]
             try:
                 yield Outcome(item, ray.get(done[0]))
             except ray.exceptions.RayTaskError as exc:  # the job raised: its own exception, once
-                yield Outcome(item, error=exc.as_instanceof_cause())
+                yield Outcome(item, error=exc.cause if isinstance(exc.cause, Exception) else exc)
             except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:  # retries used up
                 yield Outcome(item, error=RuntimeError(f"worker lost {backend.retries + 1} times: {exc}"))
 
@@ -152,7 +154,7 @@ class ray_session:
                     ray.init(address=address, log_to_driver=False)
                 else:
                     ray.init(num_cpus=self.backend.workers, include_dashboard=False, log_to_driver=False,
-                             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+                             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": _import_path()}})
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise RuntimeError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
             self.started = True
@@ -163,6 +165,14 @@ class ray_session:
             import ray
 
             ray.shutdown()
+
+
+def _import_path() -> str:
+    """The driver's own import folders (a checkout's bench/ and tests/, PYTHONPATH) for a local Ray's workers, so a
+    job function defined there unpickles; installed packages they find themselves. A cluster's nodes need the
+    code installed (or a Ray runtime_env with working_dir)."""
+    own = [p for p in sys.path if p and os.path.isdir(p) and not p.startswith((sys.prefix, sys.base_prefix))]
+    return os.pathsep.join(dict.fromkeys([os.path.abspath(p) for p in own]))
 
 
 def reachable(address: str, timeout_s: float = 5.0) -> None:

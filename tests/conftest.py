@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -88,6 +89,19 @@ def chunk_bundle(bundles_dir) -> Path:
                  onnx={"inputs": {"state": "state"}, "action": "action", "scores": ["vfd"]},
                  chunk={"length": 4, "execute": 2}, safe_action=[0.0, 0.5])
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, encoder_bundle):
+    """An untrained 3-member ensemble with the real instruction encoder: enough to exercise the rollouts."""
+    from vigil.training.flow import Ensemble, FlowConfig
+    from vigil.training.train_flow import save_checkpoint
+
+    run = tmp_path_factory.mktemp("run")
+    cfg = FlowConfig(hidden=16, depth=2, members=3, vfd_samples=2, euler_steps=4)
+    save_checkpoint(run / "ensemble.pt", Ensemble(cfg).eval(), cfg, {}, {"loss": np.zeros(1)})
+    shutil.copytree(encoder_bundle, run / "encoder")
+    return run
 
 
 def manifest_of(bundle: Path) -> dict[str, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
@@ -44,19 +42,6 @@ def test_analysis_separates_a_perfect_detector_from_random():
     assert res["success"]["positions"] == 0.0 and res["n"]["nominal"] == 30
     # the calibrated threshold keeps the calibration scores' false-alarm rate near alpha per plan
     assert res["thr"]["vfd"] < 10
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, encoder_bundle):
-    """An untrained 3-member ensemble with the real instruction encoder: enough to exercise the rollouts."""
-    from vigil.training.flow import Ensemble, FlowConfig
-    from vigil.training.train_flow import save_checkpoint
-
-    run = tmp_path_factory.mktemp("run")
-    cfg = FlowConfig(hidden=16, depth=2, members=3, vfd_samples=2, euler_steps=4)
-    save_checkpoint(run / "ensemble.pt", Ensemble(cfg).eval(), cfg, {}, {"loss": np.zeros(1)})
-    shutil.copytree(encoder_bundle, run / "encoder")
-    return run
 
 
 @pytest.mark.parametrize("condition,task", [("positions", "reach-v3"), ("noise", "push-v3"),

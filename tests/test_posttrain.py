@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import norm
 
 from vigil.training import posttrain as P
@@ -135,7 +136,8 @@ def test_vigil_train_posttrain_end_to_end(tmp_path, encoder_bundle, objective):
     cfg.write_text("[posttrain]\niterations = 2\nepisodes = 2\nmax_steps = 40\nsteps = 20\ncandidates = 2\n"
                    f"weighting = \"{weighting}\"\npg_epochs = 1\n")
     r = run_vigil("train", "posttrain", "--run", str(run), "--out", str(out), "--config", str(cfg), "--objective",
-                  objective, "--calibration-episodes", "2", "--calibration-all-episodes", "--no-progress", timeout=400)
+                  objective, "--calibration-episodes", "2", "--calibration-all-episodes", "--no-progress",
+                  *(["--workers", "2"] if weighting == "gbpo" else []), timeout=400)  # gbpo: rollouts on 2 workers
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["last"]["iteration"] == 1
@@ -153,6 +155,28 @@ def test_vigil_train_posttrain_end_to_end(tmp_path, encoder_bundle, objective):
     assert child.manifest.name.endswith(objective)
     r = run_vigil("train", "posttrain", "--run", str(run), "--out", str(out), "--objective", "maximise")
     assert r.returncode != 0 and "objective" in r.stderr
+
+
+def test_rollouts_on_worker_processes_are_the_serial_ones(tiny_run, encoder_bundle):
+    """collect() sharded over processes (sim/shard.py, as on Ray) plays the serial loop's episodes, stochastic
+    Euler paths included (each episode seeded by itself)."""
+    from vigil.policies.instructions import InstructionEncoder
+    from vigil.sim.shard import Backend
+    from vigil.training.train_flow import load_checkpoint
+
+    ens, _, _ = load_checkpoint(tiny_run / "ensemble.pt")
+    encoder = InstructionEncoder.load(encoder_bundle, prefer_gpu=False)
+    cfg = P.PosttrainConfig(max_steps=16, weighting="gbpo").check()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' setting: the same float arithmetic
+    try:
+        serial = P.collect(ens, ["reach-v3", "push-v3"], [3, 4], encoder, cfg)
+        sharded = P.collect(ens, ["reach-v3", "push-v3"], [3, 4], encoder, cfg, backend=Backend("processes", 2))
+    finally:
+        torch.set_num_threads(threads)
+    assert [(a.task, a.seed, a.ret, a.steps) for a in sharded] == [(a.task, a.seed, a.ret, a.steps) for a in serial]
+    assert all(np.array_equal(x, y) for a, b in zip(serial, sharded) for x, y in zip(a.paths, b.paths))
+    assert len(serial[0].paths) > 0
 
 
 def test_expert_teacher_plays_the_chosen_situation():

@@ -338,9 +338,14 @@ class PosttrainCommandConfig:
     calibration_all_episodes: bool = field(default=False, metadata={
         "help": "recalibrate on every rollout, not only the successful ones (a policy that rarely succeeds)"})
     progress: bool = field(default=True, metadata={"help": "no progress bars"})
+    workers: int = field(default=1, metadata={
+        "help": "play each iteration's rollouts on this many worker processes (1: in this process)"})
+    ray: bool = field(default=False, metadata={"help": "play the rollouts on a local Ray of --workers CPUs"})
+    address: str | None = field(default=None, metadata={"help": "play the rollouts on this Ray cluster"})
 
     def __post_init__(self) -> None:
-        check_fields(self, [("calibration_episodes", self.calibration_episodes >= 0, "an integer >= 0")])
+        check_fields(self, [("calibration_episodes", self.calibration_episodes >= 0, "an integer >= 0"),
+                            ("workers", self.workers >= 1, "an integer >= 1")])
 
 
 @dataclass(frozen=True)
@@ -473,6 +478,7 @@ def _train_flow(args: argparse.Namespace) -> int:
 
 
 def _posttrain(args: argparse.Namespace) -> int:
+    from vigil.sim.shard import backend_from_args
     from vigil.training.posttrain import load_config, posttrain_run
 
     config = config_from_args(PosttrainCommandConfig, args)
@@ -481,8 +487,9 @@ def _posttrain(args: argparse.Namespace) -> int:
     try:
         out = posttrain_run(config.run, config.out, pt, config.demos, config.calibration_episodes,
                             progress=config.progress, log=lambda line: print(line, flush=True),
-                            successful_only=not config.calibration_all_episodes)
-    except (ValueError, FileNotFoundError) as exc:
+                            successful_only=not config.calibration_all_episodes,
+                            backend=backend_from_args(config.ray, config.workers, config.address))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"vigil train {args.kind}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"bundle": out["bundle"], "provenance": out["provenance"],

@@ -274,13 +274,48 @@ def first_vfd(ens, env, instr: torch.Tensor, seed: int) -> float:
         return float(flow.plan(ens, torch.as_tensor(obs["state"], dtype=torch.float32)[None], instr, noise)[1][0])
 
 
+def _sigma(cfg: PosttrainConfig, choose: Callable | None, evaluation: bool) -> float:
+    """Stochastic Euler steps only where the policy-gradient machineries learn from the paths."""
+    return cfg.sigma if cfg.weighting in ("ppo", "gbpo") and choose is None and not evaluation else 0.0
+
+
+def _play_task(job: tuple[str, tuple[int, ...], np.ndarray], ens, cfg: PosttrainConfig, shift, sigma: float
+               ) -> list[Attempt]:
+    """One task's episodes in a fleet worker (sim/shard.py): the serial loop's `play`, seeded per episode."""
+    from vigil.sim.envs import make_env
+
+    torch.set_num_threads(1)
+    task, seeds, instr = job
+    env = make_env(task, horizon=cfg.max_steps, shift=shift)
+    try:
+        return [play(ens, env, torch.as_tensor(instr), s, cfg.max_steps, cfg.speed_limit, sigma=sigma)
+                for s in seeds]
+    finally:
+        env.close()
+
+
 def collect(ens, tasks: Sequence[str], seeds: Sequence[int], encoder, cfg: PosttrainConfig, shift=None,
-            choose: Callable | None = None, progress: bool = False, evaluation: bool = False) -> list[Attempt]:
-    """`len(seeds)` episodes per task; `choose(env, instr, seed) -> seed` picks the situation to attempt (expand)."""
+            choose: Callable | None = None, progress: bool = False, evaluation: bool = False,
+            backend=None) -> list[Attempt]:
+    """`len(seeds)` episodes per task; `choose(env, instr, seed) -> seed` picks the situation to attempt (expand).
+    `backend` (sim/shard.py) plays the tasks on worker processes or Ray, with the serial loop's episodes; expand's
+    choice of situations stays in this process (it draws from one generator in order)."""
     from tqdm import tqdm
 
     from vigil.sim.envs import make_env
 
+    if backend is not None and backend.kind != "serial" and choose is None:
+        from vigil.sim.shard import shard
+
+        jobs = [(t, tuple(seeds), np.asarray(encoder.embed([_instruction(t)]), np.float32)) for t in tasks]
+        by_task: dict[str, list[Attempt]] = {}
+        with tqdm(total=len(tasks) * len(seeds), desc="rollouts", disable=not progress, leave=False) as bar:
+            for done in shard(_play_task, jobs, backend, (ens, cfg, shift, _sigma(cfg, choose, evaluation))):
+                if done.error is not None:
+                    raise done.error
+                by_task[done.item[0]] = done.value
+                bar.update(len(done.value))
+        return [a for t in tasks for a in by_task[t]]
     out = []
     with tqdm(total=len(tasks) * len(seeds), desc="rollouts", disable=not progress, leave=False) as bar:
         for task in tasks:
@@ -294,8 +329,7 @@ def collect(ens, tasks: Sequence[str], seeds: Sequence[int], encoder, cfg: Postt
                         bar.update()
                         continue
                     out.append(play(ens, env, instr, chosen, cfg.max_steps, cfg.speed_limit,
-                                    sigma=cfg.sigma if cfg.weighting in ("ppo", "gbpo") and choose is None
-                                    and not evaluation else 0.0))
+                                    sigma=_sigma(cfg, choose, evaluation)))
                     bar.update()
             finally:
                 env.close()
@@ -324,7 +358,7 @@ def _examples(attempts: Sequence[Attempt], per_episode: np.ndarray, instr_of: Ma
 
 
 def iterate(ens, cfg: PosttrainConfig, flow_cfg, encoder, tasks: Sequence[str], iteration: int, state: dict,
-            replay: tuple | None = None, progress: bool = False) -> tuple[Any, dict]:
+            replay: tuple | None = None, progress: bool = False, backend=None) -> tuple[Any, dict]:
     """One iteration: collect, weigh, fine-tune every member. `state` carries the dual variable between
     iterations. Returns (the new ensemble, this iteration's log row)."""
     from vigil.sim.shifts import Shift
@@ -358,7 +392,7 @@ def iterate(ens, cfg: PosttrainConfig, flow_cfg, encoder, tasks: Sequence[str], 
         new, hist = train_ensemble(ft_cfg, data[0], data[1], data[2], progress=False, ensemble=ens, groups=groups)
         return new, {**row, "loss": float(np.mean(hist["loss"][-50:]))}
 
-    attempts = collect(ens, tasks, seeds, encoder, cfg, progress=progress)
+    attempts = collect(ens, tasks, seeds, encoder, cfg, progress=progress, backend=backend)
     rets = np.array([a.ret for a in attempts])
     task_of = [a.task for a in attempts]
     z = standardise_per_task(rets, task_of)
@@ -440,22 +474,23 @@ def _instruction(task: str) -> str:
 
 
 def evaluate(ens, tasks: Sequence[str], encoder, cfg: PosttrainConfig, episodes: int, shift=None, seed: int = 20,
-             progress: bool = False) -> dict[str, float]:
+             progress: bool = False, backend=None) -> dict[str, float]:
     """Success, return, CVaR, cost (and first-plan VFD) on fixed evaluation seeds (variants seed..)."""
     return summary(collect(ens, tasks, list(range(seed, seed + episodes)), encoder, cfg, shift=shift,
-                           progress=progress, evaluation=True))
+                           progress=progress, evaluation=True, backend=backend))
 
 
 def run(ens, cfg: PosttrainConfig, encoder, tasks: Sequence[str], replay: tuple | None = None,
-        progress: bool = True, log: Callable[[str], None] = print) -> tuple[Any, list[dict]]:
-    """Every iteration of the objective; returns (the post-trained ensemble, the per-iteration log)."""
+        progress: bool = True, log: Callable[[str], None] = print, backend=None) -> tuple[Any, list[dict]]:
+    """Every iteration of the objective; returns (the post-trained ensemble, the per-iteration log). `backend`
+    (sim/shard.py): where the rollouts run."""
     cfg = cfg.check()
     torch.manual_seed(zlib.crc32(f"{cfg.objective}/{cfg.seed}".encode()))
     state: dict = {}
     rows = []
     cur = copy.deepcopy(ens)
     for it in range(cfg.iterations):
-        cur, row = iterate(cur, cfg, cur.cfg, encoder, tasks, it, state, replay, progress)
+        cur, row = iterate(cur, cfg, cur.cfg, encoder, tasks, it, state, replay, progress, backend)
         rows.append(row)
         log(f"[{cfg.objective}] iteration {it}: success {row['success']:.0%}, return {row['return']:.0f}, "
             f"cost {row['cost']:.3f}" + (f", lam {row['lam']:.2f}" if "lam" in row else "")
@@ -502,8 +537,8 @@ def plot_iterations(path, rows: Sequence[Mapping[str, Any]], title: str) -> bool
 
 
 def posttrain_run(run_dir, out_dir, config: PosttrainConfig, demos=None, calibration_episodes: int = 5,
-                  progress: bool = True, log: Callable[[str], None] = print, successful_only: bool = True
-                  ) -> dict[str, Any]:
+                  progress: bool = True, log: Callable[[str], None] = print, successful_only: bool = True,
+                  backend=None) -> dict[str, Any]:
     """`vigil train posttrain`: post-train RUN's ensemble (every member) with `config.objective`, write OUT with the
     checkpoint, posttrain.csv, posttrain.png, a recalibrated bundle (VFD and failure monitor) that can be
     hot-swapped for the parent's, and provenance naming the parent."""
@@ -534,7 +569,8 @@ def posttrain_run(run_dir, out_dir, config: PosttrainConfig, demos=None, calibra
         raise ValueError(f"expand replays the original demonstrations: none at {demos!r} (pass --demos)")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    new, rows = run(ens, config, encoder, tasks, replay if config.objective == "expand" else None, progress, log)
+    new, rows = run(ens, config, encoder, tasks, replay if config.objective == "expand" else None, progress, log,
+                    backend)
     seconds = time.perf_counter() - t0
     with open(out / "posttrain.csv", "w", newline="") as f:
         keys = sorted({k for r in rows for k in r})
