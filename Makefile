@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-failure bench-posttrain bench-fleet bench-save bench-lqr \
+.PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-failure bench-posttrain bench-fleet bench-prefs bench-save bench-lqr \
 	bench-lqr-loop bench-rl bench-soak bench-fairness bench-throughput bench-rtc bench-record bench-console clean
 
 $(BIN)/python:
@@ -106,9 +106,16 @@ bench-posttrain: $(STAMP)
 	OMP_NUM_THREADS=1 PYTHONPATH=. $(BIN)/python -m bench.posttrain
 
 # Fleets on Ray (issue 20): one evaluation serially, on a local Ray with 2 workers and on a two-node cluster started
-# on this machine. About 3 minutes. Not part of `make bench`.
+# on this machine, then the same served (robots on real links to `vigil serve`), with a runtime killed mid-run. About 5
+# minutes. Not part of `make bench`.
 bench-fleet: $(STAMP)
 	OMP_NUM_THREADS=1 PYTHONPATH=. $(BIN)/python -m bench.fleet
+
+# Preferences as a training signal (issue 21): a pool of the pretrained policy's attempts, reward models x selection
+# rules x seeds answered by simulated operators, and post-training with the learned reward (bench/prefs.py). About
+# 25 minutes from scratch on 2 cores, resumable (bench-runs/prefs). Not part of `make bench`.
+bench-prefs: $(STAMP)
+	OMP_NUM_THREADS=1 PYTHONPATH=. $(BIN)/python -m bench.prefs
 
 # The SAVE experiment (issue 5): 10 seeds x 5 acquisition rules x 5 rounds; about 1.5 h on 2 cores;
 # resumable (outputs in bench-runs/save). Not part of `make bench`.

@@ -1,4 +1,4 @@
-"""What an operator may do from the page: the lifecycle of a data request, and a hot swap.
+"""What an operator may do from the page: the lifecycle of a data request, a preference answer, and a hot swap.
 
 Requests go through the store's own API (runtime/requests.py, RequestStore), so the console obeys the rules
 every expert and teleoperation tool obeys: only the current claimer resolves, and every step is one
@@ -11,6 +11,10 @@ did. The page's actions (decision 114, docs/console.md):
            that exists); the console claims it first if the operator does not hold it;
 - reject:  with a reason (claimed first likewise): final;
 - release: give a claim back (open again).
+
+A preference query (runtime/preferences.py) is answered through `PreferenceStore.answer`, the same single
+conditional UPDATE `vigil prefs answer` runs: the first answer stands, from whichever page or command gives it,
+and a later one is refused (409) with who answered and what.
 
 Each function blocks (SQLite, ZeroMQ) and runs on a worker thread; it returns an `Outcome`, an HTTP status
 and a message for the page, and never raises for a refusal.
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vigil.runtime.auth import ClientKeys
+from vigil.runtime.preferences import ANSWERS, PreferenceError, PreferenceStore, answered_text
 from vigil.runtime.requests import RequestError, RequestRecord, RequestStore
 
 ACTIONS = ("claim", "answer", "reject", "release")
@@ -37,6 +42,7 @@ class Outcome:
     message: str
     request: dict[str, Any] | None = None  # the request as it is now, when known
     answer: dict[str, Any] | None = None  # the runtime's answer to a swap
+    preference: dict[str, Any] | None = None  # the preference query as it is now, when known
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ok": self.status == 200, "message": self.message}
@@ -46,6 +52,8 @@ class Outcome:
             out["request"] = self.request
         if self.answer is not None:
             out["answer"] = self.answer
+        if self.preference is not None:
+            out["preference"] = self.preference
         return out
 
 
@@ -152,6 +160,35 @@ def _act(store: RequestStore, request_id: int, action: str, by: str, body: dict[
     except RequestError:  # someone took it over between our claim and now (a lapsed lease): say who
         r = store.get(request_id)
         return Outcome(409, holder(r, by), r.to_json())
+
+
+def answer_preference(store_path: str, query_id: int, body: dict[str, Any]) -> Outcome:
+    """Answer preference query `query_id` with `body["answer"]` for the operator named in `body["by"]`."""
+    bad = check_text("by", body.get("by"), 64)
+    if bad:
+        return Outcome(400, bad)
+    if body.get("answer") not in ANSWERS:
+        return Outcome(400, f"'answer' must be one of {ANSWERS} (A better, B better, equally good, cannot tell), "
+                            f"got {body.get('answer')!r}")
+    if not Path(store_path).exists():
+        return Outcome(503, f"store {store_path} does not exist (yet); nothing was changed")
+    try:
+        store = PreferenceStore(store_path, timeout=2.0)
+    except sqlite3.Error as exc:
+        return Outcome(503, f"store {store_path} cannot be opened ({exc}); nothing was changed, try again")
+    try:
+        r = store.answer(query_id, body["answer"], body["by"].strip())
+        return Outcome(200, f"preference query #{r.id} {answered_text(r)}", preference=r.to_json())
+    except PreferenceError as exc:  # unknown, or answered already (by whom, what): the query as it is now
+        try:
+            current = store.get(query_id)
+        except PreferenceError:
+            return Outcome(404, str(exc))
+        return Outcome(409, str(exc), preference=current.to_json())
+    except sqlite3.OperationalError as exc:
+        return Outcome(503, f"store {store_path} is busy ({exc}); nothing was changed, try again")
+    finally:
+        store.close()
 
 
 def swap(control: str, keys: ClientKeys | None, bundle: Any, timeout_s: float) -> Outcome:

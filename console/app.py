@@ -6,6 +6,8 @@ Routes:
     GET  /api/state                        everything the page shows, as one JSON object
     WS   /ws                               a snapshot, then every update as it happens
     POST /api/requests/{id}/{action}       claim | answer | reject | release (token in X-Vigil-Token)
+    GET  /api/preferences/{id}             a preference query and its two attempts, read from the pool
+    POST /api/preferences/{id}/answer      {"answer": a | b | tie | unsure, "by": name} (token), exactly once
     POST /api/swap                         {"bundle": path} through the control channel (token; needs --control)
 
 A page may send JSON on the websocket: {"op": "ping", "id": n} (answered with a pong) or {"op": "snapshot"}
@@ -33,7 +35,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from vigil.console import actions
+from vigil.console import actions, preferences
 from vigil.console.auth import HEADER, Guard
 from vigil.console.feed import Feed
 from vigil.runtime.auth import ClientKeys
@@ -192,6 +194,27 @@ def build_app(feed: Feed, guard: Guard, settings: Settings) -> ASGIApp:
             feed.upsert_request(outcome.request)
         return JSONResponse(outcome.to_json(), outcome.status)
 
+    async def preference(request: Request) -> Response:
+        no = guard.refuse_read(request.headers.get(HEADER))
+        if no is not None:
+            return refused(*no)
+        status, body = await asyncio.to_thread(preferences.view, settings.store, request.path_params["id"])
+        if status != 200:
+            feed.counters[f"http_{status}"] += 1
+        return Response(dumps(body), status, media_type="application/json")
+
+    async def preference_answer(request: Request) -> Response:
+        body = await body_of(request)
+        if isinstance(body, JSONResponse):
+            return body
+        async with write_lock:
+            outcome = await asyncio.to_thread(actions.answer_preference, settings.store, request.path_params["id"],
+                                              body)
+        feed.counters[f"action_preference_{'ok' if outcome.status == 200 else 'refused'}"] += 1
+        if outcome.preference is not None:
+            feed.upsert_preference(outcome.preference)
+        return JSONResponse(outcome.to_json(), outcome.status)
+
     async def swap(request: Request) -> Response:
         body = await body_of(request)
         if isinstance(body, JSONResponse):
@@ -278,6 +301,8 @@ def build_app(feed: Feed, guard: Guard, settings: Settings) -> ASGIApp:
         Route("/", index),
         Route("/api/state", state),
         Route("/api/requests/{id:int}/{action}", request_action, methods=["POST"]),
+        Route("/api/preferences/{id:int}", preference),
+        Route("/api/preferences/{id:int}/answer", preference_answer, methods=["POST"]),
         Route("/api/swap", swap, methods=["POST"]),
         WebSocketRoute("/ws", websocket),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),

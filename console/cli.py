@@ -77,8 +77,9 @@ class ConsoleConfig:
 def _console_parser(p: argparse.ArgumentParser) -> None:
     p.description = ("Serve the operator's web page: every robot's state, its VFD trace against the thresholds, "
                      "alerts (live, gaps filled from the store), the data-request queue with claim / answer / reject "
-                     "/ release, hot swaps with the serving bundle's provenance and a swap action (--control), "
-                     "IR-LQR gain swaps. Loopback by default; actions always need the token printed in the URL.")
+                     "/ release, preference queries (two attempts side by side, answered once), hot swaps with the "
+                     "serving bundle's provenance and a swap action (--control), IR-LQR gain swaps. Loopback by "
+                     "default; actions always need the token printed in the URL.")
     add_flags(p, ConsoleConfig)
     key_args(p)
 

@@ -2,13 +2,15 @@
 
 Two sources. The operator stream (a SUB socket on its own thread; ZeroMQ reconnects it by itself when the
 runtime restarts) brings telemetry, trace points, alerts, request filings and events as they happen. The
-store (SQLite, read every `poll_s` on a worker thread) is the truth for alerts and requests: it fills gaps
-in alert ids (PUB drops messages for slow subscribers), gives the history on start-up, and shows request
-lifecycle steps that are never published (claims, answers by an expert). Either may be missing: the page
-says which, and the console keeps trying.
+store (SQLite, read every `poll_s` on a worker thread) is the truth for alerts, requests and preference
+queries: it fills gaps in alert ids (PUB drops messages for slow subscribers), gives the history on start-up,
+and shows lifecycle steps that are never published (claims, answers by an expert, preference queries added
+by a selection rule and answered from the command line or another page). Either may be missing: the page says
+which, and the console keeps trying.
 
-Everything the page sees is a JSON message (`type`: snapshot, telemetry, trace, alerts, requests, event,
-swap, gain, status); `Feed` mutates its state on the asyncio loop only and hands each update to `publish`.
+Everything the page sees is a JSON message (`type`: snapshot, telemetry, trace, alerts, requests, preferences,
+event, swap, gain, status); `Feed` mutates its state on the asyncio loop only and hands each update to
+`publish`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import zmq
 
 from vigil.runtime.auth import ClientKeys
+from vigil.runtime.preferences import PreferenceError, PreferenceStore
 from vigil.runtime.requests import RequestError, RequestRecord, RequestStore
 from vigil.runtime.store import AlertRecord, AlertStore
 from vigil.runtime.stream import subscribe
@@ -37,9 +40,10 @@ log = logging.getLogger("vigil.console")
 
 LEVELS = ("ok", "warn", "alert", "stop")
 FINAL = ("fulfilled", "rejected")
-HISTORY = 200      # alerts and requests read from the store on start-up
+HISTORY = 200      # alerts, requests and preference queries read from the store on start-up
 KEEP_ALERTS = 500  # alerts the page is given at most
 KEEP_REQUESTS = 500
+KEEP_PREFERENCES = 500
 TRACE_POINTS = 3000  # per robot: at 50 plans a second, one minute
 BUSY_MS = 500  # a read waits this long for a locked store, then the page says "locked" and the next poll retries
 TRACE_BATCH = 400    # per robot and flush: beyond it the oldest points of the batch are dropped (counted)
@@ -78,8 +82,10 @@ class StoreRead:
     detail: str = ""
     alerts: tuple[dict[str, Any], ...] = ()
     requests: tuple[dict[str, Any], ...] = ()
+    preferences: tuple[dict[str, Any], ...] = ()
     after_alert: int = 0  # what was read started after these ids
     after_request: int = 0
+    after_preference: int = 0
 
 
 def _max_id(db: sqlite3.Connection, table: str) -> int:
@@ -87,14 +93,14 @@ def _max_id(db: sqlite3.Connection, table: str) -> int:
     return int(db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0])
 
 
-def read_store(path: Path, after_alert: int | None, after_request: int | None, pending: tuple[int, ...]
-               ) -> StoreRead:
+def read_store(path: Path, after_alert: int | None, after_request: int | None, pending: tuple[int, ...],
+               after_preference: int | None = None, pending_preferences: tuple[int, ...] = ()) -> StoreRead:
     """Alerts with id > after_alert, requests with id > after_request and the requests `pending` (not final:
-    their state may have changed) again; None: the newest HISTORY. Blocking: run on a worker thread."""
+    their state may have changed) again, preference queries likewise (`pending_preferences`: the open ones);
+    None: the newest HISTORY. Blocking: run on a worker thread."""
     if not path.exists():
         return StoreRead("missing", f"store {path} does not exist (yet): the runtime creates it when it starts")
     alerts: list[dict[str, Any]] = []
-    requests: list[dict[str, Any]] = []
     try:
         try:
             store = AlertStore(path, readonly=True)
@@ -110,30 +116,63 @@ def read_store(path: Path, after_alert: int | None, after_request: int | None, p
                 raise
         finally:
             store.close()
-        try:
-            rstore = RequestStore(path, readonly=True)
-        except FileNotFoundError:  # no requests table: no runtime has filed one yet
-            return StoreRead("ok", "", tuple(alerts), (), after_alert or 0, after_request or 0)
-        rstore.db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
-        try:
-            if after_request is None:
-                after_request = max(0, _max_id(rstore.db, "requests") - HISTORY)
-            requests = [request_json(r) for r in rstore.list(since=after_request, limit=KEEP_REQUESTS)]
-            seen = {r["id"] for r in requests}
-            for i in pending:
-                if i not in seen:
-                    try:
-                        requests.append(request_json(rstore.get(i)))
-                    except RequestError:  # gone (another store file under the same name): forget it
-                        continue
-        finally:
-            rstore.close()
-        return StoreRead("ok", "", tuple(alerts), tuple(requests), after_alert, after_request)
+        requests, after_request = _read_requests(path, after_request, pending)
+        preferences, after_preference = _read_preferences(path, after_preference, pending_preferences)
+        return StoreRead("ok", "", tuple(alerts), tuple(requests), tuple(preferences), after_alert or 0,
+                         after_request, after_preference)
     except sqlite3.OperationalError as exc:
         status = "locked" if "locked" in str(exc) or "busy" in str(exc) else "error"
         return StoreRead(status, f"store {path}: {exc}; retrying")
     except sqlite3.DatabaseError as exc:
         return StoreRead("error", f"store {path}: {exc}; retrying")
+
+
+def _read_requests(path: Path, after: int | None, pending: tuple[int, ...]) -> tuple[list[dict[str, Any]], int]:
+    """(requests with id > after and the `pending` ones, where the read started); none without the table."""
+    try:
+        rstore = RequestStore(path, readonly=True)
+    except FileNotFoundError:  # no requests table: no runtime has filed one yet
+        return [], after or 0
+    rstore.db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
+    try:
+        if after is None:
+            after = max(0, _max_id(rstore.db, "requests") - HISTORY)
+        requests = [request_json(r) for r in rstore.list(since=after, limit=KEEP_REQUESTS)]
+        seen = {r["id"] for r in requests}
+        for i in pending:
+            if i not in seen:
+                try:
+                    requests.append(request_json(rstore.get(i)))
+                except RequestError:  # gone (another store file under the same name): forget it
+                    continue
+        return requests, after
+    finally:
+        rstore.close()
+
+
+def _read_preferences(path: Path, after: int | None, pending: tuple[int, ...]
+                      ) -> tuple[list[dict[str, Any]], int]:
+    """(preference queries with id > after and the `pending` ones, where the read started); none without the
+    table (no query was added yet)."""
+    try:
+        pstore = PreferenceStore(path, readonly=True)
+    except FileNotFoundError:
+        return [], after or 0
+    pstore.db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
+    try:
+        if after is None:
+            after = max(0, _max_id(pstore.db, "preferences") - HISTORY)
+        queries = [r.to_json() for r in pstore.list(since=after, limit=KEEP_PREFERENCES)]
+        seen = {r["id"] for r in queries}
+        for i in pending:
+            if i not in seen:
+                try:
+                    queries.append(pstore.get(i).to_json())
+                except PreferenceError:  # gone (another store file under the same name): forget it
+                    continue
+        return queries, after
+    finally:
+        pstore.close()
 
 
 @dataclass
@@ -172,6 +211,8 @@ class Feed:
         self._history_done = False
         self.requests: dict[int, dict[str, Any]] = {}
         self.last_request_id: int | None = None
+        self.preferences: dict[int, dict[str, Any]] = {}
+        self.last_preference_id: int | None = None
         self.swaps: deque[dict[str, Any]] = deque(maxlen=50)
         self.gains: deque[dict[str, Any]] = deque(maxlen=100)
         self.events: deque[dict[str, Any]] = deque(maxlen=100)
@@ -394,8 +435,9 @@ class Feed:
 
     async def refresh_store(self) -> None:
         pending = tuple(i for i, r in self.requests.items() if r["status"] not in FINAL)
+        open_queries = tuple(i for i, r in self.preferences.items() if r["status"] == "open")
         read = await asyncio.to_thread(read_store, self.store_path, self.contiguous, self.last_request_id,
-                                       pending)
+                                       pending, self.last_preference_id, open_queries)
         status = {"status": read.status, "detail": read.detail}
         if status != self.store_status:
             self.store_status = status
@@ -422,11 +464,32 @@ class Feed:
             del self.requests[old]
         if changed:
             self.publish({"type": "requests", "requests": changed})
+        self._add_preferences(read)
+
+    def _add_preferences(self, read: StoreRead) -> None:
+        changed = []
+        for r in read.preferences:
+            if self.preferences.get(r["id"]) != r:
+                self.preferences[r["id"]] = r
+                changed.append(r)
+            self.last_preference_id = max(self.last_preference_id or 0, r["id"])
+        if self.last_preference_id is None:
+            self.last_preference_id = read.after_preference
+        for old in sorted(self.preferences)[:-KEEP_PREFERENCES]:
+            del self.preferences[old]
+        if changed:
+            self.publish({"type": "preferences", "preferences": changed})
 
     def upsert_request(self, r: dict[str, Any]) -> None:
         """A request an action of this console just changed: every page sees it now."""
         self.requests[r["id"]] = r
         self.publish({"type": "requests", "requests": [r]})
+
+    def upsert_preference(self, r: dict[str, Any]) -> None:
+        """A preference query an answer from this console just changed (or found answered): every page sees it
+        now."""
+        self.preferences[r["id"]] = r
+        self.publish({"type": "preferences", "preferences": [r]})
 
     # -- what pages get ----------------------------------------------------------------------------------
 
@@ -467,4 +530,5 @@ class Feed:
         return {"type": "snapshot", "status": self.status(), "robots": self.robots_json(),
                 "trace": {r: list(d) for r, d in self.trace.items()}, "thresholds": dict(self.thresholds),
                 "alerts": list(self.alerts), "requests": [self.requests[i] for i in sorted(self.requests)],
+                "preferences": [self.preferences[i] for i in sorted(self.preferences)],
                 "swaps": list(self.swaps), "gains": list(self.gains), "events": list(self.events)}

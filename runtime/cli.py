@@ -56,6 +56,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vigil.training.cli", "train a policy from demonstrations (needs vigil[train])"),
     "calibrate": ("vigil.training.cli", "calibrate a flow_ensemble bundle's VFD monitor on nominal rollouts"),
     "eval": ("vigil.sim.cli", "evaluate a bundle on tasks, conditions and seeds, serially or on Ray (a fleet)"),
+    "prefs": ("vigil.prefs.cli", "operator preference queries: list, show, answer (and learn a reward from them)"),
 }
 EXTRAS = {"vigil.sim.cli": "vigil[sim]", "vigil.training.cli": "vigil[train]",  # what their modules need
           "vigil.console.cli": "vigil[console]"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
+import os
 import tomllib
 import types
 import urllib.parse
@@ -119,6 +120,10 @@ class ServeConfig:
     record_rotate_mb: float = field(default=256.0, metadata={
         "help": "an episode's recording goes on in a new file once its file has passed this many MB",
         "group": "recording"})
+    reward: str = field(default="", metadata={
+        "help": "a learned reward model folder (vigil prefs train): score every finished episode and publish the "
+                "predicted return and its std on the operator stream (event episode_scored); empty: off",
+        "group": "recording"})
     foxglove_ws: int = field(default=0, metadata={
         "help": "also serve what is recorded live to Foxglove on ws://127.0.0.1:PORT (needs vigil[record]; works "
                 "without --record); 0: off", "group": "recording"})
@@ -180,6 +185,8 @@ class ServeConfig:
             raise bad("record_rotate_mb", "a finite number > 0 (MB)")
         if type(self.foxglove_ws) is not int or not 0 <= self.foxglove_ws <= 65535:
             raise bad("foxglove_ws", "a tcp port 1..65535, or 0: off")
+        if self.reward and not os.path.isfile(os.path.join(self.reward, "reward.onnx")):
+            raise bad("reward", "a reward model folder with reward.onnx and reward.json (vigil prefs train)")
         if bool(self.curve_secret) != bool(self.curve_allow):
             missing = "curve_allow" if self.curve_secret else "curve_secret"
             raise ConfigError(f"config key {missing!r} must be set too: authentication needs the runtime's secret key "

@@ -35,6 +35,7 @@ from vigil.runtime.learning import GainWorker, LearnerHook
 from vigil.runtime.link import LinkSocket
 from vigil.runtime.planner import AsyncSettings, Planner, PlannerHook
 from vigil.runtime.reporting import Reporting
+from vigil.runtime.scoring import episode_scorer
 from vigil.runtime.session import Session, act_reply, check_spec, hello_options, plan_together, standard_monitors
 from vigil.runtime.telemetry import TelemetryHook
 from vigil.runtime.trace import TraceHook
@@ -87,7 +88,9 @@ class Runtime:
                             TelemetryHook(self, self.stream, config.telemetry_s),
                             *([TraceHook(self.stream)] if config.trace else []),
                             *([PlannerHook(self.planner)] if self.planner is not None else []),
-                            *([recorder(self)] if wants_recorder(self) else []), *hooks], self.counters)
+                            *([recorder(self)] if wants_recorder(self) else []),
+                            *([episode_scorer(config.reward, self.stream, self.counters)] if config.reward else []),
+                            *hooks], self.counters)
         self.control = None
         if config.control_endpoint:
             self.control = ControlChannel(self.ctx, config.control_endpoint, self.auth, alerts, self.stream,

@@ -45,14 +45,15 @@ SUBCOMMANDS = {
     "bundle": ["{lqr,encoder}", "--system", "--out", "--learner", "--prior", "--prior-std", "--seed", "--lam", "--g1",
                "--g2"],  # {lqr,encoder}: the positional `kind` with its choices
     "eval": ["--bundle", "--tasks", "--conditions", "--episodes", "--seed", "--max-steps", "--ray", "--address",
-             "--workers", "--out"],
+             "--workers", "--served", "--runtimes-per-node", "--out"],
     "calibrate": ["--bundle", "--tasks", "--episodes", "--seed", "--window", "--warn", "--alert", "--stop",
                   "--max-steps", "--ray", "--address", "--workers", "--failure", "--all-episodes", "--no-progress"],
 }
 
 TRAIN_SUBCOMMANDS = {  # `vigil train <kind> --help`
     "posttrain": ["--run", "--out", "--config", "--objective", "--iterations", "--episodes", "--seed", "--demos",
-                  "--calibration-episodes", "--calibration-all-episodes", "--no-progress"],
+                  "--calibration-episodes", "--calibration-all-episodes", "--no-progress", "--reward", "--workers",
+                  "--ray", "--address"],
     "flow": ["--config", "--demos", "--out", "--encoder", "--seed", "--tasks", "--rtc", "--no-progress"],
     "save-round": ["--run", "--old-demos", "--acquired", "--requests", "--out", "--config", "--steps", "--seed",
                    "--calibration-episodes", "--calibration-seed", "--calibration-max-steps",

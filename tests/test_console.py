@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import VIGIL, child_env, free_port, gain_of, graph_bundle, tcp_endpoint, wait_until
+from conftest import VIGIL, child_env, free_port, gain_of, graph_bundle, run_vigil, tcp_endpoint, wait_until
 
 from vigil.console.auth import new_token, write_token_file
 from vigil.runtime.launch import LOCAL_TCP
+from vigil.runtime.preferences import PreferenceStore
 from vigil.runtime.requests import RequestStore
 from vigil.runtime.store import AlertStore
 
@@ -502,3 +503,93 @@ def test_bad_flags_and_a_token_file_others_can_read_are_refused(tmp_path):
                            (["--bind", "nonsense"], "'bind' must be HOST:PORT")):
         r = subprocess.run([*VIGIL, "console", *args], capture_output=True, text=True, timeout=60, env=child_env())
         assert r.returncode == 2 and expected in r.stderr, r.stderr
+
+
+def preference_pool(folder: Path, camera: bool = False) -> list[str]:
+    """A pool of three attempts at reach-v3 of 6, 9 and 12 steps, written as the policy's attempts are
+    (state (T+1, 39) whose first three columns are the hand; rewards 1, 2 and 3 per step; success in the last
+    two steps); with `camera`, an 8x8 frame per step too. Their episode ids."""
+    from vigil.training.demos import DemoWriter, Episode
+
+    writer = DemoWriter(folder)
+    ids = []
+    for k, T in enumerate((6, 9, 12)):
+        state = np.zeros((T + 1, 39), np.float32)
+        state[:, :3] = np.linspace(0.0, 0.1 * (k + 1), T + 1)[:, None] * np.array([1.0, -1.0, 0.5])
+        obs = {"state": state}
+        if camera:
+            obs["image"] = np.full((T + 1, 8, 8, 3), 40 * k, np.uint8)
+        ids.append(writer.add(Episode(task="reach-v3", instruction="reach the goal", seed=k, observations=obs,
+                                      actions=np.zeros((T, 4), np.float32), rewards=np.full(T, k + 1.0, np.float32),
+                                      success=np.arange(T) >= T - 2, source="policy")))
+    return ids
+
+
+def test_preferences_compare_answer_once_and_a_late_click_is_refused(consoles, driver, tmp_path):
+    store = tmp_path / "alerts.db"
+    pool = preference_pool(tmp_path / "pool")
+    prefs = PreferenceStore(store)
+    prefs.add("reach-v3", tmp_path / "pool", pool[0], pool[1], "uncertainty", predicted=0.7)
+    prefs.add("reach-v3", tmp_path / "pool", pool[1], pool[2], "random")
+    prefs.close()
+    console = consoles(tcp_endpoint(), store)
+    driver.get(console.url)
+    fill(driver, "#operator", "carol")
+    rows = "return document.querySelectorAll('#prefs tr[data-pref-id]').length"
+    wait_until(lambda: dom(driver, rows) == 2, 20)
+
+    def lines(side: str) -> int:  # the hand's x, y and z over the steps
+        return dom(driver, f"return document.querySelectorAll('#pref-compare [data-side=\"{side}\"] polyline').length")
+
+    # query 1: both attempts drawn on one scale, with their steps, success and return; the operator prefers A
+    click(driver, '#prefs tr[data-pref-id="1"]')
+    wait_until(lambda: lines("a") == 3 and lines("b") == 3, 10)
+    assert "6 steps" in text_of(driver, '#pref-compare [data-side="a"]')
+    assert "return 6.000" in text_of(driver, '#pref-compare [data-side="a"]')
+    assert "9 steps" in text_of(driver, '#pref-compare [data-side="b"]')
+    assert "return 18.00" in text_of(driver, '#pref-compare [data-side="b"]')
+    click(driver, '#pref-compare button[data-answer="a"]')
+    wait_until(lambda: "answered by 'carol'" in text_of(driver, "#notice"), 10)
+    q1 = stored_preference(store, 1)
+    assert (q1.status, q1.answer, q1.by) == ("answered", "a", "carol")
+    wait_until(lambda: dom(driver, "return document.querySelector('#prefs tr[data-pref-id=\"1\"]').dataset.state")
+               == "answered", 10)
+
+    # queries added while the page is open appear without a reload: camera frames (PNG, decoded by the browser),
+    # and a pool that is not there (a message in the panel)
+    cams = preference_pool(tmp_path / "cams", camera=True)
+    prefs = PreferenceStore(store)
+    prefs.add("reach-v3", tmp_path / "cams", cams[0], cams[2], "drts")
+    prefs.add("reach-v3", tmp_path / "moved-away", "gone-1", "gone-2", "random")
+    prefs.close()
+    wait_until(lambda: dom(driver, rows) == 4, 20)
+    click(driver, '#prefs tr[data-pref-id="3"]')
+    frames = ("return [...document.querySelectorAll('#pref-compare [data-side=\"b\"] .frames img')]"
+              ".map(i => i.complete ? i.naturalWidth : -1)")
+    wait_until(lambda: dom(driver, frames) == [8] * 6, 10)
+    click(driver, '#prefs tr[data-pref-id="4"]')
+    wait_until(lambda: "no such dataset folder" in text_of(driver, '#pref-compare [data-side="b"]'), 10)
+
+    # query 2 answered from the command line while the page shows it: shown as answered, and a late click is
+    # refused with who answered and what; the store keeps the first answer
+    click(driver, '#prefs tr[data-pref-id="2"]')
+    wait_until(lambda: lines("a") == 3 and lines("b") == 3, 10)
+    r = run_vigil("prefs", "answer", "2", "b", "--by", "dave", "--store", str(store))
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: dom(driver, "return document.querySelector('#prefs tr[data-pref-id=\"2\"]').dataset.state")
+               == "answered", 20)
+    assert "answered by dave" in text_of(driver, "#pref-state")
+    click(driver, '#pref-compare button[data-answer="a"]')
+    wait_until(lambda: text_of(driver, "#notice").startswith("409"), 10)
+    assert "already answered by 'dave': b" in text_of(driver, "#notice")
+    wait_until(lambda: "already answered by 'dave': b" in text_of(driver, "#pref-msg"), 10)
+    q2 = stored_preference(store, 2)
+    assert (q2.answer, q2.by) == ("b", "dave")
+
+
+def stored_preference(store: Path, query_id: int):
+    s = PreferenceStore(store, readonly=True)
+    try:
+        return s.get(query_id)
+    finally:
+        s.close()

@@ -338,6 +338,9 @@ class PosttrainCommandConfig:
     calibration_all_episodes: bool = field(default=False, metadata={
         "help": "recalibrate on every rollout, not only the successful ones (a policy that rarely succeeds)"})
     progress: bool = field(default=True, metadata={"help": "no progress bars"})
+    reward: str | None = field(default=None, metadata={
+        "help": "a learned reward model folder (vigil prefs train): optimise its predicted return instead of the "
+                "simulator's (overrides)", "metavar": "DIR"})
     workers: int = field(default=1, metadata={
         "help": "play each iteration's rollouts on this many worker processes (1: in this process)"})
     ray: bool = field(default=False, metadata={"help": "play the rollouts on a local Ray of --workers CPUs"})
@@ -483,7 +486,7 @@ def _posttrain(args: argparse.Namespace) -> int:
 
     config = config_from_args(PosttrainCommandConfig, args)
     pt = load_config(config.config, objective=config.objective, iterations=config.iterations,
-                     episodes=config.episodes, seed=config.seed)
+                     episodes=config.episodes, seed=config.seed, reward=config.reward)
     try:
         out = posttrain_run(config.run, config.out, pt, config.demos, config.calibration_episodes,
                             progress=config.progress, log=lambda line: print(line, flush=True),

@@ -33,6 +33,7 @@ import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,10 @@ class PosttrainConfig:
     batch_size: int = 128
     seed: int = 0
     tasks: tuple[str, ...] = field(default_factory=tuple)  # default: the run's tasks
+    reward: str = ""                # a learned reward (`vigil prefs train` folder): its predicted return replaces the
+    #                                 simulator's in the objective (the evaluation still reports the simulator's)
+    pad_success: bool = False       # the simulator's return over the whole horizon: an episode ended early by a held
+    #                                 success keeps its last reward to max_steps (training/prefs.horizon_return)
 
     def check(self) -> PosttrainConfig:
         from vigil.runtime.config import ConfigError
@@ -97,6 +102,10 @@ class PosttrainConfig:
             raise bad("cost_budget", "a share of steps in [0, 1]")
         if self.expand_shift < 0:
             raise bad("expand_shift", "a number >= 0")
+        if self.reward and not (Path(self.reward) / "reward.onnx").exists():
+            raise bad("reward", "a reward model folder with reward.onnx (vigil prefs train)")
+        if self.reward and self.objective == "expand":
+            raise bad("reward", "empty for expand (its verifier is the simulator's success)")
         return self
 
 
@@ -175,6 +184,7 @@ class Attempt:
     over: int = 0       # steps above the speed limit
     steps: int = 0
     vfd0: float = 0.0   # VFD of the first plan
+    last_reward: float = 0.0
     paths: list[np.ndarray] = field(default_factory=list)   # ppo / gbpo: member 0's stochastic Euler path per plan
 
     @property
@@ -242,6 +252,7 @@ def play(ens, env, instr: torch.Tensor, seed: int, max_steps: int, speed_limit: 
         r = env.step(queue.pop(0))
         out.steps += 1
         out.ret += float(r.reward)
+        out.last_reward = float(r.reward)
         out.success = out.success or float(r.info.get("success", 0.0)) >= 1.0
         new = np.asarray(r.obs["state"][:3], float)
         out.over += int(np.linalg.norm(new - hand) * rate_hz > speed_limit)
@@ -336,6 +347,24 @@ def collect(ens, tasks: Sequence[str], seeds: Sequence[int], encoder, cfg: Postt
     return out
 
 
+def objective_returns(attempts: Sequence[Attempt], cfg: PosttrainConfig, instr_of: Mapping[str, np.ndarray]
+                      ) -> np.ndarray:
+    """The returns the objective optimises: the simulator's (padded to the horizon with `pad_success`), or a learned
+    reward's prediction from what the policy saw and did (policies/reward.py, the runtime's own scorer)."""
+    if not cfg.reward:
+        return np.array([a.ret + (cfg.max_steps - a.steps) * a.last_reward if cfg.pad_success else a.ret
+                         for a in attempts])
+    from vigil.policies.reward import RewardScorer
+
+    scorer = RewardScorer(cfg.reward)
+    out = []
+    for a in attempts:
+        execute = max(1, len(a.chunks[0]) // 2)
+        acts = np.stack([np.clip(c, -1.0, 1.0)[:execute].mean(0) for c in a.chunks])
+        out.append(scorer.score_plans(np.stack(a.obs), instr_of[a.task], acts).ret)
+    return np.array(out)
+
+
 def summary(attempts: Sequence[Attempt], alpha: float = 0.1) -> dict[str, float]:
     """Mean success and return, left-CVaR of returns at alpha (per-task standardised too), mean safety cost."""
     rets = np.array([a.ret for a in attempts])
@@ -393,7 +422,7 @@ def iterate(ens, cfg: PosttrainConfig, flow_cfg, encoder, tasks: Sequence[str], 
         return new, {**row, "loss": float(np.mean(hist["loss"][-50:]))}
 
     attempts = collect(ens, tasks, seeds, encoder, cfg, progress=progress, backend=backend)
-    rets = np.array([a.ret for a in attempts])
+    rets = objective_returns(attempts, cfg, instr_of)
     task_of = [a.task for a in attempts]
     z = standardise_per_task(rets, task_of)
     row.update(summary(attempts))
@@ -546,7 +575,6 @@ def posttrain_run(run_dir, out_dir, config: PosttrainConfig, demos=None, calibra
     import json
     import time
     from datetime import UTC, datetime
-    from pathlib import Path
 
     from vigil.policies.instructions import InstructionEncoder
     from vigil.training.calibrate import calibrate_bundle

@@ -24,6 +24,7 @@ const token = () => localStorage.getItem(TOKEN_KEY) || "";
 const S = {
   robots: [], trace: {}, thresholds: {}, alerts: new Map(), requests: new Map(), swaps: new Map(), gains: [],
   events: [], status: null, console: {}, policy: "", live: false, form: null, rowMsg: {}, newAlerts: new Set(),
+  preferences: new Map(), prefSelected: null, prefDetail: null, prefMsg: null,
 };
 
 const $ = (sel) => document.querySelector(sel);
@@ -84,10 +85,11 @@ function render() {
   const parts = [...dirty];
   dirty.clear();
   const renderers = { status: renderStatus, robots: renderRobots, traces: renderTraces, alerts: renderAlerts,
-    requests: renderRequests, swaps: renderSwaps, gains: renderGains, events: renderEvents };
+    requests: renderRequests, preferences: renderPreferences, swaps: renderSwaps, gains: renderGains,
+    events: renderEvents };
   for (const p of parts) renderers[p]();
 }
-const ALL = ["status", "robots", "traces", "alerts", "requests", "swaps", "gains", "events"];
+const ALL = ["status", "robots", "traces", "alerts", "requests", "preferences", "swaps", "gains", "events"];
 
 function renderStatus() {
   const st = S.status;
@@ -312,6 +314,170 @@ async function send(id, action, values) {
   mark("requests");
 }
 
+// -- preference queries: which of two attempts at the same task was better ---------------------------------
+
+const ANSWER_LABELS = { a: "A better", b: "B better", tie: "tie", unsure: "cannot tell" };
+const ANSWERED_LISTED = 20;  // answered queries listed under the open ones, newest first
+const HAND = ["x", "y", "z"];
+
+function prefDetail(p) {
+  return p.status === "answered" ? `answered by ${p.by}: ${ANSWER_LABELS[p.answer] || p.answer}` : "";
+}
+
+let prefsShown = "";
+function renderPreferences() {
+  const all = [...S.preferences.values()];
+  const open = all.filter((p) => p.status === "open").sort((a, b) => a.id - b.id);
+  const answered = all.filter((p) => p.status !== "open").sort((a, b) => b.id - a.id).slice(0, ANSWERED_LISTED);
+  const rows = [...open, ...answered];
+  const selected = S.preferences.get(S.prefSelected);
+  const d = S.prefDetail;
+  // re-render only on a change: the attempts are redrawn from scratch
+  const shown = JSON.stringify([rows.map((p) => [p.id, p.status, p.answer, p.by]), S.prefSelected,
+    selected && [selected.status, selected.answer, selected.by], d && [d.id, !!d.loading, d.error || ""], S.prefMsg]);
+  if (shown === prefsShown) return;
+  prefsShown = shown;
+  $("#prefs tbody").replaceChildren(...rows.map((p) => el("tr", {
+    dataset: { prefId: p.id, state: p.status }, class: p.id === S.prefSelected ? "selected" : "",
+    onclick: () => selectPreference(p.id) },
+  el("td", { class: "num" }, String(p.id)), el("td", {}, clock(p.t_ns / 1e9)), el("td", {}, p.status),
+  el("td", {}, p.task), el("td", {}, p.rule), el("td", { class: "num" }, String(p.batch)),
+  el("td", { class: "num" }, p.predicted === null ? "–" : Number(p.predicted).toFixed(2)),
+  el("td", {}, prefDetail(p)))));
+  $("#prefs-empty").hidden = rows.length > 0;
+  $("#prefs-info").textContent = all.length ? `${open.length} open` : "";
+  renderCompare();
+}
+
+function renderCompare() {
+  const box = $("#pref-compare");
+  const id = S.prefSelected;
+  if (id === null) {
+    box.replaceChildren(S.preferences.size ? el("p", { class: "hint" }, "Select a query to compare its two attempts.") : "");
+    return;
+  }
+  const p = S.preferences.get(id);
+  const d = S.prefDetail && S.prefDetail.id === id ? S.prefDetail : null;
+  const head = el("h3", {}, `query #${id}`, p ? `: ${p.task} (rule ${p.rule}, batch ${p.batch})` : "");
+  const state = el("p", { id: "pref-state", dataset: { state: p ? p.status : "" } },
+    !p ? "" : p.status === "answered" ? `${prefDetail(p)}. An answer is final.` : "Open: which attempt was better?");
+  let body;
+  if (!d || d.loading) {
+    body = el("p", { class: "hint" }, "loading the attempts…");
+  } else if (d.error) {
+    body = el("p", { class: "msg-error", dataset: { error: "query" } }, d.error);
+  } else {
+    const scale = handScale([d.attempts.a, d.attempts.b]);
+    body = el("div", { class: "attempts" }, attemptCard("a", d.attempts.a, scale), attemptCard("b", d.attempts.b, scale));
+  }
+  const buttons = el("div", { class: "pref-answers" },
+    ...Object.entries(ANSWER_LABELS).map(([answer, label]) => el("button", { type: "button", dataset: { answer },
+      onclick: () => answerPreference(id, answer) }, label)),
+    el("button", { type: "button", id: "pref-next", onclick: nextPreference }, "next open query"));
+  const m = S.prefMsg && S.prefMsg.id === id ? S.prefMsg : null;
+  box.replaceChildren(head, state, body, buttons, m ? el("p", { id: "pref-msg", class: `msg-${m.kind}` }, m.text) : "");
+}
+
+function attemptCard(side, a, scale) {
+  const name = side.toUpperCase();
+  const card = el("div", { class: "attempt", dataset: { side } }, el("h4", {}, `${name}: ${a.id}`));
+  if (a.error) {
+    card.append(el("p", { class: "msg-error", dataset: { error: side } }, a.error));
+    return card;
+  }
+  const success = a.success ? `success (after step ${a.success_step + 1})` : "no success";
+  card.append(el("p", { class: "info" }, `${a.steps} steps · ${success} · return ${fmt(a.return, 4)}`));
+  if (a.frames.length) {
+    card.append(el("div", { class: "frames" }, ...a.frames.map((src, i) => el("img", { src,
+      alt: `${name} at step ${a.frame_steps[i]}`, title: `step ${a.frame_steps[i]}` }))));
+  } else if (a.hand) {
+    card.append(drawHand(side, a, scale));
+  } else {
+    card.append(el("p", { class: "hint" }, a.note || "nothing to draw"));
+  }
+  return card;
+}
+
+function handScale(attempts) {
+  // one scale for both attempts, so that the two plots compare at a glance
+  let t = 1, lo = Infinity, hi = -Infinity;
+  for (const a of attempts) {
+    if (!a || !a.hand) continue;
+    t = Math.max(t, a.steps);
+    for (const p of a.hand) for (const v of p) if (typeof v === "number") { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+  }
+  if (!(hi > lo)) { lo = (Number.isFinite(lo) ? lo : 0) - 1; hi = lo + 2; }
+  const pad = 0.05 * (hi - lo);
+  return { t, lo: lo - pad, hi: hi + pad };
+}
+
+function drawHand(side, a, scale) {
+  const W = 380, H = 150, L = 34, R = 24, B = 14;
+  const x = (t) => L + (t / scale.t) * (W - L - R);
+  const y = (v) => 4 + (1 - (v - scale.lo) / (scale.hi - scale.lo)) * (H - B - 8);
+  const chart = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img",
+    "aria-label": `hand position of attempt ${side.toUpperCase()} over its steps` });
+  const label = (text, attrs) => { const t = svg("text", attrs); t.textContent = text; chart.append(t); };
+  label(fmt(scale.hi), { x: 2, y: 12 });
+  label("hand", { x: W - R - 2, y: 10 });
+  label(fmt(scale.lo), { x: 2, y: H - B - 4 });
+  label("step 0", { x: L, y: H - 3 });
+  label(`${scale.t}`, { x: W - R - 12, y: H - 3 });
+  chart.append(svg("line", { x1: L, x2: L, y1: 4, y2: H - B - 4, stroke: "#ccc" }));
+  if (a.success_step !== null && a.success_step !== undefined) {
+    chart.append(svg("line", { class: "success-mark", x1: x(a.success_step + 1), x2: x(a.success_step + 1), y1: 4,
+      y2: H - B - 4 }));
+  }
+  HAND.forEach((axis, k) => {
+    const pts = [];
+    a.hand.forEach((p, i) => { if (typeof p[k] === "number") pts.push(`${x(a.hand_steps[i]).toFixed(1)},${y(p[k]).toFixed(1)}`); });
+    if (!pts.length) return;
+    chart.append(svg("polyline", { class: `hand-${axis}`, points: pts.join(" ") }));
+    label(axis, { x: W - R + 6, y: 22 + 11 * k, class: `hand-${axis}` });
+  });
+  return chart;
+}
+
+async function selectPreference(id) {
+  S.prefSelected = id;
+  S.prefDetail = { id, loading: true };
+  mark("preferences");
+  let status, body;
+  try {
+    const res = await fetch(`/api/preferences/${id}`, { headers: { "X-Vigil-Token": token() } });
+    status = res.status;
+    body = await res.json().catch(() => ({ error: res.statusText }));
+  } catch (err) {
+    status = 0;
+    body = { error: `the console did not answer (${err})` };
+  }
+  if (S.prefSelected !== id) return;  // another query was selected meanwhile
+  S.prefDetail = status === 200 ? { id, attempts: body.attempts } : { id, error: `${status || "no answer"}: ${body.error || "refused"}` };
+  if (body.preference) S.preferences.set(id, body.preference);
+  mark("preferences");
+}
+
+function nextPreference() {
+  const open = [...S.preferences.values()].filter((p) => p.status === "open" && p.id !== S.prefSelected)
+    .sort((a, b) => a.id - b.id);
+  if (open.length) selectPreference(open[0].id);
+  else notice("no open preference query left", "ok");
+}
+
+async function answerPreference(id, answer) {
+  const { status, body } = await post(`/api/preferences/${id}/answer`, { by: operator(), answer });
+  if (status === 200) {
+    notice(body.message, "ok");
+    S.prefMsg = { id, kind: "ok", text: body.message };
+  } else {
+    const text = `${status || "no answer"}: ${body.error || "refused"}`;
+    notice(text, "error");
+    S.prefMsg = { id, kind: "error", text };
+  }
+  if (body.preference) S.preferences.set(body.preference.id, body.preference);
+  mark("preferences");
+}
+
 $("#swap-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   const bundle = $("#swap-bundle").value.trim();
@@ -375,6 +541,7 @@ function onMessage(msg) {
       S.policy = msg.status.policy; S.console = msg.console || {};
       S.alerts = new Map(msg.alerts.map((a) => [a.id || `0-${a.t_ns}`, a]));
       S.requests = new Map(msg.requests.map((r) => [r.id, r]));
+      S.preferences = new Map((msg.preferences || []).map((p) => [p.id, p]));
       S.swaps = new Map(msg.swaps.map((s) => [s.id, s]));
       S.gains = msg.gains; S.events = msg.events;
       mark(...ALL);
@@ -399,6 +566,10 @@ function onMessage(msg) {
     case "requests":
       for (const r of msg.requests) S.requests.set(r.id, r);
       mark("requests");
+      break;
+    case "preferences":
+      for (const p of msg.preferences) S.preferences.set(p.id, p);
+      mark("preferences");
       break;
     case "swap":
       S.swaps.set(msg.swap.id, msg.swap); mark("swaps");
