@@ -108,6 +108,10 @@ def loop(job: tuple[str, str, int, str], sel: dict, held: dict):
     hp = heldout_pairs(held["tasks"])
     true_u = held["ret"]  # accuracy is always against the true order of returns, whoever answered
     truth = (true_u[hp[:, 0]] > true_u[hp[:, 1]]).astype(float)
+    true_spread = spreads(held["ret"], held["tasks"])
+    held_gap = np.abs(true_u[hp[:, 0]] - true_u[hp[:, 1]]) / np.array([true_spread[t] for t in held["tasks"][hp[:, 0]]])
+    decisive = held_gap > 0.5  # pairs whose true returns differ by more than half the task's spread
+    sel_spread = spreads(sel["ret"], sel["tasks"])
     u_h = ann.utility(held["ret"], held["steps"])
     hs = np.array([spreads(u_h, held["tasks"])[t] for t in held["tasks"][hp[:, 0]]])
     y_held = ann.answer(u_h[hp[:, 0]], u_h[hp[:, 1]], hs, np.random.default_rng([seed, 5]))
@@ -121,8 +125,12 @@ def loop(job: tuple[str, str, int, str], sel: dict, held: dict):
         y = np.concatenate([y, ann.answer(u_sel[new[:, 0]], u_sel[new[:, 1]], sp[new[:, 0]], arng)])
         fitted = RM.fit(sel["x"], P, y, cfg)
         prob = fitted.prob(held["x"], hp)
+        scale = np.array([sel_spread[t] for t in sel["tasks"][P[:, 0]]])
+        gap = np.abs(sel["ret"][P[:, 0]] - sel["ret"][P[:, 1]]) / scale  # how far apart the asked pairs truly are
         yield len(P), fitted, {"queries": len(P), "accuracy": RM.accuracy(prob, truth),
-                               "nll": RM.nll(prob, y_held), "ece": RM.ece(prob, y_held)}
+                               "decisive": RM.accuracy(prob[decisive], truth[decisive]),
+                               "nll": RM.nll(prob, y_held), "ece": RM.ece(prob, y_held),
+                               "asked_gap": float(np.median(gap))}
         if len(P) >= BUDGET:
             return
         chosen += PR.select_batch(rule, fitted.samples(sel["x"]), groups, BATCH, rng, asked, start=len(chosen))
@@ -256,8 +264,9 @@ def report(res: list[dict], down: list[dict], run: dict, seconds: float) -> str:
             acc, ece_, nll_ = (_curve(res, r, m, key=k) for k in ("accuracy", "ece", "nll"))
             if not len(acc):
                 continue
+            dec, gap = (_curve(res, r, m, key=k) for k in ("decisive", "asked_gap"))
             rows.append({"rule": r, "method": m, "acc": acc[:, -1], "ece": ece_[:, -1], "nll": nll_[:, -1],
-                         "auc": acc.mean(1)})
+                         "auc": acc.mean(1), "dec": dec[:, -1], "gap": gap[:, -1]})
     order_acc = np.argsort(np.argsort([-x["acc"].mean() for x in rows]))
     order_nll = np.argsort(np.argsort([x["nll"].mean() for x in rows]))
     for x, a, b in zip(rows, order_acc, order_nll, strict=True):
@@ -277,13 +286,15 @@ def report(res: list[dict], down: list[dict], run: dict, seconds: float) -> str:
              f"every batch, up to {BUDGET}; the operator is Bradley–Terry over the true return (temperature 0.1 "
              f"of the task's return spread). Seeds: {len(seeds)}. Accuracy: held-out pairs ordered as the true "
              "return orders them; NLL and ECE: the stated P(A better) against the simulated operator's answers on "
-             "the held-out pairs.", "",
+             "the held-out pairs. Decisive pairs: held-out pairs whose true returns differ by more than half the "
+             "task's spread. True gap: median |R(A) - R(B)| of the pairs asked, in task spreads.", "",
              f"### Ranking at {BUDGET} answers (accuracy and NLL ranks averaged; mean ± std over seeds)", "",
-             "| rank | rule | uncertainty | accuracy | accuracy, mean over the curve | NLL | ECE |",
-             "|---:|---|---|---:|---:|---:|---:|"]
+             "| rank | rule | uncertainty | accuracy | accuracy, mean over the curve | accuracy, decisive pairs | "
+             "NLL | ECE | asked pairs' true gap |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for x in rows:
         lines.append(f"| {x['rank']:.1f} | {x['rule']} | {x['method']} | {ms(x['acc'])} | {ms(x['auc'])} | "
-                     f"{ms(x['nll'])} | {ms(x['ece'])} |")
+                     f"{ms(x['dec'])} | {ms(x['nll'])} | {ms(x['ece'])} | {ms(x['gap'], '{:.2f}')} |")
     lines += ["", "### Target: reach random selection's final accuracy with a third of its queries", "",
               "| uncertainty | random's accuracy at 200 | DRTS needs | DeltaUCB needs | uncertainty sampling needs |"
               " DTS needs |", "|---|---:|---:|---:|---:|---:|"]

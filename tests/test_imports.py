@@ -149,13 +149,13 @@ def test_onboard_source_imports_no_module_by_name_except_the_command_dispatch():
 
 
 def test_the_command_table_names_only_command_modules():
-    """What main() may import by name: the onboard commands' own module, sim/cli.py, training/cli.py and
-    console/cli.py."""
+    """What main() may import by name: the onboard commands' own module, sim/cli.py, training/cli.py,
+    console/cli.py and prefs/cli.py."""
     from vigil.runtime.cli import COMMANDS
     from vigil.runtime.cli import ONBOARD as ONBOARD_CLI
 
     assert {module for module, _ in COMMANDS.values()} == {ONBOARD_CLI, "vigil.sim.cli", "vigil.training.cli",
-                                                           "vigil.console.cli"}
+                                                           "vigil.console.cli", "vigil.prefs.cli"}
 
 
 def test_the_recording_is_the_only_module_loaded_by_name_from_the_runtime():
@@ -300,3 +300,13 @@ def test_serve_serving_a_bundle_loads_nothing_else(tmp_path, lqr_bundle, baselin
     result = json.loads(out.strip().splitlines()[-1])
     assert result["rc"] == 0
     assert_onboard_only(result, baseline)
+
+
+def test_prefs_answering_loads_no_training_code():
+    """`vigil prefs list | show | answer` run on an operator's computer with the base install: prefs/cli.py and
+    its learning subcommands' parsers (prefs/learn.py) import no torch, simulator or training code."""
+    code = ("import sys; import vigil.prefs.cli; "
+            "bad = [m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith(('vigil.training', "
+            "'vigil.sim'))]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
