@@ -68,6 +68,7 @@ class Hello:
     pipeline: int = 0  # messages we may have waiting at the runtime (0: a runtime that does not say)
     clock_synced: bool = False  # the runtime dates our observations from our t_ns
     session_expiry_s: float = 0.0
+    transitions: bool = False  # the runtime records our transitions (we asked in hello, it has a log)
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ class RobotLink:
         self.hello_reply = Hello(str(m["policy"]), m["manifest"], str(m["mode"]), float(m["deadline_ms"]),
                                  float(m["heartbeat_s"]), safe, float(m.get("link_timeout_s", 0.0)),
                                  int(m.get("pipeline", 0)), bool(m.get("clock_synced", False)),
-                                 float(m.get("session_expiry_s", 0.0)))
+                                 float(m.get("session_expiry_s", 0.0)), bool(m.get("transitions", False)))
         self.runtime_bye = None
         return self.hello_reply
 
@@ -268,7 +269,8 @@ class RobotLink:
 
     # -- the robot contract (docs/protocol.md §9-§11) ---------------------------------------------------
 
-    def step(self, obs: Mapping[str, np.ndarray], deadline_s: float, *, resume_s: float = 0.5) -> Reply:
+    def step(self, obs: Mapping[str, np.ndarray], deadline_s: float, *, resume_s: float = 0.5,
+             outcome: Mapping[str, Any] | None = None) -> Reply:
         """Send one observation and return what to apply within `deadline_s` of the call: the runtime's
         action if its answer to this observation came in time, else the safe action (see `Reply.fallback`).
 
@@ -277,12 +279,14 @@ class RobotLink:
         the caller's pace does not depend on the failure. On `no_session` the session is resumed (hello and
         the episode's reset again, at most `resume_s` more) and this tick gets the safe action."""
         start = time.perf_counter()
-        return self._await(self.send_obs(obs), start + deadline_s, resume_s)
+        return self._await(self.send_obs(obs, outcome), start + deadline_s, resume_s)
 
-    def send_obs(self, obs: Mapping[str, np.ndarray]) -> int:
-        """The first half of `step`: send an observation without waiting; its seq (sent or not)."""
+    def send_obs(self, obs: Mapping[str, np.ndarray], outcome: Mapping[str, Any] | None = None) -> int:
+        """The first half of `step`: send an observation without waiting; its seq (sent or not). `outcome`: the
+        previous action's `reward`, and whether this observation is `terminated` or `truncated` (robots that
+        negotiated `transitions` in hello, docs/protocol.md §7.2)."""
         seq, t_send = self.next_seq(), time.perf_counter()
-        sent = self.sock is not None and self.send(Message("obs", self.robot, seq, 0, obs))
+        sent = self.sock is not None and self.send(Message("obs", self.robot, seq, 0, obs, dict(outcome or {})))
         if self.sock is None:
             self.unsent += 1
         self._sent[seq] = t_send if sent else None

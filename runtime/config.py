@@ -120,6 +120,12 @@ class ServeConfig:
     record_rotate_mb: float = field(default=256.0, metadata={
         "help": "an episode's recording goes on in a new file once its file has passed this many MB",
         "group": "recording"})
+    transitions: str = field(default="", metadata={
+        "help": "SQLite file to log robots' transitions into (robots that ask in hello report reward, terminated, "
+                "truncated with each observation; vigil learn reads it); empty: off", "group": "learning"})
+    transitions_queue: int = field(default=100_000, metadata={
+        "help": "transitions waiting for the log's writer at most; beyond, one is dropped and counted (the loop "
+                "never waits)", "group": "learning"})
     reward: str = field(default="", metadata={
         "help": "a learned reward model folder (vigil prefs train): score every finished episode and publish the "
                 "predicted return and its std on the operator stream (event episode_scored); empty: off",
@@ -185,6 +191,8 @@ class ServeConfig:
             raise bad("record_rotate_mb", "a finite number > 0 (MB)")
         if type(self.foxglove_ws) is not int or not 0 <= self.foxglove_ws <= 65535:
             raise bad("foxglove_ws", "a tcp port 1..65535, or 0: off")
+        if type(self.transitions_queue) is not int or self.transitions_queue < 1:
+            raise bad("transitions_queue", "an integer >= 1")
         if self.reward and not os.path.isfile(os.path.join(self.reward, "reward.onnx")):
             raise bad("reward", "a reward model folder with reward.onnx and reward.json (vigil prefs train)")
         if bool(self.curve_secret) != bool(self.curve_allow):

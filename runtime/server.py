@@ -39,6 +39,7 @@ from vigil.runtime.scoring import episode_scorer
 from vigil.runtime.session import Session, act_reply, check_spec, hello_options, plan_together, standard_monitors
 from vigil.runtime.telemetry import TelemetryHook
 from vigil.runtime.trace import TraceHook
+from vigil.runtime.transitions import TransitionHook, TransitionLog, outcome_of
 from vigil.wire.protocol import (
     Layout,
     Message,
@@ -83,6 +84,9 @@ class Runtime:
         # --execution async: one worker plans for every robot (runtime/planner.py); sessions drive it
         self.planner = Planner(on_done=self.wake) if config.execution == "async" else None
         self._async = AsyncSettings.from_config(config) if self.planner is not None else None
+        # --transitions FILE: robots that ask report rewards; transitions go to a durable log off the loop
+        self.transition_log = TransitionLog(config.transitions, config.transitions_queue) if config.transitions \
+            else None
         self.hooks = Hooks([alerts, self.reporting.request_hook,
                             LearnerHook(GainWorker(on_done=self.wake), alerts, self.stream, self.counters),
                             TelemetryHook(self, self.stream, config.telemetry_s),
@@ -90,6 +94,7 @@ class Runtime:
                             *([PlannerHook(self.planner)] if self.planner is not None else []),
                             *([recorder(self)] if wants_recorder(self) else []),
                             *([episode_scorer(config.reward, self.stream, self.counters)] if config.reward else []),
+                            *([TransitionHook(self.transition_log, self.counters)] if self.transition_log else []),
                             *hooks], self.counters)
         self.control = None
         if config.control_endpoint:
@@ -227,6 +232,8 @@ class Runtime:
     def _on_obs(self, identity: bytes, msg: Message, t_recv: float) -> None:
         session = self._session(identity, msg)
         session.check(msg.arrays)
+        if msg.meta and session.info.get("transitions"):
+            outcome_of(msg.meta)  # a malformed outcome is refused before the tick, like a malformed array
         self._touch(session)
         decision = session.on_obs(msg.arrays, msg.seq, t_recv)
         self._send(identity, act_reply(session.robot, msg.seq, decision))
@@ -243,6 +250,9 @@ class Runtime:
             raise ProtocolError("bad_header", "hello must name the robot (header key 'robot')")
         declared = check_spec(msg.meta.get("spec"), self.manifest)
         pipeline, synced = hello_options(msg.meta, self.config.pipeline, self._local)
+        if type(msg.meta.get("transitions", False)) is not bool:
+            raise ProtocolError("bad_header", "hello key 'transitions' must be a bool")
+        transitions = bool(msg.meta.get("transitions")) and self.transition_log is not None
         previous = self.by_identity.get(identity)
         if previous is not None and previous.robot != robot:  # one connection, one robot: the first one leaves
             self._forget(previous, "disconnected")
@@ -263,6 +273,7 @@ class Runtime:
                               settings=self._async)
             self.sessions[robot] = session
         session.pipeline, session.clock_synced = pipeline, synced
+        session.info["transitions"] = transitions  # negotiated: asked for, and this runtime has a log
         self.inbox.set_depth(identity, pipeline)
         self.by_identity[identity] = session
         self.hooks.emit("on_hello", session, resumed)
@@ -270,7 +281,8 @@ class Runtime:
             "policy": self.manifest.policy_id, "manifest": self.manifest.to_dict(), "mode": self.config.mode,
             "deadline_ms": self.deadline_s * 1e3, "heartbeat_s": self.config.heartbeat_s,
             "link_timeout_s": self.config.link_timeout_s, "pipeline": pipeline, "clock_synced": synced,
-            "session_expiry_s": self.config.session_expiry_s, "execution": session.execution_mode})))
+            "session_expiry_s": self.config.session_expiry_s, "execution": session.execution_mode,
+            "transitions": transitions})))
 
     def _on_reset(self, identity: bytes, msg: Message, t_recv: float) -> None:
         session = self._session(identity, msg)
@@ -392,6 +404,8 @@ class Runtime:
         if self.control is not None:
             self.control.close()
         self.reporting.close()
+        if self.transition_log is not None:
+            self.transition_log.close()
         if self.auth is not None:
             self.auth.close()
         os.close(self._wake_r)

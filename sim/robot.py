@@ -43,6 +43,9 @@ class SimConfig:
     # lockstep: how long to wait for an action before applying the safe one
     act_timeout_s: float = field(default=1.0, metadata={
         "help": "lockstep: seconds to wait for an action", "flag": "--act-timeout"})
+    transitions: bool = field(default=False, metadata={
+        "help": "report each action's reward and the episode's end with the next observation, so a runtime with "
+                "--transitions logs transitions for a learner (vigil learn)"})
     keys: ClientKeys | None = None  # CURVE keys for an authenticating runtime (runtime/auth.py); no flag
 
     def __post_init__(self) -> None:
@@ -93,7 +96,8 @@ def run_episodes(env: Environment, cfg: SimConfig, faults: Faults = NO_FAULTS,
     """Connect as `cfg.robot`, run `cfg.episodes` episodes of `cfg.steps` steps, say bye. Episodes are numbered
     from `first_episode` in `reset` (a fleet robot numbers them by their place in its evaluation)."""
     link = RobotLink(cfg.endpoint, cfg.robot, keys=cfg.keys)
-    hello = link.hello(env.observation_spec, env.action_spec, env=env.name)
+    hello = link.hello(env.observation_spec, env.action_spec, env=env.name,
+                       **({"transitions": True} if cfg.transitions else {}))
     rate = cfg.rate_hz or env.control_rate_hz
     rng = np.random.default_rng(cfg.seed + 10_000)
     results = []
@@ -107,16 +111,21 @@ def run_episodes(env: Environment, cfg: SimConfig, faults: Faults = NO_FAULTS,
             link.reset(episode=first_episode + ep, task=env.name, seed=seed,
                        **({"instruction": instruction} if instruction is not None else {}),
                        **({"sim": recipe(seed)} if recipe is not None else {}))
-            done = False
+            done, outcome = False, None
             while stats.steps < cfg.steps and not done:
                 t = stats.steps
                 if t == faults.disconnect_at:
                     obs, done = _outage(env, link, hello.safe_action, faults.disconnect_s, rate, cfg.steps, stats, obs)
+                    outcome = None  # what happened during the outage is not the policy's doing
                     continue
-                action = _exchange(link, faults.corrupt(obs, t, rng), faults, t, rng, cfg, rate, stats)
-                obs, done = _apply(env, action, stats)
+                action = _exchange(link, faults.corrupt(obs, t, rng), faults, t, rng, cfg, rate, stats,
+                                   outcome if hello.transitions else None)
+                obs, done, outcome = _apply(env, action, stats)
                 if on_step is not None:
                     on_step(stats)
+            if hello.transitions and outcome is not None:  # the last observation: the episode's last transition
+                outcome["truncated"] = outcome["truncated"] or not outcome["terminated"]
+                link.step(obs, cfg.act_timeout_s, outcome=outcome)  # its action is not applied
             if isinstance(env, LinearEnv):
                 K, J = oracle(env.system)
                 stats.oracle_cost = rollout_cost(env.system, K, env.noise[: stats.steps])
@@ -128,17 +137,20 @@ def run_episodes(env: Environment, cfg: SimConfig, faults: Faults = NO_FAULTS,
 
 
 def _apply(env: Environment, action: np.ndarray, stats: EpisodeStats):
+    """Apply the action: (next observation, done, the outcome the next observation reports)."""
     result = env.step(action)
     stats.steps += 1
     stats.reward += result.reward
     stats.cost += float(result.info.get("cost", 0.0))
     if "success" in result.info:
         stats.success = bool(stats.success) or bool(result.info["success"])
-    return result.obs, result.terminated or result.truncated
+    outcome = {"reward": float(result.reward), "terminated": bool(result.terminated),
+               "truncated": bool(result.truncated)}
+    return result.obs, result.terminated or result.truncated, outcome
 
 
 def _exchange(link: RobotLink, obs, faults: Faults, t: int, rng: np.random.Generator, cfg: SimConfig,
-              rate: float, stats: EpisodeStats) -> np.ndarray:
+              rate: float, stats: EpisodeStats, outcome: dict | None = None) -> np.ndarray:
     """Send one observation and return the action to apply (the safe one if none usable arrives): realtime
     waits for the rest of the period and sleeps out what is left of it; lockstep waits up to act_timeout_s."""
     t0 = time.perf_counter()
@@ -149,7 +161,7 @@ def _exchange(link: RobotLink, obs, faults: Faults, t: int, rng: np.random.Gener
     if faults.dropped(t, rng):  # lost on the way: the robot waits for an answer that cannot come
         reply = link.await_reply(link.next_seq(), wait_until - time.perf_counter(), resume_s=resume_s)
     else:
-        reply = link.step(obs, wait_until - time.perf_counter(), resume_s=resume_s)
+        reply = link.step(obs, wait_until - time.perf_counter(), resume_s=resume_s, outcome=outcome)
     if cfg.mode == "realtime" and (left := wait_until - time.perf_counter()) > 0:
         time.sleep(left)  # keep the robot's clock
     stats.resumed += link.resumed - resumed
@@ -182,7 +194,7 @@ def _outage(env: Environment, link: RobotLink, safe: np.ndarray, seconds: float,
     done = False
     while time.perf_counter() < t_end:
         if stats.steps < max_steps and not done:
-            obs, done = _apply(env, safe, stats)
+            obs, done, _ = _apply(env, safe, stats)
             stats.robot_safe += 1
         time.sleep(1.0 / rate)
     for _ in range(50):
