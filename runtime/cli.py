@@ -55,6 +55,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demos": ("vigil.training.cli", "record and list demonstration datasets (Meta-World scripted experts)"),
     "train": ("vigil.training.cli", "train a policy from demonstrations (needs vigil[train])"),
     "calibrate": ("vigil.training.cli", "calibrate a flow_ensemble bundle's VFD monitor on nominal rollouts"),
+    "learn": ("vigil.training.cli", "the off-board learner: trains on a runtime's transitions, hot-swaps its policy"),
     "eval": ("vigil.sim.cli", "evaluate a bundle on tasks, conditions and seeds, serially or on Ray (a fleet)"),
     "prefs": ("vigil.prefs.cli", "operator preference queries: list, show, answer (and learn a reward from them)"),
 }

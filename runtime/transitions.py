@@ -166,11 +166,11 @@ def _blob(x: np.ndarray) -> bytes:
 
 def read_after(path: str | Path, after_id: int = 0, limit: int = 100_000) -> dict[str, np.ndarray]:
     """Rows with id > after_id, in order, as arrays: id, robot, episode, step, obs, action, reward, next_obs,
-    terminated, truncated (what a learner needs; `vigil learn` keeps `id[-1]` as its cursor)."""
+    terminated, truncated, policy (what a learner needs; `vigil learn` keeps `id[-1]` as its cursor)."""
     db = open_db(Path(path), SCHEMA, readonly=True, timeout=5.0)
     try:
-        rows = db.execute("SELECT id, robot, episode, step, obs, action, reward, next_obs, terminated, truncated "
-                          "FROM transitions WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+        rows = db.execute("SELECT id, robot, episode, step, obs, action, reward, next_obs, terminated, truncated, "
+                          "policy FROM transitions WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
     finally:
         db.close()
 
@@ -181,7 +181,7 @@ def read_after(path: str | Path, after_id: int = 0, limit: int = 100_000) -> dic
             "episode": np.array([r[2] for r in rows], np.int64), "step": np.array([r[3] for r in rows], np.int64),
             "obs": arr(4), "action": arr(5), "reward": np.array([r[6] for r in rows], np.float32),
             "next_obs": arr(7), "terminated": np.array([bool(r[8]) for r in rows]),
-            "truncated": np.array([bool(r[9]) for r in rows])}
+            "truncated": np.array([bool(r[9]) for r in rows]), "policy": np.array([r[10] for r in rows])}
 
 
 class TransitionHook(Hook):

@@ -453,10 +453,44 @@ def _train_parser(t: argparse.ArgumentParser) -> None:
                         "gaussian bundle in OUT/bundle."), RLTrainConfig)
 
 
+    add_flags(tsub.add_parser(
+        "sac", help="off-policy RL (SAC) in simulation: what `vigil learn` warm-starts from",
+        description="Train soft actor-critic in simulation (training/sac.py, docs/online_rl.md); writes sac.pt (what "
+                    "`vigil learn --warm-start` loads) and the gaussian bundle OUT/bundle the runtime serves first."),
+        SacTrainConfig)
+
+
+@dataclass(frozen=True)
+class SacTrainConfig:
+    out: str = field(metadata={"help": "output folder (created)"})
+    env: str = field(default="Pendulum-v1", metadata={"help": "gymnasium environment id"})
+    steps: int = field(default=20_000, metadata={"help": "environment steps"})
+    seed: int = field(default=0, metadata={"help": "seed"})
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("steps", self.steps >= 1, "an integer >= 1")])
+
+
+def _train_sac(args: argparse.Namespace) -> int:
+    from gymnasium.error import Error as GymError
+
+    from vigil.training.learn import pretrain
+
+    c = config_from_args(SacTrainConfig, args)
+    try:
+        res = pretrain(c.env, c.steps, c.out, c.seed, progress=c.progress)
+    except (ValueError, OSError, GymError) as exc:
+        print(f"vigil train sac: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": c.out, "episodes": len(res["returns"]), "final_return": res["final"]}), flush=True)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Run `vigil train <kind>`; a config error names the subcommand."""
     run = {"flow": _train_flow, "save-round": _save_round, "lqr": _train_lqr, "bpo": _train_rl, "ppo": _train_rl,
-           "posttrain": _posttrain}
+           "posttrain": _posttrain, "sac": _train_sac}
     try:
         return run[args.kind](args)
     except ConfigError as exc:
@@ -620,7 +654,36 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _learn_parser(p: argparse.ArgumentParser) -> None:
+    p.description = ("The off-board learner (training/learn.py, docs/online_rl.md): reads the runtime's transitions "
+                     "(vigil serve --transitions), trains SAC, and every --every updates exports the actor and "
+                     "hot-swaps it into the runtime (--control), with provenance; a swap whose episodes do worse "
+                     "than the policy before it is rolled back. Restarted, it resumes from OUT/checkpoint.pt and "
+                     "the durable log. SIGINT or SIGTERM: checkpoint and stop.")
+    from vigil.training.learn import LearnConfig
+
+    add_flags(p, LearnConfig)
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from vigil.runtime.cliargs import stop_on_signals
+    from vigil.training.learn import LearnConfig, Learner
+
+    try:
+        config = config_from_args(LearnConfig, args)
+        learner = Learner(config, log=lambda line: print(line, flush=True))
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"vigil learn: {exc}", file=sys.stderr)
+        return 2
+    stop = stop_on_signals()
+    learner.run(stop=lambda: bool(stop))
+    print(json.dumps({"updates": learner.sac.updates, "transitions": learner.read, "swaps": len(learner.swaps),
+                      "cursor": learner.cursor}), flush=True)
+    return 0
+
+
 PARSERS: dict[str, Command] = {
+    "learn": (_learn_parser, cmd_learn),
     "bundle": (_bundle_parser, cmd_bundle),
     "demos": (_demos_parser, cmd_demos),
     "train": (_train_parser, cmd_train),

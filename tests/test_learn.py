@@ -1,0 +1,92 @@
+"""`vigil learn` (issue 22, item 2): an off-board SAC learner on a runtime's transition log, hot-swapping what it
+serves with provenance; a restart resumes from the checkpoint and the durable log without reading a transition
+twice; a swap whose episodes do worse than the policy before it is rolled back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_vigil
+
+from vigil.runtime.client import RobotLink
+from vigil.sim.envs import GymEnv
+
+pytest.importorskip("gymnasium")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    from vigil.training.learn import pretrain
+
+    out = tmp_path_factory.mktemp("sac")
+    pretrain("Pendulum-v1", 1100, out, seed=0, progress=False)  # 1000 random steps, 100 updates: a start
+    return out
+
+
+def policy_served(endpoint: str) -> str:
+    env = GymEnv("Pendulum-v1")
+    link = RobotLink(endpoint, "probe")
+    try:
+        return link.hello(env.observation_spec, env.action_spec).policy
+    finally:
+        link.close()
+        env.close()
+
+
+def learn(*args: str):
+    r = run_vigil("learn", *args, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_learner_swaps_resumes_and_reads_each_transition_once(pretrained, serve, tmp_path):
+    log, out = tmp_path / "transitions.db", tmp_path / "learner"
+    served = serve(pretrained / "bundle", transitions=str(log), control_endpoint="tcp://127.0.0.1:0")
+    first_policy = policy_served(served.robot_endpoint)
+    sim = ["sim", "--connect", served.robot_endpoint, "--system", "Pendulum-v1", "--steps", "100", "--transitions"]
+    assert run_vigil(*sim, "--episodes", "4", timeout=120).returncode == 0
+    common = ["--transitions", str(log), "--bundle", str(pretrained / "bundle"), "--out", str(out),
+              "--control", served.control_endpoint, "--warm-start", str(pretrained / "sac.pt"),
+              "--learning-starts", "100", "--every", "100", "--poll-s", "0.05", "--rollback-episodes", "100"]
+    _, summary = learn(*common, "--max-updates", "200")
+    assert summary == {"updates": 200, "transitions": 400, "swaps": 2, "cursor": summary["cursor"]}
+    now = policy_served(served.robot_endpoint)
+    assert now != first_policy and now.startswith("sac-Pendulum-v1-s0-online-u200@")  # the runtime serves it
+    manifest = json.loads((out / "bundles" / "u00000200" / "manifest.json").read_text())
+    assert manifest["provenance"]["updates"] == 200 and manifest["provenance"]["transitions"] == 400
+
+    # the learner stopped; the robot went on under the last swapped-in policy; a restart resumes
+    assert run_vigil(*sim, "--episodes", "1", timeout=120).returncode == 0
+    r, summary = learn(*common, "--max-updates", "300")
+    assert "resumed at update 200" in r.stdout
+    assert summary["updates"] == 300 and summary["transitions"] == 500 and summary["swaps"] == 3
+    rows = [json.loads(line) for line in (out / "learn.jsonl").read_text().splitlines()]
+    assert [row["swap"]["updates"] for row in rows] == [100, 200, 300] and all(row["swap"]["ok"] for row in rows)
+
+
+def test_a_swap_that_does_worse_is_rolled_back(pretrained, tmp_path):
+    from vigil.training.learn import LearnConfig, Learner
+
+    learner = Learner(LearnConfig(transitions=str(tmp_path / "none.db"), bundle=str(pretrained / "bundle"),
+                                  out=str(tmp_path / "l"), rollback_episodes=3, rollback_drop=0.2), log=lambda _: None)
+    old_bundle = learner.current
+    new_bundle = learner.export()
+    learner.swap_in(new_bundle)  # no control channel: recorded as swapped
+    old, new = learner.policy_of[old_bundle], learner.policy_of[new_bundle]
+    learner.episodes.by_policy = {old: [-100.0, -110.0, -105.0], new: [-150.0, -160.0]}
+    learner.judge()
+    assert learner.current == new_bundle  # two episodes: not judged yet
+    learner.episodes.by_policy[new].append(-155.0)
+    learner.judge()
+    assert learner.current == old_bundle and learner.swaps[-1]["why"].startswith("rollback")
+    learner.judge()  # judged once: no swapping back and forth
+    assert len(learner.swaps) == 2
+    good = learner.export()
+    learner.swap_in(good)
+    learner.episodes.by_policy[learner.policy_of[good]] = [-90.0, -95.0, -99.0]
+    learner.judge()
+    assert learner.current == good  # better than before: kept
+    assert np.isfinite(list(learner.returns().values())).all()

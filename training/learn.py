@@ -1,0 +1,284 @@
+"""`vigil learn`: an off-board learner that trains on the runtime's transitions and hot-swaps the policy it serves.
+
+    vigil serve --bundle runs/hopper/bundle --transitions transitions.db --control-endpoint tcp://127.0.0.1:5557
+    vigil sim --system Hopper-v5 --mode realtime --transitions --episodes 1000
+    vigil learn --transitions transitions.db --control tcp://127.0.0.1:5557 --bundle runs/hopper/bundle \\
+        --warm-start runs/hopper/sac.pt --out runs/hopper-online
+
+The loop, one pass per poll:
+  1. read the transitions after the cursor (runtime/transitions.py: each once, in order) into the replay;
+  2. make `utd` SAC updates per new transition (training/sac.py), once the replay holds `learning_starts`;
+  3. every `every` updates: export the actor as a gaussian bundle (provenance: updates, transitions, parent) and
+     swap it in through the runtime's control channel; checkpoint everything, cursor included (atomically);
+  4. watch the returns of the episodes each policy played: when the K episodes after a swap average less than
+     the previous policy's last K by more than `rollback_drop` of its magnitude, swap the previous bundle back.
+
+The runtime keeps its monitors and its deadline safe action whatever the learner does. A learner that dies leaves
+the robot under the last policy it swapped in (the runtime holds it); restarted, it loads its checkpoint and
+reads the durable log from the start into its replay, then goes on from its cursor: nothing read twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vigil.runtime.transitions import read_after
+from vigil.training.sac import SAC, Replay, SACConfig
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """What `vigil learn` reads, where it swaps, and the study's knobs (docs/online_rl.md)."""
+
+    transitions: str = field(metadata={"help": "the runtime's transition log (vigil serve --transitions)"})
+    bundle: str = field(metadata={"help": "the bundle the runtime starts with (its spec and action bounds)"})
+    out: str = field(metadata={"help": "the learner's folder: checkpoint.pt, bundles/, learn.jsonl"})
+    control: str = field(default="", metadata={
+        "help": "the runtime's control endpoint to swap on (empty: export bundles, swap nothing)"})
+    warm_start: str = field(default="", metadata={
+        "help": "a checkpoint (vigil learn, or a simulation pretraining) whose actor starts the learner"})
+    seed_replay: str = field(default="", metadata={
+        "help": "another transition log (simulation data, or earlier trials) loaded into the replay first"})
+    utd: float = field(default=1.0, metadata={"help": "SAC updates per new transition (update-to-data ratio)"})
+    every: int = field(default=1000, metadata={"help": "updates between swaps"})
+    learning_starts: int = field(default=1000, metadata={"help": "transitions in the replay before updates begin"})
+    critic_warmup: int = field(default=0, metadata={
+        "help": "updates with the actor frozen while the critics learn the new data (after a warm start)"})
+    rollback_episodes: int = field(default=5, metadata={"help": "episodes after a swap that judge it (K)"})
+    rollback_drop: float = field(default=0.2, metadata={
+        "help": "roll back when the K episodes after a swap average below the previous policy's last K by more "
+                "than this share of its magnitude"})
+    max_updates: int = field(default=0, metadata={"help": "stop after this many updates (0: run until stopped)"})
+    poll_s: float = field(default=0.2, metadata={"help": "seconds between reads of the log when idle"})
+    seed: int = field(default=0, metadata={"help": "seed of the learner"})
+
+    def __post_init__(self) -> None:
+        from vigil.runtime.config import check_fields
+
+        check_fields(self, [("utd", 0 < self.utd < math.inf, "a finite number > 0"),
+                            ("every", self.every >= 1, "an integer >= 1"),
+                            ("learning_starts", self.learning_starts >= 1, "an integer >= 1"),
+                            ("rollback_episodes", self.rollback_episodes >= 1, "an integer >= 1"),
+                            ("rollback_drop", self.rollback_drop >= 0, "a number >= 0"),
+                            ("max_updates", self.max_updates >= 0, "an integer >= 0")])
+
+
+class Episodes:
+    """Returns of finished episodes, by the policy that played them (from the transitions' policy column)."""
+
+    def __init__(self) -> None:
+        self.running: dict[tuple[str, int], float] = {}
+        self.by_policy: dict[str, list[float]] = {}
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        for r, e, rew, term, trunc, pol in zip(rows["robot"], rows["episode"], rows["reward"], rows["terminated"],
+                                               rows["truncated"], rows["policy"], strict=True):
+            key = (str(r), int(e))
+            self.running[key] = self.running.get(key, 0.0) + float(rew)
+            if term or trunc:
+                self.by_policy.setdefault(str(pol), []).append(self.running.pop(key))
+
+
+class Learner:
+    def __init__(self, cfg: LearnConfig, sac_cfg: SACConfig | None = None, log: Callable[[str], None] = print):
+        from vigil.policies.manifest import read_manifest
+
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.out)
+        (self.out / "bundles").mkdir(parents=True, exist_ok=True)
+        m = read_manifest(Path(cfg.bundle))
+        self.manifest = m
+        self.obs_dim = int(np.prod(m.observation[0].shape))
+        self.act_dim = int(np.prod(m.action.shape))
+        low = np.asarray(m.action.low if m.action.low is not None else [-1.0] * self.act_dim, np.float32)
+        high = np.asarray(m.action.high if m.action.high is not None else [1.0] * self.act_dim, np.float32)
+        self.sac = SAC(self.obs_dim, self.act_dim, low, high,
+                       sac_cfg or SACConfig(seed=cfg.seed, critic_warmup=cfg.critic_warmup))
+        self.replay = Replay(self.obs_dim, self.act_dim)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.episodes = Episodes()
+        self.cursor, self.read, self.credit = 0, 0, 0.0
+        self.current, self.previous = str(Path(cfg.bundle).resolve()), ""
+        self.policy_of: dict[str, str] = {self.current: m.policy_id}
+        self.swaps: list[dict[str, Any]] = []
+        self.judged: set[str] = set()
+        self._resume_or_start()
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    def _resume_or_start(self) -> None:
+        ck = self.out / "checkpoint.pt"
+        if ck.exists():  # a restart: the checkpoint, then the durable log up to its cursor into the replay
+            state = torch.load(ck, weights_only=False)  # our own file
+            self.sac.load(state["sac"])
+            self.cursor, self.read = int(state["cursor"]), int(state["read"])
+            self.current, self.previous = state["current"], state["previous"]
+            self.policy_of, self.swaps, self.judged = state["policy_of"], state["swaps"], set(state["judged"])
+            self._load_log(self.cfg.seed_replay, None)
+            self._load_log(self.cfg.transitions, self.cursor)
+            self.log(f"resumed at update {self.sac.updates}, cursor {self.cursor}, replay {self.replay.size}")
+            return
+        if self.cfg.warm_start:
+            self.sac.load(torch.load(self.cfg.warm_start, weights_only=False)["sac"], actor_only=True)
+        self._load_log(self.cfg.seed_replay, None)
+
+    def _load_log(self, path: str, upto: int | None) -> None:
+        if not path or not Path(path).exists():
+            return
+        after = 0
+        while True:
+            rows = read_after(path, after, 50_000)
+            if upto is not None:
+                keep = rows["id"] <= upto
+                rows = {k: v[keep] for k, v in rows.items()}
+            if not len(rows["id"]):
+                return
+            self.replay.add(rows["obs"], rows["action"], rows["reward"], rows["next_obs"], rows["terminated"])
+            if path == self.cfg.transitions:
+                self.episodes.add(rows)
+            after = int(rows["id"][-1])
+
+    def checkpoint(self) -> None:
+        tmp = self.out / "checkpoint.pt.tmp"
+        torch.save({"sac": self.sac.state(), "cursor": self.cursor, "read": self.read, "current": self.current,
+                    "previous": self.previous, "policy_of": self.policy_of, "swaps": self.swaps,
+                    "judged": sorted(self.judged), "config": asdict(self.cfg)}, tmp)
+        os.replace(tmp, self.out / "checkpoint.pt")  # a crash mid-write leaves the previous checkpoint whole
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """One pass: read, update, maybe swap, maybe roll back. Returns how many transitions were new."""
+        rows = read_after(self.cfg.transitions, self.cursor, 10_000)
+        n = len(rows["id"])
+        if n:
+            self.replay.add(rows["obs"], rows["action"], rows["reward"], rows["next_obs"], rows["terminated"])
+            self.episodes.add(rows)
+            self.cursor, self.read = int(rows["id"][-1]), self.read + n
+        if self.replay.size >= self.cfg.learning_starts:
+            self.credit += self.cfg.utd * n
+            while self.credit >= 1 and not self.done():
+                self.sac.update(self.replay.sample(self.sac.cfg.batch_size, self.rng))
+                self.credit -= 1
+                if self.sac.updates % self.cfg.every == 0:
+                    self.swap_in(self.export())
+        self.judge()
+        return n
+
+    def done(self) -> bool:
+        return bool(self.cfg.max_updates) and self.sac.updates >= self.cfg.max_updates
+
+    def export(self) -> str:
+        from vigil.training.export import export_gaussian
+
+        folder = self.out / "bundles" / f"u{self.sac.updates:08d}"
+        prov = {"method": "sac (vigil learn)", "updates": self.sac.updates, "transitions": self.read,
+                "cursor": self.cursor, "parent": self.current, "config": asdict(self.cfg)}
+        m = self.manifest
+        manifest = export_gaussian(folder, f"{m.name.split('@')[0]}-online-u{self.sac.updates}",
+                                   copy_actor(self.sac.actor), self.obs_dim, m.action.low, m.action.high,
+                                   m.control_rate_hz, prov=prov)
+        self.policy_of[str(folder.resolve())] = manifest.policy_id
+        return str(folder.resolve())
+
+    def swap_in(self, bundle: str, why: str = "update") -> None:
+        answer: dict[str, Any] = {"ok": True}
+        if self.cfg.control:
+            from vigil.runtime.client import ControlLink, LinkError
+
+            try:
+                answer = ControlLink(self.cfg.control).swap(bundle, timeout_s=60)
+            except LinkError as exc:  # the runtime is away: it keeps its policy; try again at the next swap
+                answer = {"ok": False, "reason": str(exc)}
+        record = {"t": time.time(), "updates": self.sac.updates, "bundle": bundle, "why": why,
+                  "ok": bool(answer.get("ok")), "reason": answer.get("reason", "")}
+        self.swaps.append(record)
+        if record["ok"]:
+            self.previous, self.current = self.current, bundle
+        self.log(json.dumps({"swap": record}))
+        with open(self.out / "learn.jsonl", "a") as fh:
+            fh.write(json.dumps({"swap": record, "returns": self.returns()}) + "\n")
+        self.checkpoint()
+
+    def returns(self) -> dict[str, float]:
+        return {p: float(np.mean(r[-self.cfg.rollback_episodes:])) for p, r in self.episodes.by_policy.items() if r}
+
+    def judge(self) -> None:
+        """Roll back a swap whose first K episodes did worse than the policy before it."""
+        cur, prev = self.policy_of.get(self.current), self.policy_of.get(self.previous)
+        if not prev or cur in self.judged:
+            return
+        now, before = self.episodes.by_policy.get(cur, []), self.episodes.by_policy.get(prev, [])
+        K = self.cfg.rollback_episodes
+        if len(now) < K or not before:
+            return
+        self.judged.add(cur)
+        new, old = float(np.mean(now[:K])), float(np.mean(before[-K:]))
+        if new < old - self.cfg.rollback_drop * abs(old):
+            self.log(f"rollback: {cur} averaged {new:.1f} over {K} episodes against {old:.1f} before it")
+            self.judged.add(prev)  # the bundle we return to was judged before
+            self.swap_in(self.previous, why=f"rollback: {new:.1f} < {old:.1f}")
+
+    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+        while not stop() and not self.done():
+            if not self.step():
+                time.sleep(self.cfg.poll_s)
+        self.checkpoint()
+
+
+def copy_actor(actor):
+    import copy
+
+    return copy.deepcopy(actor).cpu().eval()
+
+
+def pretrain(env_id: str, steps: int, out: str | Path, seed: int = 0, sac_cfg: SACConfig | None = None,
+             env_kwargs: dict | None = None, progress: bool = True) -> dict[str, Any]:
+    """SAC in simulation (gymnasium, in process): the checkpoint a learner warm-starts from, and a gaussian bundle
+    the runtime serves first. Returns the final episodes' mean return."""
+    import gymnasium as gym
+    from tqdm import tqdm
+
+    from vigil.training.export import export_gaussian
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = gym.make(env_id, **(env_kwargs or {}))
+    low, high = env.action_space.low, env.action_space.high
+    obs_dim, act_dim = int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape))
+    sac = SAC(obs_dim, act_dim, low, high, sac_cfg or SACConfig(seed=seed))
+    replay, rng = Replay(obs_dim, act_dim), np.random.default_rng(seed)
+    obs, _ = env.reset(seed=seed)
+    ret, returns = 0.0, []
+    for t in tqdm(range(steps), desc=f"sac {env_id}", disable=not progress):
+        if t < 1000:
+            a = env.action_space.sample()
+        else:
+            with torch.no_grad():
+                a = sac.actor.sample(torch.as_tensor(obs, dtype=torch.float32)[None])[0][0].numpy()
+        nxt, r, term, trunc, _ = env.step(a)
+        replay.add([obs], [a], [r], [nxt], [term])
+        ret += r
+        obs = nxt
+        if term or trunc:
+            returns.append(ret)
+            ret = 0.0
+            obs, _ = env.reset()
+        if t >= 1000:
+            sac.update(replay.sample(sac.cfg.batch_size, rng))
+    rate = 1.0 / float(getattr(env.unwrapped, "dt", 0.02))
+    env.close()
+    torch.save({"sac": sac.state(), "env": env_id, "steps": steps}, out / "sac.pt")
+    export_gaussian(out / "bundle", f"sac-{env_id}-s{seed}", copy_actor(sac.actor), obs_dim, low, high, rate,
+                    prov={"method": "sac (simulation pretraining)", "env": env_id, "steps": steps, "seed": seed})
+    return {"returns": returns, "final": float(np.mean(returns[-10:])) if returns else float("nan")}
