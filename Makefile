@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-failure bench-posttrain bench-fleet bench-prefs bench-save bench-lqr \
+.PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-failure bench-posttrain bench-fleet bench-prefs bench-online-rl bench-save bench-lqr \
 	bench-lqr-loop bench-rl bench-soak bench-fairness bench-throughput bench-rtc bench-record bench-console clean
 
 $(BIN)/python:
@@ -116,6 +116,13 @@ bench-fleet: $(STAMP)
 # 25 minutes from scratch on 2 cores, resumable (bench-runs/prefs). Not part of `make bench`.
 bench-prefs: $(STAMP)
 	OMP_NUM_THREADS=1 PYTHONPATH=. $(BIN)/python -m bench.prefs
+
+# Online RL through the runtime (issue 22): SAC pretrained in nominal Hopper-v5, deployed into a heavier, slipperier,
+# weaker, one-step-late "real" Hopper through vigil serve with vigil learn swapping (bench/online_rl.py). About 30
+# minutes for one seed of the main arms; --ablations --seeds 3 runs the study's choices (hours). Resumable
+# (bench-runs/online_rl). Not part of `make bench`.
+bench-online-rl: $(STAMP)
+	OMP_NUM_THREADS=1 PYTHONPATH=. $(BIN)/python -m bench.online_rl
 
 # The SAVE experiment (issue 5): 10 seeds x 5 acquisition rules x 5 rounds; about 1.5 h on 2 cores;
 # resumable (outputs in bench-runs/save). Not part of `make bench`.

@@ -16,7 +16,7 @@ from pathlib import Path
 from vigil.runtime.cliargs import Command, client_keys, key_args, stop_on_signals
 from vigil.runtime.client import LinkError
 from vigil.runtime.config import add_flags, check_fields, config_from_args
-from vigil.sim.envs import make_env
+from vigil.sim.envs import Dynamics, make_env
 from vigil.sim.faults import Faults
 from vigil.sim.robot import SimConfig, run_episodes
 from vigil.sim.shifts import Shift
@@ -55,10 +55,16 @@ class SimScenario:
     instruction: str | None = field(default=None, metadata={
         "help": "send this instruction instead of the task's own (e.g. a held-out task's, on this task's scene)",
         "group": SHIFT})
+    gain: float = field(default=1.0, metadata={
+        "help": "scale of the actuators' gear: weaker or stronger motors (gymnasium MuJoCo tasks)", "group": SHIFT})
+    action_latency: int = field(default=0, metadata={
+        "help": "steps an action waits before it takes effect (gymnasium MuJoCo tasks)", "group": SHIFT})
 
     def __post_init__(self) -> None:
         check_fields(self, [
             ("env", bool(self.env), "an environment name"),
+            ("gain", 0 < self.gain < math.inf, "a finite number > 0"),
+            ("action_latency", self.action_latency >= 0, "an integer >= 0 (steps)"),
             ("obs_noise", 0 <= self.obs_noise < math.inf, "a finite number >= 0"),
             ("drop", 0 <= self.drop <= 1, "a probability in [0, 1]"),
             ("delay_ms", 0 <= self.delay_ms < math.inf, "a finite number >= 0 (milliseconds)"),
@@ -79,6 +85,9 @@ class SimScenario:
 
     def shift(self) -> Shift:
         return Shift(self.shift_positions, self.friction, self.mass)
+
+    def dynamics(self) -> Dynamics:
+        return Dynamics(gain=self.gain, latency=self.action_latency)
 
 
 def _indices(text: str) -> tuple[int, ...] | None:
@@ -103,7 +112,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     cfg = config_from_args(SimConfig, args, keys=client_keys(args, "sim"))
     shift, faults = scenario.shift(), scenario.faults()
     try:
-        env = make_env(scenario.env, horizon=cfg.steps, shift=shift)
+        env = make_env(scenario.env, horizon=cfg.steps, shift=shift, dynamics=scenario.dynamics())
     except ValueError as exc:
         print(f"vigil sim: {exc}", file=sys.stderr)
         return 2
@@ -113,7 +122,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
             return 2
         env.instruction = scenario.instruction
     print(f"vigil sim: {env.name} as {cfg.robot} -> {cfg.endpoint} ({cfg.mode}); faults: {faults.describe()}"
-          + (f"; shift: {shift.describe()}" if not shift.none else ""), flush=True)
+          + (f"; shift: {shift.describe()}" if not shift.none else "")
+          + (f"; dynamics: {env.dynamics.describe()}" if not getattr(env, "dynamics", Dynamics()).none else ""),
+          flush=True)
     try:
         episodes = run_episodes(env, cfg, faults)
     except LinkError as exc:

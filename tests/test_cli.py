@@ -27,8 +27,8 @@ SUBCOMMANDS = {
               "--log-level"],  # a switch that is on by default is turned off by --no-<key>
     "sim": ["--connect", "--system", "--robot", "--episodes", "--steps", "--seed", "--mode", "--rate", "--act-timeout",
             "--obs-noise", "--drop", "--delay-ms", "--disconnect-at", "--disconnect-s", "--fault-start",
-            "--fault-stop", "--noise-dims", "--shift-positions", "--friction", "--mass", "--instruction",
-            "--transitions", "--summary", "--key", "--server-key"],
+            "--fault-stop", "--noise-dims", "--shift-positions", "--friction", "--mass", "--instruction", "--gain",
+            "--action-latency", "--transitions", "--summary", "--key", "--server-key"],
     "alerts": ["--connect", "--store", "--since", "--follow", "--telemetry", "--json", "--timeout", "--key",
                "--server-key"],
     "requests": ["--store", "--status", "--task", "--since", "--json"],

@@ -54,6 +54,8 @@ class LearnConfig:
     learning_starts: int = field(default=1000, metadata={"help": "transitions in the replay before updates begin"})
     critic_warmup: int = field(default=0, metadata={
         "help": "updates with the actor frozen while the critics learn the new data (after a warm start)"})
+    truncation_terminal: bool = field(default=False, metadata={
+        "help": "treat a truncated episode (time limit) as terminal: no bootstrap (an ablation; off is right)"})
     rollback_episodes: int = field(default=5, metadata={"help": "episodes after a swap that judge it (K)"})
     rollback_drop: float = field(default=0.2, metadata={
         "help": "roll back when the K episodes after a swap average below the previous policy's last K by more "
@@ -143,10 +145,14 @@ class Learner:
                 rows = {k: v[keep] for k, v in rows.items()}
             if not len(rows["id"]):
                 return
-            self.replay.add(rows["obs"], rows["action"], rows["reward"], rows["next_obs"], rows["terminated"])
+            self.replay.add(rows["obs"], rows["action"], rows["reward"], rows["next_obs"], self._done(rows))
             if path == self.cfg.transitions:
                 self.episodes.add(rows)
             after = int(rows["id"][-1])
+
+    def _done(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        """No bootstrap past these: terminated transitions (and truncated ones, in the ablation)."""
+        return rows["terminated"] | rows["truncated"] if self.cfg.truncation_terminal else rows["terminated"]
 
     def checkpoint(self) -> None:
         tmp = self.out / "checkpoint.pt.tmp"
@@ -162,7 +168,7 @@ class Learner:
         rows = read_after(self.cfg.transitions, self.cursor, 10_000)
         n = len(rows["id"])
         if n:
-            self.replay.add(rows["obs"], rows["action"], rows["reward"], rows["next_obs"], rows["terminated"])
+            self.replay.add(rows["obs"], rows["action"], rows["reward"], rows["next_obs"], self._done(rows))
             self.episodes.add(rows)
             self.cursor, self.read = int(rows["id"][-1]), self.read + n
         if self.replay.size >= self.cfg.learning_starts:
@@ -243,42 +249,54 @@ def copy_actor(actor):
 
 
 def pretrain(env_id: str, steps: int, out: str | Path, seed: int = 0, sac_cfg: SACConfig | None = None,
-             env_kwargs: dict | None = None, progress: bool = True) -> dict[str, Any]:
-    """SAC in simulation (gymnasium, in process): the checkpoint a learner warm-starts from, and a gaussian bundle
-    the runtime serves first. Returns the final episodes' mean return."""
-    import gymnasium as gym
+             dynamics=None, progress: bool = True, log_transitions: bool = True) -> dict[str, Any]:
+    """SAC in simulation (in process): the checkpoint a learner warm-starts from (sac.pt), a gaussian bundle the
+    runtime serves first (bundle/), and the simulation's own transitions (sim.db, the runtime's log format) to
+    seed a learner's replay. `dynamics` (sim.envs.Dynamics) trains in a changed world instead (a reference).
+    Returns every episode's return."""
     from tqdm import tqdm
 
+    from vigil.runtime.transitions import Transition, TransitionLog
+    from vigil.sim.envs import GymEnv
     from vigil.training.export import export_gaussian
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    env = gym.make(env_id, **(env_kwargs or {}))
-    low, high = env.action_space.low, env.action_space.high
-    obs_dim, act_dim = int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape))
+    env = GymEnv(env_id, dynamics)
+    low, high = np.asarray(env.action_spec.low, np.float32), np.asarray(env.action_spec.high, np.float32)
+    obs_dim, act_dim = int(np.prod(env.observation_spec[0].shape)), int(np.prod(env.action_spec.shape))
     sac = SAC(obs_dim, act_dim, low, high, sac_cfg or SACConfig(seed=seed))
     replay, rng = Replay(obs_dim, act_dim), np.random.default_rng(seed)
-    obs, _ = env.reset(seed=seed)
-    ret, returns = 0.0, []
+    tlog = TransitionLog(out / "sim.db") if log_transitions else None
+    obs = env.reset(seed=seed)["state"]
+    ret, returns, episode, step = 0.0, [], 0, 0
     for t in tqdm(range(steps), desc=f"sac {env_id}", disable=not progress):
         if t < 1000:
-            a = env.action_space.sample()
+            a = rng.uniform(low, high).astype(np.float32)
         else:
             with torch.no_grad():
-                a = sac.actor.sample(torch.as_tensor(obs, dtype=torch.float32)[None])[0][0].numpy()
-        nxt, r, term, trunc, _ = env.step(a)
-        replay.add([obs], [a], [r], [nxt], [term])
-        ret += r
-        obs = nxt
-        if term or trunc:
+                a = sac.actor.sample(torch.as_tensor(obs)[None])[0][0].numpy()
+        res = env.step(a)
+        nxt = res.obs["state"]
+        replay.add([obs], [a], [res.reward], [nxt], [res.terminated])
+        if tlog is not None:
+            while not tlog.offer(Transition("sim", episode, step, "sim", obs, a, res.reward, nxt, res.terminated,
+                                            res.truncated)):
+                time.sleep(0.01)  # pretraining may wait for its own log
+        ret += res.reward
+        obs, step = nxt, step + 1
+        if res.terminated or res.truncated:
             returns.append(ret)
-            ret = 0.0
-            obs, _ = env.reset()
+            ret, episode, step = 0.0, episode + 1, 0
+            obs = env.reset()["state"]
         if t >= 1000:
             sac.update(replay.sample(sac.cfg.batch_size, rng))
-    rate = 1.0 / float(getattr(env.unwrapped, "dt", 0.02))
+    rate = env.control_rate_hz
     env.close()
+    if tlog is not None:
+        tlog.close(timeout_s=60)
     torch.save({"sac": sac.state(), "env": env_id, "steps": steps}, out / "sac.pt")
     export_gaussian(out / "bundle", f"sac-{env_id}-s{seed}", copy_actor(sac.actor), obs_dim, low, high, rate,
                     prov={"method": "sac (simulation pretraining)", "env": env_id, "steps": steps, "seed": seed})
+    (out / "returns.json").write_text(json.dumps(returns))
     return {"returns": returns, "final": float(np.mean(returns[-10:])) if returns else float("nan")}

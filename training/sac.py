@@ -103,7 +103,7 @@ class SAC:
         self.q_opt.zero_grad()
         q_loss.backward()
         self.q_opt.step()
-        out = {"q_loss": float(q_loss)}
+        out = {"q_loss": float(q_loss.detach())}
         if self.updates >= cfg.critic_warmup and self.updates % cfg.policy_frequency == 0:
             for _ in range(cfg.policy_frequency):
                 a, logp = self.actor.sample(b["obs"])
@@ -118,7 +118,7 @@ class SAC:
                     self.alpha_opt.zero_grad()
                     alpha_loss.backward()
                     self.alpha_opt.step()
-            out["actor_loss"] = float(actor_loss)
+            out["actor_loss"] = float(actor_loss.detach())
         with torch.no_grad():
             for net, tgt in ((self.q1, self.q1_target), (self.q2, self.q2_target)):
                 for p, tp in zip(net.parameters(), tgt.parameters(), strict=True):

@@ -1,0 +1,252 @@
+"""Simulation to "real" through the runtime (issue 22): pretrain in simulation, deploy into a changed world driven by
+a simulated robot in real time through `vigil serve`, learn online with `vigil learn`, and compare.
+
+    PYTHONPATH=. .venv/bin/python -m bench.online_rl                 # make bench-online-rl
+    PYTHONPATH=. .venv/bin/python -m bench.online_rl --ablations     # the study's choices, seeds x arms
+
+1. Pretrain SAC on nominal Hopper-v5 (in process); its checkpoint, bundle and transitions (sim.db).
+2. Reference: SAC trained as long in the "real" variant (the policy trained in that variant; the gap's top).
+3. Arms, each a real deployment: `vigil serve --transitions --control-endpoint` serving the start bundle, a
+   simulated robot in the "real" variant at the task's control rate (realtime, 125 Hz) reporting transitions,
+   and `vigil learn` swapping every `every` updates. The learning curve is every episode's return from the log,
+   against robot time and environment steps. Arms: online (warm start, replay seeded with simulation data),
+   from scratch (a random start, nothing seeded), and with --ablations one change at a time.
+4. The pretrained policy without learning, evaluated in the "real" variant (in process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import BENCH_RUNS, FIGURES, markers, pyplot, run_info, save_figure, write_benchmarks, written_by
+
+NAME = "online-rl"
+BEGIN, END = markers(NAME)
+OUT = BENCH_RUNS / "online_rl"
+ENV = "Hopper-v5"
+REAL = {"mass": 1.3, "friction": 0.7, "gain": 0.8, "latency": 1}  # heavier, slipperier, weaker, one step late
+DEFAULTS = {"warm_start": True, "seed_replay": True, "utd": 1.0, "critic_warmup": 0, "truncation_terminal": False}
+ABLATIONS = {
+    "online (defaults)": {},
+    "no warm start": {"warm_start": False},
+    "no simulation data in the replay": {"seed_replay": False},
+    "UTD 4": {"utd": 4.0},
+    "UTD 8": {"utd": 8.0},
+    "critic warm-up 2000 updates": {"critic_warmup": 2000},
+    "truncation as terminal": {"truncation_terminal": True},
+}
+
+
+def dynamics():
+    from vigil.sim.envs import Dynamics
+
+    return Dynamics(REAL["mass"], REAL["friction"], REAL["gain"], REAL["latency"])
+
+
+def pretrained(seed: int, steps: int, real: bool = False) -> Path:
+    from vigil.training.learn import pretrain
+
+    out = OUT / f"{'real' if real else 'sim'}-s{seed}"
+    if not (out / "returns.json").exists():
+        pretrain(ENV, steps, out, seed=seed, dynamics=dynamics() if real else None, log_transitions=not real)
+    return out
+
+
+def evaluate(bundle: Path, episodes: int = 10, seed: int = 1000) -> list[float]:
+    """The bundle in the "real" variant, in process (as the runtime plays a gaussian bundle: its mean action)."""
+    from vigil.policies.bundle import load_policy
+    from vigil.sim.envs import GymEnv
+
+    policy = load_policy(bundle, prefer_gpu=False)
+    env = GymEnv(ENV, dynamics())
+    out = []
+    for k in range(episodes):
+        obs, ret = env.reset(seed=seed + k), 0.0
+        for _ in range(1000):
+            action = np.clip(policy.infer(obs).actions[0], -1, 1)
+            r = env.step(action)
+            ret += r.reward
+            obs = r.obs
+            if r.terminated or r.truncated:
+                break
+        out.append(ret)
+    env.close()
+    return out
+
+
+def deploy(arm: str, change: dict, seed: int, sim_dir: Path, robot_steps: int, every: int) -> dict:
+    """One deployment: runtime + learner + robot in the "real" variant for `robot_steps` steps at 125 Hz."""
+    from vigil.runtime.launch import serving
+    from vigil.runtime.transitions import read_after
+    from vigil.sim.envs import GymEnv
+    from vigil.sim.robot import SimConfig, run_episodes
+
+    opts = {**DEFAULTS, **change}
+    work = OUT / "arms" / f"{arm.replace(' ', '_')}-s{seed}"
+    if (work / "result.json").exists():
+        return json.loads((work / "result.json").read_text())
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    start = sim_dir / "bundle"
+    if not opts["warm_start"]:  # a random actor: what a from-scratch learner would serve first
+        from vigil.training.learn import pretrain
+
+        pretrain(ENV, 1, work / "random", seed=seed, progress=False, log_transitions=False)
+        start = work / "random" / "bundle"
+    log = work / "transitions.db"
+    t0 = time.monotonic()
+    with serving(start, work / "serve", transitions=str(log), control_endpoint="tcp://127.0.0.1:0") as served:
+        cmd = [sys.executable, "-m", "vigil.runtime.cli", "learn", "--transitions", str(log), "--bundle", str(start),
+               "--out", str(work / "learner"), "--control", served.control_endpoint, "--every", str(every),
+               "--utd", str(opts["utd"]), "--critic-warmup", str(opts["critic_warmup"]), "--seed", str(seed),
+               "--learning-starts", "1000"]
+        if opts["warm_start"]:
+            cmd += ["--warm-start", str(sim_dir / "sac.pt")]
+        if opts["seed_replay"]:
+            cmd += ["--seed-replay", str(sim_dir / "sim.db")]
+        if opts["truncation_terminal"]:
+            cmd += ["--truncation-terminal"]
+        with open(work / "learn.out", "w") as fh:
+            learner = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        env, steps, k = GymEnv(ENV, dynamics()), 0, 0
+        deadline_verdicts = 0
+        try:
+            while steps < robot_steps:
+                stats = run_episodes(env, SimConfig(served.robot_endpoint, "hopper-real", 1, 1000, seed * 10_000 + k,
+                                                    "realtime", 125.0, 1.0, transitions=True))
+                steps += stats[0].steps
+                deadline_verdicts += sum(v for key, v in stats[0].verdicts.items() if key.startswith("deadline"))
+                k += 1
+        finally:
+            env.close()
+            learner.send_signal(signal.SIGINT)
+            try:
+                learner.wait(120)
+            except subprocess.TimeoutExpired:
+                learner.kill()
+        counters = served.stop()
+    rows = read_after(log)
+    returns, lengths, acc, running = [], [], 0.0, 0
+    for rew, term, trunc in zip(rows["reward"], rows["terminated"], rows["truncated"], strict=True):
+        acc += float(rew)
+        running += 1
+        if term or trunc:
+            returns.append(acc)
+            lengths.append(running)
+            acc, running = 0.0, 0
+    swaps = [json.loads(line)["swap"] for line in (work / "learner" / "learn.jsonl").read_text().splitlines()] \
+        if (work / "learner" / "learn.jsonl").exists() else []
+    result = {"arm": arm, "seed": seed, "returns": returns, "lengths": lengths, "wall_s": time.monotonic() - t0,
+              "swaps": len([s for s in swaps if s["ok"]]), "rollbacks": len([s for s in swaps
+                                                                             if s["why"].startswith("rollback")]),
+              "deadline_verdicts": deadline_verdicts, "runtime": {k: counters.get(k) for k in ("ticks",)}}
+    (work / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def curve(result: dict, bins: np.ndarray) -> np.ndarray:
+    """Mean return of the episodes ending in each bin of environment steps."""
+    ends = np.cumsum(result["lengths"])
+    rets = np.asarray(result["returns"])
+    out = np.full(len(bins) - 1, np.nan)
+    for i in range(len(bins) - 1):
+        m = (ends > bins[i]) & (ends <= bins[i + 1])
+        if m.any():
+            out[i] = rets[m].mean()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pretrain-steps", type=int, default=50_000)
+    ap.add_argument("--robot-steps", type=int, default=20_000, help="environment steps per deployment (125 Hz)")
+    ap.add_argument("--every", type=int, default=2000, help="updates between swaps")
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--ablations", action="store_true", help="every ablation arm too")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    arms = ABLATIONS if args.ablations else {"online (defaults)": {}}
+    arms = {**arms, "from scratch": {"warm_start": False, "seed_replay": False}}
+    results, refs = [], {}
+    for seed in range(args.seeds):
+        sim = pretrained(seed, args.pretrain_steps)
+        real = pretrained(seed, args.pretrain_steps, real=True)
+        refs[seed] = {"pretrained in the real variant": evaluate(sim / "bundle"),
+                      "trained in the real variant": evaluate(real / "bundle"),
+                      "pretrained, nominal simulation": json.loads((sim / "returns.json").read_text())[-10:]}
+        for arm, change in arms.items():
+            results.append(deploy(arm, change, seed, sim, args.robot_steps, args.every))
+            print(f"{arm} s{seed}: last 10 episodes {np.mean(results[-1]['returns'][-10:]):.0f}", flush=True)
+    text = report(results, refs, args, run_info(), time.monotonic() - t0)
+    print(text)
+    if not args.no_write:
+        plot(results, refs, args)
+        write_benchmarks(text, BEGIN, END)
+    return 0
+
+
+def report(results: list[dict], refs: dict, args, run: dict, seconds: float) -> str:
+    def ms(v):
+        v = np.asarray(v, float)
+        return f"{np.nanmean(v):.0f} ± {np.nanstd(v):.0f}" if len(v) else "–"
+
+    pre = [np.mean(r["pretrained in the real variant"]) for r in refs.values()]
+    top = [np.mean(r["trained in the real variant"]) for r in refs.values()]
+    nominal = [np.mean(r["pretrained, nominal simulation"]) for r in refs.values()]
+    minutes = args.robot_steps / 125 / 60
+    lines = [BEGIN, "## Online RL through the runtime: simulation to a changed \"real\" Hopper (issue 22)", "",
+             written_by(run, seconds=seconds),
+             f"- \"Real\" Hopper-v5: mass x{REAL['mass']}, friction x{REAL['friction']}, actuator gain "
+             f"x{REAL['gain']}, actions one step late. SAC pretrained {args.pretrain_steps} steps in nominal "
+             f"simulation; deployments of {args.robot_steps} robot steps ({minutes:.1f} min of robot time at 125 Hz, "
+             f"realtime) through `vigil serve`, `vigil learn` swapping every {args.every} updates. Seeds: "
+             f"{args.seeds}.", "",
+             "| policy | return (last 10 episodes) | gap closed |", "|---|---:|---:|",
+             f"| pretrained, in nominal simulation | {ms(nominal)} | |",
+             f"| pretrained, in the real variant (no learning) | {ms(pre)} | 0% |",
+             f"| trained {args.pretrain_steps} steps in the real variant (reference) | {ms(top)} | 100% |"]
+    gap = np.mean(top) - np.mean(pre)
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        rs = [r for r in results if r["arm"] == arm]
+        last = [np.mean(r["returns"][-10:]) for r in rs]
+        closed = (np.mean(last) - np.mean(pre)) / gap if gap > 0 else float("nan")
+        lines.append(f"| {arm}: swaps {sum(r['swaps'] for r in rs)}, rollbacks {sum(r['rollbacks'] for r in rs)}, "
+                     f"deadline verdicts {sum(r['deadline_verdicts'] for r in rs)} | {ms(last)} | {closed:.0%} |")
+    lines += ["", "Figure: docs/figures/online_rl.png (return against robot time).", END]
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], refs: dict, args) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(0, args.robot_steps, 21)
+    t = (bins[1:] / 125 / 60)
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        c = np.array([curve(r, bins) for r in results if r["arm"] == arm])
+        ax.plot(t, np.nanmean(c, 0), label=arm)
+    ax.axhline(np.mean([np.mean(r["pretrained in the real variant"]) for r in refs.values()]), ls="--", c="k",
+               lw=0.8, label="pretrained, no learning")
+    ax.axhline(np.mean([np.mean(r["trained in the real variant"]) for r in refs.values()]), ls=":", c="g",
+               lw=0.8, label="trained in the real variant")
+    ax.set_xlabel("robot time (min, 125 Hz)")
+    ax.set_ylabel("episode return")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, FIGURES / "online_rl.png", dpi=100)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
