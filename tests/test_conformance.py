@@ -110,7 +110,7 @@ X = np.array([0.05, -0.01, 0.08], np.float32)
 REPLY_S = 10.0  # an upper bound for a reply that must come (never a claim about speed)
 QUIET_S = 1.0  # how long we listen to conclude that no reply comes
 HELLO_REPLY_KEYS = {"policy", "manifest", "mode", "deadline_ms", "heartbeat_s", "link_timeout_s", "pipeline",
-                    "clock_synced", "session_expiry_s", "execution"}
+                    "clock_synced", "session_expiry_s", "execution", "transitions"}
 
 
 # -- a driver's view: raw frames on a DEALER ----------------------------------------------------------------------
