@@ -90,3 +90,45 @@ def test_a_swap_that_does_worse_is_rolled_back(pretrained, tmp_path):
     learner.judge()
     assert learner.current == good  # better than before: kept
     assert np.isfinite(list(learner.returns().values())).all()
+
+
+def test_a_killed_learner_resumes_and_a_missing_runtime_keeps_its_policy(pretrained, serve, tmp_path):
+    """SIGKILL mid-run: the restart resumes from the last checkpoint and the durable log, reads every transition
+    once; with the runtime gone, swaps fail (recorded) and learning goes on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    log, out = tmp_path / "transitions.db", tmp_path / "learner"
+    served = serve(pretrained / "bundle", transitions=str(log))
+    assert run_vigil("sim", "--connect", served.robot_endpoint, "--system", "Pendulum-v1", "--steps", "100",
+                     "--episodes", "3", "--transitions", "--disconnect-at", "40", "--disconnect-s", "0.3",
+                     timeout=120).returncode == 0
+    served.stop()  # the runtime is gone for the rest of the test
+    rows_total = 0
+    from vigil.runtime.transitions import read_after
+
+    rows = read_after(log)
+    rows_total = len(rows["id"])
+    for ep in np.unique(rows["episode"]):  # the outage left a gap: nothing pairs across it
+        m = rows["episode"] == ep
+        steps, obs, nxt = rows["step"][m], rows["obs"][m], rows["next_obs"][m]
+        consecutive = np.flatnonzero(np.diff(steps) == 1)
+        np.testing.assert_array_equal(nxt[consecutive], obs[consecutive + 1])
+    assert 0 < rows_total < 300
+    common = ["--transitions", str(log), "--bundle", str(pretrained / "bundle"), "--out", str(out),
+              "--control", "tcp://127.0.0.1:9", "--swap-timeout-s", "0.5", "--learning-starts", "50",
+              "--every", "50", "--poll-s", "0.05", "--warm-start", str(pretrained / "sac.pt")]
+    proc = subprocess.Popen([sys.executable, "-m", "vigil.runtime.cli", "learn", *common, "--max-updates", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    r, summary = learn(*common, "--max-updates", str(min(rows_total, 150)))
+    assert "resumed at update" in r.stdout
+    assert summary["transitions"] == rows_total and summary["cursor"] == int(rows["id"][-1])  # each read once
+    swaps = [json.loads(line)["swap"] for line in (out / "learn.jsonl").read_text().splitlines()]
+    assert swaps and not any(s["ok"] for s in swaps)  # no runtime: nothing swapped, nothing stopped

@@ -62,6 +62,8 @@ class LearnConfig:
                 "than this share of its magnitude"})
     max_updates: int = field(default=0, metadata={"help": "stop after this many updates (0: run until stopped)"})
     poll_s: float = field(default=0.2, metadata={"help": "seconds between reads of the log when idle"})
+    swap_timeout_s: float = field(default=60.0, metadata={
+        "help": "seconds a swap may take (the runtime loads and checks the bundle) before it counts as failed"})
     seed: int = field(default=0, metadata={"help": "seed of the learner"})
 
     def __post_init__(self) -> None:
@@ -124,6 +126,7 @@ class Learner:
             state = torch.load(ck, weights_only=False)  # our own file
             self.sac.load(state["sac"])
             self.cursor, self.read = int(state["cursor"]), int(state["read"])
+            self.credit = float(state.get("credit", 0.0))  # updates owed to what was read before the restart
             self.current, self.previous = state["current"], state["previous"]
             self.policy_of, self.swaps, self.judged = state["policy_of"], state["swaps"], set(state["judged"])
             self._load_log(self.cfg.seed_replay, None)
@@ -156,7 +159,8 @@ class Learner:
 
     def checkpoint(self) -> None:
         tmp = self.out / "checkpoint.pt.tmp"
-        torch.save({"sac": self.sac.state(), "cursor": self.cursor, "read": self.read, "current": self.current,
+        torch.save({"sac": self.sac.state(), "cursor": self.cursor, "read": self.read, "credit": self.credit,
+                    "current": self.current,
                     "previous": self.previous, "policy_of": self.policy_of, "swaps": self.swaps,
                     "judged": sorted(self.judged), "config": asdict(self.cfg)}, tmp)
         os.replace(tmp, self.out / "checkpoint.pt")  # a crash mid-write leaves the previous checkpoint whole
@@ -203,7 +207,7 @@ class Learner:
             from vigil.runtime.client import ControlLink, LinkError
 
             try:
-                answer = ControlLink(self.cfg.control).swap(bundle, timeout_s=60)
+                answer = ControlLink(self.cfg.control).swap(bundle, timeout_s=self.cfg.swap_timeout_s)
             except LinkError as exc:  # the runtime is away: it keeps its policy; try again at the next swap
                 answer = {"ok": False, "reason": str(exc)}
         record = {"t": time.time(), "updates": self.sac.updates, "bundle": bundle, "why": why,
