@@ -146,9 +146,7 @@ def curve(job: tuple[str, str, int, str], sel: dict, held: dict) -> dict:
 
 
 def curves(args, sel: dict, held: dict) -> list[dict]:
-    from tqdm import tqdm
 
-    from vigil.sim.shard import shard
     from vigil.training.pairs import RULES
     from vigil.training.reward_model import METHODS
 
@@ -158,16 +156,7 @@ def curves(args, sel: dict, held: dict) -> list[dict]:
     jobs = [(r, m, s, "bt") for s in range(args.seeds) for m in METHODS for r in RULES]
     jobs += [("drts", "ensemble", s, k) for s in range(args.seeds) for k in ("noisy", "biased")]
     jobs += [("random", "ensemble", s, k) for s in range(args.seeds) for k in ("noisy", "biased")]
-    jobs = [j for j in jobs if j not in have]
-    with tqdm(total=len(jobs), desc="curves") as bar:
-        for out in shard(curve, jobs, fleet_backend(args), (sel, held)):
-            if out.error is not None:
-                raise out.error
-            done.append(out.value)
-            with open(raw, "a") as fh:
-                fh.write(json.dumps(out.value) + "\n")
-            bar.update()
-    return done
+    return resumable(raw, done, [j for j in jobs if j not in have], curve, args, (sel, held), "curves")
 
 
 DOWNSTREAM = (50, 100, 200)  # answers behind each learned reward
@@ -216,9 +205,7 @@ def posttrain_arm(job: tuple[int, str, str], max_steps: int, eval_episodes: int)
 
 
 def downstream(args, sel: dict, held: dict) -> list[dict]:
-    from tqdm import tqdm
 
-    from vigil.sim.shard import shard
 
     raw = OUT / "downstream.jsonl"
     done = [json.loads(line) for line in raw.read_text().splitlines()] if raw.exists() else []
@@ -227,9 +214,18 @@ def downstream(args, sel: dict, held: dict) -> list[dict]:
     for seed in range(args.downstream_seeds):
         jobs += [(seed, "no post-training", ""), (seed, "true reward", "")]
         jobs += [(seed, f"learned, {n} answers", str(learned_reward(seed, n, sel, held))) for n in DOWNSTREAM]
-    jobs = [j for j in jobs if (j[0], j[1]) not in have]
-    with tqdm(total=len(jobs), desc="post-training") as bar:
-        for out in shard(posttrain_arm, jobs, fleet_backend(args), (args.max_steps, args.eval_episodes)):
+    return resumable(raw, done, [j for j in jobs if (j[0], j[1]) not in have], posttrain_arm, args,
+                     (args.max_steps, args.eval_episodes), "post-training")
+
+
+def resumable(raw: Path, done: list[dict], jobs: list, fn, args, shared: tuple, desc: str) -> list[dict]:
+    """Run the jobs on the fleet, appending each result to `raw` as it comes (a rerun skips what is there)."""
+    from tqdm import tqdm
+
+    from vigil.sim.shard import shard
+
+    with tqdm(total=len(jobs), desc=desc) as bar:
+        for out in shard(fn, jobs, fleet_backend(args), shared):
             if out.error is not None:
                 raise out.error
             done.append(out.value)
