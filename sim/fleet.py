@@ -238,6 +238,8 @@ class LinkRobot:
                     raise RuntimeLost(endpoint)
 
         t0 = time.perf_counter()
+        if not probe(endpoint, 1.0):  # a runtime already gone: say so at once (a hello would wait 5 s)
+            raise RuntimeLost(endpoint)
         cfg = SimConfig(endpoint, f"fleet-{self.name}", episodes=1, steps=spec.max_steps, seed=spec.seed)
         try:
             st = run_episodes(self.env(spec), cfg, on_step=watch, first_episode=index)[0]

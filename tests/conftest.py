@@ -335,3 +335,18 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray (2 CPUs) per test module for the fleet and shard tests that run on Ray: sim/shard.py's
+    ray_session joins it instead of starting its own (a start costs seconds). Started as ray_session starts one,
+    and shut down after the module, so no Ray daemon outlives the tests that need it."""
+    ray = pytest.importorskip("ray")
+    from vigil.sim.shard import _import_path
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": _import_path()}})
+    yield ray
+    ray.shutdown()

@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ray = pytest.importorskip("ray")
 
 
+@pytest.fixture(autouse=True)
+def _shared_ray(local_ray):
+    """Every test here joins the session's local Ray (conftest.local_ray)."""
+
+
 @pytest.fixture(scope="module")
 def bundle(encoder_bundle, tmp_path_factory) -> Path:
     """The demo's shipped ensemble with its encoder beside it (what `vigil demo` serves)."""

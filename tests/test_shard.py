@@ -16,6 +16,11 @@ import shard_jobs  # noqa: E402
 ray = pytest.importorskip("ray")
 
 
+@pytest.fixture(autouse=True)
+def _shared_ray(local_ray):
+    """Every test here joins the session's local Ray (conftest.local_ray)."""
+
+
 def outcomes(backend: Backend) -> dict[int, tuple]:
     got = {}
     for out in shard(shard_jobs.square, range(6), backend, (100,), shard_jobs.init, ("ready",)):
