@@ -174,11 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=2000, help="updates between swaps")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--ablations", action="store_true", help="every ablation arm too")
+    ap.add_argument("--arms", help="comma-separated ablation arms to run besides the defaults (names as in the "
+                    "table, e.g. 'critic warm-up 2000 updates')")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     arms = ABLATIONS if args.ablations else {"online (defaults)": {}}
+    for name in (args.arms.split(",") if args.arms else []):
+        if name not in ABLATIONS:
+            raise SystemExit(f"--arms: unknown arm {name!r}; expected some of {list(ABLATIONS)}")
+        arms[name] = ABLATIONS[name]
     arms = {**arms, "from scratch": {"warm_start": False, "seed_replay": False}}
     results, refs = [], {}
     for seed in range(args.seeds):
