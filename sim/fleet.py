@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from vigil.sim.shard import Backend, ray_session, reachable  # noqa: F401  (reachable: re-exported)
+from vigil.sim.shard import Backend, ray_session
 
 CONDITIONS = ("nominal", "positions", "physics")  # sim.shifts: as bench/flow_detect.py's conditions
 
@@ -98,7 +98,7 @@ class Worker:
 
         self.policy = load_policy(Path(bundle), prefer_gpu=False)
         self.agent = Agent(self.policy)
-        self.camera = any(spec.name == "image" for spec in self.policy.manifest.observation)
+        self.camera = has_camera(self.policy.manifest)
         self.envs: dict[tuple[str, str, int], Any] = {}
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
@@ -167,30 +167,22 @@ def run_ray(bundle: str | Path, specs: Sequence[EpisodeSpec], workers: int = 2, 
             progress: Callable[[int], None] | None = None) -> list[EpisodeResult]:
     """The same episodes on Ray: `workers` CPUs of a local Ray (address None) or a cluster; results in spec order."""
     check_specs(specs)
-    with ray_session(Backend("ray", workers, address, retries)) as ray:
+    backend = Backend("ray", workers, address, retries)
+    with ray_session(backend) as ray:
         actor = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(FleetActor)
         bundle = str(Path(bundle).resolve())
-        cpus = int(ray.cluster_resources().get("CPU", 1))  # a cluster: one robot per CPU it offers
-        robots = [actor.remote(bundle, crash_once) for _ in range(max(1, workers if not address else cpus))]
+        robots = [actor.remote(bundle, crash_once) for _ in range(robot_count(ray, backend))]
         todo = batches(specs, batch_size)
         busy: dict[Any, Any] = {}
-        results: dict[int, EpisodeResult] = {}
+        results = Collected(len(specs), progress)
         while todo or busy:
             for robot in robots:  # every idle actor gets the next batch
                 if todo and robot not in busy.values():
                     busy[robot.play.remote(todo.pop(0))] = robot
             done, _ = ray.wait(list(busy), num_returns=1)
             busy.pop(done[0])
-            for r in ray.get(done[0]):
-                if r.index in results:
-                    raise RuntimeError(f"episode {r.index} came back twice")  # cannot happen: one return per call
-                results[r.index] = r
-                if progress:
-                    progress(1)
-        missing = sorted(set(range(len(specs))) - set(results))
-        if missing:
-            raise RuntimeError(f"episodes {missing[:5]}... were lost")
-        return [results[i] for i in range(len(specs))]
+            results.add(ray.get(done[0]))
+        return results.in_order()
 
 
 # ------------------------------------------------------------------ simulated robots against served runtimes
@@ -200,10 +192,9 @@ class RuntimeLost(RuntimeError):
     """The runtime a robot was talking to stopped answering (its process or node died)."""
 
 
-def camera_of(bundle: str | Path) -> bool:
-    from vigil.policies.manifest import read_manifest
-
-    return any(spec.name == "image" for spec in read_manifest(Path(bundle)).observation)
+def has_camera(manifest) -> bool:
+    """Whether the bundle sees images: its robots' environments must render."""
+    return any(spec.name == "image" for spec in manifest.observation)
 
 
 class LinkRobot:
@@ -249,7 +240,7 @@ class LinkRobot:
             raise RuntimeLost(endpoint) from exc
         rollout = Rollout(spec.task, spec.seed, bool(st.success), st.steps, st.scores, None, st.reward)
         lat = st.summary()["latency_us"]
-        link = {"runtime": endpoint, "latency_us": {k: lat[k] for k in ("p50", "p99", "max")},
+        link = {"runtime": endpoint, "latency_us": {k: lat[k] for k in ("p50", "p99", "max", "n")},
                 "verdicts": st.verdicts, "robot_safe": st.robot_safe, "runtime_safe": st.runtime_safe}
         return EpisodeResult(index, spec, rollout, time.perf_counter() - t0, self.name, link)
 
@@ -328,7 +319,9 @@ def run_served(bundle: str | Path, specs: Sequence[EpisodeSpec], backend: Backen
     check_specs(specs)
     backend = backend or Backend("serial")
     bundle = str(Path(bundle).resolve())
-    camera = camera_of(bundle)
+    from vigil.policies.manifest import read_manifest
+
+    camera = has_camera(read_manifest(Path(bundle)))
     if backend.kind != "ray":
         host, robot = RuntimeHost(bundle, deadline_ms=deadline_ms), LinkRobot(camera)
         try:
@@ -352,9 +345,8 @@ def run_served(bundle: str | Path, specs: Sequence[EpisodeSpec], backend: Backen
                  for n in nodes for _ in range(runtimes_per_node)]
         host_node = [n["NodeID"] for n in nodes for _ in range(runtimes_per_node)]
         endpoints = ray.get([h.endpoint.remote() for h in hosts])
-        cpus = int(ray.cluster_resources().get("CPU", 1))
         robot_cls = ray.remote(num_cpus=1, max_restarts=backend.retries, max_task_retries=backend.retries)(LinkRobot)
-        robots = [robot_cls.remote(camera) for _ in range(backend.workers if not backend.address else cpus)]
+        robots = [robot_cls.remote(camera) for _ in range(robot_count(ray, backend))]
         robot_node = ray.get([r.node.remote() for r in robots])
         live = set(range(len(hosts)))
 
@@ -367,7 +359,7 @@ def run_served(bundle: str | Path, specs: Sequence[EpisodeSpec], backend: Backen
         runtime_of = {r: assign(r) for r in range(len(robots))}
         todo = batches(specs, batch_size)
         busy: dict[Any, int] = {}
-        results: dict[int, EpisodeResult] = {}
+        results = Collected(len(specs), progress)
         moved, killed = 0, False
         try:
             while todo or busy:
@@ -377,12 +369,7 @@ def run_served(bundle: str | Path, specs: Sequence[EpisodeSpec], backend: Backen
                 done, _ = ray.wait(list(busy), num_returns=1)
                 r = busy.pop(done[0])
                 finished, lost, rest = ray.get(done[0])
-                for res in finished:
-                    if res.index in results:
-                        raise RuntimeError(f"episode {res.index} came back twice")
-                    results[res.index] = res
-                    if progress:
-                        progress(1)
+                results.add(finished)
                 if lost is not None:  # its runtime died: requeue what it did not finish, move its robots
                     live.discard(endpoints.index(lost))
                     todo.insert(0, rest)
@@ -393,12 +380,39 @@ def run_served(bundle: str | Path, specs: Sequence[EpisodeSpec], backend: Backen
                 if kill_runtime_after is not None and not killed and len(results) >= kill_runtime_after:
                     ray.get(hosts[0].kill.remote())
                     killed = True
-            missing = sorted(set(range(len(specs))) - set(results))
-            if missing:
-                raise RuntimeError(f"episodes {missing[:5]}... were lost")
+            in_order = results.in_order()
         finally:
             reports = ray.get([h.report.remote() for h in hosts])
-        return ServedRun([results[i] for i in range(len(specs))], reports, moved)
+        return ServedRun(in_order, reports, moved)
+
+
+class Collected:
+    """Episode results as calls return them: each episode kept once, in spec order at the end, none missing."""
+
+    def __init__(self, n: int, progress: Callable[[int], None] | None):
+        self.n, self.progress, self.results = n, progress, {}
+
+    def add(self, finished: Sequence[EpisodeResult]) -> None:
+        for r in finished:
+            if r.index in self.results:
+                raise RuntimeError(f"episode {r.index} came back twice")  # cannot happen: one return per call
+            self.results[r.index] = r
+            if self.progress:
+                self.progress(1)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def in_order(self) -> list[EpisodeResult]:
+        missing = sorted(set(range(self.n)) - set(self.results))
+        if missing:
+            raise RuntimeError(f"episodes {missing[:5]}... were lost")
+        return [self.results[i] for i in range(self.n)]
+
+
+def robot_count(ray, backend: Backend) -> int:
+    """One robot per worker of a local Ray; on a cluster, one per CPU it offers."""
+    return max(1, backend.workers if not backend.address else int(ray.cluster_resources().get("CPU", 1)))
 
 
 def specs_for(tasks: Sequence[str], conditions: Sequence[str], episodes: int, seed: int = 20, max_steps: int = 500

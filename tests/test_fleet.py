@@ -61,7 +61,8 @@ def test_served_robots_match_in_process_and_move_off_a_dying_runtime(bundle):
     key = [(r.index, r.spec, r.success, r.ret, r.steps, r.scores["vfd"]) for r in fleet.run_serial(bundle, specs)]
     served = fleet.run_served(bundle, specs)
     assert [(r.index, r.spec, r.success, r.ret, r.steps, r.scores["vfd"]) for r in served.results] == key
-    assert all(r.link["latency_us"]["p50"] > 0 and r.link["robot_safe"] == 0 for r in served.results)
+    # every tick answered by the runtime and its round trip recorded (how fast: make bench-fleet)
+    assert all(r.link["latency_us"]["n"] == r.steps and r.link["robot_safe"] == 0 for r in served.results)
     (rt,) = served.runtimes
     assert rt["alive"] and rt["counters"]["ticks"] == sum(r.steps for r in served.results)
     assert {a["monitor"] for a in rt["alerts"]} >= {"vfd"}  # the shipped bundle alerts on these variants
