@@ -114,6 +114,15 @@ class Heads(nn.Module):
         """The last hidden layer of net k (N, hidden): what last-layer Laplace is Bayesian over."""
         return self.nets[k][:-1]((x - self.mean) / self.std)
 
+    def last_features(self, x: Tensor) -> Tensor:
+        """Net 0's last hidden layer with a constant 1 for the bias (N, hidden + 1): R = last_weights() . this."""
+        return torch.cat([self.features(x), torch.ones(len(x), 1)], 1)
+
+    def last_weights(self) -> Tensor:
+        """Net 0's output layer as one vector (hidden + 1,): its weights, then its bias."""
+        last = self.nets[0][-1]
+        return torch.cat([last.weight[0], last.bias]).detach()
+
     def forward(self, x: Tensor) -> Tensor:
         z = (x - self.mean) / self.std
         return torch.stack([net(z)[:, 0] for net in self.nets])
@@ -141,13 +150,14 @@ class Fitted:
                     self._masked = _masks_as_heads(self)
                 return self._masked.heads(xt).numpy()
             self.heads.eval()  # laplace: draws of the last layer around the MAP
-            phi = torch.cat([self.heads.features(xt), torch.ones(len(xt), 1)], 1)  # (N, h + 1)
-            last = self.heads.nets[0][-1]
-            w = torch.cat([last.weight[0], last.bias])
-            g = torch.Generator().manual_seed(cfg.seed + 99)
-            chol = torch.linalg.cholesky(self.cov)
-            draws = w + torch.randn(cfg.samples, len(w), generator=g) @ chol.T
-            return (draws @ phi.T).numpy()
+            return (self.laplace_draws() @ self.heads.last_features(xt).T).numpy()
+
+    def laplace_draws(self) -> Tensor:
+        """`samples` fixed draws (S, hidden + 1) of the last layer from its Laplace posterior (the same every call,
+        and in the exported graph)."""
+        w = self.heads.last_weights()
+        g = torch.Generator().manual_seed(self.cfg.seed + 99)
+        return w + torch.randn(self.cfg.samples, len(w), generator=g) @ torch.linalg.cholesky(self.cov).T
 
     def mean_std(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s = self.samples(x)
@@ -192,9 +202,7 @@ def laplace_cov(heads: Heads, x: Tensor, pairs: Tensor, cfg: RewardConfig) -> Te
     """Posterior covariance of the last layer: (sum_n p(1-p) d d^T + prior I)^-1, d the pair's feature
     difference (the bias cancels in a difference; it keeps the prior's variance)."""
     with torch.no_grad():
-        phi = torch.cat([heads.features(x), torch.ones(len(x), 1)], 1)
-        last = heads.nets[0][-1]
-        w = torch.cat([last.weight[0], last.bias])
+        phi, w = heads.last_features(x), heads.last_weights()
         prec = torch.eye(len(w)) * cfg.prior
         if len(pairs):
             d = phi[pairs[:, 0]] - phi[pairs[:, 1]]
@@ -254,8 +262,7 @@ class Scorer(nn.Module):
     def forward(self, state: Tensor, instruction: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         x = self.summary(state, instruction, action)[None]
         if self.method == "laplace":
-            phi = torch.cat([self.heads.features(x), torch.ones(1, 1)], 1)
-            r = (self.draws @ phi.T)[:, 0]
+            r = (self.draws @ self.heads.last_features(x).T)[:, 0]
         else:
             r = self.heads(x)[:, 0]
         return r.mean(), r.std(unbiased=False)
@@ -272,10 +279,7 @@ def export_onnx(ens, fitted: Fitted, folder: str | Path, obs_dim: int, instr_dim
     if fitted.cfg.method == "dropout":
         fitted_export = _masks_as_heads(fitted)
     elif fitted.cfg.method == "laplace":
-        last = fitted.heads.nets[0][-1]
-        w = torch.cat([last.weight[0], last.bias]).detach()
-        g = torch.Generator().manual_seed(fitted.cfg.seed + 99)
-        draws = w + torch.randn(fitted.cfg.samples, len(w), generator=g) @ torch.linalg.cholesky(fitted.cov).T
+        draws = fitted.laplace_draws()
     model = Scorer(ens, fitted_export, draws).eval()
     P = 5
     args = (torch.zeros(P, obs_dim), torch.zeros(1, instr_dim), torch.zeros(P, act_dim))
