@@ -156,13 +156,15 @@ class Replay:
         self.capacity, self.size, self.pos = capacity, 0, 0
 
     def add(self, obs, action, reward, next_obs, terminated) -> None:
+        """Append rows in order (a batch read from the log at once); beyond capacity the oldest are overwritten."""
         n = len(reward)
-        for k in range(n):  # a batch at a time from the log; rarely large
-            i = self.pos
-            self.obs[i], self.action[i], self.reward[i] = obs[k], action[k], reward[k]
-            self.next_obs[i], self.done[i] = next_obs[k], float(terminated[k])
-            self.pos = (i + 1) % self.capacity
-            self.size = min(self.size + 1, self.capacity)
+        m = min(n, self.capacity)  # of more rows than fit, only the last `capacity` survive
+        idx = (self.pos + n - m + np.arange(m)) % self.capacity
+        for name, rows in (("obs", obs), ("action", action), ("reward", reward), ("next_obs", next_obs),
+                           ("done", terminated)):
+            getattr(self, name)[idx] = np.asarray(rows, np.float32)[n - m:]
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
 
     def sample(self, n: int, rng: np.random.Generator) -> dict[str, Tensor]:
         idx = rng.integers(0, self.size, n)
