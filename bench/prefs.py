@@ -113,7 +113,8 @@ def loop(job: tuple[str, str, int, str], sel: dict, held: dict):
     decisive = held_gap > 0.5  # pairs whose true returns differ by more than half the task's spread
     sel_spread = spreads(sel["ret"], sel["tasks"])
     u_h = ann.utility(held["ret"], held["steps"])
-    hs = np.array([spreads(u_h, held["tasks"])[t] for t in held["tasks"][hp[:, 0]]])
+    held_spread = spreads(u_h, held["tasks"])  # once, not once per pair
+    hs = np.array([held_spread[t] for t in held["tasks"][hp[:, 0]]])
     y_held = ann.answer(u_h[hp[:, 0]], u_h[hp[:, 1]], hs, np.random.default_rng([seed, 5]))
     warm_rng, rng, arng = (np.random.default_rng([seed, k]) for k in (1, 2, 3))
     asked: set = set()
@@ -163,18 +164,23 @@ DOWNSTREAM = (50, 100, 200)  # answers behind each learned reward
 DOWN_RULE, DOWN_METHOD = "drts", "ensemble"
 
 
-def learned_reward(seed: int, answers: int, sel: dict, held: dict) -> Path:
-    """The reward model after `answers` answers of the downstream loop (DRTS, deep ensemble, the BT operator),
-    exported as the runtime loads it."""
-    from vigil.training.reward_model import export_onnx
+def learned_rewards(seed: int, sel: dict, held: dict) -> dict[int, Path]:
+    """The reward models after 50 / 100 / 200 answers of one downstream loop (DRTS, deep ensemble, the BT
+    operator), each exported as the runtime loads it (training/prefs.save_model); one pass of the loop for all."""
+    from vigil.training.prefs import save_model
     from vigil.training.train_flow import load_checkpoint
 
-    folder = OUT / "rewards" / f"s{seed}-n{answers}"
-    if not (folder / "reward.onnx").exists():
-        fitted = next(f for n, f, _ in loop((DOWN_RULE, DOWN_METHOD, seed, "bt"), sel, held) if n >= answers)
-        ens, cfg, _ = load_checkpoint(workdir_run() / "ensemble.pt")
-        export_onnx(ens, fitted, folder, cfg.obs_dim, cfg.instr_dim, cfg.action_dim)
-    return folder
+    folders = {n: OUT / "rewards" / f"s{seed}-n{n}" for n in DOWNSTREAM}
+    todo = {n for n, f in folders.items() if not (f / "reward.onnx").exists()}
+    if todo:
+        ens, _, _ = load_checkpoint(workdir_run() / "ensemble.pt")
+        for n, fitted, _ in loop((DOWN_RULE, DOWN_METHOD, seed, "bt"), sel, held):
+            for target in sorted(t for t in todo if n >= t):  # the first fit with at least that many answers
+                save_model(fitted, folders[target], ens, {"answers": n})
+                todo.discard(target)
+            if not todo:
+                break
+    return folders
 
 
 def posttrain_arm(job: tuple[int, str, str], max_steps: int, eval_episodes: int) -> dict:
@@ -213,7 +219,8 @@ def downstream(args, sel: dict, held: dict) -> list[dict]:
     jobs = []
     for seed in range(args.downstream_seeds):
         jobs += [(seed, "no post-training", ""), (seed, "true reward", "")]
-        jobs += [(seed, f"learned, {n} answers", str(learned_reward(seed, n, sel, held))) for n in DOWNSTREAM]
+        rewards = learned_rewards(seed, sel, held)
+        jobs += [(seed, f"learned, {n} answers", str(rewards[n])) for n in DOWNSTREAM]
     return resumable(raw, done, [j for j in jobs if (j[0], j[1]) not in have], posttrain_arm, args,
                      (args.max_steps, args.eval_episodes), "post-training")
 

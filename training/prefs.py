@@ -259,8 +259,9 @@ def annotate(store: str | Path, pool_dir: str | Path, kind: str = "bt", by: str 
                     for e in infos])
     steps = np.array([eps[e.id].steps for e in infos])
     tasks = np.array([e.task for e in infos])
-    u = dict(zip([e.id for e in infos], ann.utility(ret, steps), strict=True))
-    spread = spreads(ann.utility(ret, steps), tasks)
+    utility = ann.utility(ret, steps)
+    u = dict(zip([e.id for e in infos], utility, strict=True))
+    spread = spreads(utility, tasks)
     rng = np.random.default_rng(seed)
     st = PreferenceStore(store)
     n = 0
