@@ -45,6 +45,7 @@ class Tick(NamedTuple):
     compute_s: float  # arrival of the observation (queueing included) to the decision
     plan: int = 0  # number of the plan the scores came from (chunked policies replan every k ticks)
     clipped: bool | None = None  # clipping changed the action (None: not known, compare action and raw_action)
+    executed: np.ndarray | None = None  # the action sent on this robot's previous tick (None: the episode's first)
 
 
 class Monitor(ABC):

@@ -56,9 +56,10 @@ class SimScenario:
         "help": "send this instruction instead of the task's own (e.g. a held-out task's, on this task's scene)",
         "group": SHIFT})
     gain: float = field(default=1.0, metadata={
-        "help": "scale of the actuators' gear: weaker or stronger motors (gymnasium MuJoCo tasks)", "group": SHIFT})
+        "help": "scale of the actuators' gear (gymnasium MuJoCo) or of every action (Meta-World): weaker or "
+                "stronger motors", "group": SHIFT})
     action_latency: int = field(default=0, metadata={
-        "help": "steps an action waits before it takes effect (gymnasium MuJoCo tasks)", "group": SHIFT})
+        "help": "steps an action waits before it takes effect (MuJoCo and Meta-World tasks)", "group": SHIFT})
 
     def __post_init__(self) -> None:
         check_fields(self, [

@@ -156,8 +156,16 @@ def make_env(name: str, horizon: int = 200, camera: bool = False, shift: Shift |
     if shift is not None and not shift.none and name not in ALL_INSTRUCTIONS:
         raise ValueError(f"distribution shifts (positions, friction, mass) apply to Meta-World and gymnasium MuJoCo "
                          f"tasks, not {name!r}")
-    if dynamics is not None and not dynamics.none and (name in ALL_INSTRUCTIONS or name in SYSTEMS):
-        raise ValueError(f"actuator gain and latency changes apply to gymnasium MuJoCo tasks, not {name!r}")
+    if dynamics is not None and not dynamics.none and name in ALL_INSTRUCTIONS:
+        if (dynamics.mass, dynamics.friction) != (1.0, 1.0):
+            raise ValueError("Meta-World tasks change friction and mass through the shift (--friction, --mass)")
+        from vigil.sim.shifts import Shift
+
+        s = shift or Shift()
+        shift = Shift(s.positions, s.friction, s.mass, s.gain * dynamics.gain, s.latency + dynamics.latency)
+        dynamics = None
+    if dynamics is not None and not dynamics.none and name in SYSTEMS:
+        raise ValueError(f"actuator gain and latency changes apply to MuJoCo tasks, not {name!r}")
     if name in SYSTEMS:
         return LinearEnv(SYSTEMS[name](), horizon)
     if name in ALL_INSTRUCTIONS:

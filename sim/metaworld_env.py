@@ -238,6 +238,7 @@ class MetaWorldEnv(Environment):
         self._friction = model.geom_friction.copy()
         self._mass, self._inertia = model.body_mass.copy(), model.body_inertia.copy()
         self._task_bodies = _task_bodies(model)
+        self._pending: list[np.ndarray] = []
 
     # -- episodes ---------------------------------------------------------------------------------------
 
@@ -250,6 +251,7 @@ class MetaWorldEnv(Environment):
         self._apply_shift()
         obs, _ = self.env.reset()
         self.t, self._held = 0, 0
+        self._pending = [np.zeros(ACTION_DIM, np.float32)] * self.shift.latency
         return self._observe(obs)
 
     def reset_recipe(self, seed: int) -> dict[str, Any]:
@@ -259,7 +261,7 @@ class MetaWorldEnv(Environment):
                                   "variant": int(seed) % len(self._variants), "max_steps": self.max_steps}
         if not self.shift.none:
             recipe["shift"] = {"positions": self.shift.positions, "friction": self.shift.friction,
-                               "mass": self.shift.mass}
+                               "mass": self.shift.mass, "gain": self.shift.gain, "latency": self.shift.latency}
         return recipe
 
     def step(self, action: np.ndarray) -> StepResult:
@@ -267,6 +269,11 @@ class MetaWorldEnv(Environment):
         if self.t >= self.max_steps:
             raise RuntimeError(f"{self.task}: step after the episode was truncated at {self.max_steps} steps; "
                                "reset first")
+        if self.shift.gain != 1:  # weaker (or stronger) actuation
+            a = a * np.float32(self.shift.gain)
+        if self.shift.latency:  # the action waits; the one sent `latency` steps ago takes effect
+            self._pending.append(a)
+            a = self._pending.pop(0)
         obs, reward, _, _, info = self.env.step(a)
         self.t += 1
         success = float(info.get("success", 0.0))

@@ -16,6 +16,15 @@ friction (float, 1 = off): scales the sliding friction of every geom (MuJoCo com
   frictions by their maximum, so scaling all of them scales every contact).
 mass (float, 1 = off): scales the mass and inertia of the task's bodies (everything that is not the robot,
   the table, the wall or the mocap target).
+gain (float, 1 = off): scales every action the arm receives (weaker or stronger actuation: a worn gearbox, a
+  low battery, a controller gain set wrong): the hand moves `gain` x as far per command, the gripper closes with
+  `gain` x the force.
+latency (int steps, 0 = off): each action takes effect `latency` steps late (a slow network or controller);
+  meanwhile the earlier actions are applied, zeros at the start of an episode.
+
+friction and mass change how the world answers the robot; gain and latency change how the robot's commands take
+effect. Neither moves anything the policy sees at the start of an episode: they are the shifts a dynamics model
+sees and the policy's own uncertainty cannot (monitors/dynamics.py).
 """
 
 from __future__ import annotations
@@ -30,14 +39,18 @@ class Shift:
     positions: float = 0.0
     friction: float = 1.0
     mass: float = 1.0
+    gain: float = 1.0
+    latency: int = 0
 
     def __post_init__(self) -> None:
-        if self.positions < 0 or self.friction <= 0 or self.mass <= 0:
-            raise ValueError(f"invalid shift {self}: need positions >= 0, friction > 0, mass > 0")
+        if self.positions < 0 or self.friction <= 0 or self.mass <= 0 or self.gain <= 0 or self.latency < 0 \
+                or int(self.latency) != self.latency:
+            raise ValueError(f"invalid shift {self}: need positions >= 0, friction > 0, mass > 0, gain > 0, "
+                             "latency an integer >= 0")
 
     @property
     def none(self) -> bool:
-        return self.positions == 0 and self.friction == 1 and self.mass == 1
+        return (self.positions, self.friction, self.mass, self.gain, self.latency) == (0, 1, 1, 1, 0)
 
     def describe(self) -> str:
         parts = []
@@ -47,6 +60,10 @@ class Shift:
             parts.append(f"friction x{self.friction:g}")
         if self.mass != 1:
             parts.append(f"task-body mass x{self.mass:g}")
+        if self.gain != 1:
+            parts.append(f"actuation gain x{self.gain:g}")
+        if self.latency:
+            parts.append(f"actions {self.latency} step(s) late")
         return ", ".join(parts) or "none"
 
 

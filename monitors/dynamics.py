@@ -1,0 +1,301 @@
+"""Dynamics monitor: does the world answer the robot's commands the way it did in the data?
+
+VFD asks whether the policy has seen situations like this one; it cannot see a world that looks the same but
+answers differently (a worn gearbox, a low battery, a heavier load, a slower network, a slippery floor). A
+forward-dynamics ensemble can (training/dynamics.py): every tick it predicts how the state should have changed
+after the actions the runtime actually sent, and the monitor compares with what the robot reports. Per tick, in
+units of the model's own held-out error sigma_d (docs/dynamics.md):
+
+    residual of a group g   log(mean_{d in g} ((obs_t - obs_{t-1} - mean_m delta_m)_d / sigma_d)^2 + 0.01)
+    disagreement            log(mean_d (std_m delta_m,d / sigma_d)^2 + 0.01)
+
+The residual is split in groups of state dimensions: `robot` (what the robot's own commands move: Meta-World's
+hand and gripper) and `object` (what it touches: the objects' poses), so that a change in actuation or timing
+and a change in contact physics are told apart, and noisy contact dimensions do not drown the arm's. Each signal
+is smoothed by a running mean over `window` ticks and judged against its task's time-varying band
+(monitors/bands.py: centre and scale at each step of nominal episodes, so that moving and holding still are each
+judged against their own kind): z(t) = (mean - centre(t)) / scale(t). The monitor alerts when any z passes q, one
+q for all signals chosen by split conformal calibration so that a nominal episode raises an alarm with
+probability about `alpha` over its whole length (a per-episode false-alarm rate, `calibrate_bands`). Its
+diagnosis says which:
+
+    disagreement above q       "unfamiliar": the model (and likely the policy) is out of its data; a residual
+                               there says nothing about the robot
+    robot residual above q     "robot": a familiar state in which the robot's commands take effect differently
+                               (actuation, load, latency): a maintenance alert
+    object residual above q    "world": what the robot touches answers differently (friction, mass)
+
+The model's input is the recent observation and the last `history` actions the runtime sent (`Tick.executed`,
+safe actions included, whichever chunk or asynchronous plan they came from), so the monitor works alike under
+sync and asynchronous execution and real-time chunking. Everything comes from the manifest's `monitor.dynamics`:
+
+    {"model": "dynamics.onnx", "sha256": ..., "state": "state", "inputs": [dims], "predict": [dims],
+     "groups": {"robot": [positions in predict], "object": [...]}, "history": 2, "action_dim": 4, "sigma": [...],
+     "window": 20, "warmup": 3, "alpha": 0.1, "q": ...,
+     "bands": {"<task>": {"robot": band, "object": band, "disagreement": band}, "*": {...}},
+     "instructions": {"<instruction>": "<task>"}}
+
+The calibration keys (window .. instructions) are written by `vigil calibrate`; without them the monitor is not
+run. numpy and onnxruntime only: the runtime, `vigil calibrate` and the benchmark share this code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vigil.monitors.bands import Band, conformal_quantile, fit_shape, running_mean, split_halves
+from vigil.monitors.base import Level, Monitor, Tick, Verdict
+
+POOLED = "*"
+DISAGREEMENT = "disagreement"
+LOG_FLOOR = 0.01  # inside the log: a step predicted to the error scale's tenth is as good as perfect
+UNFAMILIAR, ROBOT, WORLD = "unfamiliar", "robot", "world"
+DIAGNOSES = {"robot": ROBOT, "object": WORLD}  # residual group -> diagnosis (any other group: robot)
+MAINTENANCE = ROBOT  # the diagnosis that files a maintenance alert (runtime/requests.py holds data requests back)
+
+
+def features(states: np.ndarray, actions: np.ndarray, inputs: Sequence[int] | np.ndarray,
+             history: int) -> np.ndarray:
+    """(T, width) model inputs for the steps of one episode: states (T+1 or T, D) and the actions applied after
+    each state (T, m). Row t: state t's input dimensions, then actions t, t-1, ... (zeros before the first)."""
+    states, actions = np.asarray(states, np.float32), np.asarray(actions, np.float32)
+    actions = actions.reshape(len(actions), -1)
+    T = len(actions)
+    parts = [states[:T][:, np.asarray(inputs, np.int64)]]
+    for k in range(history):
+        lagged = np.zeros_like(actions)
+        lagged[k:] = actions[:T - k] if k else actions
+        parts.append(lagged)
+    return np.concatenate(parts, axis=1)
+
+
+class DynamicsModel:
+    """The bundle's forward-dynamics ensemble in an onnxruntime session: features in, per-member state changes
+    out, and the per-step signals."""
+
+    def __init__(self, folder: str | Path, block: Mapping[str, Any], threads: int = 1):
+        import onnxruntime as ort
+
+        from vigil.policies.bundle import session_options
+        from vigil.policies.manifest import sha256_file
+
+        try:
+            self.file = Path(folder) / str(block["model"])
+            self.state = str(block.get("state", "state"))
+            self.inputs = np.asarray(block["inputs"], np.int64)
+            self.predict = np.asarray(block["predict"], np.int64)
+            self.history = int(block["history"])
+            self.action_dim = int(block["action_dim"])
+            self.sigma = np.asarray(block["sigma"], np.float64)
+            groups = block.get("groups") or {"robot": list(range(len(self.predict)))}
+            self.groups = {str(g): np.asarray(ix, np.int64) for g, ix in groups.items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"monitor.dynamics must hold model, inputs, predict, history, action_dim and sigma "
+                             f"({exc!r})") from None
+        if self.sigma.shape != self.predict.shape or (self.sigma <= 0).any() or self.history < 1:
+            raise ValueError("monitor.dynamics: sigma must be positive, one per predicted dimension; history >= 1")
+        for g, ix in self.groups.items():
+            if not len(ix) or ix.min() < 0 or ix.max() >= len(self.predict):
+                raise ValueError(f"monitor.dynamics.groups.{g} must list positions in predict "
+                                 f"(0..{len(self.predict) - 1})")
+        if not self.file.is_file():
+            raise ValueError(f"monitor.dynamics.model: {self.file} does not exist")
+        want = block.get("sha256")
+        if want and sha256_file(self.file) != want:
+            raise ValueError(f"monitor.dynamics.model: {self.file} does not match its sha256 in the manifest")
+        self.session = ort.InferenceSession(str(self.file), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self._inv2 = 1.0 / self.sigma ** 2
+        self.width = len(self.inputs) + self.history * self.action_dim
+        self.signals = (*self.groups, DISAGREEMENT)
+
+    def features(self, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        return features(states, actions, self.inputs, self.history)
+
+    def deltas(self, x: np.ndarray) -> np.ndarray:
+        """(M, B, P) predicted changes of the predicted dimensions."""
+        return self.session.run(None, {"x": np.ascontiguousarray(x, np.float32)})[0]
+
+    def signals_of(self, d: np.ndarray, observed: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-step signals from the members' predictions d (M, B, P) and the observed changes (B, P)."""
+        d = d.astype(np.float64)
+        err = (observed - d.mean(0)) ** 2 * self._inv2
+        out = {g: np.log(err[:, ix].mean(-1) + LOG_FLOOR) for g, ix in self.groups.items()}
+        out[DISAGREEMENT] = np.log((d.var(0) * self._inv2).mean(-1) + LOG_FLOOR)
+        return out
+
+    def scores(self, states: np.ndarray, actions: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-step signals of one episode: states (T+1, D), actions (T, m); step t compares states t and t+1."""
+        states = np.asarray(states, np.float64)
+        T = len(actions)
+        if T == 0:
+            return {s: np.zeros(0) for s in self.signals}
+        observed = states[1:T + 1, self.predict] - states[:T, self.predict]
+        return self.signals_of(self.deltas(self.features(states, actions)), observed)
+
+
+class DynamicsMonitor(Monitor):
+    name = "dynamics"
+
+    def __init__(self, model: DynamicsModel, bands: Mapping[str, Mapping[str, Band]], q: float, window: int = 20,
+                 instructions: Mapping[str, str] | None = None, warmup: int = 3):
+        if window < 1:
+            raise ValueError(f"monitor.dynamics.window must be >= 1, got {window}")
+        if POOLED not in bands:
+            raise ValueError(f"monitor.dynamics.bands must hold the pooled band {POOLED!r}")
+        for task, b in bands.items():
+            if missing := [s for s in model.signals if s not in b]:
+                raise ValueError(f"monitor.dynamics.bands.{task} lacks {missing}")
+        self.model, self.bands, self.q, self.window = model, dict(bands), float(q), int(window)
+        self.instructions = dict(instructions or {})
+        self.warmup = int(warmup)
+        self.reset()
+
+    @classmethod
+    def from_block(cls, folder: str | Path, block: Mapping[str, Any],
+                   model: DynamicsModel | None = None) -> DynamicsMonitor | None:
+        """The monitor of a bundle's `monitor.dynamics` (None when it was never calibrated: no bands)."""
+        if "bands" not in block:
+            return None
+        try:
+            bands = {str(task): {k: Band.from_dict(v, f"monitor.dynamics.bands.{task}.{k}") for k, v in b.items()}
+                     for task, b in block["bands"].items()}
+            q = block["q"]
+            q = math.inf if q is None else float(q)
+            window, warmup = int(block.get("window", 20)), int(block.get("warmup", 3))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"monitor.dynamics must hold bands, q and window ({exc})") from None
+        return cls(model or DynamicsModel(folder, block), bands, q, window, block.get("instructions"), warmup)
+
+    def start_episode(self, info: Mapping[str, Any]) -> None:
+        task = info.get("task")
+        if task not in self.bands:
+            task = self.instructions.get(str(info.get("instruction")), POOLED)
+        self._task = task if task in self.bands else POOLED
+        self._band = self.bands[self._task]
+
+    def update(self, tick: Tick) -> Verdict:
+        state = tick.obs.get(self.model.state)
+        executed = tick.executed
+        previous, self._state = self._state, state
+        if state is None or executed is None or previous is None:
+            return self._last  # the episode's first tick, or a runtime that does not say what it sent
+        m = self.model
+        self._actions.appendleft(np.asarray(executed, np.float32).reshape(m.action_dim))
+        x = np.zeros((1, m.width), np.float32)
+        x[0, :len(m.inputs)] = np.asarray(previous, np.float32).reshape(-1)[m.inputs]
+        for k, a in enumerate(self._actions):
+            x[0, len(m.inputs) + k * m.action_dim: len(m.inputs) + (k + 1) * m.action_dim] = a
+        observed = (np.asarray(state, np.float64).reshape(-1)[m.predict]
+                    - np.asarray(previous, np.float64).reshape(-1)[m.predict])
+        t = self._t
+        self._t += 1
+        z = {}
+        for name, value in m.signals_of(m.deltas(x), observed[None]).items():
+            recent = self._recent[name]
+            recent.append(float(value[0]))
+            z[name] = self._band[name].z(t, sum(recent) / len(recent))
+        self._last = self.ok()
+        if t < self.warmup:
+            return self._last
+        values = {f"z_{k}": v for k, v in z.items()}
+        values.update(q=self.q, step=float(self._t))
+        if z[DISAGREEMENT] > self.q:
+            self._last = Verdict(self.name, Level.ALERT,
+                                 f"unfamiliar state: the dynamics ensemble disagrees (z {z[DISAGREEMENT]:.3g} > "
+                                 f"{self.q:.3g}, task {self._task}); its residual says nothing about the robot here",
+                                 {**values, "diagnosis": UNFAMILIAR})
+            return self._last
+        group, worst = max(((g, z[g]) for g in m.groups), key=lambda gz: gz[1])
+        if worst > self.q:
+            diagnosis = DIAGNOSES.get(group, ROBOT)
+            what = ("maintenance: the robot's commands take effect differently than in its data (check actuation, "
+                    "load, latency)" if diagnosis == ROBOT else
+                    "the world answers differently: what the robot touches moves unlike in its data (friction, mass)")
+            self._last = Verdict(self.name, Level.ALERT, f"{what}; {group} residual z {worst:.3g} > {self.q:.3g} in "
+                                 f"a familiar state, task {self._task}", {**values, "diagnosis": diagnosis})
+        return self._last
+
+    def reset(self) -> None:
+        self._state: np.ndarray | None = None
+        self._actions: deque[np.ndarray] = deque(maxlen=self.model.history)
+        self._recent = {s: deque(maxlen=self.window) for s in self.model.signals}
+        self._t = 0
+        self._last = self.ok()
+        self._band, self._task = self.bands[POOLED], POOLED
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+
+def exceedances(bands: Mapping[str, Band], scores: Mapping[str, np.ndarray], window: int) -> dict[str, np.ndarray]:
+    """z per step of each signal of one episode, as the monitor computes them."""
+    return {s: bands[s].exceedance(running_mean(v, window)) for s, v in scores.items()}
+
+
+def episode_statistic(bands: Mapping[str, Band], scores: Mapping[str, np.ndarray], window: int,
+                      warmup: int = 3, horizon: int | None = None) -> float:
+    """max over the episode's steps (after `warmup`, before `horizon`) of the largest z: the monitor alarms in the
+    episode iff this exceeds q."""
+    z = np.max(np.stack(list(exceedances(bands, scores, window).values())), axis=0)[warmup:horizon]
+    return float(z.max()) if len(z) else -math.inf
+
+
+def first_alarm(bands: Mapping[str, Band], scores: Mapping[str, np.ndarray], window: int, q: float,
+                warmup: int = 3) -> tuple[int | None, str | None]:
+    """(step index of the first alarm, its diagnosis) as the monitor would raise them, or (None, None)."""
+    z = exceedances(bands, scores, window)
+    groups = [g for g in z if g != DISAGREEMENT]
+    for t in range(warmup, len(z[DISAGREEMENT])):
+        if z[DISAGREEMENT][t] > q:
+            return t, UNFAMILIAR
+        g = max(groups, key=lambda g: z[g][t])
+        if z[g][t] > q:
+            return t, DIAGNOSES.get(g, ROBOT)
+    return None, None
+
+
+def calibrate_bands(episodes: Mapping[str, Sequence[Mapping[str, np.ndarray]]], window: int = 20, alpha: float = 0.10,
+                    warmup: int = 3, length: int = 200) -> tuple[dict[str, dict[str, Band]], float]:
+    """Per-task bands and one q from nominal episodes' per-step signals, by task.
+
+    Split conformal, per episode: each task's bands (centre and scale of the running mean at each of the first
+    `length` steps; the last holds after) come from half of its episodes (alternating); the episode statistic of
+    the other half, pooled over tasks, gives q at level alpha, so that a nominal episode alarms with probability
+    about alpha. The pooled band "*" (for tasks not calibrated) comes from every task's shape half."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    bands: dict[str, dict[str, Band]] = {}
+    held: list[tuple[str, Mapping[str, np.ndarray]]] = []
+    pooled: dict[str, list[np.ndarray]] = {}
+    for task, eps in episodes.items():
+        eps = [e for e in eps if len(next(iter(e.values())))]
+        if len(eps) < 2:
+            continue
+        fit, test = split_halves(len(eps))
+        bands[task] = {}
+        for s in eps[0]:
+            series = [running_mean(eps[i][s], window)[:length] for i in fit]
+            bands[task][s] = fit_shape(series, smooth=2, scale_floor=0.2)
+            pooled.setdefault(s, []).extend(series)
+        held += [(task, eps[i]) for i in test]
+    if not bands:
+        raise ValueError("need at least two nominal episodes of some task to calibrate the dynamics monitor")
+    bands[POOLED] = {s: fit_shape(v, smooth=2, scale_floor=0.2) for s, v in pooled.items()}
+    stats = [episode_statistic(bands[task], e, window, warmup) for task, e in held]
+    return bands, conformal_quantile(stats, alpha)
+
+
+def bands_block(bands: Mapping[str, Mapping[str, Band]], q: float, window: int, alpha: float,
+                instructions: Mapping[str, str] | None = None, warmup: int = 3, n_episodes: int = 0) -> dict:
+    """The calibration keys of `monitor.dynamics` (merged into the model's block by `vigil calibrate`)."""
+    return {"window": int(window), "alpha": float(alpha), "q": q if math.isfinite(q) else None,
+            "warmup": int(warmup), "episodes": int(n_episodes),
+            "bands": {t: {k: b.to_dict() for k, b in v.items()} for t, v in bands.items()},
+            "instructions": dict(instructions or {})}
