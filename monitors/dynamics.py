@@ -231,6 +231,15 @@ class DynamicsMonitor(Monitor):
         self._band, self._task = self.bands[POOLED], POOLED
 
 
+def dynamics_monitor(policy: Any) -> DynamicsMonitor | None:
+    """A robot's dynamics monitor for a loaded policy (policies.bundle.Policy: its model is shared), or None when
+    the bundle's dynamics block was never calibrated."""
+    block = policy.manifest.monitor.get("dynamics")
+    if block is None or policy.dynamics is None:
+        return None
+    return DynamicsMonitor.from_block(policy.folder, block, policy.dynamics)
+
+
 # ------------------------------------------------------------------------------------------ calibration
 
 

@@ -86,6 +86,17 @@ class Policy:
         # graph inputs with a free leading (batch) axis: feeds of several robots can be stacked along it
         self.batch_inputs = frozenset(i.name for i in self.session.get_inputs()
                                       if i.shape and not isinstance(i.shape[0], int))
+        # the forward-dynamics ensemble that rides with the bundle (monitors/dynamics.py): loaded and checked once
+        # here, so that a bad block refuses the bundle, and shared by every robot's dynamics monitor
+        self.dynamics = None
+        if "dynamics" in manifest.monitor:
+            from vigil.monitors.dynamics import DynamicsModel, DynamicsMonitor
+
+            try:
+                self.dynamics = DynamicsModel(folder, manifest.monitor["dynamics"])
+                DynamicsMonitor.from_block(folder, manifest.monitor["dynamics"], self.dynamics)
+            except ValueError as exc:
+                raise ManifestError(str(exc)) from None
 
     def feed(self, obs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Graph inputs for one observation: normalised where the manifest says, with a batch axis of 1."""

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vigil.monitors.base import Level, Verdict
+from vigil.monitors.dynamics import MAINTENANCE
 from vigil.runtime.hooks import Hook
 from vigil.runtime.outbox import Entry, Outbox
 from vigil.runtime.store import open_db
@@ -330,7 +331,9 @@ class Requester:
 
 class RequestHook(Hook):
     """A VFD verdict at `alert` or above files a data request (rate-limited per task by the `Requester`) with
-    the observation that triggered it and what the robot's last reset said about the episode."""
+    the observation that triggered it and what the robot's last reset said about the episode; except in an
+    episode in which the dynamics monitor has diagnosed the robot (a maintenance alert): demonstrations do not fix
+    a worn gearbox, so the request is held back and counted (`requests_held_maintenance`)."""
 
     name = "requests"
 
@@ -339,7 +342,12 @@ class RequestHook(Hook):
 
     def on_decision(self, session: Session, obs: Message, decision: Decision) -> None:
         for v in decision.verdicts:
-            if v.monitor == "vfd" and v.level >= Level.ALERT:
+            if v.monitor == "dynamics" and v.values.get("diagnosis") == MAINTENANCE:
+                session.state["maintenance"] = session.episode  # the robot, not the policy, is the problem
+            elif v.monitor == "vfd" and v.level >= Level.ALERT:
+                if session.state.get("maintenance") == session.episode:  # demonstrations would not fix it
+                    self.counters["requests_held_maintenance"] += 1
+                    continue
                 try:
                     self.requester.request(session.robot, session.info, decision.policy, session.episode,
                                            session.step - 1, obs.arrays, v)

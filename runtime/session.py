@@ -28,6 +28,7 @@ import msgpack
 import numpy as np
 
 from vigil.monitors.base import Level, Monitor, Tick, Verdict
+from vigil.monitors.dynamics import dynamics_monitor
 from vigil.monitors.failure import FailureMonitor
 from vigil.monitors.safety import ActionMonitor, DeadlineMonitor, LinkMonitor, ObservationMonitor, SaturationMonitor
 from vigil.monitors.stability import StabilityMonitor
@@ -66,19 +67,25 @@ class Decision(NamedTuple):
     execution: Mapping[str, Any] | None = None  # asynchronous execution: replanned, adopted, plan_age, delay, plan
 
 
-MonitorFactory = Callable[[Manifest], list[Monitor]]
+MonitorFactory = Callable[[Policy], list[Monitor]]
 
 
 def standard_monitors(deadline_s: float, saturation_window: int) -> MonitorFactory:
     """The monitors every session runs, for a manifest: observation range, action finiteness, saturation,
-    the deadline, and the bundle's own (VFD thresholds, a stability block, or a learner's default stability)."""
-    def make(manifest: Manifest) -> list[Monitor]:
+    the deadline, and the bundle's own (VFD thresholds, the failure monitor, the dynamics monitor, a stability
+    block, or a learner's default stability)."""
+    def make(policy: Policy) -> list[Monitor]:
+        manifest = policy.manifest
         monitors: list[Monitor] = [ObservationMonitor(manifest.observation), ActionMonitor(),
                                    SaturationMonitor(saturation_window), DeadlineMonitor(deadline_s)]
         if "vfd" in manifest.monitor:
             monitors.append(VFDMonitor.from_manifest(manifest.monitor["vfd"]))
         if "failure" in manifest.monitor:
             monitors.append(FailureMonitor.from_manifest(manifest.monitor["failure"]))
+        if "dynamics" in manifest.monitor:
+            dynamics = dynamics_monitor(policy)
+            if dynamics is not None:
+                monitors.append(dynamics)
         if "stability" in manifest.monitor or manifest.learner:
             monitors.append(StabilityMonitor.from_manifest(manifest.monitor.get("stability")))
         return monitors
@@ -141,6 +148,9 @@ class Session:
         self.last_seq = 0  # seq of the last observation answered with an action
         self.episode = 0  # resets so far
         self.step = 0  # observations answered since the last reset (the step index in lockstep)
+        # the action sent for this episode's previous observation (safe actions included): what the robot applied
+        # before this one, as the dynamics monitor needs it (None at an episode's start)
+        self.sent: np.ndarray | None = None
         self._make_monitors = monitors
         self._on_policy = on_policy
         self._offered: Policy | None = None
@@ -173,7 +183,7 @@ class Session:
         except Exception as exc:  # onnxruntime refused this input, a custom op raised...: never the robot's problem
             return self._failed(exc, seq, t_arrival, t_start)
         tick = Tick(self.robot, seq, arrays, step.action, step.raw, step.scores, _clock() - t_arrival, step.plan,
-                    step.clipped)
+                    step.clipped, self.sent)
         judged = [m.update(tick) for m in self.monitors]
         verdicts = tuple(v for v in judged if v.level)
         safe = False
@@ -184,7 +194,7 @@ class Session:
         decision = Decision(agent.safe_action if safe else step.action, safe, verdicts, judged, step.scores,
                             step.plan, self.policy_id, step.infer_s, t_start - t_arrival, _clock() - t_start,
                             t_arrival)
-        self._answered(seq, safe)
+        self._answered(seq, safe, decision.action)
         return decision
 
     def _tick_async(self, arrays: Mapping[str, np.ndarray], seq: int, t_arrival: float,
@@ -235,18 +245,18 @@ class Session:
             verdict = Verdict(EXHAUSTED, Level.ALERT, f"no planned action for tick {tick}: the chunk ran out before "
                               f"the next plan arrived ({ex.executor.in_flight} in flight)",
                               {"tick": tick, "delay": execution["delay"]})
-            self._answered(seq, True)
+            self._answered(seq, True, agent.safe_action)
             return Decision(agent.safe_action, True, (verdict,), (verdict,), _NO_SCORES, 0, self.policy_id, infer_s,
                             t_start - t_arrival, _clock() - t_start, t_arrival, execution=execution)
         action, clipped = agent.clip(raw)
         plan, policy_id = info.tag
         execution["plan"] = plan
         judged = [m.update(Tick(self.robot, seq, arrays, action, raw, info.scores, _clock() - t_arrival, plan,
-                                clipped)) for m in self.monitors]
+                                clipped, self.sent)) for m in self.monitors]
         judged.append(EXHAUSTED_OK)
         verdicts = tuple(v for v in judged if v.level)
         safe = any(v.level is _STOP for v in verdicts)
-        self._answered(seq, safe)
+        self._answered(seq, safe, agent.safe_action if safe else action)
         return Decision(agent.safe_action if safe else action, safe, verdicts, judged, info.scores, plan, policy_id,
                         _clock() - t_start, t_start - t_arrival, _clock() - t_start, t_arrival,
                         execution=execution)
@@ -276,12 +286,13 @@ class Session:
         verdict = Verdict("policy", Level.STOP, f"policy raised {type(exc).__name__}: {exc}"[:500],
                           {"error": type(exc).__name__})
         self.counters["policy_failed"] += 1
-        self._answered(seq, True)
+        self._answered(seq, True, self.agent.safe_action)
         return Decision(self.agent.safe_action, True, (verdict,), (verdict,), _NO_SCORES, 0, self.policy_id, None,
                         t_start - t_arrival, _clock() - t_start, t_arrival, failed=True)
 
-    def _answered(self, seq: int, safe: bool) -> None:
+    def _answered(self, seq: int, safe: bool, action: np.ndarray) -> None:
         self.last_seq = seq
+        self.sent = action
         self.step += 1
         counters = self.counters
         counters["ticks"] += 1
@@ -302,6 +313,7 @@ class Session:
 
     def link_lost(self, verdict: Verdict) -> Decision:
         """The decision sent when the link is declared lost: the safe action for the last observation."""
+        self.sent = self.agent.safe_action  # what the robot applies meanwhile
         return Decision(self.agent.safe_action, True, (verdict,), (verdict,), _NO_SCORES, 0, self.policy_id, None,
                         0.0, 0.0, _clock())
 
@@ -329,6 +341,7 @@ class Session:
             m.start_episode(meta)
         self.episode += 1
         self.step = 0
+        self.sent = None
         for key in ("task", "instruction", "sim"):  # what this episode is: requests are filed with it
             self.info.pop(key, None)
         self.info.update({k: v for k, v in meta.items() if k in ("task", "instruction", "episode", "sim")})
@@ -365,7 +378,7 @@ class Session:
         manifest = policy.manifest
         self.policy_id = manifest.policy_id
         self.observation: tuple[ArraySpec, ...] = tuple(manifest.observation)
-        self.monitors = self._make_monitors(manifest)
+        self.monitors = self._make_monitors(policy)
         if self._planner is not None:  # asynchronous execution goes on if the new policy's chunks fit it
             if self.execution is None or not self.execution.fits(policy):
                 self.execution = (AsyncExecution(self._planner, self._settings or AsyncSettings(), policy, self.robot)

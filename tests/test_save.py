@@ -294,7 +294,7 @@ def test_save_round_end_to_end(tmp_path, encoder_bundle):
     # the parent run, in process (the CLI's own function, without a child's start-up)
     assert main(["demos", "record", "--tasks", "reach-v3", "--episodes", "2", "--out", str(demos)]) == 0
     assert main(["train", "flow", "--config", str(config), "--demos", str(demos), "--out", str(run),
-                 "--encoder", str(encoder_bundle), "--no-progress"]) == 0
+                 "--encoder", str(encoder_bundle), "--no-progress", "--dynamics-steps", "0"]) == 0
     parent = load_policy(run / "bundle").manifest
 
     # deployment: two requests, one answered by the scripted expert, one still open

@@ -167,7 +167,8 @@ def test_vigil_train_flow_end_to_end(tmp_path, flow_encoder_bundle):
     r = run_vigil("demos", "record", "--tasks", "reach-v3", "--episodes", "2", "--out", str(demos))
     assert r.returncode == 0, r.stderr
     r = run_vigil("train", "flow", "--config", str(TINY), "--demos", str(demos), "--out", str(out),
-                  "--encoder", str(flow_encoder_bundle), "--seed", "3", "--tasks", "reach-v3", timeout=300)
+                  "--encoder", str(flow_encoder_bundle), "--seed", "3", "--tasks", "reach-v3",
+                  "--dynamics-steps", "200", timeout=300)
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-3000:]}"
     assert "reusing" in r.stdout
     assert "flow M=2" in r.stderr  # the progress bar
@@ -202,6 +203,9 @@ def test_vigil_train_flow_end_to_end(tmp_path, flow_encoder_bundle):
     assert summary["bundle"] is not None
     policy = load_policy(out / "bundle")
     assert policy.manifest.kind == "flow_ensemble"
+    # the dynamics monitor's ensemble rides in the bundle (uncalibrated until `vigil calibrate`)
+    assert summary["dynamics"]["model"] == "dynamics.onnx" and policy.dynamics is not None
+    assert "bands" not in policy.manifest.monitor["dynamics"]
 
     # a run whose export failed can be exported later from its checkpoint alone
     import shutil
@@ -214,6 +218,10 @@ def test_vigil_train_flow_end_to_end(tmp_path, flow_encoder_bundle):
     again = load_policy(out / "bundle")
     assert again.manifest.provenance["seed"] == 3 and again.manifest.name == policy.manifest.name
     assert json.loads((out / "provenance.json").read_text())["bundle"] == str((out / "bundle").resolve())
+    from vigil.training import dynamics  # a re-exported bundle gets its dynamics ensemble again (vigil train dynamics)
+
+    dynamics.add_to_bundle(out / "bundle", dynamics.from_demos([demos]), dynamics.DynamicsConfig(steps=100),
+                           progress=False, log=lambda _: None)
 
     # calibrate the VFD monitor on nominal rollouts of unseen variants, as a deployment would
     r = run_vigil("calibrate", "--bundle", str(out / "bundle"), "--episodes", "3", "--seed", "40",
@@ -223,6 +231,12 @@ def test_vigil_train_flow_end_to_end(tmp_path, flow_encoder_bundle):
     policy = load_policy(out / "bundle")  # the graph's sha256 still matches: only the manifest changed
     vfd = policy.manifest.monitor["vfd"]
     failure = block.pop("failure")  # the failure monitor, from the same rollouts (the RND head is on by default)
+    dyn = block.pop("dynamics")  # and the dynamics monitor, from every rollout's states and actions
+    assert dyn["episodes"] == 3 and dyn["window"] == 20
+    assert set(policy.manifest.monitor["dynamics"]["bands"]["reach-v3"]) == {"robot", "object", "disagreement"}
+    from vigil.monitors.dynamics import dynamics_monitor
+
+    assert dynamics_monitor(policy) is not None
     assert vfd == block and vfd["tasks"] == ["reach-v3"] and vfd["window"] == 3 and vfd["episodes"] == 3
     assert policy.manifest.onnx_scores == ("vfd", "rnd") and failure["episodes"] == 3
     assert "will not alarm" in failure["note"]  # 3 episodes cannot set a 10% per-episode rate

@@ -29,6 +29,8 @@ from vigil.training.failure import FEATURES, failure_block
 
 DEFAULT_ALPHAS: dict[str, float] = {"warn": 0.25, "alert": 0.10}  # alert: the paper's false-alarm rate
 DEFAULT_WINDOW = 3  # plans in the running mean: 150 ms at 80 Hz with 4 of 8 actions per chunk
+DYNAMICS_WINDOW = 20  # ticks in the dynamics monitor's running mean (250 ms at 80 Hz; docs/dynamics.md)
+DYNAMICS_WARMUP = 3  # ticks at an episode's start the dynamics monitor does not judge
 
 
 @dataclass
@@ -40,14 +42,19 @@ class Rollout:
     scores: dict[str, list[float]] = field(default_factory=dict)  # per plan, in order
     success_plan: int | None = None  # plans made before the first success (None: never succeeded)
     ret: float = 0.0  # the episode's return (sum of rewards)
+    states: list[np.ndarray] | None = None  # with record=True: every observed state (T+1) ...
+    actions: list[np.ndarray] | None = None  # ... and every action applied (T): the dynamics monitor's data
 
 
-def rollout(agent: Agent, env, seed: int, max_steps: int = 500) -> Rollout:
-    """One episode of `env` (a vigil Environment with an `instruction`) driven by `agent` in process."""
+def rollout(agent: Agent, env, seed: int, max_steps: int = 500, record: bool = False) -> Rollout:
+    """One episode of `env` (a vigil Environment with an `instruction`) driven by `agent` in process; `record`
+    keeps its states and actions (the dynamics monitor's calibration)."""
     out = Rollout(env.name, seed)
     obs = env.reset(seed=seed)
     agent.reset(getattr(env, "instruction", None), seed)
     state, plans = None, 0
+    if record:
+        out.states, out.actions = [np.asarray(obs["state"], np.float32)], []
     for _ in range(max_steps):
         step = agent.act(obs)
         if step.replanned:
@@ -59,6 +66,9 @@ def rollout(agent: Agent, env, seed: int, max_steps: int = 500) -> Rollout:
                 out.scores.setdefault(STILL, []).append(stillness(state, now))
                 state = now
         result = env.step(step.action)
+        if record:
+            out.actions.append(np.asarray(step.action, np.float32))
+            out.states.append(np.asarray(result.obs["state"], np.float32))
         out.steps += 1
         out.ret += float(result.reward)
         if not out.success and float(result.info.get("success", 0.0)) >= 1.0:
@@ -79,7 +89,7 @@ def fleet_rollouts(folder: str | Path, tasks: Sequence[str], episodes: int, seed
 
 
 def nominal_rollouts(policy: Policy, tasks: Sequence[str], episodes: int, seed: int, max_steps: int = 500,
-                     progress: bool = True) -> list[Rollout]:
+                     progress: bool = True, record: bool = False) -> list[Rollout]:
     """`episodes` nominal episodes per task, seeds seed..seed+episodes-1 (Meta-World: variant seed % 50)."""
     from tqdm import tqdm
 
@@ -93,7 +103,7 @@ def nominal_rollouts(policy: Policy, tasks: Sequence[str], episodes: int, seed: 
             env = make_env(task, horizon=max_steps, camera=camera)
             try:
                 for k in range(episodes):
-                    out.append(rollout(agent, env, seed + k, max_steps))
+                    out.append(rollout(agent, env, seed + k, max_steps, record))
                     bar.update()
             finally:
                 env.close()
@@ -134,11 +144,14 @@ def calibrate_bundle(folder: str | Path, tasks: Sequence[str] | None = None, epi
                      window: int = DEFAULT_WINDOW, alphas: Mapping[str, float] = DEFAULT_ALPHAS,
                      max_steps: int = 500, progress: bool = True, successful_only: bool = True,
                      failure_alpha: float = 0.10, ray: bool = False, address: str | None = None,
-                     workers: int = 2) -> tuple[dict, list[Rollout]]:
+                     workers: int = 2, dynamics_alpha: float = 0.10,
+                     dynamics_window: int = DYNAMICS_WINDOW) -> tuple[dict, list[Rollout]]:
     """Roll the bundle out on nominal variants of its tasks (default: the tasks in its provenance), write
     the calibrated `monitor.vfd` into its manifest, return (the block, the rollouts). A bundle whose graph also
     reports the density score (rnd) gets `monitor.failure` from the same rollouts too (per-episode
-    false-alarm rate failure_alpha; 0 skips it; docs/failure.md)."""
+    false-alarm rate failure_alpha; 0 skips it; docs/failure.md), and a bundle with a dynamics ensemble gets its
+    monitor's bands and q (per-episode false-alarm rate dynamics_alpha, every rollout; 0 skips it;
+    docs/dynamics.md)."""
     folder = Path(folder)
     policy = load_policy(folder, prefer_gpu=False)
     if "vfd" not in policy.manifest.onnx_scores:
@@ -147,10 +160,14 @@ def calibrate_bundle(folder: str | Path, tasks: Sequence[str] | None = None, epi
         tasks = sorted(policy.manifest.provenance.get("tasks", {}))
         if not tasks:
             raise ValueError(f"{folder}: no tasks in the bundle's provenance; name them")
+    dynamics = dynamics_alpha > 0 and policy.dynamics is not None
     if ray or address:  # a fleet on Ray (sim/fleet.py): the same rollouts, shared out
+        if dynamics:
+            raise ValueError("the dynamics monitor is calibrated from the states of in-process rollouts: calibrate "
+                             "without --ray/--address, or with --dynamics 0")
         rollouts = fleet_rollouts(folder, list(tasks), episodes, seed, max_steps, workers, address)
     else:
-        rollouts = nominal_rollouts(policy, list(tasks), episodes, seed, max_steps, progress)
+        rollouts = nominal_rollouts(policy, list(tasks), episodes, seed, max_steps, progress, record=dynamics)
     block = monitor_block(rollouts, window, alphas, successful_only=successful_only)
     write_monitor(folder, block)
     if failure_alpha > 0 and {base_name(f)[0] for f in FEATURES} - {STILL} <= set(policy.manifest.onnx_scores):
@@ -167,4 +184,29 @@ def calibrate_bundle(folder: str | Path, tasks: Sequence[str] | None = None, epi
         else:
             write_monitor(folder, failure, "failure")
             block = {**block, "failure": {k: v for k, v in failure.items() if k not in ("bands", "instructions")}}
+    if dynamics:
+        dyn = dynamics_block(policy, rollouts, dynamics_alpha, dynamics_window)
+        write_monitor(folder, dyn, "dynamics")
+        block = {**block, "dynamics": {k: dyn[k] for k in ("window", "alpha", "q", "warmup", "episodes")}}
     return block, rollouts
+
+
+def dynamics_block(policy: Policy, rollouts: Sequence[Rollout], alpha: float = 0.10,
+                   window: int = DYNAMICS_WINDOW, warmup: int = DYNAMICS_WARMUP) -> dict:
+    """The bundle's `monitor.dynamics` with bands and q from the recorded rollouts (every one: the physics does
+    not depend on whether the task succeeded), the model's keys kept."""
+    from vigil.monitors.dynamics import bands_block, calibrate_bands
+
+    model = policy.dynamics
+    by_task: dict[str, list] = {}
+    for r in rollouts:
+        if r.actions:
+            by_task.setdefault(r.task, []).append(model.scores(np.asarray(r.states), np.asarray(r.actions)))
+    bands, q = calibrate_bands(by_task, window, alpha, warmup)
+    prov_tasks = policy.manifest.provenance.get("tasks", {})
+    instructions = {v["instruction"]: t for t, v in prov_tasks.items() if isinstance(v, Mapping)
+                    and isinstance(v.get("instruction"), str)}
+    keep = {k: v for k, v in policy.manifest.monitor["dynamics"].items()
+            if k not in ("window", "alpha", "q", "warmup", "episodes", "bands", "instructions")}
+    return {**keep, **bands_block(bands, q, window, alpha, instructions, warmup,
+                                  sum(len(v) for v in by_task.values()))}

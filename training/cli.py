@@ -288,9 +288,29 @@ class TrainFlowConfig:
     rtc: str | None = field(default=None, metadata={
         "help": "export the bundle with real-time chunking (docs/rtc.md): guided (inference-time guidance) or "
                 "trained (needs flow.rtc_max_delay >= 1 in the config)", "choices": ("guided", "trained")})
+    dynamics_steps: int = field(default=3000, metadata={
+        "help": "training steps of the bundle's forward-dynamics ensemble for the dynamics monitor (docs/dynamics.md; "
+                "0: none)"})
 
     def __post_init__(self) -> None:
-        check_fields(self, [("seed", self.seed is None or self.seed >= 0, "an integer >= 0")])
+        check_fields(self, [("seed", self.seed is None or self.seed >= 0, "an integer >= 0"),
+                            ("dynamics_steps", self.dynamics_steps >= 0, "an integer >= 0")])
+
+
+@dataclass(frozen=True)
+class TrainDynamicsConfig:
+    bundle: str = field(metadata={"help": "bundle folder: dynamics.onnx and monitor.dynamics are written into it"})
+    demos: str = field(metadata={"help": "comma-separated dataset folders (demonstrations, recorded deployments)"})
+    tasks: str | None = field(default=None, metadata={"help": "comma-separated tasks (default: every task)"})
+    members: int = field(default=5, metadata={"help": "ensemble members"})
+    steps: int = field(default=3000, metadata={"help": "training steps"})
+    history: int = field(default=4, metadata={"help": "executed actions in the model's input"})
+    seed: int = field(default=0, metadata={"help": "seed"})
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, [("members", self.members >= 2, "an integer >= 2"), ("steps", self.steps >= 1, ">= 1"),
+                            ("history", self.history >= 1, "an integer >= 1"), ("seed", self.seed >= 0, ">= 0")])
 
 
 @dataclass(frozen=True)
@@ -422,6 +442,11 @@ def _train_parser(t: argparse.ArgumentParser) -> None:
                     "on the instruction embedded by the onboard encoder bundle; writes ensemble.pt, loss.csv, "
                     "learning_curve.png, provenance.json and, when the exporter is available, the flow_ensemble "
                     "bundle in OUT/bundle."), TrainFlowConfig)
+    add_flags(tsub.add_parser(
+        "dynamics", help="train a bundle's forward-dynamics ensemble (the dynamics monitor)",
+        description="Train the forward-dynamics ensemble of the dynamics monitor (training/dynamics.py, "
+                    "docs/dynamics.md) on datasets and write it into the bundle (dynamics.onnx, monitor.dynamics); "
+                    "then `vigil calibrate` the bundle. `vigil train flow` does this by default."), TrainDynamicsConfig)
     r = tsub.add_parser("save-round", help="fine-tune a flow ensemble on acquired demonstrations (SAVE round)",
                         description="One SAVE round (training/save.py): fine-tune every member of RUN's ensemble, "
                                     "warm-started from its checkpoint, on old and acquired demonstrations half and "
@@ -490,7 +515,7 @@ def _train_sac(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run `vigil train <kind>`; a config error names the subcommand."""
     run = {"flow": _train_flow, "save-round": _save_round, "lqr": _train_lqr, "bpo": _train_rl, "ppo": _train_rl,
-           "posttrain": _posttrain, "sac": _train_sac}
+           "posttrain": _posttrain, "sac": _train_sac, "dynamics": _train_dynamics}
     try:
         return run[args.kind](args)
     except ConfigError as exc:
@@ -507,10 +532,36 @@ def _train_flow(args: argparse.Namespace) -> int:
         summary = run(config.config, config.demos, config.out, encoder_dir=config.encoder, seed=config.seed,
                       tasks=tasks, progress=config.progress, log=lambda line: print(line, flush=True),
                       rtc=config.rtc)
+        if summary.get("bundle") and config.dynamics_steps:
+            summary["dynamics"] = _add_dynamics(summary["bundle"], [config.demos], tasks, config.dynamics_steps,
+                                                config.seed or 0, config.progress)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError too (a ValueError)
         print(f"vigil train {args.kind}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _add_dynamics(bundle: str, demos: list[str], tasks: list[str] | None, steps: int, seed: int, progress: bool,
+                  members: int = 5, history: int = 4) -> dict:
+    from vigil.training import dynamics
+
+    data = dynamics.from_demos(demos, tasks=tasks)
+    cfg = dynamics.DynamicsConfig(members=members, steps=steps, history=history, seed=seed)
+    block = dynamics.add_to_bundle(bundle, data, cfg, progress, log=lambda line: print(line, flush=True))
+    return {"model": block["model"], "members": block["members"], "fit": block["fit"]}
+
+
+def _train_dynamics(args: argparse.Namespace) -> int:
+    config = config_from_args(TrainDynamicsConfig, args)
+    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()] if config.tasks else None
+    try:
+        out = _add_dynamics(config.bundle, config.demos.split(","), tasks, config.steps, config.seed,
+                            config.progress, config.members, config.history)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"vigil train dynamics: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out), flush=True)
     return 0
 
 
@@ -610,6 +661,10 @@ class CalibrateConfig:
                 "(docs/failure.md; 0: leave monitor.failure alone)"})
     all_episodes: bool = field(default=False, metadata={
         "help": "calibrate on every rollout, not only the successful ones (tasks without a success signal)"})
+    dynamics: float = field(default=0.10, metadata={
+        "help": "per-episode false-alarm rate of the dynamics monitor, for bundles with a dynamics ensemble "
+                "(docs/dynamics.md; 0: leave monitor.dynamics alone)"})
+    dynamics_window: int = field(default=20, metadata={"help": "ticks in the dynamics monitor's running mean"})
     progress: bool = field(default=True, metadata={"help": "no progress bar"})
 
     def __post_init__(self) -> None:
@@ -622,6 +677,8 @@ class CalibrateConfig:
                             ("alert", 0 <= self.alert < 1, rate),
                             ("stop", 0 <= self.stop < 1, rate),
                             ("failure", 0 <= self.failure < 1, rate),
+                            ("dynamics", 0 <= self.dynamics < 1, rate),
+                            ("dynamics_window", self.dynamics_window >= 1, "an integer >= 1"),
                             ("max_steps", self.max_steps >= 1, "an integer >= 1")])
 
     def alphas(self) -> dict[str, float]:
@@ -632,8 +689,9 @@ class CalibrateConfig:
 def _calibrate_parser(p: argparse.ArgumentParser) -> None:
     p.description = ("Play nominal task variants with the bundle in process (as the runtime plays it), take the "
                      "per-plan VFD of the successful episodes, and write conformal thresholds (warn/alert[/stop]) "
-                     "into the manifest's monitor.vfd (training/calibrate.py). Use seeds the policy was not trained "
-                     "on.")
+                     "into the manifest's monitor.vfd (training/calibrate.py); the failure and dynamics monitors, "
+                     "where the bundle has them, are calibrated from the same rollouts. Use seeds the policy was not "
+                     "trained on.")
     add_flags(p, CalibrateConfig)
 
 
@@ -646,7 +704,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         block, rollouts = calibrate_bundle(config.bundle, tasks, config.episodes, config.seed, config.window,
                                            config.alphas(), config.max_steps, progress=config.progress,
                                            successful_only=not config.all_episodes, failure_alpha=config.failure,
-                                           ray=config.ray, address=config.address, workers=config.workers)
+                                           ray=config.ray, address=config.address, workers=config.workers,
+                                           dynamics_alpha=config.dynamics, dynamics_window=config.dynamics_window)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"vigil calibrate: {exc}", file=sys.stderr)
         return 1

@@ -8,8 +8,9 @@ predicted dimension's error scale sigma_d: the monitor's scores are in these uni
 
 Which dimensions, by default (docs/dynamics.md): inputs are every state dimension that varies in the data;
 predicted are the dimensions of the current frame that move (for Meta-World's 39-dim state, the first 18: hand,
-gripper and the objects' poses; the next 18 repeat the previous frame and the last 3 are the goal). Objects are
-predicted as well as the hand because friction and mass act on what the robot touches.
+gripper and the objects' poses; the next 18 repeat the previous frame and the last 3 are the goal; the inputs are
+the current frame's too, `default_dims`). Objects are predicted as well as the hand because friction and mass act on
+what the robot touches.
 
     vigil train dynamics --demos DIR --bundle runs/mt10/bundle      (also run by `vigil train flow`)
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,6 +31,7 @@ from vigil.monitors.dynamics import features
 from vigil.training.demos import DemoSet
 
 MODEL_FILE = "dynamics.onnx"
+CLIP = 10.0  # normalised inputs are clipped to this (a state far outside the data: the members disagree, no overflow)
 METAWORLD_FRAME = 18  # Meta-World's state: this frame (18), the previous frame (18), the goal (3)
 
 
@@ -37,7 +40,7 @@ class DynamicsConfig:
     members: int = 5
     hidden: int = 128
     depth: int = 2
-    history: int = 2  # actions in the input: a_t, a_{t-1}, ...
+    history: int = 4  # actions in the input: a_t, a_{t-1}, ... (what the arm's lag depends on; docs/dynamics.md)
     steps: int = 3000
     batch: int = 512
     lr: float = 1e-3
@@ -94,17 +97,20 @@ def from_demos(folders: Sequence[str | Path], state: str = "state", tasks: Seque
 
 
 def default_dims(data: Transitions, eps: float = 1e-6) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(inputs, predict): the dimensions that vary in the states; of those, the ones whose one-step change varies,
-    restricted to the current frame for Meta-World's 39-dim states."""
+    """(inputs, predict): the dimensions that vary in the states; of those, the ones whose one-step change varies.
+    For Meta-World's 39-dim states both are restricted to the current frame: without the previous frame the model
+    cannot read the arm's velocity off the state and must predict the motion from the actions sent, so that a
+    weaker or later actuation shows in its residual all episode long instead of being absorbed after one step."""
     s = np.concatenate(data.states)
-    inputs = tuple(int(i) for i in np.flatnonzero(s.std(0) > eps))
+    inputs = [int(i) for i in np.flatnonzero(s.std(0) > eps)]
     d = np.concatenate([x[1:] - x[:-1] for x in data.states])
     moving = [int(i) for i in np.flatnonzero(d.std(0) > eps)]
     if s.shape[1] == 39:
+        inputs = [i for i in inputs if i < METAWORLD_FRAME]
         moving = [i for i in moving if i < METAWORLD_FRAME]
     if not inputs or not moving:
         raise ValueError("the states do not change in the data: nothing to model")
-    return inputs, tuple(moving)
+    return tuple(inputs), tuple(moving)
 
 
 def default_groups(predict: Sequence[int], state_dim: int) -> dict[str, list[int]]:
@@ -162,7 +168,7 @@ def _ensemble(cfg: DynamicsConfig, n_in: int, n_out: int, x_mean, x_std, y_mean,
             return h
 
         def forward(self, x):  # (B, in) raw -> (M, B, out) raw: the exported graph
-            xn = ((x - self.x_mean) / self.x_std).unsqueeze(0).expand(cfg.members, -1, -1)
+            xn = ((x - self.x_mean) / self.x_std).clamp(-CLIP, CLIP).unsqueeze(0).expand(cfg.members, -1, -1)
             return self.normalised(xn) * self.y_std + self.y_mean
 
     return Ensemble()
@@ -192,13 +198,16 @@ def fit(data: Transitions, cfg: DynamicsConfig = DynamicsConfig(), progress: boo
     n_hold = max(1, int(round(cfg.holdout * len(data)))) if len(data) > 1 else 0
     hold, train = order[:n_hold], order[n_hold:] if n_hold < len(data) else order
     x, y, ep = arrays(data, train, inputs, predict, cfg.history)
-    x_mean, x_std = x.mean(0), np.maximum(x.std(0), 1e-6)
+    # a dimension (almost) constant in the data must not blow up at a value it never took: its scale is at least
+    # a twentieth of the typical one, and normalised inputs are clipped to +-CLIP in the graph
+    x_mean, x_std = x.mean(0), x.std(0)
+    x_std = np.maximum(x_std, max(0.05 * float(np.median(x_std)), 1e-6))
     y_mean, y_std = y.mean(0), np.maximum(y.std(0), 1e-8)
     torch.manual_seed(cfg.seed)
     model = _ensemble(cfg, x.shape[1], y.shape[1], x_mean, x_std, y_mean, y_std)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
-    xn = torch.as_tensor((x - x_mean) / x_std)
+    xn = torch.as_tensor(np.clip((x - x_mean) / x_std, -CLIP, CLIP))
     yn = torch.as_tensor((y - y_mean) / y_std)
     # bootstrap per member, by episode: each member draws its rows from its own resample of the training episodes
     episodes = np.unique(ep)
@@ -241,8 +250,10 @@ def export(fitted: Fitted, folder: str | Path, action_dim: int) -> dict[str, Any
     path = folder / MODEL_FILE
     x = torch.zeros(1, len(fitted.inputs) + fitted.cfg.history * action_dim)
     tmp = folder / f".{MODEL_FILE}.{os.getpid()}.tmp"
-    torch.onnx.export(fitted.model, (x,), str(tmp), input_names=["x"], output_names=["delta"],
-                      dynamic_axes={"x": {0: "batch"}, "delta": {1: "batch"}}, opset_version=17, dynamo=False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, chosen (dynamo=False)
+        torch.onnx.export(fitted.model, (x,), str(tmp), input_names=["x"], output_names=["delta"],
+                          dynamic_axes={"x": {0: "batch"}, "delta": {1: "batch"}}, opset_version=17, dynamo=False)
     os.replace(tmp, path)
     return {"model": MODEL_FILE, "sha256": sha256_file(path), "state": fitted.cfg.state,
             "inputs": list(fitted.inputs), "predict": list(fitted.predict), "groups": dict(fitted.groups),
