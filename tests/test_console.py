@@ -414,6 +414,15 @@ def test_a_gap_in_alert_ids_is_read_back_from_the_store_and_gains_are_shown(cons
                                        "guarded": True, "failed": False, "update_ms": 1.2, "t": time.time()})
         wait_until(lambda: "guarded" in text_of(driver, '#gains tr[data-gain-robot="arm-2"]'), 20)
         assert "1.5" in text_of(driver, '#gains tr[data-gain-robot="arm-2"]')
+
+        # the dynamics monitor's diagnosis tells the operator who should act: a maintenance alert stands out
+        r = store.append("arm-1", "alert", "dynamics", "maintenance: the robot's commands take effect differently",
+                         {"diagnosis": "robot", "z_robot": 9.5})
+        stream.publish("alert.alert", Message("alert", r.robot, r.id, r.t_ns, {}, r.to_meta()))
+        wait_until(lambda: "maintenance" in text_of(driver, f'#alerts tr[data-alert-id="{r.id}"]'), 20)
+        assert dom(driver, f"return document.querySelector('#alerts tr[data-alert-id=\"{r.id}\"]')"
+                           ".dataset.diagnosis") == "robot"
+        assert "1 maintenance" in text_of(driver, "#alerts-info")
     finally:
         stream.close()
         store.close()

@@ -180,13 +180,16 @@ def test_vigil_calibrate_calibrates_both_monitors(flow_bundle):
     assert dynamics_monitor(policy) is not None
 
 
-def test_a_weakened_robot_gets_a_maintenance_alert_over_real_sockets(flow_bundle, serve):
+@pytest.mark.parametrize("execution", ["sync", "async"])
+def test_a_weakened_robot_gets_a_maintenance_alert_over_real_sockets(flow_bundle, serve, execution):
+    """The monitor judges the actions the runtime sent, whichever plan they came from: the same diagnosis when the
+    next chunk is planned while the current one executes (asynchronous execution)."""
     from vigil.runtime.store import AlertStore
     from vigil.sim.envs import make_env
     from vigil.sim.robot import SimConfig, run_episodes
     from vigil.sim.shifts import Shift
 
-    served = serve(flow_bundle)
+    served = serve(flow_bundle, execution=execution)
     env = make_env("reach-v3", horizon=60, shift=Shift(gain=0.2))  # a fifth of the commanded motion
     try:
         stats = run_episodes(env, SimConfig(served.robot_endpoint, "worn-arm", 2, 60, 50))

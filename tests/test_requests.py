@@ -260,3 +260,38 @@ def test_a_locked_store_queues_the_request_and_the_rate_limit_holds(tmp_path):
     assert store.get(2).instruction is None and store.get(2).sim is None
     assert requester.request("r1", info, "p@1", 2, 0, obs, verdict, now=110.0)  # the interval has passed
     store.close()
+
+
+def test_no_data_request_in_an_episode_whose_robot_the_dynamics_monitor_diagnosed(tmp_path):
+    """Demonstrations do not fix a worn gearbox: once the dynamics monitor has said `robot` in an episode, VFD
+    alerts of that episode file no request (counted); the next episode files again."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from vigil.monitors.base import Level, Verdict
+    from vigil.runtime.outbox import Outbox
+    from vigil.runtime.requests import Requester, RequestHook
+    from vigil.runtime.session import Decision
+    from vigil.wire.protocol import Message
+
+    store = RequestStore(tmp_path / "store.db")
+    counters: Counter = Counter()
+    hook = RequestHook(Requester(store, None, Outbox(), interval_s=0.0), counters)
+    session = SimpleNamespace(robot="arm", info={"task": "push-v3"}, episode=1, step=3, state={})
+    obs = Message("obs", "arm", 3, 0, {"state": np.zeros(39, np.float32)}, {})
+    vfd = Verdict("vfd", Level.ALERT, "unsure", {"vfd": 2.0, "threshold": 1.0})
+    robot = Verdict("dynamics", Level.ALERT, "maintenance: ...", {"diagnosis": "robot"})
+    world = Verdict("dynamics", Level.ALERT, "the world answers differently", {"diagnosis": "world"})
+
+    def decide(*verdicts: Verdict) -> None:
+        hook.on_decision(session, obs, Decision(np.zeros(4, np.float32), False, verdicts, verdicts, {}, 1, "p@1",
+                                                0.0, 0.0, 0.0))
+
+    decide(world, vfd)  # the world changed (friction, mass): the policy may well need data for it
+    decide(robot)
+    decide(vfd)
+    assert [r.episode for r in store.list()] == [1] and counters["requests_held_maintenance"] == 1
+    session.episode = 2
+    decide(vfd)
+    assert [r.episode for r in store.list()] == [1, 2]
+    store.close()

@@ -212,15 +212,25 @@ function drawTrace(card, points, th) {
     : "";
 }
 
+// the dynamics monitor's diagnosis (docs/dynamics.md): who should act on the alert
+const DIAGNOSES = { robot: "maintenance", world: "world changed", unfamiliar: "unfamiliar state" };
+
 function renderAlerts() {
   const rows = [...S.alerts.values()].sort((a, b) => (b.id || Infinity) - (a.id || Infinity)).slice(0, MAX_ROWS);
-  $("#alerts tbody").replaceChildren(...rows.map((a) => el("tr", {
-    dataset: { alertId: a.id }, class: S.newAlerts.has(a.id) ? "new" : "" },
-  el("td", { class: "num" }, String(a.id || "–")), el("td", {}, clock(a.t_ns / 1e9)),
-  el("td", { class: `sev-${a.severity}` }, a.severity), el("td", {}, a.robot || "–"), el("td", {}, a.monitor),
-  el("td", {}, a.reason), el("td", { class: "num" }, a.count > 1 ? String(a.count) : ""), el("td", {}, a.source))));
+  $("#alerts tbody").replaceChildren(...rows.map((a) => {
+    const diagnosis = a.values && DIAGNOSES[a.values.diagnosis] ? a.values.diagnosis : null;
+    return el("tr", {
+      dataset: { alertId: a.id, diagnosis: diagnosis || "" }, class: S.newAlerts.has(a.id) ? "new" : "" },
+    el("td", { class: "num" }, String(a.id || "–")), el("td", {}, clock(a.t_ns / 1e9)),
+    el("td", { class: `sev-${a.severity}` }, a.severity), el("td", {}, a.robot || "–"),
+    el("td", {}, a.monitor, ...(diagnosis ? [" ", el("span", { class: `diag diag-${diagnosis}` }, DIAGNOSES[diagnosis])]
+      : [])),
+    el("td", {}, a.reason), el("td", { class: "num" }, a.count > 1 ? String(a.count) : ""), el("td", {}, a.source));
+  }));
   S.newAlerts.clear();
-  $("#alerts-info").textContent = `${S.alerts.size} shown; gaps in ids are read back from the store`;
+  const maintenance = [...S.alerts.values()].filter((a) => a.values && a.values.diagnosis === "robot").length;
+  $("#alerts-info").textContent = `${S.alerts.size} shown` + (maintenance ? `, ${maintenance} maintenance` : "")
+    + "; gaps in ids are read back from the store";
 }
 
 function requestState(r) {
