@@ -25,13 +25,15 @@ diagnosis says which:
                                (actuation, load, latency): a maintenance alert
     object residual above q    "world": what the robot touches answers differently (friction, mass)
 
-The model's input is the recent observation and the last `history` actions the runtime sent (`Tick.executed`,
+The model and the signals are one ONNX graph, run once every `every` ticks on the rows of those ticks (about 40 us
+for 4 rows): the verdict is at most `every` - 1 ticks late and stands in between. The model's input is the
+recent observation and the last `history` actions the runtime sent (`Tick.executed`,
 safe actions included, whichever chunk or asynchronous plan they came from), so the monitor works alike under
 sync and asynchronous execution and real-time chunking. Everything comes from the manifest's `monitor.dynamics`:
 
     {"model": "dynamics.onnx", "sha256": ..., "state": "state", "inputs": [dims], "predict": [dims],
      "groups": {"robot": [positions in predict], "object": [...]}, "history": 2, "action_dim": 4, "sigma": [...],
-     "window": 20, "warmup": 3, "alpha": 0.1, "q": ...,
+     "window": 20, "warmup": 3, "every": 4, "alpha": 0.1, "q": ...,
      "bands": {"<task>": {"robot": band, "object": band, "disagreement": band}, "*": {...}},
      "instructions": {"<instruction>": "<task>"}}
 
@@ -82,7 +84,7 @@ class DynamicsModel:
     def __init__(self, folder: str | Path, block: Mapping[str, Any], threads: int = 1):
         import onnxruntime as ort
 
-        from vigil.policies.bundle import session_options
+        from vigil.policies.bundle import _fast_run, session_options
         from vigil.policies.manifest import sha256_file
 
         try:
@@ -111,50 +113,63 @@ class DynamicsModel:
             raise ValueError(f"monitor.dynamics.model: {self.file} does not match its sha256 in the manifest")
         self.session = ort.InferenceSession(str(self.file), session_options(threads),
                                             providers=["CPUExecutionProvider"])
-        self._inv2 = 1.0 / self.sigma ** 2
+        self.names = tuple(block.get("signals") or (*self.groups, DISAGREEMENT))
+        outputs = {o.name for o in self.session.get_outputs()}
+        if not {"delta", "signals"} <= outputs or self.names != (*self.groups, DISAGREEMENT):
+            raise ValueError(f"monitor.dynamics.model: {self.file} must output delta and signals (one per group, "
+                             "then disagreement)")
+        self._run = _fast_run(self.session)
         self.width = len(self.inputs) + self.history * self.action_dim
-        self.signals = (*self.groups, DISAGREEMENT)
 
     def features(self, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
         return features(states, actions, self.inputs, self.history)
 
     def deltas(self, x: np.ndarray) -> np.ndarray:
         """(M, B, P) predicted changes of the predicted dimensions."""
-        return self.session.run(None, {"x": np.ascontiguousarray(x, np.float32)})[0]
+        return self.session.run(["delta"], {"x": np.ascontiguousarray(x, np.float32),
+                                            "observed": np.zeros((len(x), len(self.predict)), np.float32)})[0]
 
-    def signals_of(self, d: np.ndarray, observed: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-step signals from the members' predictions d (M, B, P) and the observed changes (B, P)."""
-        d = d.astype(np.float64)
-        err = (observed - d.mean(0)) ** 2 * self._inv2
-        out = {g: np.log(err[:, ix].mean(-1) + LOG_FLOOR) for g, ix in self.groups.items()}
-        out[DISAGREEMENT] = np.log((d.var(0) * self._inv2).mean(-1) + LOG_FLOOR)
-        return out
+    def signals(self, x: np.ndarray, observed: np.ndarray) -> np.ndarray:
+        """(B, S) per-step signals, in the order of `self.signals` (computed in the graph)."""
+        return self._run(["signals"], {"x": x, "observed": observed}, None)[0]
 
     def scores(self, states: np.ndarray, actions: np.ndarray) -> dict[str, np.ndarray]:
         """Per-step signals of one episode: states (T+1, D), actions (T, m); step t compares states t and t+1."""
-        states = np.asarray(states, np.float64)
+        states = np.asarray(states, np.float32)
         T = len(actions)
         if T == 0:
-            return {s: np.zeros(0) for s in self.signals}
-        observed = states[1:T + 1, self.predict] - states[:T, self.predict]
-        return self.signals_of(self.deltas(self.features(states, actions)), observed)
+            return {s: np.zeros(0) for s in self.names}
+        observed = np.ascontiguousarray(states[1:T + 1, self.predict] - states[:T, self.predict])
+        out = self.signals(np.ascontiguousarray(self.features(states, actions)), observed).astype(np.float64)
+        return {name: out[:, i] for i, name in enumerate(self.names)}
 
 
 class DynamicsMonitor(Monitor):
+    """Per robot. Each tick adds one row (the previous state and the actions sent, the observed change); every
+    `every` ticks the rows are scored in one onnxruntime call and judged step by step, so the verdict is that of
+    the last `every` steps and stands until the next batch (a tick costs a row write, a batch a few tens of us)."""
+
     name = "dynamics"
 
     def __init__(self, model: DynamicsModel, bands: Mapping[str, Mapping[str, Band]], q: float, window: int = 20,
-                 instructions: Mapping[str, str] | None = None, warmup: int = 3):
-        if window < 1:
-            raise ValueError(f"monitor.dynamics.window must be >= 1, got {window}")
+                 instructions: Mapping[str, str] | None = None, warmup: int = 3, every: int = 4):
+        if window < 1 or every < 1:
+            raise ValueError(f"monitor.dynamics.window and .every must be >= 1, got {window} and {every}")
         if POOLED not in bands:
             raise ValueError(f"monitor.dynamics.bands must hold the pooled band {POOLED!r}")
         for task, b in bands.items():
-            if missing := [s for s in model.signals if s not in b]:
+            if missing := [s for s in model.names if s not in b]:
                 raise ValueError(f"monitor.dynamics.bands.{task} lacks {missing}")
         self.model, self.bands, self.q, self.window = model, dict(bands), float(q), int(window)
         self.instructions = dict(instructions or {})
-        self.warmup = int(warmup)
+        self.warmup, self.every = int(warmup), int(every)
+        n_in, m = len(model.inputs), model.action_dim
+        self._x = np.zeros((self.every, model.width), np.float32)
+        self._obs = np.zeros((self.every, len(model.predict)), np.float32)
+        self._hist = np.zeros(model.history * m, np.float32)  # actions sent, newest first
+        self._n_in, self._m = n_in, m
+        self._groups = [(i, g) for i, g in enumerate(model.names) if g != DISAGREEMENT]
+        self._dis = model.names.index(DISAGREEMENT)
         self.reset()
 
     @classmethod
@@ -169,16 +184,17 @@ class DynamicsMonitor(Monitor):
             q = block["q"]
             q = math.inf if q is None else float(q)
             window, warmup = int(block.get("window", 20)), int(block.get("warmup", 3))
+            every = int(block.get("every", 4))
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"monitor.dynamics must hold bands, q and window ({exc})") from None
-        return cls(model or DynamicsModel(folder, block), bands, q, window, block.get("instructions"), warmup)
+        return cls(model or DynamicsModel(folder, block), bands, q, window, block.get("instructions"), warmup, every)
 
     def start_episode(self, info: Mapping[str, Any]) -> None:
         task = info.get("task")
         if task not in self.bands:
             task = self.instructions.get(str(info.get("instruction")), POOLED)
         self._task = task if task in self.bands else POOLED
-        self._band = self.bands[self._task]
+        self._band = [self.bands[self._task][name] for name in self.model.names]
 
     def update(self, tick: Tick) -> Verdict:
         state = tick.obs.get(self.model.state)
@@ -186,49 +202,68 @@ class DynamicsMonitor(Monitor):
         previous, self._state = self._state, state
         if state is None or executed is None or previous is None:
             return self._last  # the episode's first tick, or a runtime that does not say what it sent
-        m = self.model
-        self._actions.appendleft(np.asarray(executed, np.float32).reshape(m.action_dim))
-        x = np.zeros((1, m.width), np.float32)
-        x[0, :len(m.inputs)] = np.asarray(previous, np.float32).reshape(-1)[m.inputs]
-        for k, a in enumerate(self._actions):
-            x[0, len(m.inputs) + k * m.action_dim: len(m.inputs) + (k + 1) * m.action_dim] = a
-        observed = (np.asarray(state, np.float64).reshape(-1)[m.predict]
-                    - np.asarray(previous, np.float64).reshape(-1)[m.predict])
-        t = self._t
-        self._t += 1
-        z = {}
-        for name, value in m.signals_of(m.deltas(x), observed[None]).items():
-            recent = self._recent[name]
-            recent.append(float(value[0]))
-            z[name] = self._band[name].z(t, sum(recent) / len(recent))
-        self._last = self.ok()
-        if t < self.warmup:
-            return self._last
-        values = {f"z_{k}": v for k, v in z.items()}
-        values.update(q=self.q, step=float(self._t))
-        if z[DISAGREEMENT] > self.q:
-            self._last = Verdict(self.name, Level.ALERT,
-                                 f"unfamiliar state: the dynamics ensemble disagrees (z {z[DISAGREEMENT]:.3g} > "
-                                 f"{self.q:.3g}, task {self._task}); its residual says nothing about the robot here",
-                                 {**values, "diagnosis": UNFAMILIAR})
-            return self._last
-        group, worst = max(((g, z[g]) for g in m.groups), key=lambda gz: gz[1])
-        if worst > self.q:
-            diagnosis = DIAGNOSES.get(group, ROBOT)
-            what = ("maintenance: the robot's commands take effect differently than in its data (check actuation, "
-                    "load, latency)" if diagnosis == ROBOT else
-                    "the world answers differently: what the robot touches moves unlike in its data (friction, mass)")
-            self._last = Verdict(self.name, Level.ALERT, f"{what}; {group} residual z {worst:.3g} > {self.q:.3g} in "
-                                 f"a familiar state, task {self._task}", {**values, "diagnosis": diagnosis})
+        m, n_in, k = self.model, self._n_in, self._rows
+        hist = self._hist
+        hist[self._m:] = hist[:-self._m]
+        hist[:self._m] = np.asarray(executed, np.float32).reshape(-1)
+        prev, now = np.asarray(previous, np.float32).reshape(-1), np.asarray(state, np.float32).reshape(-1)
+        self._x[k, :n_in] = prev[m.inputs]
+        self._x[k, n_in:] = hist
+        self._obs[k] = now[m.predict] - prev[m.predict]
+        self._rows = k + 1
+        if self._rows == self.every:
+            self._judge(m.signals(self._x, self._obs))
+            self._rows = 0
         return self._last
+
+    def _judge(self, signals: np.ndarray) -> None:
+        """Each row in order: its signals into the running means, z against the task's band, the verdict."""
+        verdict = None
+        names, bands, sums, recent, window = self.model.names, self._band, self._sums, self._recent, self.window
+        for row in signals.tolist():
+            t = self._t
+            self._t += 1
+            z = []
+            for i, value in enumerate(row):
+                buf = recent[i]
+                buf.append(value)
+                sums[i] += value
+                if len(buf) > window:
+                    sums[i] -= buf.popleft()
+                z.append(bands[i].z(t, sums[i] / len(buf)))
+            if t < self.warmup or verdict is not None:
+                continue
+            verdict = self._verdict(t, z, names)
+        self._last = verdict or self.ok()
+
+    def _verdict(self, t: int, z: list[float], names: tuple[str, ...]) -> Verdict | None:
+        zd = z[self._dis]
+        group, worst = max(((g, z[i]) for i, g in self._groups), key=lambda gz: gz[1])
+        if zd <= self.q and worst <= self.q:
+            return None
+        values = {f"z_{name}": v for name, v in zip(names, z)}
+        values.update(q=self.q, step=float(t))
+        if zd > self.q:
+            return Verdict(self.name, Level.ALERT, f"unfamiliar state: the dynamics ensemble disagrees (z {zd:.3g} > "
+                           f"{self.q:.3g}, task {self._task}); its residual says nothing about the robot here",
+                           {**values, "diagnosis": UNFAMILIAR})
+        diagnosis = DIAGNOSES.get(group, ROBOT)
+        what = ("maintenance: the robot's commands take effect differently than in its data (check actuation, load, "
+                "latency)" if diagnosis == ROBOT else
+                "the world answers differently: what the robot touches moves unlike in its data (friction, mass)")
+        return Verdict(self.name, Level.ALERT, f"{what}; {group} residual z {worst:.3g} > {self.q:.3g} in a familiar "
+                       f"state, task {self._task}", {**values, "diagnosis": diagnosis})
 
     def reset(self) -> None:
         self._state: np.ndarray | None = None
-        self._actions: deque[np.ndarray] = deque(maxlen=self.model.history)
-        self._recent = {s: deque(maxlen=self.window) for s in self.model.signals}
+        self._hist[:] = 0.0
+        self._rows = 0
+        self._recent = [deque() for _ in self.model.names]
+        self._sums = [0.0 for _ in self.model.names]
         self._t = 0
         self._last = self.ok()
-        self._band, self._task = self.bands[POOLED], POOLED
+        self._task = POOLED
+        self._band = [self.bands[POOLED][name] for name in self.model.names]
 
 
 def dynamics_monitor(policy: Any) -> DynamicsMonitor | None:
@@ -261,6 +296,8 @@ def first_alarm(bands: Mapping[str, Band], scores: Mapping[str, np.ndarray], win
     """(step index of the first alarm, its diagnosis) as the monitor would raise them, or (None, None)."""
     z = exceedances(bands, scores, window)
     groups = [g for g in z if g != DISAGREEMENT]
+    if DISAGREEMENT not in z:
+        raise ValueError("first_alarm needs the disagreement signal")
     for t in range(warmup, len(z[DISAGREEMENT])):
         if z[DISAGREEMENT][t] > q:
             return t, UNFAMILIAR
@@ -302,9 +339,10 @@ def calibrate_bands(episodes: Mapping[str, Sequence[Mapping[str, np.ndarray]]], 
 
 
 def bands_block(bands: Mapping[str, Mapping[str, Band]], q: float, window: int, alpha: float,
-                instructions: Mapping[str, str] | None = None, warmup: int = 3, n_episodes: int = 0) -> dict:
+                instructions: Mapping[str, str] | None = None, warmup: int = 3, n_episodes: int = 0,
+                every: int = 4) -> dict:
     """The calibration keys of `monitor.dynamics` (merged into the model's block by `vigil calibrate`)."""
     return {"window": int(window), "alpha": float(alpha), "q": q if math.isfinite(q) else None,
-            "warmup": int(warmup), "episodes": int(n_episodes),
+            "warmup": int(warmup), "every": int(every), "episodes": int(n_episodes),
             "bands": {t: {k: b.to_dict() for k, b in v.items()} for t, v in bands.items()},
             "instructions": dict(instructions or {})}

@@ -59,7 +59,7 @@ def mean_signal(model: DynamicsModel, data: D.Transitions, name: str) -> float:
 
 def test_residual_on_a_known_linear_system(linear_model):
     m = linear_model
-    assert list(m.groups) == ["robot"] and m.signals == ("robot", DISAGREEMENT)  # not Meta-World: one group
+    assert list(m.groups) == ["robot"] and m.names == ("robot", DISAGREEMENT)  # not Meta-World: one group
     nominal = mean_signal(m, linear_data(10, 60, 1), "robot")
     weak = mean_signal(m, linear_data(10, 60, 1, gain=0.5), "robot")
     strong = mean_signal(m, linear_data(10, 60, 1, gain=2.0), "robot")
@@ -72,14 +72,14 @@ def test_residual_on_a_known_linear_system(linear_model):
 
 
 def test_the_monitor_tick_by_tick_equals_the_calibration_code(linear_model):
-    """What the runtime computes per tick, from the observation and the action it sent the tick before, is what
-    `vigil calibrate` and the benchmark compute from a recorded episode."""
+    """What the runtime computes per tick, from the observation and the action it sent the tick before (scored in
+    batches of `every` ticks), is what `vigil calibrate` and the benchmark compute from a recorded episode."""
     m = linear_model
     cal = linear_data(12, 60, 2)
     bands, q = calibrate_bands({"lin": [m.scores(s, a) for s, a in zip(cal.states, cal.actions)]}, window=5,
                                alpha=0.2, warmup=2)
     assert np.isfinite(q)
-    monitor = DynamicsMonitor(m, {**bands, "*": bands["lin"]}, q, window=5, warmup=2)
+    monitor = DynamicsMonitor(m, {**bands, "*": bands["lin"]}, q, window=5, warmup=2, every=4)
     shifted = linear_data(1, 60, 3, gain=3.0)
     states, actions = shifted.states[0], shifted.actions[0]
     monitor.reset()
@@ -89,9 +89,10 @@ def test_the_monitor_tick_by_tick_equals_the_calibration_code(linear_model):
         v = monitor.update(Tick("r", t, {"state": states[t].astype(np.float32)}, np.zeros(2), np.zeros(2), {}, 0.0,
                                 executed=actions[t - 1].astype(np.float32) if t else None))
         if v.level >= Level.ALERT and first is None:
-            first = (t - 1, v.values["diagnosis"])  # tick t judges the step from state t-1 to state t
+            first = (int(v.values["step"]), v.values["diagnosis"], t)  # step k: from state k to state k+1
+    assert first is not None and first[2] - first[0] <= 4  # judged within `every` ticks of the step
     step, diagnosis = first_alarm(bands["lin"], m.scores(states, actions), 5, q, 2)
-    assert step is not None and first == (step, diagnosis) and diagnosis == "robot"
+    assert step is not None and first[:2] == (step, diagnosis) and diagnosis == "robot"
 
 
 def synthetic(rng, n: int, T: int, shift: dict[str, float] | None = None) -> list[dict[str, np.ndarray]]:

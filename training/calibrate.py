@@ -207,6 +207,6 @@ def dynamics_block(policy: Policy, rollouts: Sequence[Rollout], alpha: float = 0
     instructions = {v["instruction"]: t for t, v in prov_tasks.items() if isinstance(v, Mapping)
                     and isinstance(v.get("instruction"), str)}
     keep = {k: v for k, v in policy.manifest.monitor["dynamics"].items()
-            if k not in ("window", "alpha", "q", "warmup", "episodes", "bands", "instructions")}
+            if k not in ("window", "alpha", "q", "warmup", "every", "episodes", "bands", "instructions")}
     return {**keep, **bands_block(bands, q, window, alpha, instructions, warmup,
                                   sum(len(v) for v in by_task.values()))}

@@ -240,24 +240,59 @@ def fit(data: Transitions, cfg: DynamicsConfig = DynamicsConfig(), progress: boo
                   default_groups(predict, data.states[0].shape[1]))
 
 
+def scored(fitted: Fitted):
+    """The exported graph: (x (B, width), observed (B, P)) -> (delta (M, B, P), signals (B, G+1)), the monitor's
+    per-step signals (monitors/dynamics.py: each group's log mean squared normalised residual, then the log mean
+    normalised disagreement) computed in onnxruntime, so that a tick costs one call and no numpy."""
+    import torch
+    from torch import nn
+
+    from vigil.monitors.dynamics import LOG_FLOOR
+
+    groups = [torch.as_tensor(ix, dtype=torch.long) for ix in fitted.groups.values()]
+
+    class Scored(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ensemble = fitted.model
+            self.register_buffer("inv2", torch.as_tensor(1.0 / fitted.sigma ** 2, dtype=torch.float32))
+            for i, ix in enumerate(groups):
+                self.register_buffer(f"group{i}", ix)
+
+        def forward(self, x, observed):
+            d = self.ensemble(x)  # (M, B, P)
+            mean = d.mean(0)
+            err = (observed - mean) ** 2 * self.inv2
+            out = [torch.log(err.index_select(1, getattr(self, f"group{i}")).mean(1) + LOG_FLOOR)
+                   for i in range(len(groups))]
+            out.append(torch.log((d.var(0, unbiased=False) * self.inv2).mean(1) + LOG_FLOOR))
+            return d, torch.stack(out, dim=1)
+
+    return Scored().eval()
+
+
 def export(fitted: Fitted, folder: str | Path, action_dim: int) -> dict[str, Any]:
     """Write OUT/dynamics.onnx into a bundle folder; return the model keys of `monitor.dynamics`."""
     import torch
 
+    from vigil.monitors.dynamics import DISAGREEMENT
     from vigil.policies.manifest import sha256_file
 
     folder = Path(folder)
     path = folder / MODEL_FILE
     x = torch.zeros(1, len(fitted.inputs) + fitted.cfg.history * action_dim)
+    observed = torch.zeros(1, len(fitted.predict))
     tmp = folder / f".{MODEL_FILE}.{os.getpid()}.tmp"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, chosen (dynamo=False)
-        torch.onnx.export(fitted.model, (x,), str(tmp), input_names=["x"], output_names=["delta"],
-                          dynamic_axes={"x": {0: "batch"}, "delta": {1: "batch"}}, opset_version=17, dynamo=False)
+        torch.onnx.export(scored(fitted), (x, observed), str(tmp), input_names=["x", "observed"],
+                          output_names=["delta", "signals"], opset_version=17, dynamo=False,
+                          dynamic_axes={"x": {0: "batch"}, "observed": {0: "batch"}, "delta": {1: "batch"},
+                                        "signals": {0: "batch"}})
     os.replace(tmp, path)
     return {"model": MODEL_FILE, "sha256": sha256_file(path), "state": fitted.cfg.state,
             "inputs": list(fitted.inputs), "predict": list(fitted.predict), "groups": dict(fitted.groups),
-            "history": fitted.cfg.history,
+            "signals": [*fitted.groups, DISAGREEMENT], "history": fitted.cfg.history,
             "action_dim": int(action_dim), "members": fitted.cfg.members,
             "sigma": [float(f"{s:.6g}") for s in fitted.sigma], "config": asdict(fitted.cfg), "fit": dict(fitted.info)}
 
