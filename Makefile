@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OPENPI  := .venv-openpi
 
-.PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-failure bench-posttrain bench-fleet bench-prefs bench-online-rl bench-save bench-lqr \
+.PHONY: browser ffmpeg-libs test-lerobot demo demo-lqr demo-assets lint test test-slow bench bench-latency bench-wakeup bench-flow-latency bench-flow bench-failure bench-dynamics bench-posttrain bench-fleet bench-prefs bench-online-rl bench-save bench-lqr \
 	bench-lqr-loop bench-rl bench-soak bench-fairness bench-throughput bench-rtc bench-record bench-console clean
 
 $(BIN)/python:
@@ -98,6 +98,14 @@ bench-flow: $(STAMP)
 # resumable (outputs in bench-runs/failure). Not part of `make bench`.
 bench-failure: $(STAMP)
 	bash bench/failure.sh
+
+# The dynamics monitor against VFD (issue 24): each failure-study run's bundle given a forward-dynamics ensemble,
+# 3000 episodes played by the runtime's Agent under friction, mass, actuation-gain, latency and position shifts, AUROC
+# in the first 30 steps and per episode, false alarms, diagnosis, cost per tick (bench/dynamics.py). Needs the runs of
+# `make bench-failure`; about 15 minutes on 2 cores, resumable (bench-runs/dynamics). Not part of `make bench`.
+bench-dynamics: $(STAMP)
+	@[ -f bench-runs/failure/h40-s2/bundle/manifest.json ] || bash bench/failure.sh
+	OMP_NUM_THREADS=1 PYTHONPATH=. $(BIN)/python -m bench.dynamics
 
 # Post-training without an expert (issue 19): 2 seeds x (pretrained + 6 arms: mean with two machineries, cvar-left,
 # constrained, expand guided by VFD and uniformly), 300 simulator episodes per arm, 200 (+200 shifted) evaluation
