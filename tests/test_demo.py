@@ -21,6 +21,7 @@ def test_the_shipped_ensemble_is_small_and_says_where_it_came_from():
     assert sum(p.stat().st_size for p in files) < 8e6  # "at most a few MB"
     manifest = json.loads((ASSETS / "run" / "bundle" / "manifest.json").read_text())
     assert manifest["kind"] == "flow_ensemble" and set(manifest["monitor"]["vfd"]["thresholds"]) >= {"warn", "alert"}
+    assert manifest["monitor"]["dynamics"]["q"] and (ASSETS / "run" / "bundle" / "dynamics.onnx").is_file()
     readme = (ASSETS / "README.md").read_text()
     assert "make demo-assets" in readme and "vigil train flow" in readme
     assert not (ASSETS / "run" / "bundle" / "encoder").exists()  # exported by the demo, not shipped
@@ -49,8 +50,13 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path, encoder_bundle):
     assert prov["save"]["steps"] == 30 and prov["save"]["requests"]
     assert re.search(r"^hot swap\s+flow-\S+ -> flow-\S+-r1@", out, re.M), out[-2000:]
     assert re.search(r"^success\s+requesting tasks.*before \d+%, after \d+%", out, re.M)
-    for tag in ("nominal", "shifted", "before", "after"):
+    for tag in ("nominal", "worn", "shifted", "before", "after"):
         assert list((work / "sims").glob(f"{tag}-*.json")), tag
+    # the worn arm (every action halved) gets the dynamics monitor's maintenance alert, not a data request's
+    worn = [a for a in AlertStore(work / "vigil.db", readonly=True).since(0)
+            if a.robot == "worn-arm" and a.monitor == "dynamics"]
+    assert worn and worn[0].values["diagnosis"] == "robot", out[-3000:]
+    assert re.search(r"^dynamics alerts\s+\d+: .*the worn arm \(worn-arm, actions halved\): \d+ robot", out, re.M)
 
 
 def test_demo_refuses_unknown_tasks_by_name(tmp_path):

@@ -314,6 +314,26 @@ def add_to_bundle(bundle: str | Path, data: Transitions, cfg: DynamicsConfig = D
     return block
 
 
+def carry_over(parent: str | Path, bundle: str | Path) -> bool:
+    """Give a bundle made from another (a SAVE round, post-training) its parent's dynamics ensemble: the robot and
+    its physics did not change with the policy. The calibration keys are dropped (they belong to the parent
+    policy's rollouts); `vigil calibrate` sets them again. Returns whether there was one to carry."""
+    import shutil
+
+    from vigil.policies.manifest import read_manifest
+    from vigil.training.calibrate import write_monitor
+
+    parent, bundle = Path(parent), Path(bundle)
+    block = read_manifest(parent).monitor.get("dynamics") if (parent / "manifest.json").is_file() else None
+    if not block or not (parent / str(block.get("model", MODEL_FILE))).is_file():
+        return False
+    shutil.copy2(parent / str(block["model"]), bundle / str(block["model"]))
+    keep = {k: v for k, v in block.items()
+            if k not in ("window", "alpha", "q", "warmup", "every", "episodes", "bands", "instructions")}
+    write_monitor(bundle, keep, "dynamics")
+    return True
+
+
 def config_from(d: Mapping[str, Any] | None, **overrides: Any) -> DynamicsConfig:
     """A DynamicsConfig from a TOML/JSON map (`[dynamics]`), naming an unknown key."""
     d = dict(d or {})

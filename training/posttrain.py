@@ -624,6 +624,9 @@ def posttrain_run(run_dir, out_dir, config: PosttrainConfig, demos=None, calibra
         density = fit_density(out, new, flow_cfg, replay[0], replay[1], provenance, progress, log)
     name = f"flow-{len(tasks)}tasks-M{flow_cfg.members}-s{flow_cfg.seed}-{config.objective}"
     bundle = export_run(out, new, flow_cfg, encoder_path, provenance, 80.0, log, name=name, density=density)
+    from vigil.training.dynamics import carry_over
+
+    carry_over(run_dir / "bundle", bundle)  # the dynamics monitor's ensemble: same robot, recalibrated below
     if calibration_episodes > 0:
         block, _ = calibrate_bundle(bundle, tasks, calibration_episodes, 40, max_steps=config.max_steps,
                                     progress=progress, successful_only=successful_only)

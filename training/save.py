@@ -458,6 +458,9 @@ def save_round(run_dir: str | Path, old_demos: Sequence[str | Path], acquired_di
         obs_all, instr_all, _ = concat_data([old_data, acq_data])
         density = fit_density(out, ens, round_cfg, obs_all, instr_all, provenance, progress, log)
     bundle = export_run(out, ens, round_cfg, encoder_path, provenance, rate, log, name=name, density=density)
+    from vigil.training.dynamics import carry_over
+
+    carry_over(run / "bundle", bundle)  # the dynamics monitor's ensemble: same robot, recalibrated below
 
     calibration = None
     if config.calibration_episodes > 0:
