@@ -231,9 +231,9 @@ def report(results: list[dict], refs: dict, args, run: dict, seconds: float) -> 
         closed = f"{(np.mean(last) - np.mean(pre)) / gap:.0%}" if gap > 0 else "– (the reference is not better)"
         lines.append(f"| {arm}: swaps {sum(r['swaps'] for r in rs)}, rollbacks {sum(r['rollbacks'] for r in rs)}, "
                      f"deadline verdicts {sum(r['deadline_verdicts'] for r in rs)} | {ms(last)} | {closed} |")
-    lines += ["", "One seed per arm: the differences between arms are within what one seed can tell apart, except "
-              "the two collapses (no simulation data in the replay; from scratch). An arm's swaps count its updates "
-              f"/ {args.every}: with UTD 4 the learner could not keep up with the robot on two cores.",
+    lines += ["", f"Mean ± std over {args.seeds} seed(s) of each arm's mean return over its last 10 episodes. An "
+              f"arm's swaps count its updates / {args.every}: with UTD 4 the learner could not keep up with the robot "
+              "on two cores, so it made fewer updates than asked.",
               "", "Figure: docs/figures/online_rl.png (return against robot time).", END]
     return "\n".join(lines)
 

@@ -132,3 +132,55 @@ def test_a_killed_learner_resumes_and_a_missing_runtime_keeps_its_policy(pretrai
     assert summary["transitions"] == rows_total and summary["cursor"] == int(rows["id"][-1])  # each read once
     swaps = [json.loads(line)["swap"] for line in (out / "learn.jsonl").read_text().splitlines()]
     assert swaps and not any(s["ok"] for s in swaps)  # no runtime: nothing swapped, nothing stopped
+
+
+def test_a_runtime_restarted_during_learning_gets_the_learners_policy_back(pretrained, serve, tmp_path):
+    """The runtime is SIGKILLed while the learner runs and started again on the same endpoints and log: the
+    learner's swaps fail while it is down (recorded), every transition of both lives is read once, and its next
+    swap puts the learned policy back into the new runtime."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import tcp_endpoint, wait_until
+
+    log, out = tmp_path / "transitions.db", tmp_path / "learner"
+    robot, control = tcp_endpoint(), tcp_endpoint()
+    flags = dict(transitions=str(log), robot_endpoint=robot, control_endpoint=control)
+    first = serve(pretrained / "bundle", **flags)
+    sim = ["sim", "--connect", robot, "--system", "Pendulum-v1", "--steps", "100", "--transitions", "--episodes", "2"]
+    printed = open(tmp_path / "learn.out", "w")  # a file, not a pipe nobody reads while it runs
+    learner = subprocess.Popen(
+        [sys.executable, "-m", "vigil.runtime.cli", "learn", "--transitions", str(log), "--bundle",
+         str(pretrained / "bundle"), "--out", str(out), "--control", control, "--warm-start",
+         str(pretrained / "sac.pt"), "--learning-starts", "100", "--every", "100", "--poll-s", "0.05",
+         "--rollback-episodes", "100", "--swap-timeout-s", "1", "--max-updates", "400"],
+        stdout=printed, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert run_vigil(*sim, timeout=120).returncode == 0
+
+        def swaps() -> list[dict]:
+            path = out / "learn.jsonl"
+            return [json.loads(line)["swap"] for line in path.read_text().splitlines()] if path.exists() else []
+
+        wait_until(lambda: any(s["ok"] and s["updates"] == 200 for s in swaps()), 120)
+        first.proc.send_signal(signal.SIGKILL)  # the runtime dies under the learner
+        first.proc.wait(10)
+        time.sleep(0.5)
+        second = serve(pretrained / "bundle", **flags)  # restarted with its command line's bundle
+        assert run_vigil(*sim, timeout=120).returncode == 0
+        learner.wait(timeout=180)
+    finally:
+        if learner.poll() is None:
+            learner.kill()
+        printed.close()
+    output = (tmp_path / "learn.out").read_text()
+    assert learner.returncode == 0, output[-2000:]
+    summary = json.loads(output.strip().splitlines()[-1])
+    from vigil.runtime.transitions import read_after
+
+    assert summary["updates"] == 400 and summary["transitions"] == len(read_after(log)["id"]) == 400  # each once
+    done = swaps()
+    assert [s["updates"] for s in done if s["ok"]][-1] == 400
+    assert policy_served(second.robot_endpoint).startswith("sac-Pendulum-v1-s0-online-u400@")  # back in the new one
