@@ -33,7 +33,8 @@ BEGIN, END = markers(NAME)
 OUT = BENCH_RUNS / "online_rl"
 ENV = "Hopper-v5"
 REAL = {"mass": 1.3, "friction": 0.7, "gain": 0.8, "latency": 1}  # heavier, slipperier, weaker, one step late
-DEFAULTS = {"warm_start": True, "seed_replay": True, "utd": 1.0, "critic_warmup": 0, "truncation_terminal": False}
+DEFAULTS = {"warm_start": True, "seed_replay": True, "utd": 1.0, "critic_warmup": 0, "truncation_terminal": False,
+            "trials": 1, "keep": True}
 ABLATIONS = {
     "online (defaults)": {},
     "no warm start": {"warm_start": False},
@@ -42,6 +43,9 @@ ABLATIONS = {
     "UTD 8": {"utd": 8.0},
     "critic warm-up 2000 updates": {"critic_warmup": 2000},
     "truncation as terminal": {"truncation_terminal": True},
+    # two trials: the learner stopped half way and restarted, replaying the first trial's data or not
+    "two trials, data kept": {"trials": 2},
+    "two trials, data not kept": {"trials": 2, "keep": False},
 }
 
 
@@ -120,9 +124,16 @@ def deploy(arm: str, change: dict, seed: int, sim_dir: Path, robot_steps: int, e
         with open(work / "learn.out", "w") as fh:
             learner = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
         env, steps, k = GymEnv(ENV, dynamics()), 0, 0
-        deadline_verdicts = 0
+        deadline_verdicts, second_trial = 0, opts["trials"] == 1
         try:
             while steps < robot_steps:
+                if not second_trial and steps >= robot_steps // 2:  # a new trial: the learner stops and restarts
+                    second_trial = True
+                    learner.send_signal(signal.SIGINT)
+                    learner.wait(120)
+                    with open(work / "learn.out", "a") as fh:
+                        learner = subprocess.Popen(cmd + ([] if opts["keep"] else ["--forget-replay"]), stdout=fh,
+                                                   stderr=subprocess.STDOUT)
                 stats = run_episodes(env, SimConfig(served.robot_endpoint, "hopper-real", 1, 1000, seed * 10_000 + k,
                                                     "realtime", 125.0, 1.0, transitions=True))
                 steps += stats[0].steps

@@ -132,6 +132,9 @@ def test_a_killed_learner_resumes_and_a_missing_runtime_keeps_its_policy(pretrai
     assert summary["transitions"] == rows_total and summary["cursor"] == int(rows["id"][-1])  # each read once
     swaps = [json.loads(line)["swap"] for line in (out / "learn.jsonl").read_text().splitlines()]
     assert swaps and not any(s["ok"] for s in swaps)  # no runtime: nothing swapped, nothing stopped
+    # a new trial that does not keep the earlier trials' data (the ablation): the networks resume, the replay not
+    r, _ = learn(*common, "--max-updates", str(min(rows_total, 150)), "--forget-replay")
+    assert "replay 0 (earlier trials' data not replayed)" in r.stdout and f"replay {rows_total}" not in r.stdout
 
 
 def test_a_runtime_restarted_during_learning_gets_the_learners_policy_back(pretrained, serve, tmp_path):

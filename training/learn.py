@@ -54,6 +54,9 @@ class LearnConfig:
     learning_starts: int = field(default=1000, metadata={"help": "transitions in the replay before updates begin"})
     critic_warmup: int = field(default=0, metadata={
         "help": "updates with the actor frozen while the critics learn the new data (after a warm start)"})
+    forget_replay: bool = field(default=False, metadata={
+        "help": "on a restart, do not replay the log up to the cursor: earlier trials' robot data is not kept (an "
+                "ablation; --seed-replay is still loaded)"})
     truncation_terminal: bool = field(default=False, metadata={
         "help": "treat a truncated episode (time limit) as terminal: no bootstrap (an ablation; off is right)"})
     rollback_episodes: int = field(default=5, metadata={"help": "episodes after a swap that judge it (K)"})
@@ -130,8 +133,10 @@ class Learner:
             self.current, self.previous = state["current"], state["previous"]
             self.policy_of, self.swaps, self.judged = state["policy_of"], state["swaps"], set(state["judged"])
             self._load_log(self.cfg.seed_replay, None)
-            self._load_log(self.cfg.transitions, self.cursor)
-            self.log(f"resumed at update {self.sac.updates}, cursor {self.cursor}, replay {self.replay.size}")
+            if not self.cfg.forget_replay:  # earlier trials' data kept (the study's advice)
+                self._load_log(self.cfg.transitions, self.cursor)
+            self.log(f"resumed at update {self.sac.updates}, cursor {self.cursor}, replay {self.replay.size}"
+                     + (" (earlier trials' data not replayed)" if self.cfg.forget_replay else ""))
             return
         if self.cfg.warm_start:
             self.sac.load(torch.load(self.cfg.warm_start, weights_only=False)["sac"], actor_only=True)
