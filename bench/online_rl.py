@@ -44,8 +44,8 @@ ABLATIONS = {
     "critic warm-up 2000 updates": {"critic_warmup": 2000},
     "truncation as terminal": {"truncation_terminal": True},
     # two trials: the learner stopped half way and restarted, replaying the first trial's data or not
-    "two trials, data kept": {"trials": 2},
-    "two trials, data not kept": {"trials": 2, "keep": False},
+    "two trials (data kept)": {"trials": 2},
+    "two trials (data not kept)": {"trials": 2, "keep": False},
 }
 
 
