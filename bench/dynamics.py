@@ -210,12 +210,8 @@ def vfd_windowed(ep: dict, window: int) -> tuple[np.ndarray, np.ndarray]:
 def analyse_run(name: str, bundle: Path, args) -> dict:
     """Every statistic of one run, from its cached episodes."""
     from vigil.monitors.bands import conformal_quantile, split_halves
-    from vigil.monitors.dynamics import (
-        DynamicsModel,
-        calibrate_bands,
-        episode_statistic,
-        first_alarm,
-    )
+    from vigil.monitors.dynamics import calibrate_bands, episode_statistic, first_alarm
+    from vigil.policies.dynamics import DynamicsModel
     from vigil.policies.manifest import read_manifest
 
     block = read_manifest(bundle).monitor["dynamics"]
@@ -277,7 +273,8 @@ def tick_cost(bundle: Path, block: dict, ep: dict, repeats: int = 3) -> dict:
     """Microseconds per tick: the dynamics monitor's update over a recorded episode, against the policy's step
     (the Agent, plans included) over the same episode."""
     from vigil.monitors.base import Tick
-    from vigil.monitors.dynamics import DynamicsModel, DynamicsMonitor, calibrate_bands
+    from vigil.monitors.dynamics import DynamicsMonitor, calibrate_bands
+    from vigil.policies.dynamics import DynamicsModel
 
     model = DynamicsModel(bundle, block)
     nominal = model.scores(ep["states"], ep["actions"])

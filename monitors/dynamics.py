@@ -25,11 +25,12 @@ diagnosis says which:
                                (actuation, load, latency): a maintenance alert
     object residual above q    "world": what the robot touches answers differently (friction, mass)
 
-The model and the signals are one ONNX graph, run once every `every` ticks on the rows of those ticks (about 40 us
-for 4 rows): the verdict is at most `every` - 1 ticks late and stands in between. The model's input is the
-recent observation and the last `history` actions the runtime sent (`Tick.executed`,
-safe actions included, whichever chunk or asynchronous plan they came from), so the monitor works alike under
-sync and asynchronous execution and real-time chunking. Everything comes from the manifest's `monitor.dynamics`:
+The model (policies/dynamics.py, loaded once per bundle) and the signals are one ONNX graph, run once every
+`every` ticks on the rows of those ticks (about 40 us for 4 rows): the verdict is at most `every` - 1 ticks late
+and stands in between. The model's input is the recent observation and the last `history` actions the runtime
+sent (`Tick.executed`, safe actions included, whichever chunk or asynchronous plan they came from), so the monitor
+works alike under sync and asynchronous execution and real-time chunking. Everything comes from the manifest's
+`monitor.dynamics`:
 
     {"model": "dynamics.onnx", "sha256": ..., "state": "state", "inputs": [dims], "predict": [dims],
      "groups": {"robot": [positions in predict], "object": [...]}, "history": 2, "action_dim": 4, "sigma": [...],
@@ -46,7 +47,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,88 +62,6 @@ DIAGNOSES = {"robot": ROBOT, "object": WORLD}  # residual group -> diagnosis (an
 MAINTENANCE = ROBOT  # the diagnosis that files a maintenance alert (runtime/requests.py holds data requests back)
 
 
-def features(states: np.ndarray, actions: np.ndarray, inputs: Sequence[int] | np.ndarray,
-             history: int) -> np.ndarray:
-    """(T, width) model inputs for the steps of one episode: states (T+1 or T, D) and the actions applied after
-    each state (T, m). Row t: state t's input dimensions, then actions t, t-1, ... (zeros before the first)."""
-    states, actions = np.asarray(states, np.float32), np.asarray(actions, np.float32)
-    actions = actions.reshape(len(actions), -1)
-    T = len(actions)
-    parts = [states[:T][:, np.asarray(inputs, np.int64)]]
-    for k in range(history):
-        lagged = np.zeros_like(actions)
-        lagged[k:] = actions[:T - k] if k else actions
-        parts.append(lagged)
-    return np.concatenate(parts, axis=1)
-
-
-class DynamicsModel:
-    """The bundle's forward-dynamics ensemble in an onnxruntime session: features in, per-member state changes
-    out, and the per-step signals."""
-
-    def __init__(self, folder: str | Path, block: Mapping[str, Any], threads: int = 1):
-        import onnxruntime as ort
-
-        from vigil.policies.bundle import _fast_run, session_options
-        from vigil.policies.manifest import sha256_file
-
-        try:
-            self.file = Path(folder) / str(block["model"])
-            self.state = str(block.get("state", "state"))
-            self.inputs = np.asarray(block["inputs"], np.int64)
-            self.predict = np.asarray(block["predict"], np.int64)
-            self.history = int(block["history"])
-            self.action_dim = int(block["action_dim"])
-            self.sigma = np.asarray(block["sigma"], np.float64)
-            groups = block.get("groups") or {"robot": list(range(len(self.predict)))}
-            self.groups = {str(g): np.asarray(ix, np.int64) for g, ix in groups.items()}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"monitor.dynamics must hold model, inputs, predict, history, action_dim and sigma "
-                             f"({exc!r})") from None
-        if self.sigma.shape != self.predict.shape or (self.sigma <= 0).any() or self.history < 1:
-            raise ValueError("monitor.dynamics: sigma must be positive, one per predicted dimension; history >= 1")
-        for g, ix in self.groups.items():
-            if not len(ix) or ix.min() < 0 or ix.max() >= len(self.predict):
-                raise ValueError(f"monitor.dynamics.groups.{g} must list positions in predict "
-                                 f"(0..{len(self.predict) - 1})")
-        if not self.file.is_file():
-            raise ValueError(f"monitor.dynamics.model: {self.file} does not exist")
-        want = block.get("sha256")
-        if want and sha256_file(self.file) != want:
-            raise ValueError(f"monitor.dynamics.model: {self.file} does not match its sha256 in the manifest")
-        self.session = ort.InferenceSession(str(self.file), session_options(threads),
-                                            providers=["CPUExecutionProvider"])
-        self.names = tuple(block.get("signals") or (*self.groups, DISAGREEMENT))
-        outputs = {o.name for o in self.session.get_outputs()}
-        if not {"delta", "signals"} <= outputs or self.names != (*self.groups, DISAGREEMENT):
-            raise ValueError(f"monitor.dynamics.model: {self.file} must output delta and signals (one per group, "
-                             "then disagreement)")
-        self._run = _fast_run(self.session)
-        self.width = len(self.inputs) + self.history * self.action_dim
-
-    def features(self, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        return features(states, actions, self.inputs, self.history)
-
-    def deltas(self, x: np.ndarray) -> np.ndarray:
-        """(M, B, P) predicted changes of the predicted dimensions."""
-        return self.session.run(["delta"], {"x": np.ascontiguousarray(x, np.float32),
-                                            "observed": np.zeros((len(x), len(self.predict)), np.float32)})[0]
-
-    def signals(self, x: np.ndarray, observed: np.ndarray) -> np.ndarray:
-        """(B, S) per-step signals, in the order of `self.signals` (computed in the graph)."""
-        return self._run(["signals"], {"x": x, "observed": observed}, None)[0]
-
-    def scores(self, states: np.ndarray, actions: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-step signals of one episode: states (T+1, D), actions (T, m); step t compares states t and t+1."""
-        states = np.asarray(states, np.float32)
-        T = len(actions)
-        if T == 0:
-            return {s: np.zeros(0) for s in self.names}
-        observed = np.ascontiguousarray(states[1:T + 1, self.predict] - states[:T, self.predict])
-        out = self.signals(np.ascontiguousarray(self.features(states, actions)), observed).astype(np.float64)
-        return {name: out[:, i] for i, name in enumerate(self.names)}
-
-
 class DynamicsMonitor(Monitor):
     """Per robot. Each tick adds one row (the previous state and the actions sent, the observed change); every
     `every` ticks the rows are scored in one onnxruntime call and judged step by step, so the verdict is that of
@@ -151,7 +69,7 @@ class DynamicsMonitor(Monitor):
 
     name = "dynamics"
 
-    def __init__(self, model: DynamicsModel, bands: Mapping[str, Mapping[str, Band]], q: float, window: int = 20,
+    def __init__(self, model: Any, bands: Mapping[str, Mapping[str, Band]], q: float, window: int = 20,
                  instructions: Mapping[str, str] | None = None, warmup: int = 3, every: int = 4):
         if window < 1 or every < 1:
             raise ValueError(f"monitor.dynamics.window and .every must be >= 1, got {window} and {every}")
@@ -173,9 +91,9 @@ class DynamicsMonitor(Monitor):
         self.reset()
 
     @classmethod
-    def from_block(cls, folder: str | Path, block: Mapping[str, Any],
-                   model: DynamicsModel | None = None) -> DynamicsMonitor | None:
-        """The monitor of a bundle's `monitor.dynamics` (None when it was never calibrated: no bands)."""
+    def from_block(cls, block: Mapping[str, Any], model: Any) -> DynamicsMonitor | None:
+        """The monitor of a bundle's `monitor.dynamics` on its loaded model (policies/dynamics.py), or None when
+        the block was never calibrated (no bands)."""
         if "bands" not in block:
             return None
         try:
@@ -187,7 +105,7 @@ class DynamicsMonitor(Monitor):
             every = int(block.get("every", 4))
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"monitor.dynamics must hold bands, q and window ({exc})") from None
-        return cls(model or DynamicsModel(folder, block), bands, q, window, block.get("instructions"), warmup, every)
+        return cls(model, bands, q, window, block.get("instructions"), warmup, every)
 
     def start_episode(self, info: Mapping[str, Any]) -> None:
         task = info.get("task")
@@ -272,7 +190,7 @@ def dynamics_monitor(policy: Any) -> DynamicsMonitor | None:
     block = policy.manifest.monitor.get("dynamics")
     if block is None or policy.dynamics is None:
         return None
-    return DynamicsMonitor.from_block(policy.folder, block, policy.dynamics)
+    return DynamicsMonitor.from_block(block, policy.dynamics)
 
 
 # ------------------------------------------------------------------------------------------ calibration

@@ -90,11 +90,12 @@ class Policy:
         # here, so that a bad block refuses the bundle, and shared by every robot's dynamics monitor
         self.dynamics = None
         if "dynamics" in manifest.monitor:
-            from vigil.monitors.dynamics import DynamicsModel, DynamicsMonitor
+            from vigil.monitors.dynamics import DynamicsMonitor
+            from vigil.policies.dynamics import DynamicsModel
 
             try:
                 self.dynamics = DynamicsModel(folder, manifest.monitor["dynamics"])
-                DynamicsMonitor.from_block(folder, manifest.monitor["dynamics"], self.dynamics)
+                DynamicsMonitor.from_block(manifest.monitor["dynamics"], self.dynamics)
             except ValueError as exc:
                 raise ManifestError(str(exc)) from None
 

@@ -60,6 +60,16 @@ class Manifest:
     def policy_id(self) -> str:
         return f"{self.name}@{self.sha256[:12]}"
 
+    def for_wire(self) -> dict[str, Any]:
+        """The manifest as the hello reply carries it: whole, except the monitors' calibration bands (per task and
+        step, they run to hundreds of kB for the dynamics monitor, past the 64 KiB header limit, and a robot has no
+        use for them); each block that had them says `bands_omitted` with the tasks it covers."""
+        d = self.to_dict()
+        for block in d["monitor"].values():
+            if isinstance(block, dict) and isinstance(block.get("bands"), dict):
+                block["bands_omitted"] = sorted(block.pop("bands"))
+        return d
+
     def to_dict(self) -> dict[str, Any]:
         d = {
             "format": self.format, "name": self.name, "kind": self.kind,

@@ -278,7 +278,7 @@ class Runtime:
         self.by_identity[identity] = session
         self.hooks.emit("on_hello", session, resumed)
         self._send(identity, encode(Message("hello", robot, msg.seq, 0, {}, {
-            "policy": self.manifest.policy_id, "manifest": self.manifest.to_dict(), "mode": self.config.mode,
+            "policy": self.manifest.policy_id, "manifest": self.manifest.for_wire(), "mode": self.config.mode,
             "deadline_ms": self.deadline_s * 1e3, "heartbeat_s": self.config.heartbeat_s,
             "link_timeout_s": self.config.link_timeout_s, "pipeline": pipeline, "clock_synced": synced,
             "session_expiry_s": self.config.session_expiry_s, "execution": session.execution_mode,

@@ -37,6 +37,7 @@ class EpisodeSpec:
     condition: str = "nominal"
     seed: int = 20
     max_steps: int = 500
+    record: bool = False  # keep the states and actions (the dynamics monitor's calibration)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class Worker:
         from vigil.training.calibrate import rollout
 
         t0 = time.perf_counter()
-        r = rollout(self.agent, self.env(spec), spec.seed, spec.max_steps)
+        r = rollout(self.agent, self.env(spec), spec.seed, spec.max_steps, spec.record)
         return EpisodeResult(index, spec, r, time.perf_counter() - t0, self.name)
 
     def close(self) -> None:
@@ -415,9 +416,9 @@ def robot_count(ray, backend: Backend) -> int:
     return max(1, backend.workers if not backend.address else int(ray.cluster_resources().get("CPU", 1)))
 
 
-def specs_for(tasks: Sequence[str], conditions: Sequence[str], episodes: int, seed: int = 20, max_steps: int = 500
-              ) -> list[EpisodeSpec]:
-    return [EpisodeSpec(t, c, seed + k, max_steps) for t in tasks for c in conditions for k in range(episodes)]
+def specs_for(tasks: Sequence[str], conditions: Sequence[str], episodes: int, seed: int = 20, max_steps: int = 500,
+              record: bool = False) -> list[EpisodeSpec]:
+    return [EpisodeSpec(t, c, seed + k, max_steps, record) for t in tasks for c in conditions for k in range(episodes)]
 
 
 def table(results: Sequence[EpisodeResult]) -> list[dict[str, Any]]:

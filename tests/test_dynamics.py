@@ -11,14 +11,8 @@ import pytest
 
 from vigil.monitors.bands import Band
 from vigil.monitors.base import Level, Tick
-from vigil.monitors.dynamics import (
-    DISAGREEMENT,
-    DynamicsModel,
-    DynamicsMonitor,
-    calibrate_bands,
-    episode_statistic,
-    first_alarm,
-)
+from vigil.monitors.dynamics import DISAGREEMENT, DynamicsMonitor, calibrate_bands, episode_statistic, first_alarm
+from vigil.policies.dynamics import DynamicsModel
 from vigil.training import dynamics as D
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -80,11 +80,11 @@ def rollout(agent: Agent, env, seed: int, max_steps: int = 500, record: bool = F
 
 
 def fleet_rollouts(folder: str | Path, tasks: Sequence[str], episodes: int, seed: int, max_steps: int = 500,
-                   workers: int = 2, address: str | None = None) -> list[Rollout]:
+                   workers: int = 2, address: str | None = None, record: bool = False) -> list[Rollout]:
     """The same rollouts as `nominal_rollouts`, played on Ray by sim/fleet.py (identical results, in order)."""
     from vigil.sim import fleet
 
-    specs = fleet.specs_for(tasks, ["nominal"], episodes, seed, max_steps)
+    specs = fleet.specs_for(tasks, ["nominal"], episodes, seed, max_steps, record)
     return [r.rollout for r in fleet.run_ray(folder, specs, workers, address)]
 
 
@@ -162,10 +162,7 @@ def calibrate_bundle(folder: str | Path, tasks: Sequence[str] | None = None, epi
             raise ValueError(f"{folder}: no tasks in the bundle's provenance; name them")
     dynamics = dynamics_alpha > 0 and policy.dynamics is not None
     if ray or address:  # a fleet on Ray (sim/fleet.py): the same rollouts, shared out
-        if dynamics:
-            raise ValueError("the dynamics monitor is calibrated from the states of in-process rollouts: calibrate "
-                             "without --ray/--address, or with --dynamics 0")
-        rollouts = fleet_rollouts(folder, list(tasks), episodes, seed, max_steps, workers, address)
+        rollouts = fleet_rollouts(folder, list(tasks), episodes, seed, max_steps, workers, address, record=dynamics)
     else:
         rollouts = nominal_rollouts(policy, list(tasks), episodes, seed, max_steps, progress, record=dynamics)
     block = monitor_block(rollouts, window, alphas, successful_only=successful_only)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from vigil.monitors.dynamics import features
+from vigil.policies.dynamics import features
 from vigil.training.demos import DemoSet
 
 MODEL_FILE = "dynamics.onnx"
