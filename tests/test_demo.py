@@ -28,12 +28,14 @@ def test_the_shipped_ensemble_is_small_and_says_where_it_came_from():
 
 
 @pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.hang_limit(540)  # the whole main job, a child process per step (its own timeout: 540 s)
 def test_demo_runs_the_main_job_end_to_end(tmp_path, encoder_bundle):
     work = tmp_path / "demo"
     shutil.copytree(encoder_bundle, work / "encoder")  # what a second run reuses; the export is tested elsewhere
     r = run_vigil("demo", "--workdir", str(work), "--tasks", "reach-v3,pick-place-v3", "--nominal-episodes", "1",
-                  "--shifted-episodes", "2", "--eval-episodes", "2", "--max-steps", "80", "--save-steps", "30",
-                  "--calibration-episodes", "1", "--no-record", "--console-port", "0", timeout=540)
+                  "--shifted-episodes", "2", "--eval-episodes", "2", "--worn-episodes", "1", "--max-steps", "80",
+                  "--save-steps", "30", "--calibration-episodes", "1", "--no-record", "--console-port", "0",
+                  timeout=540)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     out = r.stdout
     assert "=== vigil demo summary ===" in out
