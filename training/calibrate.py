@@ -182,9 +182,13 @@ def calibrate_bundle(folder: str | Path, tasks: Sequence[str] | None = None, epi
             write_monitor(folder, failure, "failure")
             block = {**block, "failure": {k: v for k, v in failure.items() if k not in ("bands", "instructions")}}
     if dynamics:
-        dyn = dynamics_block(policy, rollouts, dynamics_alpha, dynamics_window)
-        write_monitor(folder, dyn, "dynamics")
-        block = {**block, "dynamics": {k: dyn[k] for k in ("window", "alpha", "q", "warmup", "episodes")}}
+        try:
+            dyn = dynamics_block(policy, rollouts, dynamics_alpha, dynamics_window)
+        except ValueError as exc:  # too few rollouts: the monitor stays off (uncalibrated); say why
+            block = {**block, "dynamics": {"skipped": str(exc)}}
+        else:
+            write_monitor(folder, dyn, "dynamics")
+            block = {**block, "dynamics": {k: dyn[k] for k in ("window", "alpha", "q", "warmup", "episodes")}}
     return block, rollouts
 
 
