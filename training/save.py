@@ -454,7 +454,9 @@ def save_round(run_dir: str | Path, old_demos: Sequence[str | Path], acquired_di
     rate = manifest.control_rate_hz if manifest is not None else 80.0  # same rate: the swap requires it
     name = f"{base_name}-r{round_no}" if base_name else None
     density = None
-    if round_cfg.density_steps > 0:  # the fine-tuned encoder moved: the failure monitor's RND is fitted again
+    # the fine-tuned encoder moved: the failure monitor's RND is fitted again, where the parent had one (a parent
+    # without the head, such as the demo's shipped ensemble, gets none: a round does not add monitors)
+    if round_cfg.density_steps > 0 and (manifest is None or "rnd" in manifest.onnx_scores):
         obs_all, instr_all, _ = concat_data([old_data, acq_data])
         density = fit_density(out, ens, round_cfg, obs_all, instr_all, provenance, progress, log)
     bundle = export_run(out, ens, round_cfg, encoder_path, provenance, rate, log, name=name, density=density)
