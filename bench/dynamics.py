@@ -51,6 +51,7 @@ from bench.common import (
     write_benchmarks,
     written_by,
 )
+from bench.flow_detect import _ms
 from vigil.sim.shard import shard
 
 NAME = "dynamics"
@@ -194,12 +195,6 @@ def auroc(neg, pos) -> float:
     return _auroc(np.asarray(neg, float), np.asarray(pos, float))
 
 
-def fit_shape(*a, **k):
-    from vigil.monitors.bands import fit_shape as f
-
-    return f(*a, **k)
-
-
 def vfd_windowed(ep: dict, window: int) -> tuple[np.ndarray, np.ndarray]:
     """(running mean of the plan VFD over `window` plans, the step each plan started at)."""
     from vigil.monitors.bands import running_mean
@@ -209,7 +204,7 @@ def vfd_windowed(ep: dict, window: int) -> tuple[np.ndarray, np.ndarray]:
 
 def analyse_run(name: str, bundle: Path, args) -> dict:
     """Every statistic of one run, from its cached episodes."""
-    from vigil.monitors.bands import conformal_quantile, split_halves
+    from vigil.monitors.bands import conformal_quantile, fit_shape, split_halves
     from vigil.monitors.dynamics import calibrate_bands, episode_statistic, first_alarm
     from vigil.policies.dynamics import DynamicsModel
     from vigil.policies.manifest import read_manifest
@@ -293,13 +288,6 @@ def tick_cost(bundle: Path, block: dict, ep: dict, repeats: int = 3) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ report
-
-
-def _ms(values, fmt: str = "{:.2f}") -> str:
-    v = np.asarray([x for x in values if np.isfinite(x)], float)
-    if not len(v):
-        return "–"
-    return fmt.format(v.mean()) if len(v) == 1 else f"{fmt.format(v.mean())} ± {fmt.format(v.std(ddof=1))}"
 
 
 def report(results: dict[str, dict], args, run: dict, seconds: float) -> str:
