@@ -52,8 +52,9 @@ class LearnConfig:
     utd: float = field(default=1.0, metadata={"help": "SAC updates per new transition (update-to-data ratio)"})
     every: int = field(default=1000, metadata={"help": "updates between swaps"})
     learning_starts: int = field(default=1000, metadata={"help": "transitions in the replay before updates begin"})
-    critic_warmup: int = field(default=0, metadata={
-        "help": "updates with the actor frozen while the critics learn the new data (after a warm start)"})
+    critic_warmup: int = field(default=2000, metadata={
+        "help": "updates with the actor frozen while the critics learn the new data (after a warm start; chosen "
+                "from the ablations, docs/online_rl.md; 0: none)"})
     forget_replay: bool = field(default=False, metadata={
         "help": "on a restart, do not replay the log up to the cursor: earlier trials' robot data is not kept (an "
                 "ablation; --seed-replay is still loaded)"})
