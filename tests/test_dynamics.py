@@ -154,10 +154,10 @@ def flow_bundle(tmp_path_factory, encoder_bundle) -> Path:
     bundle = work / "run" / "bundle"
     assert (bundle / "dynamics.onnx").is_file()
     data = D.from_demos([work / "demos"])
-    for r in nominal_rollouts(load_policy(bundle), ["reach-v3"], 12, 100, 60, progress=False, record=True):
+    for r in nominal_rollouts(load_policy(bundle), ["reach-v3"], 10, 100, 60, progress=False, record=True):
         data.add(np.asarray(r.states), np.asarray(r.actions), r.task)
     torch.set_num_threads(1)
-    D.add_to_bundle(bundle, data, D.DynamicsConfig(steps=1500), progress=False, log=lambda _: None)
+    D.add_to_bundle(bundle, data, D.DynamicsConfig(steps=1000), progress=False, log=lambda _: None)
     assert main(["calibrate", "--bundle", str(bundle), "--episodes", "8", "--seed", "40", "--max-steps", "60",
                  "--all-episodes", "--dynamics", "0.3", "--no-progress"]) == 0
     return bundle
