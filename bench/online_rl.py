@@ -249,8 +249,8 @@ def report(results: list[dict], refs: dict, args, run: dict, seconds: float) -> 
                      f"rollbacks {sum(r['rollbacks'] for r in rs)}, "
                      f"deadline verdicts {sum(r['deadline_verdicts'] for r in rs)} | {ms(last)} | {closed} |")
     lines += ["", f"Mean ± std over {args.seeds} seed(s) of each arm's mean return over its last 10 episodes. Each "
-              "ablation changes one choice of the baseline. Deadline verdicts happened while other heavy work (the "
-              "test suite, the demo) shared the 2 cores with a deployment. An "
+              "ablation changes one choice of the baseline. The seeds were played over two sessions in which other "
+              "heavy work (tests, other benchmarks) often shared the 2 cores with a deployment. An "
               f"arm's swaps count its updates / {args.every}: with UTD 4 the learner could not keep up with the robot "
               "on two cores, so it made fewer updates than asked.",
               "", "Figure: docs/figures/online_rl.png (return against robot time).", END]
