@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    arms = ABLATIONS if args.ablations else {"online (defaults)": {}, "critic warm-up 2000 updates": {}}
-    arms = {name: ABLATIONS[name] for name in arms}
+    names = list(ABLATIONS) if args.ablations else ["online (defaults)", "critic warm-up 2000 updates"]
+    arms = {name: ABLATIONS[name] for name in names}
     for name in (args.arms.split(",") if args.arms else []):
         if name not in ABLATIONS:
             raise SystemExit(f"--arms: unknown arm {name!r}; expected some of {list(ABLATIONS)}")

@@ -60,6 +60,17 @@ LOG_FLOOR = 0.01  # inside the log: a step predicted to the error scale's tenth 
 UNFAMILIAR, ROBOT, WORLD = "unfamiliar", "robot", "world"
 DIAGNOSES = {"robot": ROBOT, "object": WORLD}  # residual group -> diagnosis (any other group: robot)
 MAINTENANCE = ROBOT  # the diagnosis that files a maintenance alert (runtime/requests.py holds data requests back)
+CALIBRATION_KEYS = ("window", "alpha", "q", "warmup", "every", "episodes", "bands", "instructions")  # bands_block's
+
+
+def diagnose(z: Mapping[str, float], q: float) -> tuple[str, str, float] | None:
+    """(diagnosis, the signal that decided, its z) of one step's exceedances, or None below q: disagreement first
+    (an unfamiliar state: the residual is not evidence about the robot), else the worst residual group. The monitor
+    and the calibration code (`first_alarm`) both decide here."""
+    if z[DISAGREEMENT] > q:
+        return UNFAMILIAR, DISAGREEMENT, z[DISAGREEMENT]
+    group = max((g for g in z if g != DISAGREEMENT), key=z.__getitem__)
+    return (DIAGNOSES.get(group, ROBOT), group, z[group]) if z[group] > q else None
 
 
 class DynamicsMonitor(Monitor):
@@ -86,8 +97,6 @@ class DynamicsMonitor(Monitor):
         self._obs = np.zeros((self.every, len(model.predict)), np.float32)
         self._hist = np.zeros(model.history * m, np.float32)  # actions sent, newest first
         self._n_in, self._m = n_in, m
-        self._groups = [(i, g) for i, g in enumerate(model.names) if g != DISAGREEMENT]
-        self._dis = model.names.index(DISAGREEMENT)
         self.reset()
 
     @classmethod
@@ -155,22 +164,22 @@ class DynamicsMonitor(Monitor):
         self._last = verdict or self.ok()
 
     def _verdict(self, t: int, z: list[float], names: tuple[str, ...]) -> Verdict | None:
-        zd = z[self._dis]
-        group, worst = max(((g, z[i]) for i, g in self._groups), key=lambda gz: gz[1])
-        if zd <= self.q and worst <= self.q:
+        by_name = dict(zip(names, z))
+        found = diagnose(by_name, self.q)
+        if found is None:
             return None
-        values = {f"z_{name}": v for name, v in zip(names, z)}
-        values.update(q=self.q, step=float(t))
-        if zd > self.q:
-            return Verdict(self.name, Level.ALERT, f"unfamiliar state: the dynamics ensemble disagrees (z {zd:.3g} > "
-                           f"{self.q:.3g}, task {self._task}); its residual says nothing about the robot here",
-                           {**values, "diagnosis": UNFAMILIAR})
-        diagnosis = DIAGNOSES.get(group, ROBOT)
+        diagnosis, signal, worst = found
+        values = {f"z_{name}": v for name, v in by_name.items()}
+        values.update(q=self.q, step=float(t), diagnosis=diagnosis)
+        if diagnosis == UNFAMILIAR:
+            return Verdict(self.name, Level.ALERT, f"unfamiliar state: the dynamics ensemble disagrees (z {worst:.3g} "
+                           f"> {self.q:.3g}, task {self._task}); its residual says nothing about the robot here",
+                           values)
         what = ("maintenance: the robot's commands take effect differently than in its data (check actuation, load, "
                 "latency)" if diagnosis == ROBOT else
                 "the world answers differently: what the robot touches moves unlike in its data (friction, mass)")
-        return Verdict(self.name, Level.ALERT, f"{what}; {group} residual z {worst:.3g} > {self.q:.3g} in a familiar "
-                       f"state, task {self._task}", {**values, "diagnosis": diagnosis})
+        return Verdict(self.name, Level.ALERT, f"{what}; {signal} residual z {worst:.3g} > {self.q:.3g} in a familiar "
+                       f"state, task {self._task}", values)
 
     def reset(self) -> None:
         self._state: np.ndarray | None = None
@@ -213,15 +222,12 @@ def first_alarm(bands: Mapping[str, Band], scores: Mapping[str, np.ndarray], win
                 warmup: int = 3) -> tuple[int | None, str | None]:
     """(step index of the first alarm, its diagnosis) as the monitor would raise them, or (None, None)."""
     z = exceedances(bands, scores, window)
-    groups = [g for g in z if g != DISAGREEMENT]
     if DISAGREEMENT not in z:
         raise ValueError("first_alarm needs the disagreement signal")
     for t in range(warmup, len(z[DISAGREEMENT])):
-        if z[DISAGREEMENT][t] > q:
-            return t, UNFAMILIAR
-        g = max(groups, key=lambda g: z[g][t])
-        if z[g][t] > q:
-            return t, DIAGNOSES.get(g, ROBOT)
+        found = diagnose({s: float(v[t]) for s, v in z.items()}, q)
+        if found is not None:
+            return t, found[0]
     return None, None
 
 

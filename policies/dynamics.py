@@ -77,11 +77,6 @@ class DynamicsModel:
     def features(self, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
         return features(states, actions, self.inputs, self.history)
 
-    def deltas(self, x: np.ndarray) -> np.ndarray:
-        """(M, B, P) predicted changes of the predicted dimensions."""
-        return self.session.run(["delta"], {"x": np.ascontiguousarray(x, np.float32),
-                                            "observed": np.zeros((len(x), len(self.predict)), np.float32)})[0]
-
     def signals(self, x: np.ndarray, observed: np.ndarray) -> np.ndarray:
         """(B, S) per-step signals, in the order of `self.signals` (computed in the graph)."""
         return self._run(["signals"], {"x": x, "observed": observed}, None)[0]

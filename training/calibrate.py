@@ -196,7 +196,7 @@ def dynamics_block(policy: Policy, rollouts: Sequence[Rollout], alpha: float = 0
                    window: int = DYNAMICS_WINDOW, warmup: int = DYNAMICS_WARMUP) -> dict:
     """The bundle's `monitor.dynamics` with bands and q from the recorded rollouts (every one: the physics does
     not depend on whether the task succeeded), the model's keys kept."""
-    from vigil.monitors.dynamics import bands_block, calibrate_bands
+    from vigil.monitors.dynamics import CALIBRATION_KEYS, bands_block, calibrate_bands
 
     model = policy.dynamics
     by_task: dict[str, list] = {}
@@ -207,7 +207,6 @@ def dynamics_block(policy: Policy, rollouts: Sequence[Rollout], alpha: float = 0
     prov_tasks = policy.manifest.provenance.get("tasks", {})
     instructions = {v["instruction"]: t for t, v in prov_tasks.items() if isinstance(v, Mapping)
                     and isinstance(v.get("instruction"), str)}
-    keep = {k: v for k, v in policy.manifest.monitor["dynamics"].items()
-            if k not in ("window", "alpha", "q", "warmup", "every", "episodes", "bands", "instructions")}
+    keep = {k: v for k, v in policy.manifest.monitor["dynamics"].items() if k not in CALIBRATION_KEYS}
     return {**keep, **bands_block(bands, q, window, alpha, instructions, warmup,
                                   sum(len(v) for v in by_task.values()))}

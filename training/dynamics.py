@@ -17,11 +17,10 @@ what the robot touches.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +319,7 @@ def carry_over(parent: str | Path, bundle: str | Path) -> bool:
     policy's rollouts); `vigil calibrate` sets them again. Returns whether there was one to carry."""
     import shutil
 
+    from vigil.monitors.dynamics import CALIBRATION_KEYS
     from vigil.policies.manifest import read_manifest
     from vigil.training.calibrate import write_monitor
 
@@ -328,23 +328,6 @@ def carry_over(parent: str | Path, bundle: str | Path) -> bool:
     if not block or not (parent / str(block.get("model", MODEL_FILE))).is_file():
         return False
     shutil.copy2(parent / str(block["model"]), bundle / str(block["model"]))
-    keep = {k: v for k, v in block.items()
-            if k not in ("window", "alpha", "q", "warmup", "every", "episodes", "bands", "instructions")}
+    keep = {k: v for k, v in block.items() if k not in CALIBRATION_KEYS}
     write_monitor(bundle, keep, "dynamics")
     return True
-
-
-def config_from(d: Mapping[str, Any] | None, **overrides: Any) -> DynamicsConfig:
-    """A DynamicsConfig from a TOML/JSON map (`[dynamics]`), naming an unknown key."""
-    d = dict(d or {})
-    known = set(DynamicsConfig.__dataclass_fields__)
-    if unknown := sorted(set(d) - known):
-        raise ValueError(f"dynamics: unknown key(s) {unknown}; known: {sorted(known)}")
-    for k in ("inputs", "predict"):
-        if d.get(k) is not None:
-            d[k] = tuple(int(i) for i in d[k])
-    return replace(DynamicsConfig(**d), **overrides)
-
-
-def describe(block: Mapping[str, Any]) -> str:
-    return json.dumps({k: block[k] for k in ("members", "history", "inputs", "predict") if k in block})
