@@ -50,7 +50,7 @@ class Agent:
         self._low_list, self._high_list = self.low.tolist(), self.high.tolist()
         self._small = n <= 16
         self.safe_action = np.asarray(m.safe_action, np.float32)
-        self._plan_inputs = type(policy).plan_inputs is not Policy.plan_inputs  # the policy draws inputs per plan
+        self._plan_inputs = policy.draws_inputs  # the policy draws inputs per plan (noise)
 
     @property
     def at_plan_boundary(self) -> bool:

@@ -116,8 +116,13 @@ class Policy:
         return {}
 
     def plan_inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Graph inputs drawn afresh for every plan (the flow ensemble's noise)."""
+        """Graph inputs drawn afresh for every plan (the flow ensemble's noise, an exploring actor's)."""
         return {}
+
+    @property
+    def draws_inputs(self) -> bool:
+        """Whether `plan_inputs` draws anything (the agent skips the call when not)."""
+        return type(self).plan_inputs is not Policy.plan_inputs
 
     def infer(self, obs: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None = None) -> Plan:
         feed = self.feed(obs)
@@ -194,7 +199,39 @@ class LinearGainPolicy(Policy):
 
 
 class GaussianPolicy(Policy):
-    """A BPO/PPO actor: the graph's action output is the mean of the Gaussian, used deterministically."""
+    """A BPO/PPO actor. Deployed, the graph's action output is the Gaussian's mean, used deterministically.
+
+    An *exploring* bundle (manifest `extra.exploration: {"noise_input": ...}`, written by `vigil learn --algo
+    bpo|ppo`, docs/online_rl.md §5) samples instead: its graph takes a standard normal draw per plan, from the
+    robot's own generator (so a seeded episode is reproducible), and reports the log-probability of the action
+    the robot gets (clipped to the bounds: a censored Gaussian) as the score `logp`, which the transition log
+    keeps for an on-policy learner.
+    """
+
+    def __init__(self, folder: Path, manifest: Manifest, threads: int = 1, prefer_gpu: bool = True,
+                 previous: Policy | None = None):
+        super().__init__(folder, manifest, threads, prefer_gpu)
+        self.noise_input: str | None = None
+        block = manifest.extra.get("exploration")
+        if block is None:
+            return
+        names = {i.name for i in self.session.get_inputs()}
+        if not isinstance(block, Mapping) or block.get("noise_input") not in names:
+            raise ManifestError(f"manifest key 'extra.exploration.noise_input' must name a graph input (one of "
+                                f"{sorted(names)}), got {block!r}")
+        if "logp" not in manifest.onnx_scores:
+            raise ManifestError("manifest key 'onnx.scores' must list 'logp' for an exploring gaussian bundle")
+        self.noise_input = str(block["noise_input"])
+        self._noise_shape = (1, manifest.action.shape[0])
+
+    @property
+    def draws_inputs(self) -> bool:
+        return self.noise_input is not None
+
+    def plan_inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if self.noise_input is None:
+            return {}
+        return {self.noise_input: rng.standard_normal(self._noise_shape, dtype=np.float32)}
 
 
 class FlowEnsemblePolicy(Policy):

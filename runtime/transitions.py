@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS transitions (
     reward      REAL    NOT NULL,
     next_obs    BLOB    NOT NULL,
     terminated  INTEGER NOT NULL,
-    truncated   INTEGER NOT NULL
+    truncated   INTEGER NOT NULL,
+    logp        REAL
 );
 CREATE INDEX IF NOT EXISTS transitions_episode ON transitions (robot, episode);
 """
@@ -86,13 +87,20 @@ class Transition:
     robot: str
     episode: int
     step: int
-    policy: str
+    policy: str  # the policy that chose `action`
     obs: np.ndarray
     action: np.ndarray
     reward: float
     next_obs: np.ndarray
     terminated: bool
     truncated: bool
+    logp: float | None = None  # the log-probability of `action` under an exploring policy (None: not sampled)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """A log written before the `logp` column (v0.x): add it, NULL in every old row."""
+    if "logp" not in {row[1] for row in db.execute("PRAGMA table_info(transitions)")}:
+        db.execute("ALTER TABLE transitions ADD COLUMN logp REAL")
 
 
 class TransitionLog:
@@ -100,7 +108,9 @@ class TransitionLog:
 
     def __init__(self, path: str | Path, capacity: int = 100_000, batch: int = 512, flush_s: float = 0.05):
         self.path = Path(path)
-        open_db(self.path, SCHEMA).close()  # created (and checked) before the runtime says it is ready
+        db = open_db(self.path, SCHEMA)  # created (and checked) before the runtime says it is ready
+        _migrate(db)
+        db.close()
         self.queue: queue.Queue[Transition | None] = queue.Queue(capacity)
         self.batch, self.flush_s = batch, flush_s
         self.counters: Counter = Counter()
@@ -141,9 +151,10 @@ class TransitionLog:
                     with db:
                         db.executemany(
                             "INSERT INTO transitions (t_ns, robot, episode, step, policy, obs, action, reward, "
-                            "next_obs, terminated, truncated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            "next_obs, terminated, truncated, logp) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             [(time.time_ns(), t.robot, t.episode, t.step, t.policy, _blob(t.obs), _blob(t.action),
-                              t.reward, _blob(t.next_obs), int(t.terminated), int(t.truncated)) for t in pending])
+                              t.reward, _blob(t.next_obs), int(t.terminated), int(t.truncated), t.logp)
+                             for t in pending])
                     self.counters["transitions_written"] += len(pending)
                     pending = []
                 except sqlite3.Error as exc:
@@ -166,11 +177,14 @@ def _blob(x: np.ndarray) -> bytes:
 
 def read_after(path: str | Path, after_id: int = 0, limit: int = 100_000) -> dict[str, np.ndarray]:
     """Rows with id > after_id, in order, as arrays: id, robot, episode, step, obs, action, reward, next_obs,
-    terminated, truncated, policy (what a learner needs; `vigil learn` keeps `id[-1]` as its cursor)."""
+    terminated, truncated, policy, logp (NaN where the action was not sampled by an exploring policy; what a
+    learner needs; `vigil learn` keeps `id[-1]` as its cursor)."""
     db = open_db(Path(path), SCHEMA, readonly=True, timeout=5.0)
     try:
+        has_logp = "logp" in {row[1] for row in db.execute("PRAGMA table_info(transitions)")}
         rows = db.execute("SELECT id, robot, episode, step, obs, action, reward, next_obs, terminated, truncated, "
-                          "policy FROM transitions WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+                          f"policy, {'logp' if has_logp else 'NULL'} FROM transitions WHERE id > ? ORDER BY id "
+                          "LIMIT ?", (after_id, limit)).fetchall()
     finally:
         db.close()
 
@@ -181,7 +195,18 @@ def read_after(path: str | Path, after_id: int = 0, limit: int = 100_000) -> dic
             "episode": np.array([r[2] for r in rows], np.int64), "step": np.array([r[3] for r in rows], np.int64),
             "obs": arr(4), "action": arr(5), "reward": np.array([r[6] for r in rows], np.float32),
             "next_obs": arr(7), "terminated": np.array([bool(r[8]) for r in rows]),
-            "truncated": np.array([bool(r[9]) for r in rows]), "policy": np.array([r[10] for r in rows])}
+            "truncated": np.array([bool(r[9]) for r in rows]), "policy": np.array([r[10] for r in rows]),
+            "logp": np.array([np.nan if r[11] is None else r[11] for r in rows], np.float64)}
+
+
+def _logp(decision: Decision) -> float | None:
+    """The exploring policy's log-probability of the action sent, when the action is the policy's own draw for
+    this observation: not a safe action, and not under asynchronous execution (whose action was planned for an
+    older observation)."""
+    logp = decision.scores.get("logp")
+    if logp is None or decision.safe or decision.execution is not None:
+        return None
+    return float(logp)
 
 
 class TransitionHook(Hook):
@@ -204,15 +229,15 @@ class TransitionHook(Hook):
         prev = session.state.get(self.name)
         outcome = outcome_of(obs.meta)  # validated before the tick (server._on_obs)
         if prev is not None and outcome is not None:
-            p_obs, p_action, p_step = prev
-            if self.log.offer(Transition(session.robot, session.episode, p_step, decision.policy, p_obs, p_action,
+            p_obs, p_action, p_step, p_policy, p_logp = prev
+            if self.log.offer(Transition(session.robot, session.episode, p_step, p_policy, p_obs, p_action,
                                          outcome.reward, np.array(x, np.float32), outcome.terminated,
-                                         outcome.truncated)):
+                                         outcome.truncated, p_logp)):
                 self.counters["transitions"] += 1
         done = outcome is not None and (outcome.terminated or outcome.truncated)
         here = session.step - 1  # this observation's index in the episode (the session has counted it)
         session.state[self.name] = None if done else (np.array(x, np.float32), np.array(decision.action, np.float32),
-                                                      here)
+                                                      here, decision.policy, _logp(decision))
 
     def stats(self) -> Mapping[str, Any]:
         return dict(self.log.counters)

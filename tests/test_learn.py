@@ -187,3 +187,132 @@ def test_a_runtime_restarted_during_learning_gets_the_learners_policy_back(pretr
     done = swaps()
     assert [s["updates"] for s in done if s["ok"]][-1] == 400
     assert policy_served(second.robot_endpoint).startswith("sac-Pendulum-v1-s0-online-u400@")  # back in the new one
+
+
+# -- the on-policy option: BPO (and PPO) through the runtime --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bpo_pretrained(tmp_path_factory) -> Path:
+    """`vigil train bpo` for one rollout of Pendulum: an actor, a critic and their normalisation to start from."""
+    out = tmp_path_factory.mktemp("bpo")
+    r = run_vigil("train", "bpo", "--env", "Pendulum-v1", "--steps", "2048", "--out", str(out), "--no-progress",
+                  timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_censored_log_prob_is_the_density_inside_and_the_tail_mass_at_the_bounds():
+    import torch
+    from scipy.stats import norm
+
+    from vigil.training.onpolicy import censored_log_prob, log_ndtr
+
+    z = torch.linspace(-12, 6, 181)
+    np.testing.assert_allclose(log_ndtr(z).numpy(), norm.logcdf(z.numpy()), rtol=5e-3, atol=1e-5)
+    mean, log_std = torch.tensor([[0.3, -0.5]]), torch.tensor([[np.log(0.5), np.log(2.0)]], dtype=torch.float32)
+    low, high = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0])
+    inside = torch.tensor([[0.1, 0.7]])
+    expect = norm.logpdf([0.1, 0.7], [0.3, -0.5], [0.5, 2.0]).sum()
+    assert censored_log_prob(mean, log_std, inside, low, high).item() == pytest.approx(expect, abs=1e-5)
+    at_bounds = torch.tensor([[1.0, -1.0]])  # mass beyond the upper bound of the first, below the lower of the second
+    expect = norm.logsf(1.0, 0.3, 0.5) + norm.logcdf(-1.0, -0.5, 2.0)
+    assert censored_log_prob(mean, log_std, at_bounds, low, high).item() == pytest.approx(expect, abs=1e-4)
+
+
+def test_an_exploring_bundle_samples_from_the_robots_generator_and_reports_its_log_prob(bpo_pretrained, tmp_path):
+    """The runtime's agent draws the noise (seeded per episode: reproducible), the graph samples and reports the
+    censored log-probability of the action the robot gets, which is the learner's own computation."""
+    from vigil.policies.agent import Agent
+    from vigil.policies.bundle import load_policy
+    from vigil.training.learn import LearnConfig, Learner
+
+    learner = Learner(LearnConfig(transitions=str(tmp_path / "none.db"), bundle=str(bpo_pretrained / "bundle"),
+                                  out=str(tmp_path / "l"), algo="bpo", warm_start=str(bpo_pretrained / "actor.pt")),
+                      log=lambda _: None)
+    policy = load_policy(learner.export())
+    obs = {"state": np.array([0.5, -0.2, 1.0], np.float32)}
+
+    def episode(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        agent = Agent(policy)
+        agent.reset(seed=seed)
+        steps = [agent.act(obs) for _ in range(400)]
+        return np.array([s.action for s in steps]), np.array([s.scores["logp"] for s in steps])
+
+    actions, logp = episode(7)
+    np.testing.assert_array_equal(episode(7)[0], actions)  # seeded: the same draws
+    assert not np.array_equal(episode(8)[0], actions)
+    deterministic = load_policy(bpo_pretrained / "bundle").infer(obs).actions[0]
+    mean, std = actions.mean(0), actions.std(0)
+    sigma = float(np.exp(learner.onpolicy.actor.log_std.detach().numpy())[0])
+    assert abs(mean[0] - deterministic[0]) < 4 * sigma / np.sqrt(400) + 0.1 and 0.5 * sigma < std[0] < 1.5 * sigma
+    assert (np.abs(actions) <= 2.0).all()  # clipped to Pendulum's bounds by the agent
+    np.testing.assert_allclose(learner.onpolicy.log_prob(np.repeat(obs["state"][None], 400, 0), actions), logp,
+                               atol=1e-4)
+
+
+@pytest.mark.hang_limit(300)
+def test_bpo_learns_on_policy_through_the_runtime(bpo_pretrained, serve, tmp_path):
+    """`vigil learn --algo bpo`: the exploring start is swapped in, the runtime logs each sampled action's
+    log-probability, one update per rollout is swapped in with provenance; a restart gathers the interrupted
+    rollout again from where it began."""
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+
+    from vigil.runtime.transitions import read_after
+
+    log, out = tmp_path / "transitions.db", tmp_path / "learner"
+    served = serve(bpo_pretrained / "bundle", transitions=str(log), control_endpoint="tcp://127.0.0.1:0")
+    common = ["--algo", "bpo", "--transitions", str(log), "--bundle", str(bpo_pretrained / "bundle"), "--out",
+              str(out), "--control", served.control_endpoint, "--warm-start", str(bpo_pretrained / "actor.pt"),
+              "--rollout", "150", "--critic-warmup", "0", "--poll-s", "0.05", "--rollback-episodes", "100"]
+    printed = open(tmp_path / "learn.out", "w")
+    learner = subprocess.Popen([sys.executable, "-m", "vigil.runtime.cli", "learn", *common, "--max-updates", "2"],
+                               stdout=printed, stderr=subprocess.STDOUT, text=True)
+
+    def swaps() -> list[dict]:
+        path = out / "learn.jsonl"
+        return [json.loads(line)["swap"] for line in path.read_text().splitlines()] if path.exists() else []
+
+    try:
+        wait_until(lambda: any(s["why"] == "exploring start" and s["ok"] for s in swaps()), 120)
+        start_policy = policy_served(served.robot_endpoint)
+        assert start_policy.startswith("bpo-Pendulum-v1-s0-online-u0@")
+        sim = ["sim", "--connect", served.robot_endpoint, "--system", "Pendulum-v1", "--steps", "100",
+               "--transitions"]
+        assert run_vigil(*sim, "--episodes", "4", timeout=120).returncode == 0
+        learner.wait(timeout=120)
+    finally:
+        if learner.poll() is None:
+            learner.kill()
+        printed.close()
+    output = (tmp_path / "learn.out").read_text()
+    assert learner.returncode == 0, output[-2000:]
+    summary = json.loads(output.strip().splitlines()[-1])
+    assert summary["updates"] == 2 and summary["swaps"] == 3
+    done = swaps()
+    assert [(s["why"], s["updates"], s["ok"]) for s in done] == [("exploring start", 0, True), ("update", 1, True),
+                                                                 ("update", 2, True)]
+    assert policy_served(served.robot_endpoint).startswith("bpo-Pendulum-v1-s0-online-u2@")
+    manifest = json.loads((out / "bundles" / "u00000002" / "manifest.json").read_text())
+    assert manifest["provenance"]["method"] == "bpo (vigil learn)" and manifest["extra"]["exploration"]
+
+    rows = read_after(log)
+    assert len(rows["id"]) == 400 and np.isfinite(rows["logp"]).all()  # every action was the exploring policy's
+    # the runtime's log-probabilities are the exploring start's own (the warm start's actor, the learner's function)
+    from vigil.training.learn import LearnConfig, Learner
+
+    check = Learner(LearnConfig(transitions=str(log), bundle=str(bpo_pretrained / "bundle"),
+                                out=str(tmp_path / "check"), algo="bpo", warm_start=str(bpo_pretrained / "actor.pt")),
+                    log=lambda _: None)
+    first = rows["policy"] == start_policy
+    assert first.sum() >= 150
+    np.testing.assert_allclose(check.onpolicy.log_prob(rows["obs"][first], rows["action"][first]),
+                               rows["logp"][first], atol=1e-3)
+
+    # restarted, it resumes at update 2 and gathers the rollout after its last update again: 400 - 300 read before
+    r, summary = learn(*common, "--max-updates", "2")
+    assert "resumed at update 2" in r.stdout and summary["updates"] == 2
+    assert summary["transitions"] == 400 and summary["cursor"] == int(rows["id"][-1])

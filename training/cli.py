@@ -736,7 +736,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         return 2
     stop = stop_on_signals()
     learner.run(stop=lambda: bool(stop))
-    print(json.dumps({"updates": learner.sac.updates, "transitions": learner.read, "swaps": len(learner.swaps),
+    print(json.dumps({"updates": learner.updates, "transitions": learner.read, "swaps": len(learner.swaps),
                       "cursor": learner.cursor}), flush=True)
     return 0
 

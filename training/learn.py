@@ -13,6 +13,10 @@ The loop, one pass per poll:
   4. watch the returns of the episodes each policy played: when the K episodes after a swap average less than
      the previous policy's last K by more than `rollback_drop` of its magnitude, swap the previous bundle back.
 
+`--algo bpo|ppo` is the on-policy option (training/onpolicy.py): the learner first swaps in an *exploring*
+bundle of its warm start (the runtime samples the action and logs its log-probability), makes one BPO (or PPO)
+update per `rollout` such transitions, and swaps in the next exploring bundle after each; `every` does not apply.
+
 The runtime keeps its monitors and its deadline safe action whatever the learner does. A learner that dies leaves
 the robot under the last policy it swapped in (the runtime holds it); restarted, it loads its checkpoint and
 reads the durable log from the start into its replay, then goes on from its cursor: nothing read twice.
@@ -33,7 +37,11 @@ import numpy as np
 import torch
 
 from vigil.runtime.transitions import read_after
+from vigil.training.onpolicy import OnPolicy, export_exploring
+from vigil.training.rl import RLConfig
 from vigil.training.sac import SAC, Replay, SACConfig
+
+ALGOS = ("sac", "bpo", "ppo")
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class LearnConfig:
     transitions: str = field(metadata={"help": "the runtime's transition log (vigil serve --transitions)"})
     bundle: str = field(metadata={"help": "the bundle the runtime starts with (its spec and action bounds)"})
     out: str = field(metadata={"help": "the learner's folder: checkpoint.pt, bundles/, learn.jsonl"})
+    algo: str = field(default="sac", metadata={
+        "help": "sac (off-policy, the default) or bpo / ppo (on-policy: the runtime serves an exploring bundle)"})
     control: str = field(default="", metadata={
         "help": "the runtime's control endpoint to swap on (empty: export bundles, swap nothing)"})
     warm_start: str = field(default="", metadata={
@@ -50,7 +60,9 @@ class LearnConfig:
     seed_replay: str = field(default="", metadata={
         "help": "another transition log (simulation data, or earlier trials) loaded into the replay first"})
     utd: float = field(default=1.0, metadata={"help": "SAC updates per new transition (update-to-data ratio)"})
-    every: int = field(default=1000, metadata={"help": "updates between swaps"})
+    every: int = field(default=1000, metadata={"help": "SAC updates between swaps (on-policy: a swap per update)"})
+    rollout: int = field(default=2048, metadata={
+        "help": "bpo/ppo: transitions per update (sampled by the exploring policy; safe actions do not count)"})
     learning_starts: int = field(default=1000, metadata={"help": "transitions in the replay before updates begin"})
     critic_warmup: int = field(default=2000, metadata={
         "help": "updates with the actor frozen while the critics learn the new data (after a warm start; chosen "
@@ -64,7 +76,8 @@ class LearnConfig:
     rollback_drop: float = field(default=0.2, metadata={
         "help": "roll back when the K episodes after a swap average below the previous policy's last K by more "
                 "than this share of its magnitude"})
-    max_updates: int = field(default=0, metadata={"help": "stop after this many updates (0: run until stopped)"})
+    max_updates: int = field(default=0, metadata={
+        "help": "stop after this many updates (SAC: gradient steps; bpo/ppo: rollouts) (0: run until stopped)"})
     poll_s: float = field(default=0.2, metadata={"help": "seconds between reads of the log when idle"})
     swap_timeout_s: float = field(default=60.0, metadata={
         "help": "seconds a swap may take (the runtime loads and checks the bundle) before it counts as failed"})
@@ -73,7 +86,11 @@ class LearnConfig:
     def __post_init__(self) -> None:
         from vigil.runtime.config import check_fields
 
-        check_fields(self, [("utd", 0 < self.utd < math.inf, "a finite number > 0"),
+        check_fields(self, [("algo", self.algo in ALGOS, f"one of {', '.join(ALGOS)}"),
+                            ("seed_replay", not self.seed_replay or self.algo == "sac",
+                             "empty with --algo bpo/ppo (an on-policy learner replays nothing)"),
+                            ("rollout", self.rollout >= 2, "an integer >= 2"),
+                            ("utd", 0 < self.utd < math.inf, "a finite number > 0"),
                             ("every", self.every >= 1, "an integer >= 1"),
                             ("learning_starts", self.learning_starts >= 1, "an integer >= 1"),
                             ("rollback_episodes", self.rollback_episodes >= 1, "an integer >= 1"),
@@ -98,7 +115,8 @@ class Episodes:
 
 
 class Learner:
-    def __init__(self, cfg: LearnConfig, sac_cfg: SACConfig | None = None, log: Callable[[str], None] = print):
+    def __init__(self, cfg: LearnConfig, sac_cfg: SACConfig | None = None, log: Callable[[str], None] = print,
+                 rl_cfg: RLConfig | None = None):
         from vigil.policies.manifest import read_manifest
 
         self.cfg, self.log = cfg, log
@@ -110,17 +128,37 @@ class Learner:
         self.act_dim = int(np.prod(m.action.shape))
         low = np.asarray(m.action.low if m.action.low is not None else [-1.0] * self.act_dim, np.float32)
         high = np.asarray(m.action.high if m.action.high is not None else [1.0] * self.act_dim, np.float32)
-        self.sac = SAC(self.obs_dim, self.act_dim, low, high,
-                       sac_cfg or SACConfig(seed=cfg.seed, critic_warmup=cfg.critic_warmup))
-        self.replay = Replay(self.obs_dim, self.act_dim)
+        self.sac: SAC | None = None
+        self.onpolicy: OnPolicy | None = None
+        if cfg.algo == "sac":
+            self.sac = SAC(self.obs_dim, self.act_dim, low, high,
+                           sac_cfg or SACConfig(seed=cfg.seed, critic_warmup=cfg.critic_warmup))
+            self.replay = Replay(self.obs_dim, self.act_dim)
+        else:
+            norm = m.normalisation.get(m.observation[0].name)
+            mean = np.asarray(norm.mean if norm else np.zeros(self.obs_dim))
+            std = np.asarray(norm.std if norm else np.ones(self.obs_dim))
+            self.onpolicy = OnPolicy(self.obs_dim, self.act_dim, low, high,
+                                     rl_cfg or RLConfig(loss=cfg.algo, seed=cfg.seed, rollout_steps=cfg.rollout,
+                                                        minibatch=min(64, cfg.rollout)),
+                                     mean, std, critic_warmup=cfg.critic_warmup)
+            self.snapshots: dict[str, dict[str, Any]] = {}  # bundle -> the networks that made it (for rollback)
         self.rng = np.random.default_rng(cfg.seed)
         self.episodes = Episodes()
         self.cursor, self.read, self.credit = 0, 0, 0.0
+        self.rollout_cursor, self.rollout_read = 0, 0  # on-policy: where the rollout being gathered began
         self.current, self.previous = str(Path(cfg.bundle).resolve()), ""
         self.policy_of: dict[str, str] = {self.current: m.policy_id}
         self.swaps: list[dict[str, Any]] = []
         self.judged: set[str] = set()
+        self.exploring = False  # on-policy: an exploring bundle of ours is in the runtime
+        self._retry_at = 0.0
         self._resume_or_start()
+
+    @property
+    def updates(self) -> int:
+        """SAC gradient steps, or on-policy updates (one per rollout)."""
+        return self.sac.updates if self.sac is not None else self.onpolicy.updates
 
     # -- state ------------------------------------------------------------------------------------------
 
@@ -128,20 +166,35 @@ class Learner:
         ck = self.out / "checkpoint.pt"
         if ck.exists():  # a restart: the checkpoint, then the durable log up to its cursor into the replay
             state = torch.load(ck, weights_only=False)  # our own file
-            self.sac.load(state["sac"])
             self.cursor, self.read = int(state["cursor"]), int(state["read"])
             self.credit = float(state.get("credit", 0.0))  # updates owed to what was read before the restart
             self.current, self.previous = state["current"], state["previous"]
             self.policy_of, self.swaps, self.judged = state["policy_of"], state["swaps"], set(state["judged"])
+            if self.onpolicy is not None:  # the rollout being gathered was not saved: read it again
+                self.onpolicy.load(state["onpolicy"])
+                self.exploring = bool(state.get("exploring"))
+                self.rollout_cursor, self.rollout_read = self.cursor, self.read
+                self._load_log(self.cfg.transitions, self.cursor)  # the episodes' returns, for rollback
+                self.log(f"resumed at update {self.updates}, cursor {self.cursor}")
+                return
+            self.sac.load(state["sac"])
             self._load_log(self.cfg.seed_replay, None)
             if not self.cfg.forget_replay:  # earlier trials' data kept (the study's advice)
                 self._load_log(self.cfg.transitions, self.cursor)
-            self.log(f"resumed at update {self.sac.updates}, cursor {self.cursor}, replay {self.replay.size}"
+            self.log(f"resumed at update {self.updates}, cursor {self.cursor}, replay {self.replay.size}"
                      + (" (earlier trials' data not replayed)" if self.cfg.forget_replay else ""))
             return
         if self.cfg.warm_start:
-            self.sac.load(torch.load(self.cfg.warm_start, weights_only=False)["sac"], actor_only=True)
-        self._load_log(self.cfg.seed_replay, None)
+            ckpt = torch.load(self.cfg.warm_start, weights_only=False)
+            if self.sac is not None:
+                if "sac" not in ckpt:
+                    raise ValueError("--warm-start for --algo sac must be a checkpoint of `vigil train sac` or "
+                                     "`vigil learn` (key sac)")
+                self.sac.load(ckpt["sac"], actor_only=True)
+            else:
+                self.onpolicy.warm_start(ckpt)
+        if self.sac is not None:
+            self._load_log(self.cfg.seed_replay, None)
 
     def _load_log(self, path: str, upto: int | None) -> None:
         if not path or not Path(path).exists():
@@ -154,7 +207,8 @@ class Learner:
                 rows = {k: v[keep] for k, v in rows.items()}
             if not len(rows["id"]):
                 return
-            self.replay.add(rows["obs"], rows["action"], rows["reward"], rows["next_obs"], self._done(rows))
+            if self.sac is not None:
+                self.replay.add(rows["obs"], rows["action"], rows["reward"], rows["next_obs"], self._done(rows))
             if path == self.cfg.transitions:
                 self.episodes.add(rows)
             after = int(rows["id"][-1])
@@ -165,8 +219,12 @@ class Learner:
 
     def checkpoint(self) -> None:
         tmp = self.out / "checkpoint.pt.tmp"
-        torch.save({"sac": self.sac.state(), "cursor": self.cursor, "read": self.read, "credit": self.credit,
-                    "current": self.current,
+        if self.sac is not None:
+            algo: dict[str, Any] = {"sac": self.sac.state(), "cursor": self.cursor, "read": self.read}
+        else:  # a restart gathers the current rollout again from where it began
+            algo = {"onpolicy": self.onpolicy.state(), "cursor": self.rollout_cursor, "read": self.rollout_read,
+                    "exploring": self.exploring}
+        torch.save({**algo, "credit": self.credit, "current": self.current,
                     "previous": self.previous, "policy_of": self.policy_of, "swaps": self.swaps,
                     "judged": sorted(self.judged), "config": asdict(self.cfg)}, tmp)
         os.replace(tmp, self.out / "checkpoint.pt")  # a crash mid-write leaves the previous checkpoint whole
@@ -178,9 +236,20 @@ class Learner:
         rows = read_after(self.cfg.transitions, self.cursor, 10_000)
         n = len(rows["id"])
         if n:
-            self.replay.add(rows["obs"], rows["action"], rows["reward"], rows["next_obs"], self._done(rows))
+            if self.sac is not None:
+                self.replay.add(rows["obs"], rows["action"], rows["reward"], rows["next_obs"], self._done(rows))
+            else:
+                self.onpolicy.add(rows)
             self.episodes.add(rows)
             self.cursor, self.read = int(rows["id"][-1]), self.read + n
+        if self.sac is not None:
+            self._step_sac(n)
+        else:
+            self._step_onpolicy()
+        self.judge()
+        return n
+
+    def _step_sac(self, n: int) -> None:
         if self.replay.size >= self.cfg.learning_starts:
             self.credit += self.cfg.utd * n
             while self.credit >= 1 and not self.done():
@@ -188,22 +257,44 @@ class Learner:
                 self.credit -= 1
                 if self.sac.updates % self.cfg.every == 0:
                     self.swap_in(self.export())
-        self.judge()
-        return n
+
+    def _step_onpolicy(self) -> None:
+        if not self.exploring:  # the runtime must serve an exploring bundle of ours before there is data
+            if time.monotonic() >= self._retry_at:
+                self._retry_at = time.monotonic() + 5.0
+                bundle = self.export()
+                # the same actor, sampling: not judged against the deterministic bundle it replaces (the noise
+                # costs some return; a rollback would leave the learner without data)
+                self.judged.add(self.policy_of[bundle])
+                self.swap_in(bundle, why="exploring start")
+                self.exploring = self.swaps[-1]["ok"]
+            return
+        if self.onpolicy.ready() and not self.done():
+            stats = self.onpolicy.update()
+            self.rollout_cursor, self.rollout_read = self.cursor, self.read
+            self.log(json.dumps({"update": self.updates, **{k: round(v, 5) for k, v in stats.items()}}))
+            self.swap_in(self.export())
 
     def done(self) -> bool:
-        return bool(self.cfg.max_updates) and self.sac.updates >= self.cfg.max_updates
+        return bool(self.cfg.max_updates) and self.updates >= self.cfg.max_updates
 
     def export(self) -> str:
         from vigil.training.export import export_gaussian
 
-        folder = self.out / "bundles" / f"u{self.sac.updates:08d}"
-        prov = {"method": "sac (vigil learn)", "updates": self.sac.updates, "transitions": self.read,
+        folder = self.out / "bundles" / f"u{self.updates:08d}"
+        prov = {"method": f"{self.cfg.algo} (vigil learn)", "updates": self.updates, "transitions": self.read,
                 "cursor": self.cursor, "parent": self.current, "config": asdict(self.cfg)}
         m = self.manifest
-        manifest = export_gaussian(folder, f"{m.name.split('@')[0]}-online-u{self.sac.updates}",
-                                   copy_actor(self.sac.actor), self.obs_dim, m.action.low, m.action.high,
-                                   m.control_rate_hz, prov=prov)
+        name = f"{m.name.split('@')[0]}-online-u{self.updates}"
+        if self.sac is not None:
+            manifest = export_gaussian(folder, name, copy_actor(self.sac.actor), self.obs_dim, m.action.low,
+                                       m.action.high, m.control_rate_hz, prov=prov)
+        else:
+            op = self.onpolicy
+            manifest = export_exploring(folder, name, op.actor, self.obs_dim, m.action.low, m.action.high,
+                                        m.control_rate_hz, op.obs_mean, op.obs_std, op.cfg.obs_clip, prov=prov)
+            self.snapshots[str(folder.resolve())] = {k: copy_state(v) for k, v in op.state().items()
+                                                     if k in ("actor", "critic", "opt")}
         self.policy_of[str(folder.resolve())] = manifest.policy_id
         return str(folder.resolve())
 
@@ -216,11 +307,19 @@ class Learner:
                 answer = ControlLink(self.cfg.control).swap(bundle, timeout_s=self.cfg.swap_timeout_s)
             except LinkError as exc:  # the runtime is away: it keeps its policy; try again at the next swap
                 answer = {"ok": False, "reason": str(exc)}
-        record = {"t": time.time(), "updates": self.sac.updates, "bundle": bundle, "why": why,
+        record = {"t": time.time(), "updates": self.updates, "bundle": bundle, "why": why,
                   "ok": bool(answer.get("ok")), "reason": answer.get("reason", "")}
         self.swaps.append(record)
         if record["ok"]:
             self.previous, self.current = self.current, bundle
+            if self.onpolicy is not None and why.startswith("rollback") and bundle in self.snapshots:
+                # learning goes on from the networks that made the bundle the robot is back on
+                snap = self.snapshots[bundle]
+                self.onpolicy.actor.load_state_dict(snap["actor"])
+                self.onpolicy.critic.load_state_dict(snap["critic"])
+                self.onpolicy.opt.load_state_dict(snap["opt"])
+            if self.onpolicy is not None:
+                self.snapshots = {k: v for k, v in self.snapshots.items() if k in (self.current, self.previous)}
         self.log(json.dumps({"swap": record}))
         with open(self.out / "learn.jsonl", "a") as fh:
             fh.write(json.dumps({"swap": record, "returns": self.returns()}) + "\n")
@@ -250,6 +349,13 @@ class Learner:
             if not self.step():
                 time.sleep(self.cfg.poll_s)
         self.checkpoint()
+
+
+def copy_state(state: Any) -> Any:
+    """A deep copy of a state dict (tensors cloned), so later training does not change a snapshot."""
+    import copy
+
+    return copy.deepcopy(state)
 
 
 def copy_actor(actor):
