@@ -34,7 +34,11 @@ OUT = BENCH_RUNS / "online_rl"
 ENV = "Hopper-v5"
 REAL = {"mass": 1.3, "friction": 0.7, "gain": 0.8, "latency": 1}  # heavier, slipperier, weaker, one step late
 DEFAULTS = {"warm_start": True, "seed_replay": True, "utd": 1.0, "critic_warmup": 0, "truncation_terminal": False,
-            "trials": 1, "keep": True}
+            "trials": 1, "keep": True, "algo": "sac"}
+# the on-policy option: BPO pretrained in nominal simulation (vigil train bpo), learning through an exploring bundle;
+# its critic refits to one rollout (10 epochs x 32 minibatches) before the actor moves
+BPO_ARM = {"algo": "bpo", "seed_replay": False, "critic_warmup": 320}
+BPO_PRETRAIN_STEPS = 200_000
 ABLATIONS = {
     "online (defaults)": {},  # the ablations' baseline; `vigil learn`'s defaults are now this + critic warm-up 2000
     "no warm start": {"warm_start": False},
@@ -68,8 +72,19 @@ def pretrained(seed: int, steps: int, real: bool = False) -> Path:
     return out
 
 
+def bpo_pretrained(seed: int, steps: int) -> Path:
+    """`vigil train bpo` on nominal Hopper-v5: actor.pt (actor, critic, normalisation) and its bundle."""
+    from vigil.training.rl import config_for, run
+
+    out = OUT / f"bpo-sim-s{seed}"
+    if not (out / "provenance.json").exists():
+        run(config_for("bpo", env=ENV, total_steps=steps, seed=seed), out)
+    return out
+
+
 def evaluate(bundle: Path, episodes: int = 10, seed: int = 1000) -> list[float]:
-    """The bundle in the "real" variant, in process (as the runtime plays a gaussian bundle: its mean action)."""
+    """The bundle in the "real" variant, in process (as the runtime plays a gaussian bundle: its mean action; an
+    exploring bundle with zero noise: its mean too)."""
     from vigil.policies.bundle import load_policy
     from vigil.sim.envs import GymEnv
 
@@ -78,8 +93,9 @@ def evaluate(bundle: Path, episodes: int = 10, seed: int = 1000) -> list[float]:
     out = []
     for k in range(episodes):
         obs, ret = env.reset(seed=seed + k), 0.0
+        zero = {name: np.zeros_like(x) for name, x in policy.plan_inputs(np.random.default_rng(0)).items()}
         for _ in range(1000):
-            action = np.clip(policy.infer(obs).actions[0], -1, 1)
+            action = np.clip(policy.infer(obs, zero).actions[0], -1, 1)
             r = env.step(action)
             ret += r.reward
             obs = r.obs
@@ -107,6 +123,9 @@ def deploy(arm: str, change: dict, seed: int, sim_dir: Path, robot_steps: int, e
         shutil.rmtree(work)
     work.mkdir(parents=True)
     start = sim_dir / "bundle"
+    if opts["algo"] != "sac":
+        sim_dir = bpo_pretrained(seed, BPO_PRETRAIN_STEPS)
+        start = sim_dir / "bundle"
     if not opts["warm_start"]:  # a random actor: what a from-scratch learner would serve first
         from vigil.training.learn import pretrain
 
@@ -118,9 +137,9 @@ def deploy(arm: str, change: dict, seed: int, sim_dir: Path, robot_steps: int, e
         cmd = [sys.executable, "-m", "vigil.runtime.cli", "learn", "--transitions", str(log), "--bundle", str(start),
                "--out", str(work / "learner"), "--control", served.control_endpoint, "--every", str(every),
                "--utd", str(opts["utd"]), "--critic-warmup", str(opts["critic_warmup"]), "--seed", str(seed),
-               "--learning-starts", "1000"]
+               "--learning-starts", "1000", "--algo", opts["algo"]]
         if opts["warm_start"]:
-            cmd += ["--warm-start", str(sim_dir / "sac.pt")]
+            cmd += ["--warm-start", str(sim_dir / ("sac.pt" if opts["algo"] == "sac" else "actor.pt"))]
         if opts["seed_replay"]:
             cmd += ["--seed-replay", str(sim_dir / "sim.db")]
         if opts["truncation_terminal"]:
@@ -162,7 +181,12 @@ def deploy(arm: str, change: dict, seed: int, sim_dir: Path, robot_steps: int, e
             acc, running = 0.0, 0
     swaps = [json.loads(line)["swap"] for line in (work / "learner" / "learn.jsonl").read_text().splitlines()] \
         if (work / "learner" / "learn.jsonl").exists() else []
+    final = {}
+    if opts["algo"] != "sac" and swaps:  # the last policy swapped in, by its mean (the deployment explored)
+        final = {"final_mean": evaluate(Path(next(s["bundle"] for s in reversed(swaps) if s["ok"]))),
+                 "start_mean": evaluate(start)}
     result = {"arm": arm, "seed": seed, "returns": returns, "lengths": lengths, "wall_s": time.monotonic() - t0,
+              **final,
               "swaps": len([s for s in swaps if s["ok"]]), "rollbacks": len([s for s in swaps
                                                                              if s["why"].startswith("rollback")]),
               "deadline_verdicts": deadline_verdicts, "runtime": {k: counters.get(k) for k in ("ticks",)}}
@@ -191,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablations", action="store_true", help="every ablation arm too")
     ap.add_argument("--arms", help="comma-separated ablation arms to run besides the defaults (names as in the "
                     "table, e.g. 'critic warm-up 2000 updates')")
+    ap.add_argument("--bpo", action="store_true", help="the on-policy arm too (BPO, pretrained with vigil train bpo)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -202,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--arms: unknown arm {name!r}; expected some of {list(ABLATIONS)}")
         arms[name] = ABLATIONS[name]
     arms = {**arms, "from scratch": {"warm_start": False, "seed_replay": False}}
+    if args.bpo:
+        arms["BPO on-policy"] = BPO_ARM
     results, refs = [], {}
     for seed in range(args.seeds):
         sim = pretrained(seed, args.pretrain_steps)
@@ -241,7 +268,7 @@ def report(results: list[dict], refs: dict, args, run: dict, seconds: float) -> 
              f"| pretrained, in the real variant (no learning) | {ms(pre)} | 0% |",
              f"| trained {args.pretrain_steps} steps in the real variant (reference) | {ms(top)} | 100% |"]
     gap = np.mean(top) - np.mean(pre)
-    for arm in dict.fromkeys(r["arm"] for r in results):
+    for arm in dict.fromkeys(r["arm"] for r in results if r["arm"] != "BPO on-policy"):
         rs = [r for r in results if r["arm"] == arm]
         last = [np.mean(r["returns"][-10:]) for r in rs]
         closed = f"{(np.mean(last) - np.mean(pre)) / gap:.0%}" if gap > 0 else "– (the reference is not better)"
@@ -253,8 +280,36 @@ def report(results: list[dict], refs: dict, args, run: dict, seconds: float) -> 
               "heavy work (tests, other benchmarks) often shared the 2 cores with a deployment. An "
               f"arm's swaps count its updates / {args.every}: with UTD 4 the learner could not keep up with the robot "
               "on two cores, so it made fewer updates than asked.",
-              "", "Figure: docs/figures/online_rl.png (return against robot time).", END]
+              "", "Figure: docs/figures/online_rl.png (return against robot time)."]
+    bpo = [r for r in results if r["arm"] == "BPO on-policy"]
+    if bpo:
+        lines += bpo_table(bpo, minutes)
+    lines.append(END)
     return "\n".join(lines)
+
+
+def bpo_table(rs: list[dict], minutes: float) -> list[str]:
+    """The on-policy option against its own start: BPO's pretraining is not SAC's, so it has its own baseline."""
+    def ms(v):
+        return f"{np.mean(v):.0f} ± {np.std(v):.0f}"
+
+    start = [np.mean(r["start_mean"]) for r in rs if "start_mean" in r]
+    final = [np.mean(r["final_mean"]) for r in rs if "final_mean" in r]
+    first = [np.mean(r["returns"][:10]) for r in rs]
+    last = [np.mean(r["returns"][-10:]) for r in rs]
+    return ["", f"### The on-policy option: `vigil learn --algo bpo` ({len(rs)} seed(s), {minutes:.1f} min each)", "",
+            f"BPO pretrained {BPO_PRETRAIN_STEPS} steps on nominal Hopper-v5 (`vigil train bpo`), deployed into the "
+            "same \"real\" Hopper through an exploring bundle (the runtime samples and logs each action's "
+            "log-probability), one BPO update per 2048 transitions, swapped in after each; the critic refits to one "
+            "rollout before the actor moves.", "",
+            "| BPO policy | return |", "|---|---:|",
+            f"| pretrained, its mean action in the real variant (no learning; 10 episodes) | {ms(start)} |",
+            f"| deployment's first 10 episodes (exploring) | {ms(first)} |",
+            f"| deployment's last 10 episodes (exploring) | {ms(last)} |",
+            f"| the last policy swapped in, its mean action in the real variant (10 episodes) | {ms(final)} |",
+            "", f"Swaps {sum(r['swaps'] for r in rs)}, rollbacks {sum(r['rollbacks'] for r in rs)}, deadline verdicts "
+            f"{sum(r['deadline_verdicts'] for r in rs)}. The deployment's episodes explore (sampled actions), so they "
+            "are compared with each other; the mean-action rows compare the policy before and after."]
 
 
 def plot(results: list[dict], refs: dict, args) -> None:
