@@ -39,6 +39,9 @@ DEFAULTS = {"warm_start": True, "seed_replay": True, "utd": 1.0, "critic_warmup"
 # its critic refits to one rollout (10 epochs x 32 minibatches) before the actor moves
 BPO_ARM = {"algo": "bpo", "seed_replay": False, "critic_warmup": 320}
 BPO_PRETRAIN_STEPS = 200_000
+# the long deployment's reference: SAC trained 200k steps in the real variant (seed 0), by
+#   pretrain(ENV, 200_000, OUT / LONG_REFERENCE, seed=0, dynamics=dynamics(), log_transitions=False)
+LONG_REFERENCE = "real-200k-s0"
 ABLATIONS = {
     "online (defaults)": {},  # the ablations' baseline; `vigil learn`'s defaults are now this + critic warm-up 2000
     "no warm start": {"warm_start": False},
@@ -106,7 +109,8 @@ def evaluate(bundle: Path, episodes: int = 10, seed: int = 1000) -> list[float]:
     return out
 
 
-def deploy(arm: str, change: dict, seed: int, sim_dir: Path, robot_steps: int, every: int) -> dict:
+def deploy(arm: str, change: dict, seed: int, sim_dir: Path, robot_steps: int, every: int, root: str = "arms"
+           ) -> dict:
     """One deployment: runtime + learner + robot in the "real" variant for `robot_steps` steps at 125 Hz."""
     from vigil.runtime.launch import serving
     from vigil.runtime.transitions import read_after
@@ -114,7 +118,7 @@ def deploy(arm: str, change: dict, seed: int, sim_dir: Path, robot_steps: int, e
     from vigil.sim.robot import SimConfig, run_episodes
 
     opts = {**DEFAULTS, **change}
-    work = OUT / "arms" / f"{arm.replace(' ', '_')}-s{seed}"
+    work = OUT / root / f"{arm.replace(' ', '_')}-s{seed}"
     if (work / "result.json").exists():
         return json.loads((work / "result.json").read_text())
     if work.exists():
@@ -216,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", help="comma-separated ablation arms to run besides the defaults (names as in the "
                     "table, e.g. 'critic warm-up 2000 updates')")
     ap.add_argument("--bpo", action="store_true", help="the on-policy arm too (BPO, pretrained with vigil train bpo)")
+    ap.add_argument("--long", type=float, default=0.0, metavar="MINUTES",
+                    help="also one long deployment (seed 0) of `vigil learn`'s defaults: MINUTES of robot time")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -239,15 +245,26 @@ def main(argv: list[str] | None = None) -> int:
         for arm, change in arms.items():
             results.append(deploy(arm, change, seed, sim, args.robot_steps, args.every))
             print(f"{arm} s{seed}: last 10 episodes {np.mean(results[-1]['returns'][-10:]):.0f}", flush=True)
-    text = report(results, refs, args, run_info(), time.monotonic() - t0)
+    long = None
+    if args.long:
+        long = deploy("critic warm-up 2000 updates", ABLATIONS["critic warm-up 2000 updates"], 0,
+                      pretrained(0, args.pretrain_steps), int(args.long * 60 * 125), args.every, root="long")
+    if long is None and (OUT / "long").exists():  # an earlier run's long deployment
+        found = sorted((OUT / "long").glob("*-s0/result.json"))
+        long = json.loads(found[-1].read_text()) if found else None
+    if long is not None and (OUT / LONG_REFERENCE / "bundle").exists():  # the long run's reference, if trained
+        refs[0]["trained longer in the real variant"] = evaluate(OUT / LONG_REFERENCE / "bundle")
+    text = report(results, refs, args, run_info(), time.monotonic() - t0, long)
     print(text)
     if not args.no_write:
         plot(results, refs, args)
+        if long is not None:
+            plot_long(long, refs)
         write_benchmarks(text, BEGIN, END)
     return 0
 
 
-def report(results: list[dict], refs: dict, args, run: dict, seconds: float) -> str:
+def report(results: list[dict], refs: dict, args, run: dict, seconds: float, long: dict | None = None) -> str:
     def ms(v):
         v = np.asarray(v, float)
         return f"{np.nanmean(v):.0f} ± {np.nanstd(v):.0f}" if len(v) else "–"
@@ -284,8 +301,64 @@ def report(results: list[dict], refs: dict, args, run: dict, seconds: float) -> 
     bpo = [r for r in results if r["arm"] == "BPO on-policy"]
     if bpo:
         lines += bpo_table(bpo, minutes)
+    if long is not None:
+        lines += long_table(long, refs)
     lines.append(END)
     return "\n".join(lines)
+
+
+def windows(result: dict, minutes: float = 5.0) -> list[tuple[float, float, float, int]]:
+    """(start, end) minutes of robot time and the mean return of the episodes that ended in each window."""
+    ends = np.cumsum(result["lengths"]) / 125 / 60
+    rets = np.asarray(result["returns"])
+    out, t = [], 0.0
+    while t < ends[-1]:
+        m = (ends > t) & (ends <= t + minutes)
+        out.append((t, t + minutes, float(rets[m].mean()) if m.any() else float("nan"), int(m.sum())))
+        t += minutes
+    return out
+
+
+def long_table(long: dict, refs: dict) -> list[str]:
+    """The long deployment (seed 0): return in 5-minute windows of robot time."""
+    pre, top = np.mean(refs[0]["pretrained in the real variant"]), np.mean(refs[0]["trained in the real variant"])
+    longer = refs[0].get("trained longer in the real variant")
+    best = max(top, np.mean(longer)) if longer else top
+    total = sum(long["lengths"]) / 125 / 60
+    lines = ["", f"### One long deployment: `vigil learn`'s defaults, seed 0, {total:.0f} min of robot time", "",
+             f"Seed 0's pretrained policy scores {pre:.0f} in the real variant without learning (10 episodes, mean "
+             f"action); SAC trained 50k steps in the real variant {top:.0f}"
+             + (f", 200k steps {np.mean(longer):.0f}" if longer else "") + f". Gap closed: against the best of these "
+             f"({best:.0f}). Swaps {long['swaps']}, rollbacks {long['rollbacks']}, deadline verdicts "
+             f"{long['deadline_verdicts']}.", "", "| robot time (min) | episodes | mean return | gap closed |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {a:.0f}–{b:.0f} | {n} | {r:.0f} | "
+              + (f"{(r - pre) / (best - pre):.0%}" if best > pre else "–") + " |" for a, b, r, n in windows(long)]
+    lines += ["", "Figure: docs/figures/online_rl_long.png."]
+    return lines
+
+
+def plot_long(long: dict, refs: dict) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ends = np.cumsum(long["lengths"]) / 125 / 60
+    ax.plot(ends, long["returns"], lw=0.4, alpha=0.4, color="C0", label="episode return")
+    w = windows(long, 2.0)
+    ax.plot([(a + b) / 2 for a, b, _, _ in w], [r for _, _, r, _ in w], color="C0", marker=".",
+            label="mean over 2-minute windows")
+    ax.axhline(np.mean(refs[0]["pretrained in the real variant"]), ls="--", c="k", lw=0.8,
+               label="pretrained, no learning")
+    ax.axhline(np.mean(refs[0]["trained in the real variant"]), ls=":", c="g", lw=0.8,
+               label="trained 50k steps in the real variant")
+    if refs[0].get("trained longer in the real variant"):
+        ax.axhline(np.mean(refs[0]["trained longer in the real variant"]), ls="-.", c="g", lw=0.8,
+                   label="trained 200k steps in the real variant")
+    ax.set_xlabel("robot time (min, 125 Hz)")
+    ax.set_ylabel("episode return")
+    ax.set_title("vigil learn's defaults, one long deployment (seed 0)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, FIGURES / "online_rl_long.png", dpi=100)
 
 
 def bpo_table(rs: list[dict], minutes: float) -> list[str]:

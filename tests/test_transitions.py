@@ -91,3 +91,28 @@ def test_a_stuck_writer_drops_and_counts_never_waits_and_loses_nothing_it_queued
 def test_serve_flag_errors_name_the_key(flags, tmp_path):
     r = run_vigil("serve", "--bundle", "x", "--transitions-queue", "0")
     assert r.returncode == 2 and "transitions_queue" in r.stderr
+
+
+def test_a_log_from_before_logp_is_migrated_and_reads_as_not_sampled(tmp_path):
+    """A transition log written before the `logp` column: read as NaN (not sampled) and given the column when a
+    runtime opens it again; new rows keep their log-probability."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE transitions (id INTEGER PRIMARY KEY AUTOINCREMENT, t_ns INTEGER NOT NULL,
+        robot TEXT NOT NULL, episode INTEGER NOT NULL, step INTEGER NOT NULL, policy TEXT NOT NULL, obs BLOB NOT NULL,
+        action BLOB NOT NULL, reward REAL NOT NULL, next_obs BLOB NOT NULL, terminated INTEGER NOT NULL,
+        truncated INTEGER NOT NULL);""")
+    x = np.ones(2, "<f4").tobytes()
+    db.execute("INSERT INTO transitions (t_ns, robot, episode, step, policy, obs, action, reward, next_obs, "
+               "terminated, truncated) VALUES (0, 'r', 0, 0, 'p', ?, ?, 1.0, ?, 0, 0)", (x, x, x))
+    db.commit()
+    db.close()
+    rows = read_after(path)
+    assert len(rows["id"]) == 1 and np.isnan(rows["logp"]).all()
+    log = TransitionLog(path)
+    ones = np.ones(2, np.float32)
+    assert log.offer(Transition("r", 0, 1, "p", ones, ones, 0.5, ones, False, False, logp=-1.25))
+    assert log.offer(Transition("r", 0, 2, "p", ones, ones, 0.5, ones, True, False))
+    log.close()
+    rows = read_after(path)
+    assert np.isnan(rows["logp"][0]) and rows["logp"][1] == -1.25 and np.isnan(rows["logp"][2])
