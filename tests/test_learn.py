@@ -316,3 +316,5 @@ def test_bpo_learns_on_policy_through_the_runtime(bpo_pretrained, serve, tmp_pat
     r, summary = learn(*common, "--max-updates", "2")
     assert "resumed at update 2" in r.stdout and summary["updates"] == 2
     assert summary["transitions"] == 400 and summary["cursor"] == int(rows["id"][-1])
+    r = run_vigil("learn", *common, "--algo", "sac", timeout=120)  # another algorithm on the same folder: refused
+    assert r.returncode == 2 and "holds the checkpoint of a bpo learner" in r.stderr

@@ -166,6 +166,10 @@ class Learner:
         ck = self.out / "checkpoint.pt"
         if ck.exists():  # a restart: the checkpoint, then the durable log up to its cursor into the replay
             state = torch.load(ck, weights_only=False)  # our own file
+            saved = state.get("config", {}).get("algo", "sac")
+            if saved != self.cfg.algo:
+                raise ValueError(f"--out {self.out} holds the checkpoint of a {saved} learner, not {self.cfg.algo}: "
+                                 "resume it with the same --algo, or give another --out")
             self.cursor, self.read = int(state["cursor"]), int(state["read"])
             self.credit = float(state.get("credit", 0.0))  # updates owed to what was read before the restart
             self.current, self.previous = state["current"], state["previous"]
