@@ -130,7 +130,7 @@ bench-prefs: $(STAMP)
 # minutes for one seed of the main arms; --ablations --seeds 3 runs the study's choices (hours). Resumable
 # (bench-runs/online_rl). Not part of `make bench`.
 bench-online-rl: $(STAMP)
-	OMP_NUM_THREADS=1 PYTHONPATH=. $(BIN)/python -m bench.online_rl
+	OMP_NUM_THREADS=1 PYTHONPATH=. $(BIN)/python -m bench.online_rl --bpo
 
 # The SAVE experiment (issue 5): 10 seeds x 5 acquisition rules x 5 rounds; about 1.5 h on 2 cores;
 # resumable (outputs in bench-runs/save). Not part of `make bench`.
