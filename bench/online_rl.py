@@ -39,9 +39,10 @@ DEFAULTS = {"warm_start": True, "seed_replay": True, "utd": 1.0, "critic_warmup"
 # its critic refits to one rollout (10 epochs x 32 minibatches) before the actor moves
 BPO_ARM = {"algo": "bpo", "seed_replay": False, "critic_warmup": 320}
 BPO_PRETRAIN_STEPS = 200_000
-# the long deployment's reference: SAC trained 200k steps in the real variant (seed 0), by
-#   pretrain(ENV, 200_000, OUT / LONG_REFERENCE, seed=0, dynamics=dynamics(), log_transitions=False)
+# the long deployments' reference: SAC trained 200k steps in the real variant (seed 0)
 LONG_REFERENCE = "real-200k-s0"
+# the long deployments: `vigil learn`'s defaults (SAC), and the on-policy option
+LONG_ARMS = {"critic warm-up 2000 updates": {"critic_warmup": 2000}, "BPO on-policy": BPO_ARM}
 ABLATIONS = {
     "online (defaults)": {},  # the ablations' baseline; `vigil learn`'s defaults are now this + critic warm-up 2000
     "no warm start": {"warm_start": False},
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                     "table, e.g. 'critic warm-up 2000 updates')")
     ap.add_argument("--bpo", action="store_true", help="the on-policy arm too (BPO, pretrained with vigil train bpo)")
     ap.add_argument("--long", type=float, default=0.0, metavar="MINUTES",
-                    help="also one long deployment (seed 0) of `vigil learn`'s defaults: MINUTES of robot time")
+                    help="also long deployments (seed 0) of `vigil learn`'s defaults (and BPO with --bpo): MINUTES "
+                         "of robot time each")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -245,26 +247,31 @@ def main(argv: list[str] | None = None) -> int:
         for arm, change in arms.items():
             results.append(deploy(arm, change, seed, sim, args.robot_steps, args.every))
             print(f"{arm} s{seed}: last 10 episodes {np.mean(results[-1]['returns'][-10:]):.0f}", flush=True)
-    long = None
-    if args.long:
-        long = deploy("critic warm-up 2000 updates", ABLATIONS["critic warm-up 2000 updates"], 0,
-                      pretrained(0, args.pretrain_steps), int(args.long * 60 * 125), args.every, root="long")
-    if long is None and (OUT / "long").exists():  # an earlier run's long deployment
-        found = sorted((OUT / "long").glob("*-s0/result.json"))
-        long = json.loads(found[-1].read_text()) if found else None
-    if long is not None and (OUT / LONG_REFERENCE / "bundle").exists():  # the long run's reference, if trained
+    long: dict[str, dict] = {}  # arm -> its long deployment (seed 0), run now or by an earlier run
+    for arm, change in LONG_ARMS.items():
+        if args.long and (arm != "BPO on-policy" or args.bpo):
+            long[arm] = deploy(arm, change, 0, pretrained(0, args.pretrain_steps), int(args.long * 60 * 125),
+                               args.every, root="long")
+        elif (OUT / "long" / f"{arm.replace(' ', '_')}-s0" / "result.json").exists():
+            long[arm] = json.loads((OUT / "long" / f"{arm.replace(' ', '_')}-s0" / "result.json").read_text())
+    if args.long and not (OUT / LONG_REFERENCE / "bundle").exists():  # about 40 min on one core
+        from vigil.training.learn import pretrain
+
+        pretrain(ENV, 200_000, OUT / LONG_REFERENCE, seed=0, dynamics=dynamics(), log_transitions=False)
+    if long and (OUT / LONG_REFERENCE / "bundle").exists():  # the long runs' reference
         refs[0]["trained longer in the real variant"] = evaluate(OUT / LONG_REFERENCE / "bundle")
     text = report(results, refs, args, run_info(), time.monotonic() - t0, long)
     print(text)
     if not args.no_write:
         plot(results, refs, args)
-        if long is not None:
+        if long:
             plot_long(long, refs)
         write_benchmarks(text, BEGIN, END)
     return 0
 
 
-def report(results: list[dict], refs: dict, args, run: dict, seconds: float, long: dict | None = None) -> str:
+def report(results: list[dict], refs: dict, args, run: dict, seconds: float, long: dict[str, dict] | None = None
+           ) -> str:
     def ms(v):
         v = np.asarray(v, float)
         return f"{np.nanmean(v):.0f} ± {np.nanstd(v):.0f}" if len(v) else "–"
@@ -301,7 +308,7 @@ def report(results: list[dict], refs: dict, args, run: dict, seconds: float, lon
     bpo = [r for r in results if r["arm"] == "BPO on-policy"]
     if bpo:
         lines += bpo_table(bpo, minutes)
-    if long is not None:
+    if long:
         lines += long_table(long, refs)
     lines.append(END)
     return "\n".join(lines)
@@ -319,43 +326,66 @@ def windows(result: dict, minutes: float = 5.0) -> list[tuple[float, float, floa
     return out
 
 
-def long_table(long: dict, refs: dict) -> list[str]:
-    """The long deployment (seed 0): return in 5-minute windows of robot time."""
+def long_table(long: dict[str, dict], refs: dict) -> list[str]:
+    """The long deployments (seed 0): return in 5-minute windows of robot time."""
     pre, top = np.mean(refs[0]["pretrained in the real variant"]), np.mean(refs[0]["trained in the real variant"])
     longer = refs[0].get("trained longer in the real variant")
     best = max(top, np.mean(longer)) if longer else top
-    total = sum(long["lengths"]) / 125 / 60
-    lines = ["", f"### One long deployment: `vigil learn`'s defaults, seed 0, {total:.0f} min of robot time", "",
-             f"Seed 0's pretrained policy scores {pre:.0f} in the real variant without learning (10 episodes, mean "
-             f"action); SAC trained 50k steps in the real variant {top:.0f}"
-             + (f", 200k steps {np.mean(longer):.0f}" if longer else "") + f". Gap closed: against the best of these "
-             f"({best:.0f}). Swaps {long['swaps']}, rollbacks {long['rollbacks']}, deadline verdicts "
-             f"{long['deadline_verdicts']}.", "", "| robot time (min) | episodes | mean return | gap closed |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {a:.0f}–{b:.0f} | {n} | {r:.0f} | "
-              + (f"{(r - pre) / (best - pre):.0%}" if best > pre else "–") + " |" for a, b, r, n in windows(long)]
+    sac, bpo = long.get("critic warm-up 2000 updates"), long.get("BPO on-policy")
+    total = max(sum(r["lengths"]) for r in long.values()) / 125 / 60
+    lines = ["", f"### Long deployments: seed 0, {total:.0f} min of robot time", "",
+             f"SAC with `vigil learn`'s defaults (warm start, simulation data in the replay, critic warm-up 2000 "
+             f"updates, UTD 1, a swap every 2000 updates){' and BPO on-policy (as above)' if bpo else ''}. Seed 0's "
+             f"pretrained SAC scores {pre:.0f} in the real variant without learning (10 episodes, mean action); SAC "
+             f"trained 50k steps in the real variant {top:.0f}" + (f", 200k steps {np.mean(longer):.0f}" if longer
+                                                                  else "")
+             + f". Gap closed is against the best of these ({best:.0f})."]
+    for name, r in long.items():
+        lines.append(f"- {name}: swaps {r['swaps']}, rollbacks {r['rollbacks']}, deadline verdicts "
+                     f"{r['deadline_verdicts']}"
+                     + (f"; mean action before {np.mean(r['start_mean']):.0f}, after {np.mean(r['final_mean']):.0f}"
+                        if "final_mean" in r else "") + ".")
+    head = "| robot time (min) | SAC episodes | SAC mean return | SAC gap closed |"
+    rule = "|---|---:|---:|---:|"
+    if bpo:
+        head, rule = head + " BPO episodes | BPO mean return (exploring) |", rule + "---:|---:|"
+    lines += ["", head, rule]
+    ws = windows(sac) if sac else []
+    wb = windows(bpo) if bpo else []
+    for i in range(max(len(ws), len(wb))):
+        a, b = (ws[i] if i < len(ws) else wb[i])[:2]
+        row = f"| {a:.0f}–{b:.0f} |"
+        if i < len(ws):
+            r, n = ws[i][2], ws[i][3]
+            row += f" {n} | {r:.0f} | " + (f"{(r - pre) / (best - pre):.0%}" if best > pre else "–") + " |"
+        else:
+            row += " | | |"
+        if bpo:
+            row += f" {wb[i][3]} | {wb[i][2]:.0f} |" if i < len(wb) else " | |"
+        lines.append(row)
     lines += ["", "Figure: docs/figures/online_rl_long.png."]
     return lines
 
 
-def plot_long(long: dict, refs: dict) -> None:
+def plot_long(long: dict[str, dict], refs: dict) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ends = np.cumsum(long["lengths"]) / 125 / 60
-    ax.plot(ends, long["returns"], lw=0.4, alpha=0.4, color="C0", label="episode return")
-    w = windows(long, 2.0)
-    ax.plot([(a + b) / 2 for a, b, _, _ in w], [r for _, _, r, _ in w], color="C0", marker=".",
-            label="mean over 2-minute windows")
+    for i, (name, r) in enumerate(long.items()):
+        ends = np.cumsum(r["lengths"]) / 125 / 60
+        ax.plot(ends, r["returns"], lw=0.4, alpha=0.3, color=f"C{i}")
+        w = windows(r, 2.0)
+        ax.plot([(a + b) / 2 for a, b, _, _ in w], [x for _, _, x, _ in w], color=f"C{i}", marker=".",
+                label=f"{'SAC, vigil learn defaults' if name.startswith('critic') else name}: 2-minute means")
     ax.axhline(np.mean(refs[0]["pretrained in the real variant"]), ls="--", c="k", lw=0.8,
-               label="pretrained, no learning")
+               label="SAC pretrained, no learning")
     ax.axhline(np.mean(refs[0]["trained in the real variant"]), ls=":", c="g", lw=0.8,
-               label="trained 50k steps in the real variant")
+               label="SAC trained 50k steps in the real variant")
     if refs[0].get("trained longer in the real variant"):
         ax.axhline(np.mean(refs[0]["trained longer in the real variant"]), ls="-.", c="g", lw=0.8,
-                   label="trained 200k steps in the real variant")
+                   label="SAC trained 200k steps in the real variant")
     ax.set_xlabel("robot time (min, 125 Hz)")
     ax.set_ylabel("episode return")
-    ax.set_title("vigil learn's defaults, one long deployment (seed 0)", fontsize=9)
+    ax.set_title("long deployments through vigil serve + vigil learn (seed 0)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, FIGURES / "online_rl_long.png", dpi=100)
