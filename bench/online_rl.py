@@ -420,9 +420,12 @@ def plot(results: list[dict], refs: dict, args) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     bins = np.linspace(0, args.robot_steps, 21)
     t = (bins[1:] / 125 / 60)
-    for arm in dict.fromkeys(r["arm"] for r in results):
+    colours = plt.get_cmap("tab20").colors
+    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in results)):
         c = np.array([curve(r, bins) for r in results if r["arm"] == arm])
-        ax.plot(t, np.nanmean(c, 0), label=arm)
+        bpo = arm == "BPO on-policy"
+        ax.plot(t, np.nanmean(c, 0), label=arm + (" (its own start, exploring)" if bpo else ""),
+                color="k" if bpo else colours[2 * i % 20 + (2 * i // 20)], ls="-." if bpo else "-", lw=1.2)
     ax.axhline(np.mean([np.mean(r["pretrained in the real variant"]) for r in refs.values()]), ls="--", c="k",
                lw=0.8, label="pretrained, no learning")
     ax.axhline(np.mean([np.mean(r["trained in the real variant"]) for r in refs.values()]), ls=":", c="g",
