@@ -716,12 +716,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def _learn_parser(p: argparse.ArgumentParser) -> None:
     p.description = ("The off-board learner (training/learn.py, docs/online_rl.md): reads the runtime's transitions "
                      "(vigil serve --transitions), trains SAC, and every --every updates exports the actor and "
-                     "hot-swaps it into the runtime (--control), with provenance; a swap whose episodes do worse "
+                     "hot-swaps it into the runtime (--control), with provenance (--algo bpo|ppo: on-policy, through "
+                     "exploring bundles, a swap per update); a swap whose episodes do worse "
                      "than the policy before it is rolled back. Restarted, it resumes from OUT/checkpoint.pt and "
                      "the durable log. SIGINT or SIGTERM: checkpoint and stop.")
     from vigil.training.learn import LearnConfig
 
     add_flags(p, LearnConfig)
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
@@ -730,6 +737,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(LearnConfig, args)
+        torch_threads(config.threads)
         learner = Learner(config, log=lambda line: print(line, flush=True))
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"vigil learn: {exc}", file=sys.stderr)

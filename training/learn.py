@@ -82,6 +82,9 @@ class LearnConfig:
     swap_timeout_s: float = field(default=60.0, metadata={
         "help": "seconds a swap may take (the runtime loads and checks the bundle) before it counts as failed"})
     seed: int = field(default=0, metadata={"help": "seed of the learner"})
+    threads: int = field(default=1, metadata={
+        "help": "torch threads of `vigil learn` (1: a learner beside the runtime never starves its control loop; "
+                "torch's spinning worker threads do when the cores are shared)"})
 
     def __post_init__(self) -> None:
         from vigil.runtime.config import check_fields
@@ -91,6 +94,7 @@ class LearnConfig:
                              "empty with --algo bpo/ppo (an on-policy learner replays nothing)"),
                             ("rollout", self.rollout >= 2, "an integer >= 2"),
                             ("utd", 0 < self.utd < math.inf, "a finite number > 0"),
+                            ("threads", self.threads >= 1, "an integer >= 1"),
                             ("every", self.every >= 1, "an integer >= 1"),
                             ("learning_starts", self.learning_starts >= 1, "an integer >= 1"),
                             ("rollback_episodes", self.rollback_episodes >= 1, "an integer >= 1"),
