@@ -42,6 +42,39 @@ def learn(*args: str):
     return r, json.loads(r.stdout.strip().splitlines()[-1])
 
 
+class Background:
+    """`vigil learn ARGS` running beside the test, its output in a file (not a pipe nobody reads while it runs)."""
+
+    def __init__(self, tmp_path: Path, *args: str):
+        import subprocess
+        import sys
+
+        self.path = tmp_path / "learn.out"
+        self.printed = open(self.path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vigil.runtime.cli", "learn", *args],
+                                     stdout=self.printed, stderr=subprocess.STDOUT, text=True)
+
+    def finish(self, timeout: float) -> dict:
+        """Wait for it to stop by itself; its summary line."""
+        self.proc.wait(timeout=timeout)
+        self.printed.close()
+        output = self.path.read_text()
+        assert self.proc.returncode == 0, output[-2000:]
+        return json.loads(output.strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        """Kill it if it still runs (a test that failed on the way)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.printed.close()
+
+
+def swaps_of(out: Path) -> list[dict]:
+    path = out / "learn.jsonl"
+    return [json.loads(line)["swap"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def test_learner_swaps_resumes_and_reads_each_transition_once(pretrained, serve, tmp_path):
     log, out = tmp_path / "transitions.db", tmp_path / "learner"
     served = serve(pretrained / "bundle", transitions=str(log), control_endpoint="tcp://127.0.0.1:0")
@@ -142,8 +175,6 @@ def test_a_runtime_restarted_during_learning_gets_the_learners_policy_back(pretr
     learner's swaps fail while it is down (recorded), every transition of both lives is read once, and its next
     swap puts the learned policy back into the new runtime."""
     import signal
-    import subprocess
-    import sys
     import time
 
     from conftest import tcp_endpoint, wait_until
@@ -153,38 +184,25 @@ def test_a_runtime_restarted_during_learning_gets_the_learners_policy_back(pretr
     flags = dict(transitions=str(log), robot_endpoint=robot, control_endpoint=control)
     first = serve(pretrained / "bundle", **flags)
     sim = ["sim", "--connect", robot, "--system", "Pendulum-v1", "--steps", "100", "--transitions", "--episodes", "2"]
-    printed = open(tmp_path / "learn.out", "w")  # a file, not a pipe nobody reads while it runs
-    learner = subprocess.Popen(
-        [sys.executable, "-m", "vigil.runtime.cli", "learn", "--transitions", str(log), "--bundle",
-         str(pretrained / "bundle"), "--out", str(out), "--control", control, "--warm-start",
-         str(pretrained / "sac.pt"), "--learning-starts", "100", "--every", "100", "--poll-s", "0.05",
-         "--rollback-episodes", "100", "--swap-timeout-s", "1", "--max-updates", "400"],
-        stdout=printed, stderr=subprocess.STDOUT, text=True)
+    learner = Background(
+        tmp_path, "--transitions", str(log), "--bundle", str(pretrained / "bundle"), "--out", str(out), "--control",
+        control, "--warm-start", str(pretrained / "sac.pt"), "--learning-starts", "100", "--every", "100",
+        "--poll-s", "0.05", "--rollback-episodes", "100", "--swap-timeout-s", "1", "--max-updates", "400")
     try:
         assert run_vigil(*sim, timeout=120).returncode == 0
-
-        def swaps() -> list[dict]:
-            path = out / "learn.jsonl"
-            return [json.loads(line)["swap"] for line in path.read_text().splitlines()] if path.exists() else []
-
-        wait_until(lambda: any(s["ok"] and s["updates"] == 200 for s in swaps()), 120)
+        wait_until(lambda: any(s["ok"] and s["updates"] == 200 for s in swaps_of(out)), 120)
         first.proc.send_signal(signal.SIGKILL)  # the runtime dies under the learner
         first.proc.wait(10)
         time.sleep(0.5)
         second = serve(pretrained / "bundle", **flags)  # restarted with its command line's bundle
         assert run_vigil(*sim, timeout=120).returncode == 0
-        learner.wait(timeout=180)
+        summary = learner.finish(180)
     finally:
-        if learner.poll() is None:
-            learner.kill()
-        printed.close()
-    output = (tmp_path / "learn.out").read_text()
-    assert learner.returncode == 0, output[-2000:]
-    summary = json.loads(output.strip().splitlines()[-1])
+        learner.stop()
     from vigil.runtime.transitions import read_after
 
     assert summary["updates"] == 400 and summary["transitions"] == len(read_after(log)["id"]) == 400  # each once
-    done = swaps()
+    done = swaps_of(out)
     assert [s["updates"] for s in done if s["ok"]][-1] == 400
     assert policy_served(second.robot_endpoint).startswith("sac-Pendulum-v1-s0-online-u400@")  # back in the new one
 
@@ -256,8 +274,6 @@ def test_bpo_learns_on_policy_through_the_runtime(bpo_pretrained, serve, tmp_pat
     """`vigil learn --algo bpo`: the exploring start is swapped in, the runtime logs each sampled action's
     log-probability, one update per rollout is swapped in with provenance; a restart gathers the interrupted
     rollout again from where it began."""
-    import subprocess
-    import sys
 
     from conftest import wait_until
 
@@ -268,31 +284,19 @@ def test_bpo_learns_on_policy_through_the_runtime(bpo_pretrained, serve, tmp_pat
     common = ["--algo", "bpo", "--transitions", str(log), "--bundle", str(bpo_pretrained / "bundle"), "--out",
               str(out), "--control", served.control_endpoint, "--warm-start", str(bpo_pretrained / "actor.pt"),
               "--rollout", "150", "--critic-warmup", "0", "--poll-s", "0.05", "--rollback-episodes", "100"]
-    printed = open(tmp_path / "learn.out", "w")
-    learner = subprocess.Popen([sys.executable, "-m", "vigil.runtime.cli", "learn", *common, "--max-updates", "2"],
-                               stdout=printed, stderr=subprocess.STDOUT, text=True)
-
-    def swaps() -> list[dict]:
-        path = out / "learn.jsonl"
-        return [json.loads(line)["swap"] for line in path.read_text().splitlines()] if path.exists() else []
-
+    learner = Background(tmp_path, *common, "--max-updates", "2")
     try:
-        wait_until(lambda: any(s["why"] == "exploring start" and s["ok"] for s in swaps()), 120)
+        wait_until(lambda: any(s["why"] == "exploring start" and s["ok"] for s in swaps_of(out)), 120)
         start_policy = policy_served(served.robot_endpoint)
         assert start_policy.startswith("bpo-Pendulum-v1-s0-online-u0@")
         sim = ["sim", "--connect", served.robot_endpoint, "--system", "Pendulum-v1", "--steps", "100",
                "--transitions"]
         assert run_vigil(*sim, "--episodes", "4", timeout=120).returncode == 0
-        learner.wait(timeout=120)
+        summary = learner.finish(120)
     finally:
-        if learner.poll() is None:
-            learner.kill()
-        printed.close()
-    output = (tmp_path / "learn.out").read_text()
-    assert learner.returncode == 0, output[-2000:]
-    summary = json.loads(output.strip().splitlines()[-1])
+        learner.stop()
     assert summary["updates"] == 2 and summary["swaps"] == 3
-    done = swaps()
+    done = swaps_of(out)
     assert [(s["why"], s["updates"], s["ok"]) for s in done] == [("exploring start", 0, True), ("update", 1, True),
                                                                  ("update", 2, True)]
     assert policy_served(served.robot_endpoint).startswith("bpo-Pendulum-v1-s0-online-u2@")
