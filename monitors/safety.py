@@ -76,7 +76,11 @@ class ActionMonitor(Monitor):
 
 class SaturationMonitor(Monitor):
     """The policy keeps asking for more than the actuators allow: warn at `warn_fraction` of the last
-    `window` ticks saturated, alert when every tick of the window was."""
+    `window` ticks saturated, alert when every tick of the window was.
+
+    An exploring policy (docs/bundles.md, `gaussian`) samples around its mean, and its samples reach the bounds
+    by design; it reports whether its *mean* was beyond them as the score `mean_clipped`, which is judged
+    instead, so that exploration does not raise alerts the policy's intent would not."""
 
     name = "saturation"
 
@@ -86,7 +90,8 @@ class SaturationMonitor(Monitor):
         self._count = 0
 
     def update(self, tick: Tick) -> Verdict:
-        hit = tick.clipped  # clipping changed the action: the policy asked for too much
+        intent = tick.scores.get("mean_clipped")
+        hit = tick.clipped if intent is None else intent >= 0.5  # the policy asked for too much
         if hit is None:
             hit = bool((tick.raw_action != tick.action).any())
         if len(self._hits) == self.window:

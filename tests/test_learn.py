@@ -265,6 +265,7 @@ def test_an_exploring_bundle_samples_from_the_robots_generator_and_reports_its_l
     sigma = float(np.exp(learner.onpolicy.actor.log_std.detach().numpy())[0])
     assert abs(mean[0] - deterministic[0]) < 4 * sigma / np.sqrt(400) + 0.1 and 0.5 * sigma < std[0] < 1.5 * sigma
     assert (np.abs(actions) <= 2.0).all()  # clipped to Pendulum's bounds by the agent
+    assert Agent(policy).act(obs).scores["mean_clipped"] == 0.0  # the mean is inside: saturation judges that
     np.testing.assert_allclose(learner.onpolicy.log_prob(np.repeat(obs["state"][None], 400, 0), actions), logp,
                                atol=1e-4)
 

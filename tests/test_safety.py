@@ -10,9 +10,10 @@ from vigil.monitors.safety import DeadlineMonitor, LinkMonitor, ObservationMonit
 from vigil.wire.protocol import ArraySpec
 
 
-def tick(obs=None, action=(0.0,), raw=None, compute_s=0.0) -> Tick:
+def tick(obs=None, action=(0.0,), raw=None, compute_s=0.0, scores=None) -> Tick:
     action = np.asarray(action, np.float32)
-    return Tick("r", 1, obs or {}, action, action if raw is None else np.asarray(raw, np.float32), {}, compute_s)
+    return Tick("r", 1, obs or {}, action, action if raw is None else np.asarray(raw, np.float32), scores or {},
+                compute_s)
 
 
 def test_observation_monitor():
@@ -68,6 +69,15 @@ def test_saturation_monitor():
     assert m.update(tick(**free)).level == Level.OK  # 1 of 4
     m.reset()
     assert [m.update(tick(**sat)).level for _ in range(4)] == [Level.OK] * 3 + [Level.ALERT]
+
+
+def test_saturation_of_an_exploring_policy_is_judged_by_its_mean():
+    """Samples of an exploring policy reach the bounds by design: its `mean_clipped` score is judged instead."""
+    m = SaturationMonitor(window=4)
+    noisy = dict(action=(1.0,), raw=(1.4,), scores={"logp": -1.0, "mean_clipped": 0.0})
+    assert [m.update(tick(**noisy)).level for _ in range(8)] == [Level.OK] * 8
+    intent = dict(action=(1.0,), raw=(1.4,), scores={"logp": -1.0, "mean_clipped": 1.0})
+    assert [m.update(tick(**intent)).level for _ in range(4)][-1] == Level.ALERT
 
 
 def test_deadline_monitor():

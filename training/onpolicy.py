@@ -67,7 +67,8 @@ def censored_log_prob(mean: torch.Tensor, log_std: torch.Tensor, action: torch.T
 
 class Exploring(nn.Module):
     """The exported graph of an exploring bundle: (normalised obs, standard normal noise) -> (the sample, unclipped;
-    the log-probability of the sample clipped to the bounds, as the runtime will clip it)."""
+    the log-probability of the sample clipped to the bounds, as the runtime will clip it; 1 where the mean itself
+    is beyond a bound, else 0, for the saturation monitor, which judges the policy's intent, not its noise)."""
 
     def __init__(self, actor: Actor, low: np.ndarray, high: np.ndarray):
         super().__init__()
@@ -75,19 +76,20 @@ class Exploring(nn.Module):
         self.register_buffer("low", torch.as_tensor(np.asarray(low, np.float32)))
         self.register_buffer("high", torch.as_tensor(np.asarray(high, np.float32)))
 
-    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mean = self.actor(obs)
         log_std = self.actor.log_std.expand_as(mean)
         sample = mean + log_std.exp() * noise
         clipped = torch.minimum(torch.maximum(sample, self.low), self.high)
-        return sample, censored_log_prob(mean, log_std, clipped, self.low, self.high)
+        beyond = ((mean < self.low) | (mean > self.high)).any(-1).float()
+        return sample, censored_log_prob(mean, log_std, clipped, self.low, self.high), beyond
 
 
 def export_exploring(folder: str | Path, name: str, actor: Actor, obs_dim: int, action_low: Sequence[float],
                      action_high: Sequence[float], control_rate_hz: float, obs_mean: Sequence[float],
                      obs_std: Sequence[float], obs_clip: float = 10.0, prov: Mapping[str, Any] | None = None):
     """An exploring `gaussian` bundle (policies/bundle.py GaussianPolicy): the graph samples with the noise the
-    runtime draws per plan and reports the score `logp`."""
+    runtime draws per plan and reports the scores `logp` and `mean_clipped`."""
     from vigil.policies.manifest import write_bundle
     from vigil.training.export import OPSET, _tup, provenance
     from vigil.wire.protocol import ArraySpec
@@ -99,15 +101,16 @@ def export_exploring(folder: str | Path, name: str, actor: Actor, obs_dim: int, 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, chosen (dynamo=False)
         torch.onnx.export(graph, (torch.zeros(1, obs_dim), torch.zeros(1, m)), buf, input_names=["obs", "noise"],
-                          output_names=["action", "logp"],
+                          output_names=["action", "logp", "mean_clipped"],
                           dynamic_axes={"obs": {0: "batch"}, "noise": {0: "batch"}, "action": {0: "batch"},
-                                        "logp": {0: "batch"}}, opset_version=OPSET, dynamo=False)
+                                        "logp": {0: "batch"}, "mean_clipped": {0: "batch"}},
+                          opset_version=OPSET, dynamo=False)
     return write_bundle(folder, buf.getvalue(), {
         "name": name, "kind": "gaussian",
         "observation": [ArraySpec("state", "float32", (obs_dim,)).to_dict()],
         "action": ArraySpec("action", "float32", (m,), _tup(low), _tup(high)).to_dict(),
         "safe_action": [0.0] * m, "control_rate_hz": control_rate_hz,
-        "onnx": {"inputs": {"obs": "state"}, "action": "action", "scores": ["logp"]},
+        "onnx": {"inputs": {"obs": "state"}, "action": "action", "scores": ["logp", "mean_clipped"]},
         "normalisation": {"state": {"mean": list(map(float, obs_mean)), "std": list(map(float, obs_std)),
                                     "clip": float(obs_clip)}},
         "provenance": dict(prov or provenance()),
