@@ -115,22 +115,32 @@ def test_stochastic_euler_paths_have_the_likelihood_they_were_drawn_with():
     assert (logp[1:].mean(dim=(1, 2)) < logp[0].mean() - 0.3).all()
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, encoder_bundle):
+    """`vigil train flow` on two reach-v3 demonstrations: the parent every post-training objective starts from."""
+    from conftest import run_vigil
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    demos, run = tmp / "demos", tmp / "run"
+    assert run_vigil("demos", "record", "--tasks", "reach-v3", "--episodes", "2", "--out", str(demos)).returncode == 0
+    tiny = (ROOT / "configs" / "flow-tiny.toml").read_text() + "density_steps = 100\n"
+    (tmp / "tiny.toml").write_text(tiny)
+    r = run_vigil("train", "flow", "--config", str(tmp / "tiny.toml"), "--demos", str(demos), "--out", str(run),
+                  "--encoder", str(encoder_bundle), "--tasks", "reach-v3", "--no-progress", "--dynamics-steps", "0",
+                  timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return run
+
+
 @pytest.mark.parametrize("objective", ["cvar-left", "expand", "gbpo"])
-def test_vigil_train_posttrain_end_to_end(tmp_path, encoder_bundle, objective):
+def test_vigil_train_posttrain_end_to_end(tmp_path, tiny_run, objective):
     """A tiny run post-trained from the command line: a bundle that can replace its parent, recalibrated,
     provenance naming the parent, the per-iteration CSV and plot."""
     from conftest import run_vigil
 
     from vigil.policies.bundle import load_policy
 
-    demos, run, out = tmp_path / "demos", tmp_path / "run", tmp_path / "pt"
-    assert run_vigil("demos", "record", "--tasks", "reach-v3", "--episodes", "2", "--out", str(demos)).returncode == 0
-    tiny = (ROOT / "configs" / "flow-tiny.toml").read_text() + "density_steps = 100\n"
-    (tmp_path / "tiny.toml").write_text(tiny)
-    r = run_vigil("train", "flow", "--config", str(tmp_path / "tiny.toml"), "--demos", str(demos), "--out", str(run),
-                  "--encoder", str(encoder_bundle), "--tasks", "reach-v3", "--no-progress", "--dynamics-steps", "0",
-                  timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run, out = tiny_run, tmp_path / "pt"
     cfg = tmp_path / "pt.toml"
     weighting = "gbpo" if objective == "gbpo" else "exp"  # gbpo: the policy-gradient machinery, on `mean`
     objective = "mean" if objective == "gbpo" else objective
