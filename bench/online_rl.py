@@ -114,14 +114,13 @@ def deploy(arm: str, change: dict, seed: int, sim_dir: Path, robot_steps: int, e
            ) -> dict:
     """One deployment: runtime + learner + robot in the "real" variant for `robot_steps` steps at 125 Hz."""
     from vigil.runtime.launch import serving
-    from vigil.runtime.transitions import read_after
     from vigil.sim.envs import GymEnv
     from vigil.sim.robot import SimConfig, run_episodes
 
     opts = {**DEFAULTS, **change}
     work = OUT / root / f"{arm.replace(' ', '_')}-s{seed}"
-    if (work / "result.json").exists():
-        return json.loads((work / "result.json").read_text())
+    if (work / "result.json").exists():  # a deployment of an earlier run: its summary from its files, as now made
+        return {**json.loads((work / "result.json").read_text()), **summarise(work)}
     if work.exists():
         import shutil
 
@@ -152,7 +151,7 @@ def deploy(arm: str, change: dict, seed: int, sim_dir: Path, robot_steps: int, e
         with open(work / "learn.out", "w") as fh:
             learner = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
         env, steps, k = GymEnv(ENV, dynamics()), 0, 0
-        deadline_verdicts, second_trial = 0, opts["trials"] == 1
+        late, second_trial = 0, opts["trials"] == 1
         try:
             while steps < robot_steps:
                 if not second_trial and steps >= robot_steps // 2:  # a new trial: the learner stops and restarts
@@ -165,7 +164,7 @@ def deploy(arm: str, change: dict, seed: int, sim_dir: Path, robot_steps: int, e
                 stats = run_episodes(env, SimConfig(served.robot_endpoint, "hopper-real", 1, 1000, seed * 10_000 + k,
                                                     "realtime", 125.0, 1.0, transitions=True))
                 steps += stats[0].steps
-                deadline_verdicts += sum(v for key, v in stats[0].verdicts.items() if key.startswith("deadline"))
+                late += stats[0].robot_safe  # replies that came after the robot's tick (it applied its fallback)
                 k += 1
         finally:
             env.close()
@@ -175,28 +174,48 @@ def deploy(arm: str, change: dict, seed: int, sim_dir: Path, robot_steps: int, e
             except subprocess.TimeoutExpired:
                 learner.kill()
         counters = served.stop()
-    rows = read_after(log)
-    returns, lengths, acc, running = [], [], 0.0, 0
-    for rew, term, trunc in zip(rows["reward"], rows["terminated"], rows["truncated"], strict=True):
-        acc += float(rew)
-        running += 1
-        if term or trunc:
-            returns.append(acc)
-            lengths.append(running)
-            acc, running = 0.0, 0
-    swaps = [json.loads(line)["swap"] for line in (work / "learner" / "learn.jsonl").read_text().splitlines()] \
-        if (work / "learner" / "learn.jsonl").exists() else []
+    summary = summarise(work)
     final = {}
-    if opts["algo"] != "sac" and swaps:  # the last policy swapped in, by its mean (the deployment explored)
-        final = {"final_mean": evaluate(Path(next(s["bundle"] for s in reversed(swaps) if s["ok"]))),
-                 "start_mean": evaluate(start)}
-    result = {"arm": arm, "seed": seed, "returns": returns, "lengths": lengths, "wall_s": time.monotonic() - t0,
-              **final,
-              "swaps": len([s for s in swaps if s["ok"]]), "rollbacks": len([s for s in swaps
-                                                                             if s["why"].startswith("rollback")]),
-              "deadline_verdicts": deadline_verdicts, "runtime": {k: counters.get(k) for k in ("ticks",)}}
+    if opts["algo"] != "sac" and summary["swaps"]:  # the last policy swapped in, by its mean (the deployment explored)
+        final = {"final_mean": evaluate(Path(summary["last_bundle"])), "start_mean": evaluate(start)}
+    result = {"arm": arm, "seed": seed, "wall_s": time.monotonic() - t0, **final, **summary,
+              "late_replies": late, "runtime": {k: counters.get(k) for k in ("ticks",)}}
     (work / "result.json").write_text(json.dumps(result))
     return result
+
+
+def summarise(work: Path) -> dict:
+    """A deployment's record from its files: every episode's return and length from the transition log (all of
+    it), the learner's swaps, and the runtime's deadline verdicts from its alert store (the robot's own count
+    misses them: a late reply comes after its tick)."""
+    import sqlite3
+
+    from vigil.runtime.transitions import read_after
+
+    returns, lengths, acc, running, after = [], [], 0.0, 0, 0
+    while True:
+        rows = read_after(work / "transitions.db", after, 100_000)
+        if not len(rows["id"]):
+            break
+        after = int(rows["id"][-1])
+        for rew, term, trunc in zip(rows["reward"], rows["terminated"], rows["truncated"], strict=True):
+            acc += float(rew)
+            running += 1
+            if term or trunc:
+                returns.append(acc)
+                lengths.append(running)
+                acc, running = 0.0, 0
+    path = work / "learner" / "learn.jsonl"
+    swaps = [json.loads(line)["swap"] for line in path.read_text().splitlines()] if path.exists() else []
+    ok = [s for s in swaps if s["ok"]]
+    db = sqlite3.connect(f"file:{work / 'serve' / 'alerts.db'}?mode=ro", uri=True)
+    try:
+        deadline = db.execute("SELECT count(*) FROM alerts WHERE monitor = 'deadline'").fetchone()[0]
+    finally:
+        db.close()
+    return {"returns": returns, "lengths": lengths, "swaps": len(ok),
+            "rollbacks": len([s for s in swaps if s["why"].startswith("rollback")]),
+            "last_bundle": ok[-1]["bundle"] if ok else "", "deadline_verdicts": deadline}
 
 
 def curve(result: dict, bins: np.ndarray) -> np.ndarray:
