@@ -101,27 +101,52 @@ def test_learner_swaps_resumes_and_reads_each_transition_once(pretrained, serve,
 
 
 def test_a_swap_that_does_worse_is_rolled_back(pretrained, tmp_path):
+    """A policy is judged by its first K episodes against the last accepted policy's last K, once; a rollback
+    returns to the accepted bundle and to the actor that made it; a policy swapped out before it played K
+    episodes is neither accepted nor a baseline."""
+    import torch
+
     from vigil.training.learn import LearnConfig, Learner
 
     learner = Learner(LearnConfig(transitions=str(tmp_path / "none.db"), bundle=str(pretrained / "bundle"),
                                   out=str(tmp_path / "l"), rollback_episodes=3, rollback_drop=0.2), log=lambda _: None)
     old_bundle = learner.current
-    new_bundle = learner.export()
+    start_actor = {k: v.clone() for k, v in learner.sac.actor.state_dict().items()}
+
+    def export(updates: int) -> str:  # a bundle folder of its own per number of updates
+        learner.sac.updates = updates
+        return learner.export()
+
+    new_bundle = export(100)
     learner.swap_in(new_bundle)  # no control channel: recorded as swapped
     old, new = learner.policy_of[old_bundle], learner.policy_of[new_bundle]
     learner.episodes.by_policy = {old: [-100.0, -110.0, -105.0], new: [-150.0, -160.0]}
     learner.judge()
     assert learner.current == new_bundle  # two episodes: not judged yet
     learner.episodes.by_policy[new].append(-155.0)
+    with torch.no_grad():  # the learner's actor moved on since: a rollback puts back the one that made the bundle
+        for p in learner.sac.actor.parameters():
+            p.add_(1.0)
     learner.judge()
     assert learner.current == old_bundle and learner.swaps[-1]["why"].startswith("rollback")
+    assert all(torch.equal(v, start_actor[k]) for k, v in learner.sac.actor.state_dict().items())
     learner.judge()  # judged once: no swapping back and forth
     assert len(learner.swaps) == 2
-    good = learner.export()
+    good = export(200)
     learner.swap_in(good)
     learner.episodes.by_policy[learner.policy_of[good]] = [-90.0, -95.0, -99.0]
     learner.judge()
-    assert learner.current == good  # better than before: kept
+    assert learner.current == learner.accepted == good  # better than before: kept, and the new baseline
+    # swapped out before it played K episodes (the learner swaps faster than episodes end): not a baseline; the next
+    # policy is judged against the accepted one, and a collapse returns to it
+    brief = export(300)
+    learner.swap_in(brief)
+    learner.episodes.by_policy[learner.policy_of[brief]] = [-400.0]
+    bad = export(400)
+    learner.swap_in(bad)
+    learner.episodes.by_policy[learner.policy_of[bad]] = [-1000.0, -1100.0, -1200.0]
+    learner.judge()
+    assert learner.current == good and learner.swaps[-1]["why"].startswith("rollback")
     assert np.isfinite(list(learner.returns().values())).all()
 
 

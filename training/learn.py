@@ -10,8 +10,10 @@ The loop, one pass per poll:
   2. make `utd` SAC updates per new transition (training/sac.py), once the replay holds `learning_starts`;
   3. every `every` updates: export the actor as a gaussian bundle (provenance: updates, transitions, parent) and
      swap it in through the runtime's control channel; checkpoint everything, cursor included (atomically);
-  4. watch the returns of the episodes each policy played: when the K episodes after a swap average less than
-     the previous policy's last K by more than `rollback_drop` of its magnitude, swap the previous bundle back.
+  4. watch the returns of the episodes each policy played: when the first K episodes of the policy swapped in
+     average less than the last K of the last *accepted* policy (the start, or one that passed this test) by more
+     than `rollback_drop` of its magnitude, swap the accepted bundle back and go on learning from the networks
+     that made it. A policy swapped out before it played K episodes is neither accepted nor judged.
 
 `--algo bpo|ppo` is the on-policy option (training/onpolicy.py): the learner first swaps in an *exploring*
 bundle of its warm start (the runtime samples the action and logs its log-probability), makes one BPO (or PPO)
@@ -74,8 +76,8 @@ class LearnConfig:
         "help": "treat a truncated episode (time limit) as terminal: no bootstrap (an ablation; off is right)"})
     rollback_episodes: int = field(default=5, metadata={"help": "episodes after a swap that judge it (K)"})
     rollback_drop: float = field(default=0.2, metadata={
-        "help": "roll back when the K episodes after a swap average below the previous policy's last K by more "
-                "than this share of its magnitude"})
+        "help": "roll back when the K episodes after a swap average below the last accepted policy's last K by "
+                "more than this share of its magnitude"})
     max_updates: int = field(default=0, metadata={
         "help": "stop after this many updates (SAC: gradient steps; bpo/ppo: rollouts) (0: run until stopped)"})
     poll_s: float = field(default=0.2, metadata={"help": "seconds between reads of the log when idle"})
@@ -146,12 +148,14 @@ class Learner:
                                      rl_cfg or RLConfig(loss=cfg.algo, seed=cfg.seed, rollout_steps=cfg.rollout,
                                                         minibatch=min(64, cfg.rollout)),
                                      mean, std, critic_warmup=cfg.critic_warmup)
-            self.snapshots: dict[str, dict[str, Any]] = {}  # bundle -> the networks that made it (for rollback)
         self.rng = np.random.default_rng(cfg.seed)
         self.episodes = Episodes()
         self.cursor, self.read, self.credit = 0, 0, 0.0
         self.rollout_cursor, self.rollout_read = 0, 0  # on-policy: where the rollout being gathered began
-        self.current, self.previous = str(Path(cfg.bundle).resolve()), ""
+        # the bundle served, the last one that proved itself (a rollback returns to it), and the networks that made
+        # each of the two (a rollback restores them)
+        self.current = self.accepted = str(Path(cfg.bundle).resolve())
+        self.snapshots: dict[str, dict[str, Any]] = {}
         self.policy_of: dict[str, str] = {self.current: m.policy_id}
         self.swaps: list[dict[str, Any]] = []
         self.judged: set[str] = set()
@@ -176,7 +180,7 @@ class Learner:
                                  "resume it with the same --algo, or give another --out")
             self.cursor, self.read = int(state["cursor"]), int(state["read"])
             self.credit = float(state.get("credit", 0.0))  # updates owed to what was read before the restart
-            self.current, self.previous = state["current"], state["previous"]
+            self.current, self.accepted = state["current"], state["accepted"]
             self.policy_of, self.swaps, self.judged = state["policy_of"], state["swaps"], set(state["judged"])
             if self.onpolicy is not None:  # the rollout being gathered was not saved: read it again
                 self.onpolicy.load(state["onpolicy"])
@@ -203,6 +207,7 @@ class Learner:
                 self.onpolicy.warm_start(ckpt)
         if self.sac is not None:
             self._load_log(self.cfg.seed_replay, None)
+        self.snapshots[self.current] = self.networks()  # what the learner starts from, for the start bundle
 
     def _load_log(self, path: str, upto: int | None) -> None:
         if not path or not Path(path).exists():
@@ -233,7 +238,7 @@ class Learner:
             algo = {"onpolicy": self.onpolicy.state(), "cursor": self.rollout_cursor, "read": self.rollout_read,
                     "exploring": self.exploring}
         torch.save({**algo, "credit": self.credit, "current": self.current,
-                    "previous": self.previous, "policy_of": self.policy_of, "swaps": self.swaps,
+                    "accepted": self.accepted, "policy_of": self.policy_of, "swaps": self.swaps,
                     "judged": sorted(self.judged), "config": asdict(self.cfg)}, tmp)
         os.replace(tmp, self.out / "checkpoint.pt")  # a crash mid-write leaves the previous checkpoint whole
 
@@ -265,17 +270,18 @@ class Learner:
                 self.credit -= 1
                 if self.sac.updates % self.cfg.every == 0:
                     self.swap_in(self.export())
+                    return  # read the robot's new episodes and judge before the next swap (the credit stays)
 
     def _step_onpolicy(self) -> None:
         if not self.exploring:  # the runtime must serve an exploring bundle of ours before there is data
             if time.monotonic() >= self._retry_at:
                 self._retry_at = time.monotonic() + 5.0
                 bundle = self.export()
-                # the same actor, sampling: not judged against the deterministic bundle it replaces (the noise
-                # costs some return; a rollback would leave the learner without data)
-                self.judged.add(self.policy_of[bundle])
                 self.swap_in(bundle, why="exploring start")
                 self.exploring = self.swaps[-1]["ok"]
+                if self.exploring:  # the same actor, sampling: accepted as it is, not judged against the
+                    self.accepted = bundle  # deterministic bundle (the noise costs some return; a rollback to it
+                    self.judged.add(self.policy_of[bundle])  # would leave the learner without data)
             return
         if self.onpolicy.ready() and not self.done():
             stats = self.onpolicy.update()
@@ -301,8 +307,7 @@ class Learner:
             op = self.onpolicy
             manifest = export_exploring(folder, name, op.actor, self.obs_dim, m.action.low, m.action.high,
                                         m.control_rate_hz, op.obs_mean, op.obs_std, op.cfg.obs_clip, prov=prov)
-            self.snapshots[str(folder.resolve())] = {k: copy_state(v) for k, v in op.state().items()
-                                                     if k in ("actor", "critic", "opt")}
+        self.snapshots[str(folder.resolve())] = self.networks()
         self.policy_of[str(folder.resolve())] = manifest.policy_id
         return str(folder.resolve())
 
@@ -319,15 +324,10 @@ class Learner:
                   "ok": bool(answer.get("ok")), "reason": answer.get("reason", "")}
         self.swaps.append(record)
         if record["ok"]:
-            self.previous, self.current = self.current, bundle
-            if self.onpolicy is not None and why.startswith("rollback") and bundle in self.snapshots:
-                # learning goes on from the networks that made the bundle the robot is back on
-                snap = self.snapshots[bundle]
-                self.onpolicy.actor.load_state_dict(snap["actor"])
-                self.onpolicy.critic.load_state_dict(snap["critic"])
-                self.onpolicy.opt.load_state_dict(snap["opt"])
-            if self.onpolicy is not None:
-                self.snapshots = {k: v for k, v in self.snapshots.items() if k in (self.current, self.previous)}
+            self.current = bundle
+            if why.startswith("rollback") and bundle in self.snapshots:
+                self.restore(self.snapshots[bundle])  # learning goes on from what made the bundle now served
+            self.snapshots = {k: v for k, v in self.snapshots.items() if k in (self.current, self.accepted)}
         self.log(json.dumps({"swap": record}))
         with open(self.out / "learn.jsonl", "a") as fh:
             fh.write(json.dumps({"swap": record, "returns": self.returns()}) + "\n")
@@ -337,20 +337,44 @@ class Learner:
         return {p: float(np.mean(r[-self.cfg.rollback_episodes:])) for p, r in self.episodes.by_policy.items() if r}
 
     def judge(self) -> None:
-        """Roll back a swap whose first K episodes did worse than the policy before it."""
-        cur, prev = self.policy_of.get(self.current), self.policy_of.get(self.previous)
-        if not prev or cur in self.judged:
-            return
-        now, before = self.episodes.by_policy.get(cur, []), self.episodes.by_policy.get(prev, [])
+        """Accept the policy served once its first K episodes did not do worse than the last accepted policy's
+        last K; roll back to the accepted one if they did."""
+        cur, base = self.policy_of.get(self.current), self.policy_of.get(self.accepted)
         K = self.cfg.rollback_episodes
-        if len(now) < K or not before:
+        now = self.episodes.by_policy.get(cur, [])
+        if self.current == self.accepted or cur in self.judged or len(now) < K:
             return
         self.judged.add(cur)
-        new, old = float(np.mean(now[:K])), float(np.mean(before[-K:]))
+        before = self.episodes.by_policy.get(base, [])
+        new = float(np.mean(now[:K]))
+        old = float(np.mean(before[-K:])) if before else -math.inf  # nothing to compare with: accepted
         if new < old - self.cfg.rollback_drop * abs(old):
-            self.log(f"rollback: {cur} averaged {new:.1f} over {K} episodes against {old:.1f} before it")
-            self.judged.add(prev)  # the bundle we return to was judged before
-            self.swap_in(self.previous, why=f"rollback: {new:.1f} < {old:.1f}")
+            self.log(f"rollback: {cur} averaged {new:.1f} over {K} episodes against {old:.1f} for {base}")
+            self.swap_in(self.accepted, why=f"rollback: {new:.1f} < {old:.1f}")
+        else:
+            self.accepted = self.current
+            self.snapshots = {k: v for k, v in self.snapshots.items() if k == self.current}
+
+    def networks(self) -> dict[str, Any]:
+        """A copy of what makes the actor (a rollback restores it): for SAC the actor, its optimiser and the
+        temperature (the critics keep what they learnt from the data), on-policy the actor and critic."""
+        if self.sac is not None:
+            sac = self.sac
+            return copy_state({"actor": sac.actor.state_dict(), "actor_opt": sac.actor_opt.state_dict(),
+                               "log_alpha": sac.log_alpha.detach().clone(), "alpha_opt": sac.alpha_opt.state_dict()})
+        return copy_state({k: v for k, v in self.onpolicy.state().items() if k in ("actor", "critic", "opt")})
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        if self.sac is not None:
+            self.sac.actor.load_state_dict(snap["actor"])
+            self.sac.actor_opt.load_state_dict(snap["actor_opt"])
+            self.sac.alpha_opt.load_state_dict(snap["alpha_opt"])
+            with torch.no_grad():
+                self.sac.log_alpha.copy_(snap["log_alpha"])
+            return
+        self.onpolicy.actor.load_state_dict(snap["actor"])
+        self.onpolicy.critic.load_state_dict(snap["critic"])
+        self.onpolicy.opt.load_state_dict(snap["opt"])
 
     def run(self, stop: Callable[[], bool] = lambda: False) -> None:
         while not stop() and not self.done():
