@@ -29,8 +29,7 @@ def test_short_run_writes_raw_results_and_the_report_renders_from_them(tmp_path)
     assert [(s["n"], s["config"]) for s in steps] == [(2, "linear_gain"), (2, "linear_gain-batch16"),
                                                       (4, "linear_gain"), (4, "linear_gain-batch16")]
     for s in steps:
-        obs = len(s["flags"])
-        assert obs >= s["n"] * 60  # 1 s at 100 Hz per robot, give or take the schedule's edges
+        obs = len(s["flags"])  # how many in the window is a rate: the bench reports it
         assert all(len(s[k]) == obs for k in ("rtt_us", "runtime_us", "late_us", "send_us", "robot"))
         assert sorted(set(s["robot"])) == list(range(s["n"]))  # every robot played
         assert sum(v >= 0 for v in s["rtt_us"]) > obs // 2  # most observations answered
