@@ -153,10 +153,7 @@ def test_a_swap_that_does_worse_is_rolled_back(pretrained, tmp_path):
 def test_a_killed_learner_resumes_and_a_missing_runtime_keeps_its_policy(pretrained, serve, tmp_path):
     """SIGKILL mid-run: the restart resumes from the last checkpoint and the durable log, reads every transition
     once; with the runtime gone, swaps fail (recorded) and learning goes on."""
-    import signal
-    import subprocess
-    import sys
-    import time
+    from conftest import wait_until
 
     log, out = tmp_path / "transitions.db", tmp_path / "learner"
     served = serve(pretrained / "bundle", transitions=str(log))
@@ -178,17 +175,15 @@ def test_a_killed_learner_resumes_and_a_missing_runtime_keeps_its_policy(pretrai
     common = ["--transitions", str(log), "--bundle", str(pretrained / "bundle"), "--out", str(out),
               "--control", "tcp://127.0.0.1:9", "--swap-timeout-s", "0.5", "--learning-starts", "50",
               "--every", "50", "--poll-s", "0.05", "--warm-start", str(pretrained / "sac.pt")]
-    proc = subprocess.Popen([sys.executable, "-m", "vigil.runtime.cli", "learn", *common, "--max-updates", "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
+    learner = Background(tmp_path, *common, "--max-updates", "100000")
+    try:
+        wait_until(lambda: (out / "checkpoint.pt").exists(), 120)
+    finally:
+        learner.stop()  # SIGKILL mid-run
     r, summary = learn(*common, "--max-updates", str(min(rows_total, 150)))
     assert "resumed at update" in r.stdout
     assert summary["transitions"] == rows_total and summary["cursor"] == int(rows["id"][-1])  # each read once
-    swaps = [json.loads(line)["swap"] for line in (out / "learn.jsonl").read_text().splitlines()]
+    swaps = swaps_of(out)
     assert swaps and not any(s["ok"] for s in swaps)  # no runtime: nothing swapped, nothing stopped
     # a new trial that does not keep the earlier trials' data (the ablation): the networks resume, the replay not
     r, _ = learn(*common, "--max-updates", str(min(rows_total, 150)), "--forget-replay")

@@ -725,19 +725,15 @@ def _learn_parser(p: argparse.ArgumentParser) -> None:
     add_flags(p, LearnConfig)
 
 
-def torch_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
-
-
 def cmd_learn(args: argparse.Namespace) -> int:
     from vigil.runtime.cliargs import stop_on_signals
     from vigil.training.learn import LearnConfig, Learner
 
     try:
         config = config_from_args(LearnConfig, args)
-        torch_threads(config.threads)
+        import torch
+
+        torch.set_num_threads(config.threads)
         learner = Learner(config, log=lambda line: print(line, flush=True))
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"vigil learn: {exc}", file=sys.stderr)

@@ -361,7 +361,7 @@ class Learner:
         if self.sac is not None:
             sac = self.sac
             return copy_state({"actor": sac.actor.state_dict(), "actor_opt": sac.actor_opt.state_dict(),
-                               "log_alpha": sac.log_alpha.detach().clone(), "alpha_opt": sac.alpha_opt.state_dict()})
+                               "log_alpha": sac.log_alpha.detach(), "alpha_opt": sac.alpha_opt.state_dict()})
         return copy_state({k: v for k, v in self.onpolicy.state().items() if k in ("actor", "critic", "opt")})
 
     def restore(self, snap: dict[str, Any]) -> None:

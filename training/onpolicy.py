@@ -195,8 +195,7 @@ class OnPolicy:
             perm = self.rng.permutation(n)
             for start in range(0, n, cfg.minibatch):
                 idx = torch.as_tensor(perm[start:start + cfg.minibatch])
-                mean = self.actor(obs[idx])
-                logp = censored_log_prob(mean, self.actor.log_std.expand_as(mean), act[idx], self.low, self.high)
+                logp = self._log_prob(obs[idx], act[idx])
                 log_ratio = logp - old_logp[idx]
                 ratio = log_ratio.exp()
                 v_i, u_i = self.critic(obs[idx])
@@ -222,9 +221,12 @@ class OnPolicy:
     def log_prob(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
         """The current actor's censored log-probability of actions (raw observations in): for checks."""
         with torch.no_grad():
-            mean = self.actor(self.normalise(obs))
-            return censored_log_prob(mean, self.actor.log_std.expand_as(mean), torch.as_tensor(action),
-                                     self.low, self.high).numpy()
+            return self._log_prob(self.normalise(obs), torch.as_tensor(action)).numpy()
+
+    def _log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The actor's censored log-probability of clipped actions, normalised observations in."""
+        mean = self.actor(obs)
+        return censored_log_prob(mean, self.actor.log_std.expand_as(mean), action, self.low, self.high)
 
     def warm_start(self, checkpoint: Mapping[str, Any]) -> None:
         """Actor and critic of `vigil train bpo|ppo` (its actor.pt); its observation normalisation stays fixed."""
