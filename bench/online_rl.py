@@ -218,6 +218,12 @@ def summarise(work: Path) -> dict:
             "last_bundle": ok[-1]["bundle"] if ok else "", "deadline_verdicts": deadline}
 
 
+def ms(v) -> str:
+    """Mean ± std (over seeds) of a table cell."""
+    v = np.asarray(v, float)
+    return f"{np.nanmean(v):.0f} ± {np.nanstd(v):.0f}" if len(v) else "–"
+
+
 def curve(result: dict, bins: np.ndarray) -> np.ndarray:
     """Mean return of the episodes ending in each bin of environment steps."""
     ends = np.cumsum(result["lengths"])
@@ -292,10 +298,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(results: list[dict], refs: dict, args, run: dict, seconds: float, long: dict[str, dict] | None = None
            ) -> str:
-    def ms(v):
-        v = np.asarray(v, float)
-        return f"{np.nanmean(v):.0f} ± {np.nanstd(v):.0f}" if len(v) else "–"
-
     pre = [np.mean(r["pretrained in the real variant"]) for r in refs.values()]
     top = [np.mean(r["trained in the real variant"]) for r in refs.values()]
     nominal = [np.mean(r["pretrained, nominal simulation"]) for r in refs.values()]
@@ -417,9 +419,6 @@ def plot_long(long: dict[str, dict], refs: dict) -> None:
 
 def bpo_table(rs: list[dict], minutes: float) -> list[str]:
     """The on-policy option against its own start: BPO's pretraining is not SAC's, so it has its own baseline."""
-    def ms(v):
-        return f"{np.mean(v):.0f} ± {np.std(v):.0f}"
-
     start = [np.mean(r["start_mean"]) for r in rs if "start_mean" in r]
     final = [np.mean(r["final_mean"]) for r in rs if "final_mean" in r]
     first = [np.mean(r["returns"][:10]) for r in rs]
